@@ -1,1 +1,13 @@
-//! deltatune-core
+//! deltatune-core: the error type, the ops layer (custom candle ops with backward), named sites
+//! where deltas attach, a seeded random generator and safetensors reading/writing.
+
+pub mod error;
+pub mod ops;
+pub mod rng;
+pub mod sites;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use rng::Rng;
+pub use sites::{Ctx, HasSites, Linear, LinearDelta, SiteInfo, SiteKind, TargetModules};
+pub use weights::{to_safetensors_bytes, write_atomic, Weights};

@@ -1,1 +1,8 @@
-//! deltatune-methods
+//! deltatune-methods: delta methods that attach to a model's named sites, selected by PEFT-style
+//! patterns, without the model knowing the method.
+
+pub mod delta;
+pub mod lora;
+
+pub use delta::{load_state_dict, peft_key, state_dict, Trainable, PEFT_PREFIX};
+pub use lora::LoraConfig;

@@ -1,1 +1,8 @@
-//! deltatune-models
+//! deltatune-models: model families written once, with module paths equal to the Hugging Face
+//! checkpoint keys, exposing named sites where deltas attach.
+
+pub mod bert;
+pub mod tokenizer;
+
+pub use bert::{BertClassifier, Inputs, Pooling};
+pub use tokenizer::TextTokenizer;

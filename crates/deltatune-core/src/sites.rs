@@ -1,0 +1,272 @@
+//! Named sites: the places of a model where a delta can attach.
+//!
+//! A model exposes its linear layers as [`Linear`] values whose `path` is the Hugging Face
+//! checkpoint path of the module (`bert.encoder.layer.3.attention.self.query`). A delta method
+//! selects sites with a [`TargetModules`] pattern (PEFT's semantics) and attaches a
+//! [`LinearDelta`] or makes a parameter trainable. Models do not know methods; methods do not know
+//! model families.
+//!
+//! Further site kinds (attention key/value for prefixes, input embeddings for prompts, sub-layer
+//! outputs for adapters, activations for scaling) are listed by [`SiteKind`] so that `inspect` can
+//! show them; the methods that use them attach through the same path names.
+
+use std::cell::RefCell;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{nearest_names, Error, Result};
+use crate::ops;
+use crate::rng::Rng;
+
+/// PEFT's `target_modules`: a list of module-name suffixes, or one string that must match a whole
+/// module path as a regular expression.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// A module matches when its path equals an entry or ends with `.` + entry.
+    Suffixes(Vec<String>),
+    /// A module matches when the regex matches its whole path (Python's `re.fullmatch`).
+    Regex(String),
+}
+
+impl TargetModules {
+    /// Whether `path` is selected.
+    pub fn matches(&self, path: &str) -> Result<bool> {
+        Ok(match self {
+            TargetModules::Suffixes(list) => list
+                .iter()
+                .any(|s| path == s || path.ends_with(&format!(".{s}"))),
+            TargetModules::Regex(re) => full_match_regex(re)?.is_match(path),
+        })
+    }
+
+    /// The paths among `paths` that match; an error naming the nearest paths when a pattern
+    /// (or, for a list, any one entry) selects nothing.
+    pub fn select<'a>(&self, paths: &[&'a str]) -> Result<Vec<&'a str>> {
+        match self {
+            TargetModules::Suffixes(list) => {
+                for s in list {
+                    let one = TargetModules::Suffixes(vec![s.clone()]);
+                    if !paths.iter().any(|p| one.matches(p).unwrap_or(false)) {
+                        return Err(Error::NoMatch {
+                            pattern: s.clone(),
+                            nearest: nearest_names(s, paths.iter().copied(), 5),
+                        });
+                    }
+                }
+            }
+            TargetModules::Regex(re) => {
+                let r = full_match_regex(re)?;
+                if !paths.iter().any(|p| r.is_match(p)) {
+                    return Err(Error::NoMatch {
+                        pattern: re.clone(),
+                        nearest: nearest_names(re, paths.iter().copied(), 5),
+                    });
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for p in paths {
+            if self.matches(p)? {
+                out.push(*p);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn full_match_regex(re: &str) -> Result<regex::Regex> {
+    regex::Regex::new(&format!("^(?:{re})$")).map_err(|e| Error::InvalidConfig {
+        field: "target_modules".into(),
+        msg: format!("`{re}` is not a valid regular expression: {e}"),
+    })
+}
+
+/// The kinds of places where deltas attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteKind {
+    /// A linear layer (LoRA, IA3 on outputs, bias tuning).
+    Linear,
+    /// The keys and values of one attention layer (prefix tuning).
+    KeyValue,
+    /// The input embeddings (prompt tuning).
+    Embeddings,
+    /// The output of an attention or feed-forward sub-layer (bottleneck adapters).
+    SublayerOutput,
+    /// An activation inside the feed-forward block (IA3 scaling).
+    Activation,
+}
+
+/// One site, as listed by a model.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteInfo {
+    pub path: String,
+    pub kind: SiteKind,
+    /// Parameter count of the module at this site (0 where the site holds no parameters).
+    pub params: usize,
+}
+
+/// Per-forward context: whether the model trains (dropout on) and the random stream dropout
+/// draws from.
+#[derive(Debug)]
+pub struct Ctx {
+    pub train: bool,
+    rng: RefCell<Rng>,
+}
+
+impl Ctx {
+    pub fn eval() -> Self {
+        Self {
+            train: false,
+            rng: RefCell::new(Rng::new(0)),
+        }
+    }
+
+    pub fn train(rng: Rng) -> Self {
+        Self {
+            train: true,
+            rng: RefCell::new(rng),
+        }
+    }
+
+    /// Inverted dropout with probability `p`, active only when training.
+    pub fn dropout(&self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
+        if !self.train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - p;
+        let scale = (1.0 / keep) as f32;
+        let n = x.elem_count();
+        let mut rng = self.rng.borrow_mut();
+        let threshold = (keep * (1u64 << 32) as f64) as u64;
+        let mut mask = Vec::with_capacity(n);
+        // Two 32-bit draws per 64-bit number.
+        while mask.len() < n {
+            let r = rng.next_u64();
+            for half in [r & 0xffff_ffff, r >> 32] {
+                if mask.len() < n {
+                    mask.push(if half < threshold { scale } else { 0.0 });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// A delta that adds to (or rescales) the output of a linear layer.
+pub trait LinearDelta: Debug + Send + Sync {
+    /// `base` is the frozen layer's output `x W^T + b`; returns the output with the delta applied.
+    fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor>;
+
+    /// The weight update `ΔW` ([out, in]) this delta is equivalent to, when it can be merged.
+    fn delta_weight(&self) -> candle_core::Result<Option<Tensor>>;
+}
+
+/// A linear layer at a named site: frozen weight `[out, in]` (PyTorch layout), optional bias,
+/// optional attached delta. When `weight` or `bias` is a [`Var`]'s tensor, it trains.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub path: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub delta: Option<Arc<dyn LinearDelta>>,
+    /// True while the delta's `ΔW` is folded into `weight`.
+    pub merged: bool,
+}
+
+impl Linear {
+    pub fn new(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            path: path.into(),
+            weight,
+            bias,
+            delta: None,
+            merged: false,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
+
+    /// # Shapes
+    /// `x`: [..., in] -> [..., out]
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let y = ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+        match (&self.delta, self.merged) {
+            (Some(d), false) => d.forward(x, y, ctx),
+            _ => Ok(y),
+        }
+    }
+
+    /// Folds the delta into the weight (`W + ΔW`); an error when the delta cannot merge.
+    pub fn merge(&mut self) -> Result<()> {
+        if self.merged {
+            return Ok(());
+        }
+        if let Some(d) = &self.delta {
+            let dw = d.delta_weight()?.ok_or_else(|| {
+                Error::Msg(format!("the delta at `{}` cannot be merged into the weight", self.path))
+            })?;
+            self.weight = (self.weight.detach() + dw.detach())?;
+            self.merged = true;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Linear::merge`] (`W - ΔW`).
+    pub fn unmerge(&mut self) -> Result<()> {
+        if !self.merged {
+            return Ok(());
+        }
+        if let Some(d) = &self.delta {
+            let dw = d.delta_weight()?.expect("merged delta has a weight");
+            self.weight = (self.weight.detach() - dw.detach())?;
+        }
+        self.merged = false;
+        Ok(())
+    }
+
+    /// Replaces the bias with a trainable variable initialised from it (zeros if absent).
+    pub fn make_bias_trainable(&mut self) -> Result<Var> {
+        let init = match &self.bias {
+            Some(b) => b.detach().copy()?,
+            None => Tensor::zeros(self.out_features(), self.weight.dtype(), self.weight.device())?,
+        };
+        let v = Var::from_tensor(&init)?;
+        self.bias = Some(v.as_tensor().clone());
+        Ok(v)
+    }
+
+    /// Replaces the weight with a trainable variable initialised from it.
+    pub fn make_weight_trainable(&mut self) -> Result<Var> {
+        let v = Var::from_tensor(&self.weight.detach().copy()?)?;
+        self.weight = v.as_tensor().clone();
+        Ok(v)
+    }
+}
+
+/// What a model offers to delta methods.
+pub trait HasSites {
+    /// Every linear layer, in module order.
+    fn linears(&self) -> Vec<&Linear>;
+    /// Every linear layer, mutable, in module order.
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
+    /// Every site of every kind, for `inspect`.
+    fn sites(&self) -> Vec<SiteInfo>;
+    /// Total parameter count of the base model (head included).
+    fn param_count(&self) -> usize;
+}

@@ -1,0 +1,82 @@
+//! What every delta method hands back: its trainable tensors under PEFT's key names, and the
+//! adapter file's key layout.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use candle_core::{Tensor, Var};
+use deltatune_core::{Error, Result};
+
+/// The prefix PEFT puts before module paths in `adapter_model.safetensors`.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// `base_model.model.<path>.<leaf>`.
+pub fn peft_key(path: &str, leaf: &str) -> String {
+    format!("{PEFT_PREFIX}{path}.{leaf}")
+}
+
+/// One trainable tensor.
+#[derive(Debug, Clone)]
+pub struct Trainable {
+    /// Its key in `adapter_model.safetensors`.
+    pub key: String,
+    pub var: Var,
+    /// Whether AdamW's weight decay applies (false for biases and norms).
+    pub decay: bool,
+}
+
+impl Trainable {
+    pub fn new(key: String, var: Var, decay: bool) -> Self {
+        Self { key, var, decay }
+    }
+}
+
+/// The trainable tensors as a map, for saving.
+pub fn state_dict(trainables: &[Trainable]) -> BTreeMap<String, Tensor> {
+    trainables
+        .iter()
+        .map(|t| (t.key.clone(), t.var.as_tensor().detach()))
+        .collect()
+}
+
+/// Sets every trainable from `tensors`; an error on any missing, unexpected or misshapen tensor.
+pub fn load_state_dict(
+    trainables: &[Trainable],
+    tensors: &BTreeMap<String, Tensor>,
+    file: &Path,
+) -> Result<()> {
+    let expected: BTreeSet<&str> = trainables.iter().map(|t| t.key.as_str()).collect();
+    let unused: Vec<&str> = tensors
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| !expected.contains(k))
+        .collect();
+    if !unused.is_empty() {
+        return Err(Error::Weights {
+            path: file.to_path_buf(),
+            msg: format!(
+                "tensors the adapter config does not explain: {} (was it saved with another \
+                 adapter_config.json or another base model?)",
+                unused.join(", ")
+            ),
+        });
+    }
+    for t in trainables {
+        let v = tensors.get(&t.key).ok_or_else(|| Error::MissingTensor {
+            key: t.key.clone(),
+            path: file.to_path_buf(),
+            nearest: deltatune_core::error::nearest_names(&t.key, tensors.keys().map(|k| k.as_str()), 3),
+        })?;
+        if v.dims() != t.var.dims() {
+            return Err(Error::ShapeMismatch {
+                key: t.key.clone(),
+                path: file.to_path_buf(),
+                expected: t.var.dims().to_vec(),
+                actual: v.dims().to_vec(),
+                hint: " (the adapter was trained with another rank or base model)".into(),
+            });
+        }
+        t.var.set(&v.to_dtype(t.var.dtype())?)?;
+    }
+    Ok(())
+}

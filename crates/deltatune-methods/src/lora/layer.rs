@@ -1,0 +1,33 @@
+//! The LoRA branch attached to one linear site.
+
+use candle_core::{Tensor, Var};
+use deltatune_core::{Ctx, LinearDelta};
+
+/// `scale * dropout(x) A^T B^T`, added to the frozen output.
+#[derive(Debug)]
+pub struct LoraLinear {
+    /// [r, in]
+    pub a: Var,
+    /// [out, r]
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl LinearDelta for LoraLinear {
+    fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = dims[dims.len() - 1];
+        let rows = x.elem_count() / inp;
+        let x2 = ctx.dropout(x, self.dropout)?.reshape((rows, inp))?;
+        let z = x2.matmul(&self.a.as_tensor().t()?)?;
+        let z = (z.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.b.dims()[0];
+        base + z.reshape(out_dims)?
+    }
+
+    fn delta_weight(&self) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?))
+    }
+}

@@ -1,0 +1,95 @@
+//! LoRA: low-rank updates of selected linear layers, PEFT-compatible.
+
+mod config;
+mod layer;
+
+use std::sync::Arc;
+
+use deltatune_core::{Error, HasSites, Result, Rng};
+
+pub use config::{LoraBias, LoraConfig};
+pub use layer::LoraLinear;
+
+use crate::delta::{peft_key, Trainable};
+
+/// The layer index of a path such as `bert.encoder.layer.3.attention.self.query`.
+pub(crate) fn layer_index(path: &str) -> Option<usize> {
+    let parts: Vec<&str> = path.split('.').collect();
+    parts
+        .windows(2)
+        .find(|w| matches!(w[0], "layer" | "layers" | "h" | "blocks"))
+        .and_then(|w| w[1].parse().ok())
+}
+
+/// Attaches LoRA to the sites `cfg` selects and makes the requested biases and
+/// `modules_to_save` trainable. Returns the trainable tensors under their PEFT keys.
+pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<Vec<Trainable>> {
+    cfg.validate()?;
+    let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
+    let path_refs: Vec<&str> = paths.iter().map(|s| s.as_str()).collect();
+    let save = cfg.modules_to_save.clone().unwrap_or_default();
+    let is_saved = |p: &str| save.iter().any(|m| p == m || p.ends_with(&format!(".{m}")));
+    // Heads that train in full are not LoRA targets.
+    let candidates: Vec<&str> = path_refs.iter().copied().filter(|p| !is_saved(p)).collect();
+    let mut targets = cfg.target_modules.select(&candidates)?;
+    if let Some(layers) = &cfg.layers_to_transform {
+        let n_layers = candidates.iter().filter_map(|p| layer_index(p)).max().map_or(0, |m| m + 1);
+        if let Some(bad) = layers.iter().find(|&&l| l >= n_layers) {
+            return Err(Error::InvalidConfig {
+                field: "layers_to_transform".into(),
+                msg: format!("layer {bad} is out of range; the model has layers 0..={}", n_layers.saturating_sub(1)),
+            });
+        }
+        targets.retain(|p| layer_index(p).is_some_and(|i| layers.contains(&i)));
+    }
+    for m in &save {
+        if !path_refs.iter().any(|p| p == m || p.ends_with(&format!(".{m}"))) {
+            return Err(Error::NoMatch {
+                pattern: format!("modules_to_save: {m}"),
+                nearest: deltatune_core::error::nearest_names(m, path_refs.iter().copied(), 5),
+            });
+        }
+    }
+    let mut out = Vec::new();
+    for lin in model.linears_mut() {
+        let path = lin.path.clone();
+        if targets.contains(&path.as_str()) {
+            let mut r = rng.derive(&path);
+            let (o, i) = (lin.out_features(), lin.in_features());
+            // PEFT: kaiming_uniform_(a = sqrt(5)) on A, i.e. U(-1/sqrt(in), 1/sqrt(in)); B = 0.
+            let bound = 1.0 / (i as f64).sqrt();
+            let a = r.uniform_tensor((cfg.r, i), -bound, bound)?;
+            let b = if cfg.init_lora_weights {
+                candle_core::Tensor::zeros((o, cfg.r), a.dtype(), a.device())?
+            } else {
+                r.uniform_tensor((o, cfg.r), -bound, bound)?
+            };
+            let a = candle_core::Var::from_tensor(&a)?;
+            let b = candle_core::Var::from_tensor(&b)?;
+            out.push(Trainable::new(peft_key(&path, "lora_A.weight"), a.clone(), true));
+            out.push(Trainable::new(peft_key(&path, "lora_B.weight"), b.clone(), true));
+            lin.delta = Some(Arc::new(LoraLinear {
+                a,
+                b,
+                scale: cfg.scale(),
+                dropout: cfg.lora_dropout,
+            }));
+            if cfg.bias == LoraBias::LoraOnly && lin.bias.is_some() {
+                out.push(Trainable::new(peft_key(&path, "bias"), lin.make_bias_trainable()?, false));
+            }
+        } else if is_saved(&path) {
+            out.push(Trainable::new(peft_key(&path, "weight"), lin.make_weight_trainable()?, true));
+            if lin.bias.is_some() {
+                out.push(Trainable::new(peft_key(&path, "bias"), lin.make_bias_trainable()?, false));
+            }
+            continue;
+        }
+        if cfg.bias == LoraBias::All && lin.bias.is_some() && !targets.is_empty() {
+            let key = peft_key(&path, "bias");
+            if !out.iter().any(|t| t.key == key) {
+                out.push(Trainable::new(key, lin.make_bias_trainable()?, false));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,483 @@
+//! The BERT-family encoder with a sequence-classification head.
+//!
+//! Module paths are those of Hugging Face's `BertForSequenceClassification`
+//! (`bert.encoder.layer.3.attention.self.query`, `classifier`), so a path in a checkpoint, in a
+//! target pattern and in a PEFT key are the same string. Checkpoints saved from the bare encoder
+//! (no `bert.` prefix, as all-MiniLM-L6-v2) load too.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, Rng, SiteInfo, SiteKind, Weights};
+
+use super::config::{BertConfig, BertConfigFile, Family};
+
+/// How the sequence is reduced to one vector for classification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The first token through the pretrained pooler (dense + tanh) when the checkpoint has one,
+    /// as `BertForSequenceClassification` does; the raw first token otherwise.
+    Cls,
+    /// The mean of the unmasked tokens' last hidden states.
+    Mean,
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cls" => Ok(Pooling::Cls),
+            "mean" => Ok(Pooling::Mean),
+            o => Err(format!("unknown pooling `{o}` (expected cls or mean)")),
+        }
+    }
+}
+
+/// A padded batch.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// [B, T] u32 token ids.
+    pub input_ids: Tensor,
+    /// [B, T] u32, 1 for real tokens and 0 for padding.
+    pub attention_mask: Tensor,
+    /// [B, T] u32 segment ids; zeros when `None`.
+    pub token_type_ids: Option<Tensor>,
+}
+
+impl Inputs {
+    /// Pads `seqs` to the longest with `pad_id`.
+    pub fn from_ids(seqs: &[Vec<u32>], pad_id: u32) -> candle_core::Result<Self> {
+        let b = seqs.len();
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let mut ids = vec![pad_id; b * t];
+        let mut mask = vec![0u32; b * t];
+        for (i, s) in seqs.iter().enumerate() {
+            ids[i * t..i * t + s.len()].copy_from_slice(s);
+            mask[i * t..i * t + s.len()].iter_mut().for_each(|m| *m = 1);
+        }
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
+            attention_mask: Tensor::from_vec(mask, (b, t), &Device::Cpu)?,
+            token_type_ids: None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(w: &Weights, key: &str, size: usize, eps: f64) -> Result<Self> {
+        let hint = "hidden_size in config.json";
+        Ok(Self {
+            weight: w.get(&format!("{key}.weight"), &[size], hint)?,
+            bias: w.get(&format!("{key}.bias"), &[size], hint)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// `BertForSequenceClassification` (or RoBERTa's equivalent) with deltas attachable at its sites.
+#[derive(Debug, Clone)]
+pub struct BertClassifier {
+    pub config: BertConfig,
+    pub pooling: Pooling,
+    pub num_labels: usize,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pooler: Option<Linear>,
+    /// The classification head, path `classifier`.
+    pub classifier: Linear,
+}
+
+/// Maps model paths to checkpoint keys: the checkpoint may or may not carry the `bert.` prefix.
+struct KeyMap<'a> {
+    weights: &'a Weights,
+    prefixed: bool,
+    prefix: &'static str,
+}
+
+impl KeyMap<'_> {
+    fn key(&self, path: &str) -> String {
+        if self.prefixed {
+            path.to_string()
+        } else {
+            path.strip_prefix(self.prefix)
+                .and_then(|p| p.strip_prefix('.'))
+                .unwrap_or(path)
+                .to_string()
+        }
+    }
+
+    fn linear(&self, path: &str, out: usize, inp: usize, hint: &str) -> Result<Linear> {
+        let k = self.key(path);
+        let w = self.weights.get(&format!("{k}.weight"), &[out, inp], hint)?;
+        let b = self.weights.get_opt(&format!("{k}.bias"), &[out], hint)?;
+        Ok(Linear::new(path, w, b))
+    }
+}
+
+impl BertClassifier {
+    /// Loads `config.json` and `model.safetensors` from `dir`. The head is read from the
+    /// checkpoint when it has one of the right size, else initialised normal(0,
+    /// `initializer_range`) with zero bias from `rng`.
+    pub fn load(dir: &Path, num_labels: usize, pooling: Pooling, rng: &mut Rng) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let config = BertConfigFile::read(&cfg_path)?.into_config(&cfg_path)?;
+        let weights = Weights::load(&dir.join("model.safetensors"), DType::F32)?;
+        Self::from_weights(config, &weights, num_labels, pooling, rng)
+    }
+
+    /// Builds the model from parsed config and weights.
+    pub fn from_weights(
+        config: BertConfig,
+        weights: &Weights,
+        num_labels: usize,
+        pooling: Pooling,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        if num_labels == 0 {
+            return Err(Error::InvalidConfig {
+                field: "num_labels".into(),
+                msg: "must be at least 1".into(),
+            });
+        }
+        let prefix = config.family.prefix();
+        let prefixed = weights.keys().any(|k| k.starts_with(&format!("{prefix}.")));
+        let km = KeyMap {
+            weights,
+            prefixed,
+            prefix,
+        };
+        let h = config.hidden_size;
+        let e = |name: &str| format!("{prefix}.embeddings.{name}");
+        let embeddings = Embeddings {
+            word: weights.get(
+                &km.key(&e("word_embeddings.weight")),
+                &[config.vocab_size, h],
+                "vocab_size x hidden_size in config.json",
+            )?,
+            position: weights.get(
+                &km.key(&e("position_embeddings.weight")),
+                &[config.max_position_embeddings, h],
+                "max_position_embeddings x hidden_size in config.json",
+            )?,
+            token_type: weights.get(
+                &km.key(&e("token_type_embeddings.weight")),
+                &[config.type_vocab_size, h],
+                "type_vocab_size x hidden_size in config.json",
+            )?,
+            norm: LayerNorm::load(weights, &km.key(&e("LayerNorm")), h, config.layer_norm_eps)?,
+        };
+        let hint_h = "hidden_size in config.json";
+        let hint_i = "intermediate_size and hidden_size in config.json";
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("{prefix}.encoder.layer.{i}");
+            layers.push(Layer {
+                query: km.linear(&format!("{p}.attention.self.query"), h, h, hint_h)?,
+                key: km.linear(&format!("{p}.attention.self.key"), h, h, hint_h)?,
+                value: km.linear(&format!("{p}.attention.self.value"), h, h, hint_h)?,
+                attn_out: km.linear(&format!("{p}.attention.output.dense"), h, h, hint_h)?,
+                attn_norm: LayerNorm::load(
+                    weights,
+                    &km.key(&format!("{p}.attention.output.LayerNorm")),
+                    h,
+                    config.layer_norm_eps,
+                )?,
+                intermediate: km.linear(
+                    &format!("{p}.intermediate.dense"),
+                    config.intermediate_size,
+                    h,
+                    hint_i,
+                )?,
+                output: km.linear(&format!("{p}.output.dense"), h, config.intermediate_size, hint_i)?,
+                out_norm: LayerNorm::load(
+                    weights,
+                    &km.key(&format!("{p}.output.LayerNorm")),
+                    h,
+                    config.layer_norm_eps,
+                )?,
+            });
+        }
+        let pooler_key = km.key(&format!("{prefix}.pooler.dense"));
+        let pooler = if weights.contains(&format!("{pooler_key}.weight")) {
+            Some(km.linear(&format!("{prefix}.pooler.dense"), h, h, hint_h)?)
+        } else {
+            None
+        };
+        let classifier = match weights.get_opt("classifier.weight", &[num_labels, h], "")? {
+            Some(w) if weights.contains("classifier.bias") => {
+                let b = weights.get("classifier.bias", &[num_labels], "")?;
+                Linear::new("classifier", w, Some(b))
+            }
+            _ => Linear::new(
+                "classifier",
+                rng.normal_tensor((num_labels, h), config.initializer_range)?,
+                Some(Tensor::zeros(num_labels, DType::F32, &Device::Cpu)?),
+            ),
+        };
+        Ok(Self {
+            config,
+            pooling,
+            num_labels,
+            embeddings,
+            layers,
+            pooler,
+            classifier,
+        })
+    }
+
+    fn position_ids(&self, inputs: &Inputs) -> candle_core::Result<Tensor> {
+        let (b, t) = inputs.input_ids.dims2()?;
+        match self.config.family {
+            Family::Bert => Tensor::arange(0u32, t as u32, &Device::Cpu)?
+                .unsqueeze(0)?
+                .broadcast_as((b, t))?
+                .contiguous(),
+            Family::Roberta => {
+                // Positions count real tokens, starting after the padding id; padding keeps it.
+                let mask = inputs.attention_mask.to_vec2::<u32>()?;
+                let pad = self.config.pad_token_id;
+                let mut out = Vec::with_capacity(b * t);
+                for row in mask {
+                    let mut c = 0u32;
+                    for m in row {
+                        c += m;
+                        out.push(if m == 1 { pad + c } else { pad });
+                    }
+                }
+                Tensor::from_vec(out, (b, t), &Device::Cpu)
+            }
+        }
+    }
+
+    /// The last hidden state.
+    ///
+    /// # Shapes
+    /// `inputs.input_ids`: [B, T] -> [B, T, hidden]
+    pub fn encode(&self, inputs: &Inputs, ctx: &Ctx) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t) = inputs.input_ids.dims2()?;
+        if t > cfg.max_position_embeddings {
+            return Err(Error::Msg(format!(
+                "sequence length {t} exceeds max_position_embeddings {}",
+                cfg.max_position_embeddings
+            )));
+        }
+        let h = cfg.hidden_size;
+        let emb = &self.embeddings;
+        let ids = inputs.input_ids.flatten_all()?;
+        let words = emb.word.index_select(&ids, 0)?;
+        let pos = emb.position.index_select(&self.position_ids(inputs)?.flatten_all()?, 0)?;
+        let types = match &inputs.token_type_ids {
+            Some(tt) => emb.token_type.index_select(&tt.flatten_all()?, 0)?,
+            None => emb.token_type.i(0)?.unsqueeze(0)?.broadcast_as((b * t, h))?,
+        };
+        let x = ((words + pos)?.broadcast_add(&types))?.reshape((b, t, h))?;
+        let mut x = ctx.dropout(&emb.norm.forward(&x)?, cfg.hidden_dropout)?;
+
+        // Additive key mask: 0 for real tokens, a large negative number for padding.
+        let key_bias = ((inputs.attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
+        let nh = cfg.num_heads;
+        let dh = h / nh;
+        let scale = 1.0 / (dh as f64).sqrt();
+        for layer in &self.layers {
+            let heads = |y: Tensor| -> candle_core::Result<Tensor> {
+                y.reshape((b, t, nh, dh))?.transpose(1, 2)?.contiguous()
+            };
+            let q = heads(layer.query.forward(&x, ctx)?)?;
+            let k = heads(layer.key.forward(&x, ctx)?)?;
+            let v = heads(layer.value.forward(&x, ctx)?)?;
+            let scores = q.matmul(&k.t()?)?;
+            let probs = ops::attention_softmax(&scores, &key_bias, scale)?;
+            let probs = ctx.dropout(&probs, cfg.attention_dropout)?;
+            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+            let attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, cfg.hidden_dropout)?;
+            let x1 = layer.attn_norm.forward(&(attn + &x)?)?;
+            let inter = ops::gelu_erf(&layer.intermediate.forward(&x1, ctx)?)?;
+            let out = ctx.dropout(&layer.output.forward(&inter, ctx)?, cfg.hidden_dropout)?;
+            x = layer.out_norm.forward(&(out + x1)?)?;
+        }
+        Ok(x)
+    }
+
+    /// One vector per sequence, as the head sees it (before classifier dropout).
+    ///
+    /// # Shapes
+    /// `hidden`: [B, T, hidden] -> [B, hidden]
+    pub fn pool(&self, hidden: &Tensor, inputs: &Inputs, ctx: &Ctx) -> Result<Tensor> {
+        Ok(match self.pooling {
+            Pooling::Cls => {
+                let first = hidden.i((.., 0, ..))?.contiguous()?;
+                match &self.pooler {
+                    Some(p) => p.forward(&first, ctx)?.tanh()?,
+                    None => first,
+                }
+            }
+            Pooling::Mean => mean_pool(hidden, &inputs.attention_mask)?,
+        })
+    }
+
+    /// Classification logits.
+    ///
+    /// # Shapes
+    /// `inputs.input_ids`: [B, T] -> [B, num_labels]
+    pub fn forward(&self, inputs: &Inputs, ctx: &Ctx) -> Result<Tensor> {
+        let hidden = self.encode(inputs, ctx)?;
+        let pooled = self.pool(&hidden, inputs, ctx)?;
+        let pooled = ctx.dropout(&pooled, self.config.classifier_dropout)?;
+        Ok(self.classifier.forward(&pooled, ctx)?)
+    }
+
+    /// Pads `seqs` and builds the inputs with this model's padding id.
+    pub fn inputs(&self, seqs: &[Vec<u32>]) -> Result<Inputs> {
+        Ok(Inputs::from_ids(seqs, self.config.pad_token_id)?)
+    }
+}
+
+/// Mean of the unmasked positions.
+///
+/// # Shapes
+/// `hidden`: [B, T, H], `mask`: [B, T] -> [B, H]
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    sum.broadcast_div(&count)
+}
+
+impl HasSites for BertClassifier {
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v = Vec::new();
+        for l in &self.layers {
+            v.extend([
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ]);
+        }
+        if let Some(p) = &self.pooler {
+            v.push(p);
+        }
+        v.push(&self.classifier);
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = Vec::new();
+        for l in &mut self.layers {
+            v.extend([
+                &mut l.query,
+                &mut l.key,
+                &mut l.value,
+                &mut l.attn_out,
+                &mut l.intermediate,
+                &mut l.output,
+            ]);
+        }
+        if let Some(p) = &mut self.pooler {
+            v.push(p);
+        }
+        v.push(&mut self.classifier);
+        v
+    }
+
+    fn sites(&self) -> Vec<SiteInfo> {
+        let prefix = self.config.family.prefix();
+        let h = self.config.hidden_size;
+        let emb = &self.embeddings;
+        let mut out = vec![SiteInfo {
+            path: format!("{prefix}.embeddings"),
+            kind: SiteKind::Embeddings,
+            params: emb.word.elem_count()
+                + emb.position.elem_count()
+                + emb.token_type.elem_count()
+                + 2 * h,
+        }];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("{prefix}.encoder.layer.{i}");
+            let lin = |x: &Linear| SiteInfo {
+                path: x.path.clone(),
+                kind: SiteKind::Linear,
+                params: x.param_count(),
+            };
+            let zero = |path: String, kind| SiteInfo {
+                path,
+                kind,
+                params: 0,
+            };
+            out.push(zero(format!("{p}.attention.self"), SiteKind::KeyValue));
+            out.extend([lin(&l.query), lin(&l.key), lin(&l.value), lin(&l.attn_out)]);
+            out.push(SiteInfo {
+                path: format!("{p}.attention.output.LayerNorm"),
+                kind: SiteKind::SublayerOutput,
+                params: 2 * h,
+            });
+            out.push(lin(&l.intermediate));
+            out.push(zero(format!("{p}.intermediate.intermediate_act_fn"), SiteKind::Activation));
+            out.push(lin(&l.output));
+            out.push(SiteInfo {
+                path: format!("{p}.output.LayerNorm"),
+                kind: SiteKind::SublayerOutput,
+                params: 2 * h,
+            });
+        }
+        if let Some(p) = &self.pooler {
+            out.push(SiteInfo {
+                path: p.path.clone(),
+                kind: SiteKind::Linear,
+                params: p.param_count(),
+            });
+        }
+        out.push(SiteInfo {
+            path: "classifier".into(),
+            kind: SiteKind::Linear,
+            params: self.classifier.param_count(),
+        });
+        out
+    }
+
+    fn param_count(&self) -> usize {
+        let h = self.config.hidden_size;
+        let emb = &self.embeddings;
+        let norms = (2 * self.layers.len() + 1) * 2 * h;
+        emb.word.elem_count()
+            + emb.position.elem_count()
+            + emb.token_type.elem_count()
+            + norms
+            + self.linears().iter().map(|l| l.param_count()).sum::<usize>()
+    }
+}

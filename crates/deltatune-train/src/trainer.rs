@@ -1,0 +1,361 @@
+//! The training loop: AdamW, linear warm-up then decay, clipping, accumulation, evaluation on
+//! dev each epoch, best checkpoint kept, early stopping, a JSONL metrics log and a progress bar.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use deltatune_core::{Ctx, Rng};
+use deltatune_methods::Trainable;
+use deltatune_models::BertClassifier;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{classification_metrics, ClassificationMetrics};
+use crate::optim::{collect_grads, global_norm, linear_schedule, AdamW};
+use crate::{Result, TrainError};
+
+/// Training settings. Defaults are those of the PEFT reference run (`shared/reference`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Passes over the training set (default 3).
+    pub epochs: usize,
+    /// Examples per optimiser step before accumulation (default 32).
+    pub batch_size: usize,
+    /// Examples per evaluation batch (default 64).
+    pub eval_batch_size: usize,
+    /// Peak learning rate (default 5e-4).
+    pub lr: f64,
+    /// Fraction of all steps spent warming up, `ceil(ratio * total)` (default 0.06).
+    pub warmup_ratio: f64,
+    /// AdamW weight decay, never applied to biases and norms (default 0.0).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 turns clipping off (default 1.0).
+    pub max_grad_norm: f64,
+    /// Micro-batches per optimiser step (default 1).
+    pub grad_accum: usize,
+    /// Seed of shuffling, initialisation and dropout (default 42).
+    pub seed: u64,
+    /// Stop after this many epochs without a better dev accuracy (default: never).
+    pub early_stopping_patience: Option<usize>,
+    /// Shuffle within buckets of similar length, which pads less (default false).
+    pub group_by_length: bool,
+    /// Stop after this many optimiser steps (smoke tests; default: no limit).
+    pub max_steps: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 3,
+            batch_size: 32,
+            eval_batch_size: 64,
+            lr: 5e-4,
+            warmup_ratio: 0.06,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            grad_accum: 1,
+            seed: 42,
+            early_stopping_patience: None,
+            group_by_length: false,
+            max_steps: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects values outside their range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: &str| Err(TrainError::Config(format!("`{field}` {msg}")));
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1");
+        }
+        if self.batch_size == 0 || self.eval_batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum", "must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", "must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad("warmup_ratio", "must be in [0, 1)");
+        }
+        Ok(())
+    }
+}
+
+/// Tokenised examples with label ids.
+#[derive(Debug, Clone, Default)]
+pub struct Encoded {
+    pub ids: Vec<Vec<u32>>,
+    pub labels: Vec<u32>,
+}
+
+impl Encoded {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// One line of the metrics log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub step: usize,
+    pub train_loss: f64,
+    pub dev_accuracy: f64,
+    pub dev_macro_f1: f64,
+    pub train_seconds: f64,
+    pub examples_per_second: f64,
+    pub lr: f64,
+}
+
+/// What a training run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub epochs: Vec<EpochRecord>,
+    pub best_epoch: usize,
+    pub best_dev_accuracy: f64,
+    pub stopped_early: bool,
+}
+
+/// Batches of indices for one epoch.
+fn epoch_batches(data: &Encoded, cfg: &TrainConfig, epoch: usize) -> Vec<Vec<usize>> {
+    let mut rng = Rng::new(cfg.seed).derive(&format!("shuffle/{epoch}"));
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    rng.shuffle(&mut order);
+    let mut batches: Vec<Vec<usize>> = if cfg.group_by_length {
+        // Sort within mega-batches of 50 batches by length, then shuffle the batches.
+        let mega = cfg.batch_size * 50;
+        let mut out = Vec::new();
+        for chunk in order.chunks(mega) {
+            let mut c = chunk.to_vec();
+            c.sort_by_key(|&i| std::cmp::Reverse(data.ids[i].len()));
+            out.extend(c.chunks(cfg.batch_size).map(|b| b.to_vec()));
+        }
+        rng.shuffle(&mut out);
+        out
+    } else {
+        order.chunks(cfg.batch_size).map(|b| b.to_vec()).collect()
+    };
+    batches.retain(|b| !b.is_empty());
+    batches
+}
+
+fn labels_tensor(labels: &[u32]) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(labels, labels.len(), &candle_core::Device::Cpu)
+}
+
+/// Trains `trainables` (already attached to `model`) on `train`, evaluating on `dev` after each
+/// epoch. The best epoch's values are restored at the end. Each epoch's record is appended to
+/// `metrics_log` as one JSON line.
+pub fn train(
+    model: &BertClassifier,
+    trainables: &[Trainable],
+    train: &Encoded,
+    dev: &Encoded,
+    cfg: &TrainConfig,
+    metrics_log: Option<&Path>,
+    show_progress: bool,
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    if train.is_empty() {
+        return Err(TrainError::Data("the training set is empty".into()));
+    }
+    if trainables.is_empty() {
+        return Err(TrainError::Config("the delta has no trainable parameters".into()));
+    }
+    let vars: Vec<_> = trainables.iter().map(|t| t.var.clone()).collect();
+    let mut opt = AdamW::new(
+        trainables.iter().map(|t| (t.var.clone(), t.decay)).collect(),
+        cfg.weight_decay,
+    )?;
+    let micro_per_epoch = train.len().div_ceil(cfg.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
+    let total_steps = steps_per_epoch * cfg.epochs;
+    let warmup = (cfg.warmup_ratio * total_steps as f64).ceil() as usize;
+
+    let mut log = match metrics_log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| TrainError::Io(format!("opening {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let mut records = Vec::new();
+    let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
+    let mut since_best = 0;
+    let mut step = 0usize;
+    let mut stopped_early = false;
+    'epochs: for epoch in 1..=cfg.epochs {
+        let batches = epoch_batches(train, cfg, epoch);
+        let bar = progress_bar(batches.len() as u64, epoch, cfg.epochs, show_progress);
+        let t0 = Instant::now();
+        let (mut loss_sum, mut n_loss, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut micro = 0usize;
+        for (bi, idx) in batches.iter().enumerate() {
+            let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| train.ids[i].clone()).collect();
+            let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
+            let inputs = model.inputs(&seqs)?;
+            let ctx = Ctx::train(Rng::new(cfg.seed).derive(&format!("dropout/{epoch}/{bi}")));
+            let logits = model.forward(&inputs, &ctx)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels_tensor(&labels)?)?;
+            let loss_v = loss.to_scalar::<f32>()? as f64;
+            if !loss_v.is_finite() {
+                return Err(TrainError::NonFinite(format!(
+                    "the loss became {loss_v} at epoch {epoch}, step {step}, batch {bi} \
+                     (learning rate {:.3e}); lower the learning rate or check the data",
+                    linear_schedule(step, warmup, total_steps, cfg.lr)
+                )));
+            }
+            let grads = collect_grads(&loss.backward()?, &vars);
+            for (a, g) in acc.iter_mut().zip(grads) {
+                *a = match (a.take(), g) {
+                    (Some(a), Some(g)) => Some((a + g)?),
+                    (a, g) => a.or(g),
+                };
+            }
+            micro += 1;
+            loss_sum += loss_v;
+            n_loss += 1;
+            seen += idx.len();
+            if micro == cfg.grad_accum || bi + 1 == batches.len() {
+                let scale = 1.0 / micro as f64;
+                let mut clip = 1.0;
+                if cfg.max_grad_norm > 0.0 {
+                    let norm = global_norm(&acc)? * scale;
+                    if !norm.is_finite() {
+                        return Err(TrainError::NonFinite(format!(
+                            "the gradient norm became {norm} at epoch {epoch}, step {step}; lower the learning rate"
+                        )));
+                    }
+                    if norm > cfg.max_grad_norm {
+                        clip = cfg.max_grad_norm / (norm + 1e-6);
+                    }
+                }
+                let lr = linear_schedule(step, warmup, total_steps, cfg.lr);
+                opt.step(&acc, lr, scale * clip)?;
+                acc = vec![None; vars.len()];
+                micro = 0;
+                step += 1;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.4} | {:.1} ex/s",
+                loss_sum / n_loss as f64,
+                seen as f64 / secs.max(1e-9)
+            ));
+            bar.inc(1);
+            if cfg.max_steps.is_some_and(|m| step >= m) {
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        let train_seconds = t0.elapsed().as_secs_f64();
+        let (m, _) = evaluate(model, dev, cfg.eval_batch_size)?;
+        let rec = EpochRecord {
+            epoch,
+            step,
+            train_loss: loss_sum / n_loss.max(1) as f64,
+            dev_accuracy: m.accuracy,
+            dev_macro_f1: m.macro_f1,
+            train_seconds,
+            examples_per_second: seen as f64 / train_seconds.max(1e-9),
+            lr: linear_schedule(step, warmup, total_steps, cfg.lr),
+        };
+        if show_progress {
+            eprintln!(
+                "epoch {epoch}/{}: train loss {:.4}, dev accuracy {:.4}, dev macro-F1 {:.4}, {:.0} s ({:.1} ex/s)",
+                cfg.epochs, rec.train_loss, rec.dev_accuracy, rec.dev_macro_f1, train_seconds, rec.examples_per_second
+            );
+        }
+        if let Some(f) = log.as_mut() {
+            let line = serde_json::to_string(&rec).expect("record serialises");
+            writeln!(f, "{line}").map_err(|e| TrainError::Io(format!("writing metrics log: {e}")))?;
+        }
+        records.push(rec);
+        if best.as_ref().is_none_or(|(acc, _, _)| m.accuracy > *acc) {
+            let snapshot = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+            best = Some((m.accuracy, epoch, snapshot));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if cfg.early_stopping_patience.is_some_and(|p| since_best >= p) {
+                stopped_early = true;
+                break 'epochs;
+            }
+        }
+        if cfg.max_steps.is_some_and(|m| step >= m) {
+            break;
+        }
+    }
+    let (best_acc, best_epoch, snapshot) = best.expect("at least one epoch ran");
+    for (v, t) in vars.iter().zip(&snapshot) {
+        v.set(t)?;
+    }
+    Ok(TrainReport {
+        epochs: records,
+        best_epoch,
+        best_dev_accuracy: best_acc,
+        stopped_early,
+    })
+}
+
+fn progress_bar(len: u64, epoch: usize, epochs: usize, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{epoch}/{epochs}"));
+    bar
+}
+
+/// Class probabilities of every example, batched by similar length.
+pub fn predict_proba(model: &BertClassifier, ids: &[Vec<u32>], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| ids[i].len());
+    let mut out = vec![Vec::new(); ids.len()];
+    let ctx = Ctx::eval();
+    for chunk in order.chunks(batch_size.max(1)) {
+        let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+        let logits = model.forward(&model.inputs(&seqs)?, &ctx)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
+        for (&i, p) in chunk.iter().zip(probs) {
+            out[i] = p;
+        }
+    }
+    Ok(out)
+}
+
+/// Accuracy and macro-F1 on `data`, and the predicted label of each example.
+pub fn evaluate(model: &BertClassifier, data: &Encoded, batch_size: usize) -> Result<(ClassificationMetrics, Vec<u32>)> {
+    let probs = predict_proba(model, &data.ids, batch_size)?;
+    let pred: Vec<u32> = probs
+        .iter()
+        .map(|p| {
+            p.iter()
+                .enumerate()
+                .fold((0usize, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                .0 as u32
+        })
+        .collect();
+    Ok((classification_metrics(&pred, &data.labels, model.num_labels), pred))
+}
