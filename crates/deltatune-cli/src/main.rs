@@ -1,1 +1,242 @@
-fn main() {}
+//! `deltatune`: delta tuning of pretrained transformers from the command line.
+
+mod commands;
+mod session;
+mod settings;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Adapt a pretrained transformer by training a small delta (LoRA, ...) while its weights stay
+/// frozen. Settings resolve as: flag > environment (DELTATUNE_*) > --config TOML file > default.
+#[derive(Debug, Parser)]
+#[command(name = "deltatune", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Download the default model (all-MiniLM-L6-v2) and data (Rotten Tomatoes) into the cache.
+    Fetch {
+        /// Cache folder (default $DELTATUNE_CACHE or ~/.cache/deltatune).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Train a delta; prints dev and test accuracy and where the adapter was saved.
+    Train(RunArgs),
+    /// Evaluate a saved adapter on a labelled file (default: the run's test file).
+    Eval {
+        /// The adapter folder written by `train`.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// A labelled CSV/TSV/JSONL file.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Predict labels of texts given as arguments or in a file (one per line).
+    Predict {
+        #[arg(long)]
+        adapter: PathBuf,
+        /// A file with one text per line.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        texts: Vec<String>,
+    },
+    /// Show the model's module tree with parameter counts and where the delta would attach.
+    Inspect(RunArgs),
+    /// Time one LoRA training step and forward-only inference (batch 16 x 128) on the model.
+    Bench {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Timed repetitions after 3 warm-up steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// A JSON file of PyTorch + PEFT timings (from scripts/bench_peft.py) to print beside.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+    },
+}
+
+/// Settings shared by `train`, `inspect` and `bench`; each flag overrides its env var and the
+/// config file.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RunArgs {
+    /// A TOML settings file (sections [data], [lora], [train]; see --show-config).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the resolved settings with their sources and exit.
+    #[arg(long)]
+    show_config: bool,
+    /// Model folder, HF hub id in the local HF cache, or all-MiniLM-L6-v2.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Output adapter folder.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Delta method (lora).
+    #[arg(long)]
+    method: Option<String>,
+    /// cls or mean.
+    #[arg(long)]
+    pooling: Option<String>,
+    /// Hide progress bars.
+    #[arg(long)]
+    no_progress: bool,
+    #[arg(long)]
+    train_file: Option<PathBuf>,
+    #[arg(long)]
+    dev_file: Option<PathBuf>,
+    #[arg(long)]
+    test_file: Option<PathBuf>,
+    #[arg(long)]
+    text_column: Option<String>,
+    #[arg(long)]
+    label_column: Option<String>,
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// LoRA rank.
+    #[arg(long)]
+    r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    #[arg(long)]
+    use_rslora: Option<bool>,
+    /// Comma-separated module-name suffixes.
+    #[arg(long)]
+    target_modules: Option<String>,
+    /// A regular expression that must match whole module paths (instead of --target-modules).
+    #[arg(long)]
+    target_regex: Option<String>,
+    /// none, all or lora_only.
+    #[arg(long)]
+    bias: Option<String>,
+    #[arg(long)]
+    modules_to_save: Option<String>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Early-stopping patience in epochs.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Batch examples of similar length together (less padding, faster).
+    #[arg(long)]
+    group_by_length: Option<bool>,
+    /// Stop after this many optimiser steps (smoke runs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+}
+
+impl RunArgs {
+    /// The flags given, as (dotted key, raw value).
+    fn flags(&self) -> Vec<(&'static str, String)> {
+        let mut f: Vec<(&'static str, String)> = Vec::new();
+        let mut put = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                f.push((k, v));
+            }
+        };
+        let p = |x: &Option<PathBuf>| x.as_ref().map(|p| p.display().to_string());
+        let s = |x: &Option<String>| x.clone();
+        let n = |x: Option<usize>| x.map(|v| v.to_string());
+        let fl = |x: Option<f64>| x.map(|v| v.to_string());
+        put("model", s(&self.model));
+        put("cache", p(&self.cache));
+        put("output", p(&self.output));
+        put("method", s(&self.method));
+        put("pooling", s(&self.pooling));
+        put("progress", self.no_progress.then(|| "false".into()));
+        put("data.train", p(&self.train_file));
+        put("data.dev", p(&self.dev_file));
+        put("data.test", p(&self.test_file));
+        put("data.text_column", s(&self.text_column));
+        put("data.label_column", s(&self.label_column));
+        put("data.max_length", n(self.max_length));
+        put("lora.r", n(self.r));
+        put("lora.lora_alpha", fl(self.lora_alpha));
+        put("lora.lora_dropout", fl(self.lora_dropout));
+        put("lora.use_rslora", self.use_rslora.map(|b| b.to_string()));
+        put("lora.target_modules", s(&self.target_modules));
+        put(
+            "lora.target_modules",
+            self.target_regex.as_ref().map(|r| serde_json::Value::String(r.clone()).to_string()),
+        );
+        put("lora.bias", s(&self.bias));
+        put("lora.modules_to_save", s(&self.modules_to_save));
+        put("train.epochs", n(self.epochs));
+        put("train.batch_size", n(self.batch_size));
+        put("train.lr", fl(self.lr));
+        put("train.warmup_ratio", fl(self.warmup_ratio));
+        put("train.weight_decay", fl(self.weight_decay));
+        put("train.max_grad_norm", fl(self.max_grad_norm));
+        put("train.grad_accum", n(self.grad_accum));
+        put("train.seed", self.seed.map(|v| v.to_string()));
+        put("train.early_stopping_patience", n(self.patience));
+        put("train.group_by_length", self.group_by_length.map(|b| b.to_string()));
+        put("train.max_steps", n(self.max_steps));
+        f
+    }
+
+    /// Resolves settings; with `--show-config`, prints them and returns `None`.
+    fn resolve(&self) -> anyhow::Result<Option<settings::Settings>> {
+        let env = |k: &str| std::env::var(k).ok();
+        let (s, sources) = settings::resolve(self.config.as_deref(), &env, &self.flags())?;
+        if self.show_config {
+            print!("{}", settings::show(&s, &sources)?);
+            return Ok(None);
+        }
+        Ok(Some(s))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Fetch { cache } => commands::fetch(cache),
+        Command::Train(a) => a.resolve().and_then(|s| s.map_or(Ok(()), |s| commands::train(&s))),
+        Command::Eval { adapter, data } => commands::eval(&adapter, data.as_deref()),
+        Command::Predict {
+            adapter,
+            file,
+            json,
+            texts,
+        } => commands::predict(&adapter, file.as_deref(), &texts, json),
+        Command::Inspect(a) => a.resolve().and_then(|s| s.map_or(Ok(()), |s| commands::inspect(&s))),
+        Command::Bench { run, steps, reference } => run
+            .resolve()
+            .and_then(|s| s.map_or(Ok(()), |s| commands::bench(&s, steps, reference.as_deref()))),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -71,6 +71,11 @@ impl Weights {
         self.tensors.keys().map(|s| s.as_str())
     }
 
+    /// Every tensor with its key (unordered); does not count as use.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.tensors.iter().map(|(k, t)| (k.as_str(), t))
+    }
+
     /// The tensor `key`, which must have `shape`; `hint` names the config field that implies it.
     pub fn get(&self, key: &str, shape: &[usize], hint: &str) -> Result<Tensor> {
         let t = self.tensors.get(key).ok_or_else(|| Error::MissingTensor {

@@ -42,13 +42,13 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
         }
         targets.retain(|p| layer_index(p).is_some_and(|i| layers.contains(&i)));
     }
-    for m in &save {
-        if !path_refs.iter().any(|p| p == m || p.ends_with(&format!(".{m}"))) {
-            return Err(Error::NoMatch {
-                pattern: format!("modules_to_save: {m}"),
-                nearest: deltatune_core::error::nearest_names(m, path_refs.iter().copied(), 5),
-            });
-        }
+    // PEFT ignores `modules_to_save` entries a model lacks (it lists `score` for every
+    // classifier); a list of which no entry matches is an error.
+    if !save.is_empty() && !path_refs.iter().any(|p| is_saved(p)) {
+        return Err(Error::NoMatch {
+            pattern: format!("modules_to_save: {}", save.join(", ")),
+            nearest: deltatune_core::error::nearest_names(&save[0], path_refs.iter().copied(), 5),
+        });
     }
     let mut out = Vec::new();
     for lin in model.linears_mut() {

@@ -359,6 +359,33 @@ impl BertClassifier {
         Ok(self.classifier.forward(&pooled, ctx)?)
     }
 
+    /// Every base tensor with its checkpoint-style path (embeddings, norms, linear layers).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let prefix = self.config.family.prefix();
+        let e = &self.embeddings;
+        let mut v = vec![
+            (format!("{prefix}.embeddings.word_embeddings.weight"), e.word.clone()),
+            (format!("{prefix}.embeddings.position_embeddings.weight"), e.position.clone()),
+            (format!("{prefix}.embeddings.token_type_embeddings.weight"), e.token_type.clone()),
+            (format!("{prefix}.embeddings.LayerNorm.weight"), e.norm.weight.clone()),
+            (format!("{prefix}.embeddings.LayerNorm.bias"), e.norm.bias.clone()),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("{prefix}.encoder.layer.{i}");
+            for (name, n) in [("attention.output.LayerNorm", &l.attn_norm), ("output.LayerNorm", &l.out_norm)] {
+                v.push((format!("{p}.{name}.weight"), n.weight.clone()));
+                v.push((format!("{p}.{name}.bias"), n.bias.clone()));
+            }
+        }
+        for l in self.linears() {
+            v.push((format!("{}.weight", l.path), l.weight.clone()));
+            if let Some(b) = &l.bias {
+                v.push((format!("{}.bias", l.path), b.clone()));
+            }
+        }
+        v
+    }
+
     /// Pads `seqs` and builds the inputs with this model's padding id.
     pub fn inputs(&self, seqs: &[Vec<u32>]) -> Result<Inputs> {
         Ok(Inputs::from_ids(seqs, self.config.pad_token_id)?)

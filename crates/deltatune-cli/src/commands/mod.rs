@@ -1,0 +1,21 @@
+//! One function per subcommand.
+
+mod bench;
+mod fetch;
+mod inspect;
+mod predict;
+mod train;
+
+pub use bench::bench;
+pub use fetch::fetch;
+pub use inspect::inspect;
+pub use predict::{eval, predict};
+pub use train::train;
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

@@ -1,0 +1,103 @@
+use std::time::Instant;
+
+use anyhow::Result;
+use deltatune_core::HasSites;
+use deltatune_data::text::LabelMap;
+use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, METRICS, RUN_CONFIG};
+use serde_json::json;
+
+use crate::session::{self, RunConfig};
+use crate::settings::Settings;
+
+/// `deltatune train`.
+pub fn train(s: &Settings) -> Result<()> {
+    // Fail on an unwritable output before spending any time.
+    let staging = Staging::create(&s.output)?;
+    let model_dir = session::model_dir(&s.model, &s.cache)?;
+    let splits = session::load_splits(s)?;
+    let labels = LabelMap::from_train(&splits.train);
+    let mut loaded = session::load_model(&model_dir, labels.len(), s.pooling, s.data.max_length, s.train.seed)?;
+    let t_tok = Instant::now();
+    let train = session::encode(&loaded.tokenizer, &splits.train, &labels, "train")?;
+    let dev = session::encode(&loaded.tokenizer, &splits.dev, &labels, "dev")?;
+    let test = match &splits.test {
+        Some(t) => Some(session::encode(&loaded.tokenizer, t, &labels, "test")?),
+        None => None,
+    };
+    let tok_secs = t_tok.elapsed().as_secs_f64();
+    let trainables = session::attach(&mut loaded.model, s)?;
+    let n_train: usize = trainables.iter().map(|t| t.var.elem_count()).sum();
+    let n_base = loaded.model.param_count();
+    eprintln!(
+        "model {} ({} parameters, frozen); delta {}: {} trainable parameters ({:.3}% of the model)",
+        model_dir.display(),
+        n_base,
+        s.method,
+        n_train,
+        100.0 * n_train as f64 / n_base as f64
+    );
+    eprintln!(
+        "data: train {} / dev {} / test {} examples, {} labels (tokenised in {:.1} s)",
+        train.len(),
+        dev.len(),
+        test.as_ref().map_or(0, |t| t.len()),
+        labels.len(),
+        tok_secs
+    );
+    let run = RunConfig {
+        deltatune_version: env!("CARGO_PKG_VERSION").into(),
+        settings: s.clone(),
+        model_dir: model_dir.canonicalize().unwrap_or(model_dir.clone()),
+        data_files: splits.files.clone(),
+        num_labels: labels.len(),
+        base_params: n_base,
+        trainable_params: n_train,
+    };
+    staging.write_json(RUN_CONFIG, &run)?;
+    labels.save(&staging.file(LABELS))?;
+    let report = deltatune_train::train(
+        &loaded.model,
+        &trainables,
+        &train,
+        &dev,
+        &s.train,
+        Some(&staging.file(METRICS)),
+        s.progress,
+    )?;
+    let (dev_m, _) = deltatune_train::evaluate(&loaded.model, &dev, s.train.eval_batch_size)?;
+    let test_m = match &test {
+        Some(t) => Some(deltatune_train::evaluate(&loaded.model, t, s.train.eval_batch_size)?.0),
+        None => None,
+    };
+    let mut lora = s.lora.clone();
+    lora.base_model_name_or_path = Some(run.model_dir.display().to_string());
+    lora.inference_mode = true;
+    staging.write_json(ADAPTER_CONFIG, &lora)?;
+    let tensors = deltatune_methods::state_dict(&trainables);
+    staging.write(ADAPTER_WEIGHTS, &deltatune_core::to_safetensors_bytes(&tensors)?)?;
+    let secs: Vec<f64> = report.epochs.iter().map(|e| e.train_seconds).collect();
+    let results = json!({
+        "best_epoch": report.best_epoch,
+        "dev": dev_m,
+        "test": test_m,
+        "train_seconds_per_epoch": secs,
+        "mean_train_seconds_per_epoch": secs.iter().sum::<f64>() / secs.len().max(1) as f64,
+        "peak_rss_mib": super::peak_rss_mib(),
+        "trainable_params": n_train,
+        "base_params": n_base,
+        "stopped_early": report.stopped_early,
+    });
+    staging.write_json("results.json", &results)?;
+    let out = staging.commit()?;
+    println!("dev accuracy:  {:.4} (macro-F1 {:.4}, best epoch {})", dev_m.accuracy, dev_m.macro_f1, report.best_epoch);
+    if let Some(t) = test_m {
+        println!("test accuracy: {:.4} (macro-F1 {:.4})", t.accuracy, t.macro_f1);
+    }
+    println!(
+        "seconds per epoch: {:.1}; peak memory {:.0} MiB",
+        results["mean_train_seconds_per_epoch"].as_f64().unwrap_or(0.0),
+        super::peak_rss_mib().unwrap_or(0.0)
+    );
+    println!("adapter saved to {}", out.display());
+    Ok(())
+}

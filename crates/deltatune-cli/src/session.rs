@@ -1,0 +1,153 @@
+//! Building a model, its delta and its data from resolved settings or from a saved adapter.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use deltatune_core::Rng;
+use deltatune_data::text::{load_examples, Example, LabelMap};
+use deltatune_methods::{lora, LoraConfig, Trainable};
+use deltatune_models::{BertClassifier, Pooling, TextTokenizer};
+use deltatune_train::artifact::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, RUN_CONFIG};
+use deltatune_train::Encoded;
+use serde::{Deserialize, Serialize};
+
+use crate::settings::Settings;
+
+/// A model ready to run, with its tokenizer.
+pub struct Loaded {
+    pub model: BertClassifier,
+    pub tokenizer: TextTokenizer,
+    pub model_dir: PathBuf,
+}
+
+/// Finds the model folder for `spec` (fetching the default model on first use).
+pub fn model_dir(spec: &str, cache: &Path) -> Result<PathBuf> {
+    if spec == "all-MiniLM-L6-v2" && deltatune_data::assets::resolve_model_dir(spec, cache).is_err() {
+        eprintln!("the default model is not in {} yet: fetching it", cache.display());
+        deltatune_data::assets::fetch_defaults(cache, &mut |m| eprintln!("  {m}"))?;
+    }
+    Ok(deltatune_data::assets::resolve_model_dir(spec, cache)?)
+}
+
+/// Loads the model in `dir` with a head of `num_labels`.
+pub fn load_model(dir: &Path, num_labels: usize, pooling: Pooling, max_length: usize, seed: u64) -> Result<Loaded> {
+    let mut rng = Rng::new(seed).derive("head");
+    let model = BertClassifier::load(dir, num_labels, pooling, &mut rng)
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
+    let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), max_length)?;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        model_dir: dir.to_path_buf(),
+    })
+}
+
+/// Attaches the configured delta; returns its trainable tensors.
+pub fn attach(model: &mut BertClassifier, settings: &Settings) -> Result<Vec<Trainable>> {
+    match settings.method.as_str() {
+        "lora" => Ok(lora::attach(model, &settings.lora, &Rng::new(settings.train.seed).derive("lora"))?),
+        other => bail!("unknown method `{other}` (available: lora)"),
+    }
+}
+
+/// The labelled splits of a run.
+pub struct Splits {
+    pub train: Vec<Example>,
+    pub dev: Vec<Example>,
+    pub test: Option<Vec<Example>>,
+    pub files: BTreeMap<String, PathBuf>,
+}
+
+/// Loads train/dev/test from the settings, defaulting to the prepared Rotten Tomatoes splits
+/// (fetched on first use).
+pub fn load_splits(settings: &Settings) -> Result<Splits> {
+    let d = &settings.data;
+    let (train, dev, test) = match (&d.train, &d.dev) {
+        (None, None) => {
+            let dir = settings.cache.join("data").join("rotten_tomatoes");
+            if !dir.join("train.csv").exists() {
+                eprintln!("Rotten Tomatoes is not in {} yet: fetching it", settings.cache.display());
+                deltatune_data::assets::fetch_defaults(&settings.cache, &mut |m| eprintln!("  {m}"))?;
+            }
+            (
+                dir.join("train.csv"),
+                dir.join("dev.csv"),
+                Some(d.test.clone().unwrap_or(dir.join("test.csv"))),
+            )
+        }
+        (Some(t), Some(v)) => (t.clone(), v.clone(), d.test.clone()),
+        (Some(_), None) => bail!("a training file needs a development file too: add --dev-file (or data.dev)"),
+        (None, Some(_)) => bail!("a development file needs a training file too: add --train-file (or data.train)"),
+    };
+    let load = |p: &Path| load_examples(p, &d.text_column, &d.label_column).map_err(anyhow::Error::from);
+    let mut files = BTreeMap::new();
+    files.insert("train".to_string(), train.clone());
+    files.insert("dev".to_string(), dev.clone());
+    if let Some(t) = &test {
+        files.insert("test".to_string(), t.clone());
+    }
+    Ok(Splits {
+        train: load(&train)?,
+        dev: load(&dev)?,
+        test: test.as_deref().map(load).transpose()?,
+        files,
+    })
+}
+
+/// Tokenises examples and maps their labels.
+pub fn encode(tok: &TextTokenizer, examples: &[Example], labels: &LabelMap, split: &str) -> Result<Encoded> {
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    Ok(Encoded {
+        ids: tok.encode_batch(&texts)?,
+        labels: labels.encode(examples, split)?,
+    })
+}
+
+/// `run_config.json`: the resolved settings and what the run found, written before training.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub deltatune_version: String,
+    pub settings: Settings,
+    pub model_dir: PathBuf,
+    pub data_files: BTreeMap<String, PathBuf>,
+    pub num_labels: usize,
+    pub base_params: usize,
+    pub trainable_params: usize,
+}
+
+/// A saved adapter, loaded onto its base model.
+pub struct AdapterRun {
+    pub loaded: Loaded,
+    pub labels: LabelMap,
+    pub run: RunConfig,
+}
+
+/// Loads `dir` (written by `train`): base model, delta and head, label map.
+pub fn load_adapter(dir: &Path) -> Result<AdapterRun> {
+    if !dir.is_dir() {
+        bail!("adapter folder {} does not exist (train one with `deltatune train --output ...`)", dir.display());
+    }
+    let read = |name: &str| -> Result<String> {
+        std::fs::read_to_string(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()))
+    };
+    let run: RunConfig = serde_json::from_str(&read(RUN_CONFIG)?)
+        .with_context(|| format!("parsing {}", dir.join(RUN_CONFIG).display()))?;
+    let lora_cfg: LoraConfig = serde_json::from_str(&read(ADAPTER_CONFIG)?)
+        .with_context(|| format!("parsing {}", dir.join(ADAPTER_CONFIG).display()))?;
+    let labels = LabelMap::load(&dir.join(LABELS))?;
+    let mut loaded = load_model(
+        &run.model_dir,
+        labels.len(),
+        run.settings.pooling,
+        run.settings.data.max_length,
+        run.settings.train.seed,
+    )?;
+    let trainables = lora::attach(&mut loaded.model, &lora_cfg, &Rng::new(0))?;
+    let wpath = dir.join(ADAPTER_WEIGHTS);
+    let weights = deltatune_core::Weights::load(&wpath, candle_core::DType::F32)?;
+    let map: BTreeMap<String, candle_core::Tensor> =
+        weights.tensors().map(|(k, t)| (k.to_string(), t.clone())).collect();
+    deltatune_methods::load_state_dict(&trainables, &map, &wpath)?;
+    Ok(AdapterRun { loaded, labels, run })
+}

@@ -1,0 +1,292 @@
+//! Resolved settings of a run, with a stated precedence: flag > environment > TOML config file >
+//! default. Every setting has a dotted key (`train.epochs`, `lora.r`), an environment variable
+//! (`DELTATUNE_TRAIN_EPOCHS`, `DELTATUNE_LORA_R`) and, for the common ones, a flag.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use deltatune_methods::LoraConfig;
+use deltatune_models::Pooling;
+use deltatune_train::TrainConfig;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Where the data comes from and how it is read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSettings {
+    /// Training file (CSV, TSV or JSONL). Default: the prepared Rotten Tomatoes train split.
+    pub train: Option<PathBuf>,
+    /// Development file, evaluated after each epoch. Default: Rotten Tomatoes dev.
+    pub dev: Option<PathBuf>,
+    /// Test file, evaluated once at the end. Default: Rotten Tomatoes test (only with the
+    /// default train file).
+    pub test: Option<PathBuf>,
+    /// Column (or JSON field) holding the text (default `text`).
+    pub text_column: String,
+    /// Column (or JSON field) holding the label (default `label`).
+    pub label_column: String,
+    /// Sequences are truncated to this many tokens (default 128).
+    pub max_length: usize,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        Self {
+            train: None,
+            dev: None,
+            test: None,
+            text_column: "text".into(),
+            label_column: "label".into(),
+            max_length: 128,
+        }
+    }
+}
+
+/// Everything a run needs, after resolution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// A model folder (config.json + model.safetensors + tokenizer.json), a Hugging Face hub id
+    /// found in the local HF cache, or `all-MiniLM-L6-v2` from deltatune's cache (default).
+    pub model: String,
+    /// deltatune's asset cache (default `$HOME/.cache/deltatune`).
+    pub cache: PathBuf,
+    /// The output (adapter) folder (default `runs/lora-rotten-tomatoes`).
+    pub output: PathBuf,
+    /// The delta method (default `lora`).
+    pub method: String,
+    /// Sequence pooling for the head: `cls` (pooler) or `mean` (default `cls`).
+    pub pooling: Pooling,
+    /// Show progress bars (default true).
+    pub progress: bool,
+    pub data: DataSettings,
+    pub lora: LoraConfig,
+    pub train: TrainConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            model: "all-MiniLM-L6-v2".into(),
+            cache: home_cache_dir(),
+            output: PathBuf::from("runs/lora-rotten-tomatoes"),
+            method: "lora".into(),
+            pooling: Pooling::Cls,
+            progress: true,
+            data: DataSettings::default(),
+            lora: LoraConfig::default(),
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+/// `$HOME/.cache/deltatune` (the env var `DELTATUNE_CACHE` is applied as a layer on top).
+pub fn home_cache_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".cache")
+        .join("deltatune")
+}
+
+/// Where each setting came from, for `--show-config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Default,
+    File,
+    Env,
+    Flag,
+}
+
+/// The env var of a dotted key: `train.epochs` -> `DELTATUNE_TRAIN_EPOCHS`.
+pub fn env_name(key: &str) -> String {
+    format!("DELTATUNE_{}", key.to_uppercase().replace('.', "_"))
+}
+
+fn leaf_keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    if let Value::Object(m) = v {
+        for (k, child) in m {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            if matches!(child, Value::Object(_)) && !child.as_object().unwrap().is_empty() {
+                leaf_keys(child, &key, out);
+            } else {
+                out.push(key);
+            }
+        }
+    }
+}
+
+fn get_mut<'a>(root: &'a mut Value, key: &str) -> Option<&'a mut Value> {
+    let mut cur = root;
+    for part in key.split('.') {
+        cur = cur.as_object_mut()?.get_mut(part)?;
+    }
+    Some(cur)
+}
+
+/// Parses a string from the environment or a flag into a value shaped like `like`: strings stay
+/// strings, a list default takes `a,b,c` (or JSON: `["a"]`, or `".*regex"` for one string), other
+/// values parse as JSON.
+fn parse_like(raw: &str, like: &Value) -> Value {
+    match like {
+        Value::String(_) => Value::String(raw.to_string()),
+        Value::Array(_) if !raw.trim_start().starts_with(['[', '"']) => Value::Array(
+            raw.split(',')
+                .map(|s| Value::String(s.trim().to_string()))
+                .filter(|v| v.as_str() != Some(""))
+                .collect(),
+        ),
+        _ => serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string())),
+    }
+}
+
+/// Resolves settings: defaults, then `config_file`, then the environment, then `flags`
+/// (dotted key, raw value). Returns the settings and the source of every leaf key.
+pub fn resolve(
+    config_file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &[(&str, String)],
+) -> Result<(Settings, Vec<(String, Source)>)> {
+    let mut root = serde_json::to_value(Settings::default())?;
+    let mut keys = Vec::new();
+    leaf_keys(&root, "", &mut keys);
+    let mut sources: Vec<(String, Source)> = keys.iter().map(|k| (k.clone(), Source::Default)).collect();
+    let mut set = |root: &mut Value, key: &str, v: Value, src: Source| -> Result<()> {
+        let Some(slot) = get_mut(root, key) else {
+            bail!("unknown setting `{key}`");
+        };
+        *slot = v;
+        if let Some(s) = sources.iter_mut().find(|(k, _)| k == key) {
+            s.1 = src;
+        } else {
+            sources.push((key.to_string(), src));
+        }
+        Ok(())
+    };
+
+    if let Some(path) = config_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let table: toml::Table = toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+        let file_val = serde_json::to_value(table)?;
+        let mut file_keys = Vec::new();
+        leaf_keys(&file_val, "", &mut file_keys);
+        for k in file_keys {
+            let v = get_mut(&mut file_val.clone(), &k).cloned().unwrap_or(Value::Null);
+            if get_mut(&mut root, &k).is_none() {
+                bail!(
+                    "config file {}: unknown setting `{k}` (known: {})",
+                    path.display(),
+                    deltatune_core::error::nearest_names(&k, keys.iter().map(|s| s.as_str()), 4)
+                );
+            }
+            set(&mut root, &k, v, Source::File)?;
+        }
+    }
+    for k in &keys {
+        if let Some(raw) = env(&env_name(k)) {
+            let like = get_mut(&mut root, k).cloned().unwrap_or(Value::Null);
+            set(&mut root, k, parse_like(&raw, &like), Source::Env)?;
+        }
+    }
+    for (k, raw) in flags {
+        let like = get_mut(&mut root, k).cloned().unwrap_or(Value::Null);
+        set(&mut root, k, parse_like(raw, &like), Source::Flag)?;
+    }
+    let settings: Settings = deserialize_sections(&root)?;
+    settings.lora.validate()?;
+    settings.train.validate()?;
+    if settings.method != "lora" {
+        bail!("unknown method `{}` (available: lora)", settings.method);
+    }
+    Ok((settings, sources))
+}
+
+/// Deserialises section by section so an error names the section.
+fn deserialize_sections(root: &Value) -> Result<Settings> {
+    let obj: &Map<String, Value> = root.as_object().expect("settings are an object");
+    for section in ["data", "lora", "train"] {
+        let v = obj.get(section).cloned().unwrap_or(Value::Null);
+        let r = match section {
+            "data" => serde_json::from_value::<DataSettings>(v).map(|_| ()),
+            "lora" => serde_json::from_value::<LoraConfig>(v).map(|_| ()),
+            _ => serde_json::from_value::<TrainConfig>(v).map(|_| ()),
+        };
+        r.with_context(|| format!("invalid setting in [{section}]"))?;
+    }
+    serde_json::from_value(root.clone()).context("invalid setting")
+}
+
+/// The resolved settings as TOML, each line annotated with its source.
+pub fn show(settings: &Settings, sources: &[(String, Source)]) -> Result<String> {
+    let mut keys = Vec::new();
+    let root = serde_json::to_value(settings)?;
+    leaf_keys(&root, "", &mut keys);
+    let mut out = String::new();
+    for k in keys {
+        let v = get_mut(&mut root.clone(), &k).cloned().unwrap_or(Value::Null);
+        if v.is_null() {
+            continue;
+        }
+        let src = sources.iter().find(|(s, _)| *s == k).map_or(Source::Default, |s| s.1);
+        let src = serde_json::to_value(src)?;
+        out.push_str(&format!("{k} = {v}    # {}\n", src.as_str().unwrap_or("")));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let dir = std::env::temp_dir().join(format!("dt-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.toml");
+        std::fs::write(&file, "[train]\nepochs = 5\nlr = 0.001\nbatch_size = 8\n[lora]\nr = 4\n").unwrap();
+        let env = |k: &str| match k {
+            "DELTATUNE_TRAIN_LR" => Some("0.002".to_string()),
+            "DELTATUNE_TRAIN_BATCH_SIZE" => Some("16".to_string()),
+            _ => None,
+        };
+        let flags = [("train.batch_size", "64".to_string())];
+        let (s, src) = resolve(Some(&file), &env, &flags).unwrap();
+        assert_eq!(s.train.epochs, 5); // file
+        assert_eq!(s.train.lr, 0.002); // env over file
+        assert_eq!(s.train.batch_size, 64); // flag over env over file
+        assert_eq!(s.lora.r, 4);
+        assert_eq!(s.train.seed, 42); // default
+        let find = |k: &str| src.iter().find(|(s, _)| s == k).unwrap().1;
+        assert_eq!(find("train.epochs"), Source::File);
+        assert_eq!(find("train.lr"), Source::Env);
+        assert_eq!(find("train.batch_size"), Source::Flag);
+        assert_eq!(find("train.seed"), Source::Default);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("dt-settings-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.toml");
+        std::fs::write(&file, "[train]\nepochz = 5\n").unwrap();
+        let err = resolve(Some(&file), &|_| None, &[]).unwrap_err().to_string();
+        assert!(err.contains("train.epochz") && err.contains("train.epochs"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn list_flags_split_on_commas_and_rank_zero_is_rejected() {
+        let (s, _) = resolve(None, &|_| None, &[("lora.target_modules", "query,key".into())]).unwrap();
+        assert_eq!(
+            s.lora.target_modules,
+            deltatune_core::TargetModules::Suffixes(vec!["query".into(), "key".into()])
+        );
+        let err = resolve(None, &|_| None, &[("lora.r", "0".into())]).unwrap_err().to_string();
+        assert!(err.contains("`r`"), "{err}");
+    }
+}
