@@ -1,5 +1,8 @@
 //! `deltatune`: delta tuning of pretrained transformers from the command line.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod commands;
 mod session;
 mod settings;

@@ -18,7 +18,6 @@ use crate::settings::Settings;
 pub struct Loaded {
     pub model: BertClassifier,
     pub tokenizer: TextTokenizer,
-    pub model_dir: PathBuf,
 }
 
 /// Finds the model folder for `spec` (fetching the default model on first use).
@@ -36,11 +35,7 @@ pub fn load_model(dir: &Path, num_labels: usize, pooling: Pooling, max_length: u
     let model = BertClassifier::load(dir, num_labels, pooling, &mut rng)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
     let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), max_length)?;
-    Ok(Loaded {
-        model,
-        tokenizer,
-        model_dir: dir.to_path_buf(),
-    })
+    Ok(Loaded { model, tokenizer })
 }
 
 /// Attaches the configured delta; returns its trainable tensors.

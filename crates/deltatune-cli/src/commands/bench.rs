@@ -50,7 +50,7 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
     }
     let mut train_ms: Vec<f64> = (0..steps).map(|i| step(WARMUP + i)).collect::<Result<_>>()?;
     let ctx = Ctx::eval();
-    let mut infer = || -> Result<f64> {
+    let infer = || -> Result<f64> {
         let t = Instant::now();
         let logits = model.forward(&inputs, &ctx)?;
         logits.sum_all()?.to_scalar::<f32>()?;

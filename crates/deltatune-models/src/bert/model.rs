@@ -235,16 +235,24 @@ impl BertClassifier {
         } else {
             None
         };
-        let classifier = match weights.get_opt("classifier.weight", &[num_labels, h], "")? {
-            Some(w) if weights.contains("classifier.bias") => {
-                let b = weights.get("classifier.bias", &[num_labels], "")?;
-                Linear::new("classifier", w, Some(b))
-            }
-            _ => Linear::new(
+        // A checkpoint head for another label count is replaced by a fresh one, as
+        // transformers does with `ignore_mismatched_sizes=True`.
+        let head_fits = weights
+            .tensors()
+            .any(|(k, t)| k == "classifier.weight" && t.dims() == [num_labels, h])
+            && weights.contains("classifier.bias");
+        let classifier = if head_fits {
+            Linear::new(
+                "classifier",
+                weights.get("classifier.weight", &[num_labels, h], "")?,
+                Some(weights.get("classifier.bias", &[num_labels], "")?),
+            )
+        } else {
+            Linear::new(
                 "classifier",
                 rng.normal_tensor((num_labels, h), config.initializer_range)?,
                 Some(Tensor::zeros(num_labels, DType::F32, &Device::Cpu)?),
-            ),
+            )
         };
         Ok(Self {
             config,
