@@ -185,7 +185,9 @@ impl RunArgs {
         put("lora.target_modules", s(&self.target_modules));
         put(
             "lora.target_modules",
-            self.target_regex.as_ref().map(|r| serde_json::Value::String(r.clone()).to_string()),
+            self.target_regex
+                .as_ref()
+                .map(|r| serde_json::Value::String(r.clone()).to_string()),
         );
         put("lora.bias", s(&self.bias));
         put("lora.modules_to_save", s(&self.modules_to_save));
@@ -198,7 +200,10 @@ impl RunArgs {
         put("train.grad_accum", n(self.grad_accum));
         put("train.seed", self.seed.map(|v| v.to_string()));
         put("train.early_stopping_patience", n(self.patience));
-        put("train.group_by_length", self.group_by_length.map(|b| b.to_string()));
+        put(
+            "train.group_by_length",
+            self.group_by_length.map(|b| b.to_string()),
+        );
         put("train.max_steps", n(self.max_steps));
         f
     }
@@ -219,7 +224,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Fetch { cache } => commands::fetch(cache),
-        Command::Train(a) => a.resolve().and_then(|s| s.map_or(Ok(()), |s| commands::train(&s))),
+        Command::Train(a) => a
+            .resolve()
+            .and_then(|s| s.map_or(Ok(()), |s| commands::train(&s))),
         Command::Eval { adapter, data } => commands::eval(&adapter, data.as_deref()),
         Command::Predict {
             adapter,
@@ -227,8 +234,14 @@ fn main() -> ExitCode {
             json,
             texts,
         } => commands::predict(&adapter, file.as_deref(), &texts, json),
-        Command::Inspect(a) => a.resolve().and_then(|s| s.map_or(Ok(()), |s| commands::inspect(&s))),
-        Command::Bench { run, steps, reference } => run
+        Command::Inspect(a) => a
+            .resolve()
+            .and_then(|s| s.map_or(Ok(()), |s| commands::inspect(&s))),
+        Command::Bench {
+            run,
+            steps,
+            reference,
+        } => run
             .resolve()
             .and_then(|s| s.map_or(Ok(()), |s| commands::bench(&s, steps, reference.as_deref()))),
     };

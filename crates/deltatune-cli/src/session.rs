@@ -22,15 +22,25 @@ pub struct Loaded {
 
 /// Finds the model folder for `spec` (fetching the default model on first use).
 pub fn model_dir(spec: &str, cache: &Path) -> Result<PathBuf> {
-    if spec == "all-MiniLM-L6-v2" && deltatune_data::assets::resolve_model_dir(spec, cache).is_err() {
-        eprintln!("the default model is not in {} yet: fetching it", cache.display());
+    if spec == "all-MiniLM-L6-v2" && deltatune_data::assets::resolve_model_dir(spec, cache).is_err()
+    {
+        eprintln!(
+            "the default model is not in {} yet: fetching it",
+            cache.display()
+        );
         deltatune_data::assets::fetch_defaults(cache, &mut |m| eprintln!("  {m}"))?;
     }
     Ok(deltatune_data::assets::resolve_model_dir(spec, cache)?)
 }
 
 /// Loads the model in `dir` with a head of `num_labels`.
-pub fn load_model(dir: &Path, num_labels: usize, pooling: Pooling, max_length: usize, seed: u64) -> Result<Loaded> {
+pub fn load_model(
+    dir: &Path,
+    num_labels: usize,
+    pooling: Pooling,
+    max_length: usize,
+    seed: u64,
+) -> Result<Loaded> {
     let mut rng = Rng::new(seed).derive("head");
     let model = BertClassifier::load(dir, num_labels, pooling, &mut rng)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
@@ -41,7 +51,11 @@ pub fn load_model(dir: &Path, num_labels: usize, pooling: Pooling, max_length: u
 /// Attaches the configured delta; returns its trainable tensors.
 pub fn attach(model: &mut BertClassifier, settings: &Settings) -> Result<Vec<Trainable>> {
     match settings.method.as_str() {
-        "lora" => Ok(lora::attach(model, &settings.lora, &Rng::new(settings.train.seed).derive("lora"))?),
+        "lora" => Ok(lora::attach(
+            model,
+            &settings.lora,
+            &Rng::new(settings.train.seed).derive("lora"),
+        )?),
         other => bail!("unknown method `{other}` (available: lora)"),
     }
 }
@@ -62,8 +76,13 @@ pub fn load_splits(settings: &Settings) -> Result<Splits> {
         (None, None) => {
             let dir = settings.cache.join("data").join("rotten_tomatoes");
             if !dir.join("train.csv").exists() {
-                eprintln!("Rotten Tomatoes is not in {} yet: fetching it", settings.cache.display());
-                deltatune_data::assets::fetch_defaults(&settings.cache, &mut |m| eprintln!("  {m}"))?;
+                eprintln!(
+                    "Rotten Tomatoes is not in {} yet: fetching it",
+                    settings.cache.display()
+                );
+                deltatune_data::assets::fetch_defaults(&settings.cache, &mut |m| {
+                    eprintln!("  {m}")
+                })?;
             }
             (
                 dir.join("train.csv"),
@@ -72,10 +91,15 @@ pub fn load_splits(settings: &Settings) -> Result<Splits> {
             )
         }
         (Some(t), Some(v)) => (t.clone(), v.clone(), d.test.clone()),
-        (Some(_), None) => bail!("a training file needs a development file too: add --dev-file (or data.dev)"),
-        (None, Some(_)) => bail!("a development file needs a training file too: add --train-file (or data.train)"),
+        (Some(_), None) => {
+            bail!("a training file needs a development file too: add --dev-file (or data.dev)")
+        }
+        (None, Some(_)) => {
+            bail!("a development file needs a training file too: add --train-file (or data.train)")
+        }
     };
-    let load = |p: &Path| load_examples(p, &d.text_column, &d.label_column).map_err(anyhow::Error::from);
+    let load =
+        |p: &Path| load_examples(p, &d.text_column, &d.label_column).map_err(anyhow::Error::from);
     let mut files = BTreeMap::new();
     files.insert("train".to_string(), train.clone());
     files.insert("dev".to_string(), dev.clone());
@@ -91,7 +115,12 @@ pub fn load_splits(settings: &Settings) -> Result<Splits> {
 }
 
 /// Tokenises examples and maps their labels.
-pub fn encode(tok: &TextTokenizer, examples: &[Example], labels: &LabelMap, split: &str) -> Result<Encoded> {
+pub fn encode(
+    tok: &TextTokenizer,
+    examples: &[Example],
+    labels: &LabelMap,
+    split: &str,
+) -> Result<Encoded> {
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     Ok(Encoded {
         ids: tok.encode_batch(&texts)?,
@@ -121,10 +150,14 @@ pub struct AdapterRun {
 /// Loads `dir` (written by `train`): base model, delta and head, label map.
 pub fn load_adapter(dir: &Path) -> Result<AdapterRun> {
     if !dir.is_dir() {
-        bail!("adapter folder {} does not exist (train one with `deltatune train --output ...`)", dir.display());
+        bail!(
+            "adapter folder {} does not exist (train one with `deltatune train --output ...`)",
+            dir.display()
+        );
     }
     let read = |name: &str| -> Result<String> {
-        std::fs::read_to_string(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()))
+        std::fs::read_to_string(dir.join(name))
+            .with_context(|| format!("reading {}", dir.join(name).display()))
     };
     let run: RunConfig = serde_json::from_str(&read(RUN_CONFIG)?)
         .with_context(|| format!("parsing {}", dir.join(RUN_CONFIG).display()))?;
@@ -141,8 +174,14 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterRun> {
     let trainables = lora::attach(&mut loaded.model, &lora_cfg, &Rng::new(0))?;
     let wpath = dir.join(ADAPTER_WEIGHTS);
     let weights = deltatune_core::Weights::load(&wpath, candle_core::DType::F32)?;
-    let map: BTreeMap<String, candle_core::Tensor> =
-        weights.tensors().map(|(k, t)| (k.to_string(), t.clone())).collect();
+    let map: BTreeMap<String, candle_core::Tensor> = weights
+        .tensors()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect();
     deltatune_methods::load_state_dict(&trainables, &map, &wpath)?;
-    Ok(AdapterRun { loaded, labels, run })
+    Ok(AdapterRun {
+        loaded,
+        labels,
+        run,
+    })
 }

@@ -108,7 +108,11 @@ pub fn env_name(key: &str) -> String {
 fn leaf_keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
     if let Value::Object(m) = v {
         for (k, child) in m {
-            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             if matches!(child, Value::Object(_)) && !child.as_object().unwrap().is_empty() {
                 leaf_keys(child, &key, out);
             } else {
@@ -152,7 +156,8 @@ pub fn resolve(
     let mut root = serde_json::to_value(Settings::default())?;
     let mut keys = Vec::new();
     leaf_keys(&root, "", &mut keys);
-    let mut sources: Vec<(String, Source)> = keys.iter().map(|k| (k.clone(), Source::Default)).collect();
+    let mut sources: Vec<(String, Source)> =
+        keys.iter().map(|k| (k.clone(), Source::Default)).collect();
     let mut set = |root: &mut Value, key: &str, v: Value, src: Source| -> Result<()> {
         let Some(slot) = get_mut(root, key) else {
             bail!("unknown setting `{key}`");
@@ -175,7 +180,9 @@ pub fn resolve(
         let mut file_keys = Vec::new();
         leaf_keys(&file_val, "", &mut file_keys);
         for k in file_keys {
-            let v = get_mut(&mut file_val.clone(), &k).cloned().unwrap_or(Value::Null);
+            let v = get_mut(&mut file_val.clone(), &k)
+                .cloned()
+                .unwrap_or(Value::Null);
             if get_mut(&mut root, &k).is_none() {
                 bail!(
                     "config file {}: unknown setting `{k}` (known: {})",
@@ -227,11 +234,16 @@ pub fn show(settings: &Settings, sources: &[(String, Source)]) -> Result<String>
     leaf_keys(&root, "", &mut keys);
     let mut out = String::new();
     for k in keys {
-        let v = get_mut(&mut root.clone(), &k).cloned().unwrap_or(Value::Null);
+        let v = get_mut(&mut root.clone(), &k)
+            .cloned()
+            .unwrap_or(Value::Null);
         if v.is_null() {
             continue;
         }
-        let src = sources.iter().find(|(s, _)| *s == k).map_or(Source::Default, |s| s.1);
+        let src = sources
+            .iter()
+            .find(|(s, _)| *s == k)
+            .map_or(Source::Default, |s| s.1);
         let src = serde_json::to_value(src)?;
         out.push_str(&format!("{k} = {v}    # {}\n", src.as_str().unwrap_or("")));
     }
@@ -247,7 +259,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dt-settings-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("run.toml");
-        std::fs::write(&file, "[train]\nepochs = 5\nlr = 0.001\nbatch_size = 8\n[lora]\nr = 4\n").unwrap();
+        std::fs::write(
+            &file,
+            "[train]\nepochs = 5\nlr = 0.001\nbatch_size = 8\n[lora]\nr = 4\n",
+        )
+        .unwrap();
         let env = |k: &str| match k {
             "DELTATUNE_TRAIN_LR" => Some("0.002".to_string()),
             "DELTATUNE_TRAIN_BATCH_SIZE" => Some("16".to_string()),
@@ -274,19 +290,31 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("run.toml");
         std::fs::write(&file, "[train]\nepochz = 5\n").unwrap();
-        let err = resolve(Some(&file), &|_| None, &[]).unwrap_err().to_string();
-        assert!(err.contains("train.epochz") && err.contains("train.epochs"), "{err}");
+        let err = resolve(Some(&file), &|_| None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.epochz") && err.contains("train.epochs"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn list_flags_split_on_commas_and_rank_zero_is_rejected() {
-        let (s, _) = resolve(None, &|_| None, &[("lora.target_modules", "query,key".into())]).unwrap();
+        let (s, _) = resolve(
+            None,
+            &|_| None,
+            &[("lora.target_modules", "query,key".into())],
+        )
+        .unwrap();
         assert_eq!(
             s.lora.target_modules,
             deltatune_core::TargetModules::Suffixes(vec!["query".into(), "key".into()])
         );
-        let err = resolve(None, &|_| None, &[("lora.r", "0".into())]).unwrap_err().to_string();
+        let err = resolve(None, &|_| None, &[("lora.r", "0".into())])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`r`"), "{err}");
     }
 }

@@ -23,8 +23,22 @@ impl Drop for Tmp {
     }
 }
 
-const POS: [&str; 6] = ["good film", "great movie", "a witty story", "superb acting", "gorgeous and moving", "lovely plot"];
-const NEG: [&str; 6] = ["bad film", "awful movie", "a dull story", "terrible acting", "boring and lifeless", "weak plot"];
+const POS: [&str; 6] = [
+    "good film",
+    "great movie",
+    "a witty story",
+    "superb acting",
+    "gorgeous and moving",
+    "lovely plot",
+];
+const NEG: [&str; 6] = [
+    "bad film",
+    "awful movie",
+    "a dull story",
+    "terrible acting",
+    "boring and lifeless",
+    "weak plot",
+];
 
 /// A small labelled set: `n` rows alternating positive and negative.
 fn write_csv(path: &Path, n: usize, offset: usize) {
@@ -50,17 +64,43 @@ fn run(args: &[&str], dir: &Path) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn train_args<'a>(model: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     files_args(model, out, "train.csv", "dev.csv", extra)
 }
 
-fn files_args<'a>(model: &'a str, out: &'a str, train: &'a str, dev: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+fn files_args<'a>(
+    model: &'a str,
+    out: &'a str,
+    train: &'a str,
+    dev: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
     let mut v = vec![
-        "train", "--model", model, "--train-file", train, "--dev-file", dev, "--output", out, "--epochs",
-        "2", "--batch-size", "8", "--lr", "0.01", "--no-progress", "--lora-alpha", "8",
+        "train",
+        "--model",
+        model,
+        "--train-file",
+        train,
+        "--dev-file",
+        dev,
+        "--output",
+        out,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--no-progress",
+        "--lora-alpha",
+        "8",
     ];
     v.extend_from_slice(extra);
     v
@@ -70,7 +110,12 @@ fn setup(name: &str) -> (Tmp, String) {
     let t = Tmp::new(name);
     write_csv(&t.0.join("train.csv"), 48, 0);
     write_csv(&t.0.join("dev.csv"), 12, 3);
-    let model = fixtures().join("tiny-bert").canonicalize().unwrap().display().to_string();
+    let model = fixtures()
+        .join("tiny-bert")
+        .canonicalize()
+        .unwrap()
+        .display()
+        .to_string();
     (t, model)
 }
 
@@ -97,7 +142,10 @@ fn rerun_with_same_seed_gives_identical_metrics_and_adapter_is_usable() {
     assert!(text(&a).contains("adapter saved to"), "{}", text(&a));
     let b = run(&train_args(&model, "out-b", &[]), &t.0);
     assert!(b.status.success(), "{}", text(&b));
-    let (ma, mb) = (metrics_without_times(&t.0.join("out-a")), metrics_without_times(&t.0.join("out-b")));
+    let (ma, mb) = (
+        metrics_without_times(&t.0.join("out-a")),
+        metrics_without_times(&t.0.join("out-b")),
+    );
     assert_eq!(ma.len(), 2);
     assert_eq!(ma, mb, "same seed, different metrics");
     assert_eq!(
@@ -111,25 +159,53 @@ fn rerun_with_same_seed_gives_identical_metrics_and_adapter_is_usable() {
         std::fs::read(t.0.join("out-a/adapter_model.safetensors")).unwrap(),
         std::fs::read(t.0.join("out-c/adapter_model.safetensors")).unwrap()
     );
-    for f in ["adapter_config.json", "adapter_model.safetensors", "labels.json", "run_config.json", "results.json"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "labels.json",
+        "run_config.json",
+        "results.json",
+    ] {
         assert!(t.0.join("out-a").join(f).exists(), "missing {f}");
     }
-    let p = run(&["predict", "--adapter", "out-a", "--json", "great movie", "awful film"], &t.0);
+    let p = run(
+        &[
+            "predict",
+            "--adapter",
+            "out-a",
+            "--json",
+            "great movie",
+            "awful film",
+        ],
+        &t.0,
+    );
     assert!(p.status.success(), "{}", text(&p));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&p.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&p.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     for l in &lines {
-        let probs: Vec<f64> = l["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let probs: Vec<f64> = l["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4);
         assert!(["pos", "neg"].contains(&l["label"].as_str().unwrap()));
     }
     let e = run(&["eval", "--adapter", "out-a", "--data", "dev.csv"], &t.0);
     assert!(e.status.success(), "{}", text(&e));
     let res: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(t.0.join("out-a/results.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(t.0.join("out-a/results.json")).unwrap())
+            .unwrap();
     let acc = res["dev"]["accuracy"].as_f64().unwrap();
-    assert!(text(&e).contains(&format!("accuracy {acc:.4}")), "eval disagrees with training: {} vs {acc}", text(&e));
+    assert!(
+        text(&e).contains(&format!("accuracy {acc:.4}")),
+        "eval disagrees with training: {} vs {acc}",
+        text(&e)
+    );
 }
 
 fn assert_fails(t: &Tmp, args: &[&str], needles: &[&str]) {
@@ -139,7 +215,10 @@ fn assert_fails(t: &Tmp, args: &[&str], needles: &[&str]) {
     for n in needles {
         assert!(msg.contains(n), "message for {args:?} lacks `{n}`:\n{msg}");
     }
-    assert!(!t.0.join("out").exists(), "partial output left for {args:?}");
+    assert!(
+        !t.0.join("out").exists(),
+        "partial output left for {args:?}"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(&t.0)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -153,31 +232,75 @@ fn assert_fails(t: &Tmp, args: &[&str], needles: &[&str]) {
 fn bad_input_gives_clear_errors_and_no_output() {
     let (t, model) = setup("bad");
     let d = &t.0;
-    assert_fails(&t, &train_args("/nonexistent/model", "out", &[]), &["/nonexistent/model"]);
-    assert_fails(&t, &train_args(&model, "out", &["--target-modules", "qurey"]), &["qurey", "attention.self.query"]);
+    assert_fails(
+        &t,
+        &train_args("/nonexistent/model", "out", &[]),
+        &["/nonexistent/model"],
+    );
+    assert_fails(
+        &t,
+        &train_args(&model, "out", &["--target-modules", "qurey"]),
+        &["qurey", "attention.self.query"],
+    );
     std::fs::write(d.join("empty.csv"), "").unwrap();
-    assert_fails(&t, &files_args(&model, "out", "empty.csv", "dev.csv", &[]), &["empty.csv"]);
+    assert_fails(
+        &t,
+        &files_args(&model, "out", "empty.csv", "dev.csv", &[]),
+        &["empty.csv"],
+    );
     std::fs::write(d.join("nolabel.csv"), "text,category\ngood film,pos\n").unwrap();
-    assert_fails(&t, &files_args(&model, "out", "nolabel.csv", "dev.csv", &[]), &["label", "category"]);
-    std::fs::write(d.join("dev-unseen.csv"), "text,label\ngood film,pos\nbad film,meh\n").unwrap();
-    assert_fails(&t, &files_args(&model, "out", "train.csv", "dev-unseen.csv", &[]), &["meh", "dev"]);
+    assert_fails(
+        &t,
+        &files_args(&model, "out", "nolabel.csv", "dev.csv", &[]),
+        &["label", "category"],
+    );
+    std::fs::write(
+        d.join("dev-unseen.csv"),
+        "text,label\ngood film,pos\nbad film,meh\n",
+    )
+    .unwrap();
+    assert_fails(
+        &t,
+        &files_args(&model, "out", "train.csv", "dev-unseen.csv", &[]),
+        &["meh", "dev"],
+    );
     let mut bytes = b"text,label\ngood film,pos\n".to_vec();
     bytes.extend_from_slice(b"bad \xff\xfe film,neg\n");
     std::fs::write(d.join("latin1.csv"), bytes).unwrap();
-    assert_fails(&t, &files_args(&model, "out", "latin1.csv", "dev.csv", &[]), &["latin1.csv", "UTF-8"]);
+    assert_fails(
+        &t,
+        &files_args(&model, "out", "latin1.csv", "dev.csv", &[]),
+        &["latin1.csv", "UTF-8"],
+    );
     std::fs::write(d.join("a-file"), "").unwrap();
     let o = run(&train_args(&model, "a-file/out", &[]), d);
-    assert!(!o.status.success() && text(&o).contains("a-file"), "{}", text(&o));
-    assert_fails(&t, &train_args(&model, "out", &["--r", "0"]), &["`r`", "r >= 1"]);
+    assert!(
+        !o.status.success() && text(&o).contains("a-file"),
+        "{}",
+        text(&o)
+    );
+    assert_fails(
+        &t,
+        &train_args(&model, "out", &["--r", "0"]),
+        &["`r`", "r >= 1"],
+    );
     let mut cfg = std::fs::read_to_string(fixtures().join("tiny-bert/config.json")).unwrap();
     cfg = cfg.replace("\"hidden_size\": 32", "\"hidden_size\": 48");
     std::fs::create_dir_all(d.join("badmodel")).unwrap();
     std::fs::write(d.join("badmodel/config.json"), cfg).unwrap();
     for f in ["model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixtures().join("tiny-bert").join(f), d.join("badmodel").join(f)).unwrap();
+        std::fs::copy(
+            fixtures().join("tiny-bert").join(f),
+            d.join("badmodel").join(f),
+        )
+        .unwrap();
     }
     let bad = d.join("badmodel").display().to_string();
-    assert_fails(&t, &train_args(&bad, "out", &[]), &["hidden_size", "[120, 32]"]);
+    assert_fails(
+        &t,
+        &train_args(&bad, "out", &[]),
+        &["hidden_size", "[120, 32]"],
+    );
 }
 
 #[test]
@@ -185,7 +308,16 @@ fn show_config_reports_sources() {
     let (t, model) = setup("show");
     std::fs::write(t.0.join("run.toml"), "[train]\nepochs = 7\n").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_deltatune"))
-        .args(["train", "--config", "run.toml", "--model", &model, "--lr", "0.02", "--show-config"])
+        .args([
+            "train",
+            "--config",
+            "run.toml",
+            "--model",
+            &model,
+            "--lr",
+            "0.02",
+            "--show-config",
+        ])
         .env("DELTATUNE_TRAIN_SEED", "5")
         .current_dir(&t.0)
         .output()

@@ -41,7 +41,9 @@ pub enum Error {
     },
 
     /// A tensor has another shape than the config implies.
-    #[error("tensor `{key}` in {path} has shape {actual:?} but the config implies {expected:?}{hint}")]
+    #[error(
+        "tensor `{key}` in {path} has shape {actual:?} but the config implies {expected:?}{hint}"
+    )]
     ShapeMismatch {
         key: String,
         path: PathBuf,
@@ -85,7 +87,11 @@ macro_rules! bail {
 }
 
 /// The `n` names of `candidates` closest to `target` (by edit distance), comma separated.
-pub fn nearest_names<'a>(target: &str, candidates: impl IntoIterator<Item = &'a str>, n: usize) -> String {
+pub fn nearest_names<'a>(
+    target: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+    n: usize,
+) -> String {
     let mut scored: Vec<(usize, &str)> = candidates
         .into_iter()
         .map(|c| (edit_distance(target, c).min(suffix_distance(target, c)), c))

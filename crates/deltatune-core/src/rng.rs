@@ -12,7 +12,9 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self { state: seed ^ 0x5851_f42d_4c95_7f2d }
+        Self {
+            state: seed ^ 0x5851_f42d_4c95_7f2d,
+        }
     }
 
     /// A generator for a named stream, independent of the order in which streams are created.

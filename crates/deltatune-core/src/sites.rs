@@ -219,7 +219,10 @@ impl Linear {
         }
         if let Some(d) = &self.delta {
             let dw = d.delta_weight()?.ok_or_else(|| {
-                Error::Msg(format!("the delta at `{}` cannot be merged into the weight", self.path))
+                Error::Msg(format!(
+                    "the delta at `{}` cannot be merged into the weight",
+                    self.path
+                ))
             })?;
             self.weight = (self.weight.detach() + dw.detach())?;
             self.merged = true;
@@ -244,7 +247,11 @@ impl Linear {
     pub fn make_bias_trainable(&mut self) -> Result<Var> {
         let init = match &self.bias {
             Some(b) => b.detach().copy()?,
-            None => Tensor::zeros(self.out_features(), self.weight.dtype(), self.weight.device())?,
+            None => Tensor::zeros(
+                self.out_features(),
+                self.weight.dtype(),
+                self.weight.device(),
+            )?,
         };
         let v = Var::from_tensor(&init)?;
         self.bias = Some(v.as_tensor().clone());

@@ -31,7 +31,9 @@ impl Weights {
         let raw = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
             Error::Weights {
                 path: path.to_path_buf(),
-                msg: format!("{e} (the file is truncated or not a safetensors file; fetch it again)"),
+                msg: format!(
+                    "{e} (the file is truncated or not a safetensors file; fetch it again)"
+                ),
             }
         })?;
         let mut tensors = HashMap::with_capacity(raw.len());
@@ -129,13 +131,17 @@ pub fn to_safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8
     for (k, t) in tensors {
         owned.push((k.clone(), t.contiguous()?));
     }
-    safetensors::tensor::serialize(owned, None).map_err(|e| Error::Msg(format!("serialising tensors: {e}")))
+    safetensors::tensor::serialize(owned, None)
+        .map_err(|e| Error::Msg(format!("serialising tensors: {e}")))
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|s| s.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let res = (|| {

@@ -65,7 +65,11 @@ pub fn load_state_dict(
         let v = tensors.get(&t.key).ok_or_else(|| Error::MissingTensor {
             key: t.key.clone(),
             path: file.to_path_buf(),
-            nearest: deltatune_core::error::nearest_names(&t.key, tensors.keys().map(|k| k.as_str()), 3),
+            nearest: deltatune_core::error::nearest_names(
+                &t.key,
+                tensors.keys().map(|k| k.as_str()),
+                3,
+            ),
         })?;
         if v.dims() != t.var.dims() {
             return Err(Error::ShapeMismatch {

@@ -13,12 +13,20 @@ fn fixtures() -> PathBuf {
 }
 
 fn tiny() -> BertClassifier {
-    BertClassifier::load(&fixtures().join("tiny-bert"), 3, Pooling::Cls, &mut Rng::new(0)).unwrap()
+    BertClassifier::load(
+        &fixtures().join("tiny-bert"),
+        3,
+        Pooling::Cls,
+        &mut Rng::new(0),
+    )
+    .unwrap()
 }
 
 fn load_map(p: &Path) -> BTreeMap<String, Tensor> {
     let w = Weights::load(p, DType::F32).unwrap();
-    w.tensors().map(|(k, t)| (k.to_string(), t.clone())).collect()
+    w.tensors()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect()
 }
 
 fn fixture_inputs(dir: &str) -> (Inputs, BTreeMap<String, Tensor>) {
@@ -34,7 +42,16 @@ fn fixture_inputs(dir: &str) -> (Inputs, BTreeMap<String, Tensor>) {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn cfg(json: &str) -> LoraConfig {
@@ -47,7 +64,9 @@ fn zero_init_lora_leaves_output_unchanged() {
     let base = tiny();
     let before = base.forward(&inp, &Ctx::eval()).unwrap();
     let mut m = tiny();
-    let c = cfg(r#"{"r": 4, "lora_alpha": 12, "target_modules": ["query", "key", "value", "dense"], "modules_to_save": null}"#);
+    let c = cfg(
+        r#"{"r": 4, "lora_alpha": 12, "target_modules": ["query", "key", "value", "dense"], "modules_to_save": null}"#,
+    );
     lora::attach(&mut m, &c, &Rng::new(1)).unwrap();
     let after = m.forward(&inp, &Ctx::eval()).unwrap();
     assert_eq!(max_abs(&before, &after), 0.0);
@@ -58,17 +77,28 @@ fn merged_equals_unmerged_with_alpha_ne_r() {
     let (inp, _) = fixture_inputs("tiny-bert");
     let mut m = tiny();
     // init_lora_weights = false: B random too, so the delta is non-zero; alpha / r = 3.
-    let c = cfg(r#"{"r": 4, "lora_alpha": 12, "init_lora_weights": false, "target_modules": ["query", "value", "intermediate.dense"]}"#);
+    let c = cfg(
+        r#"{"r": 4, "lora_alpha": 12, "init_lora_weights": false, "target_modules": ["query", "value", "intermediate.dense"]}"#,
+    );
     lora::attach(&mut m, &c, &Rng::new(7)).unwrap();
     let ctx = Ctx::eval();
-    let unmerged = (m.encode(&inp, &ctx).unwrap(), m.forward(&inp, &ctx).unwrap());
+    let unmerged = (
+        m.encode(&inp, &ctx).unwrap(),
+        m.forward(&inp, &ctx).unwrap(),
+    );
     let base = tiny().encode(&inp, &ctx).unwrap();
     let moved = max_abs(&unmerged.0, &base);
-    assert!(moved > 1e-2, "the delta must change the hidden states (moved {moved})");
+    assert!(
+        moved > 1e-2,
+        "the delta must change the hidden states (moved {moved})"
+    );
     for l in m.linears_mut() {
         l.merge().unwrap();
     }
-    let merged = (m.encode(&inp, &ctx).unwrap(), m.forward(&inp, &ctx).unwrap());
+    let merged = (
+        m.encode(&inp, &ctx).unwrap(),
+        m.forward(&inp, &ctx).unwrap(),
+    );
     let d = max_abs(&merged.0, &unmerged.0).max(max_abs(&merged.1, &unmerged.1));
     assert!(d <= 1e-5, "merged differs from unmerged by {d}");
     for l in m.linears_mut() {
@@ -88,21 +118,34 @@ fn only_delta_params_get_gradients_and_all_of_them_do() {
     );
     let trainables = lora::attach(&mut m, &c, &Rng::new(3)).unwrap();
     // 2 layers x 6 targets x (A, B, bias) + pooler bias + classifier weight and bias
-    assert_eq!(trainables.len(), 2 * 6 * 3 + 1 + 2, "{:?}", trainables.iter().map(|t| &t.key).collect::<Vec<_>>());
+    assert_eq!(
+        trainables.len(),
+        2 * 6 * 3 + 1 + 2,
+        "{:?}",
+        trainables.iter().map(|t| &t.key).collect::<Vec<_>>()
+    );
     let logits = m.forward(&inp, &Ctx::train(Rng::new(5))).unwrap();
     let labels = Tensor::new(&[0u32, 2, 1], &candle_core::Device::Cpu).unwrap();
     let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
     let grads = loss.backward().unwrap();
     for t in &trainables {
-        let g = grads.get(t.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", t.key));
+        let g = grads
+            .get(t.var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {}", t.key));
         let n: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
         assert!(n > 0.0, "zero gradient for {}", t.key);
     }
     for (name, t) in m.named_tensors() {
-        if trainables.iter().any(|tr| tr.var.as_tensor().id() == t.id()) {
+        if trainables
+            .iter()
+            .any(|tr| tr.var.as_tensor().id() == t.id())
+        {
             continue;
         }
-        assert!(grads.get(&t).is_none(), "frozen tensor {name} received a gradient");
+        assert!(
+            grads.get(&t).is_none(),
+            "frozen tensor {name} received a gradient"
+        );
     }
 }
 
@@ -110,9 +153,10 @@ fn only_delta_params_get_gradients_and_all_of_them_do() {
 fn peft_adapter_loads_and_matches_peft_logits() {
     for dir in ["tiny-bert-lora", "tiny-bert-lora-rslora"] {
         let (inp, exp) = fixture_inputs(dir);
-        let c: LoraConfig =
-            serde_json::from_str(&std::fs::read_to_string(fixtures().join(dir).join("adapter_config.json")).unwrap())
-                .unwrap();
+        let c: LoraConfig = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(dir).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
         let mut m = tiny();
         let tr = lora::attach(&mut m, &c, &Rng::new(0)).unwrap();
         let path = fixtures().join(dir).join("adapter_model.safetensors");
@@ -136,10 +180,11 @@ fn save_then_load_is_identical() {
     let c = cfg(r#"{"r": 3, "lora_alpha": 7, "init_lora_weights": false, "bias": "lora_only"}"#);
     let ta = lora::attach(&mut a, &c, &Rng::new(11)).unwrap();
     let bytes = deltatune_core::to_safetensors_bytes(&state_dict(&ta)).unwrap();
-    let reread: BTreeMap<String, Tensor> = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let reread: BTreeMap<String, Tensor> =
+        candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
     let mut b = tiny();
     let tb = lora::attach(&mut b, &c, &Rng::new(999)).unwrap();
     load_state_dict(&tb, &reread, Path::new("mem")).unwrap();
@@ -148,8 +193,13 @@ fn save_then_load_is_identical() {
     assert_eq!(max_abs(&la, &lb), 0.0);
     // An adapter with an extra or a misshapen tensor is refused by name.
     let mut extra = reread.clone();
-    extra.insert("base_model.model.foo.lora_A.weight".into(), Tensor::zeros(2, DType::F32, &candle_core::Device::Cpu).unwrap());
-    let err = load_state_dict(&tb, &extra, Path::new("x.safetensors")).unwrap_err().to_string();
+    extra.insert(
+        "base_model.model.foo.lora_A.weight".into(),
+        Tensor::zeros(2, DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
+    let err = load_state_dict(&tb, &extra, Path::new("x.safetensors"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("foo.lora_A"), "{err}");
 }
 
@@ -157,26 +207,45 @@ fn save_then_load_is_identical() {
 fn target_that_matches_nothing_lists_nearest_modules() {
     let mut m = tiny();
     let c = cfg(r#"{"target_modules": ["qurey"]}"#);
-    let err = lora::attach(&mut m, &c, &Rng::new(0)).unwrap_err().to_string();
-    assert!(err.contains("qurey") && err.contains("attention.self.query"), "{err}");
+    let err = lora::attach(&mut m, &c, &Rng::new(0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("qurey") && err.contains("attention.self.query"),
+        "{err}"
+    );
     let c = LoraConfig {
         target_modules: TargetModules::Regex(r".*\.nothing".into()),
         ..LoraConfig::default()
     };
-    let err = lora::attach(&mut m, &c, &Rng::new(0)).unwrap_err().to_string();
+    let err = lora::attach(&mut m, &c, &Rng::new(0))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("matches no module"), "{err}");
-    let err = lora::attach(&mut m, &cfg(r#"{"r": 0}"#), &Rng::new(0)).unwrap_err().to_string();
+    let err = lora::attach(&mut m, &cfg(r#"{"r": 0}"#), &Rng::new(0))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`r`"), "{err}");
 }
 
 #[test]
 fn peft_regex_and_suffix_semantics() {
     let list = TargetModules::Suffixes(vec!["query".into(), "output.dense".into()]);
-    assert!(list.matches("bert.encoder.layer.0.attention.self.query").unwrap());
-    assert!(list.matches("bert.encoder.layer.0.attention.output.dense").unwrap());
-    assert!(!list.matches("bert.encoder.layer.0.attention.self.query_proj").unwrap());
+    assert!(list
+        .matches("bert.encoder.layer.0.attention.self.query")
+        .unwrap());
+    assert!(list
+        .matches("bert.encoder.layer.0.attention.output.dense")
+        .unwrap());
+    assert!(!list
+        .matches("bert.encoder.layer.0.attention.self.query_proj")
+        .unwrap());
     let re = TargetModules::Regex(r".*layer\.1\..*value".into());
-    assert!(re.matches("bert.encoder.layer.1.attention.self.value").unwrap());
+    assert!(re
+        .matches("bert.encoder.layer.1.attention.self.value")
+        .unwrap());
     // fullmatch: a prefix match is not enough
-    assert!(!TargetModules::Regex("bert".into()).matches("bert.pooler.dense").unwrap());
+    assert!(!TargetModules::Regex("bert".into())
+        .matches("bert.pooler.dense")
+        .unwrap());
 }

@@ -12,7 +12,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn expected(dir: &str) -> Weights {
-    Weights::load(&fixtures().join(dir).join("expected.safetensors"), DType::F32).unwrap()
+    Weights::load(
+        &fixtures().join(dir).join("expected.safetensors"),
+        DType::F32,
+    )
+    .unwrap()
 }
 
 fn get(w: &Weights, k: &str) -> Tensor {
@@ -30,13 +34,28 @@ fn inputs(w: &Weights) -> Inputs {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 #[test]
 fn tiny_bert_matches_transformers() {
     let exp = expected("tiny-bert");
-    let model = BertClassifier::load(&fixtures().join("tiny-bert"), 3, Pooling::Cls, &mut Rng::new(0)).unwrap();
+    let model = BertClassifier::load(
+        &fixtures().join("tiny-bert"),
+        3,
+        Pooling::Cls,
+        &mut Rng::new(0),
+    )
+    .unwrap();
     let inp = inputs(&exp);
     let ctx = Ctx::eval();
     let hidden = model.encode(&inp, &ctx).unwrap();
@@ -62,7 +81,10 @@ fn minilm_dir() -> Option<PathBuf> {
         return Some(dir);
     }
     if std::env::var("DELTATUNE_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("all-MiniLM-L6-v2 is not in {}; run `deltatune fetch`", dir.display());
+        panic!(
+            "all-MiniLM-L6-v2 is not in {}; run `deltatune fetch`",
+            dir.display()
+        );
     }
     eprintln!("skipping: all-MiniLM-L6-v2 not fetched (run `deltatune fetch`)");
     None
@@ -73,8 +95,10 @@ fn minilm_matches_transformers_and_tokenizer_matches() {
     let Some(dir) = minilm_dir() else { return };
     let exp = expected("minilm");
     let inp = inputs(&exp);
-    let sentences: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("minilm/sentences.json")).unwrap()).unwrap();
+    let sentences: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("minilm/sentences.json")).unwrap(),
+    )
+    .unwrap();
     let texts: Vec<String> = sentences["sentences"]
         .as_array()
         .unwrap()
@@ -101,19 +125,40 @@ fn config_hidden_size_disagreeing_with_weights_names_the_tensor() {
     let tmp = std::env::temp_dir().join(format!("dt-badcfg-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let src = fixtures().join("tiny-bert");
-    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap().replace("\"hidden_size\": 32", "\"hidden_size\": 64");
+    let cfg = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replace("\"hidden_size\": 32", "\"hidden_size\": 64");
     std::fs::write(tmp.join("config.json"), cfg).unwrap();
     std::fs::copy(src.join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
-    let err = BertClassifier::load(&tmp, 3, Pooling::Cls, &mut Rng::new(0)).unwrap_err().to_string();
-    assert!(err.contains("word_embeddings") && err.contains("[120, 32]") && err.contains("hidden_size"), "{err}");
+    let err = BertClassifier::load(&tmp, 3, Pooling::Cls, &mut Rng::new(0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("word_embeddings") && err.contains("[120, 32]") && err.contains("hidden_size"),
+        "{err}"
+    );
     // A truncated weights file is named as such.
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    std::fs::write(tmp.join("config.json"), std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    std::fs::write(
+        tmp.join("config.json"),
+        std::fs::read(src.join("config.json")).unwrap(),
+    )
+    .unwrap();
     std::fs::write(tmp.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    let err = BertClassifier::load(&tmp, 3, Pooling::Cls, &mut Rng::new(0)).unwrap_err().to_string();
-    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    let err = BertClassifier::load(&tmp, 3, Pooling::Cls, &mut Rng::new(0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
     // A missing folder names config.json.
-    let err = BertClassifier::load(&tmp.join("nope"), 3, Pooling::Cls, &mut Rng::new(0)).unwrap_err().to_string();
-    assert!(err.contains("config.json") && err.contains("deltatune fetch"), "{err}");
+    let err = BertClassifier::load(&tmp.join("nope"), 3, Pooling::Cls, &mut Rng::new(0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("deltatune fetch"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -37,7 +37,12 @@ impl Staging {
         })?;
         let name = target
             .file_name()
-            .ok_or_else(|| TrainError::Io(format!("output path {} has no folder name", target.display())))?
+            .ok_or_else(|| {
+                TrainError::Io(format!(
+                    "output path {} has no folder name",
+                    target.display()
+                ))
+            })?
             .to_string_lossy()
             .to_string();
         let dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
@@ -95,14 +100,21 @@ impl Staging {
         ));
         let had_old = self.target.exists();
         if had_old {
-            std::fs::rename(&self.target, &old)
-                .map_err(|e| TrainError::Io(format!("moving the previous {} aside: {e}", self.target.display())))?;
+            std::fs::rename(&self.target, &old).map_err(|e| {
+                TrainError::Io(format!(
+                    "moving the previous {} aside: {e}",
+                    self.target.display()
+                ))
+            })?;
         }
         if let Err(e) = std::fs::rename(&self.dir, &self.target) {
             if had_old {
                 let _ = std::fs::rename(&old, &self.target);
             }
-            return Err(TrainError::Io(format!("moving the output into {}: {e}", self.target.display())));
+            return Err(TrainError::Io(format!(
+                "moving the output into {}: {e}",
+                self.target.display()
+            )));
         }
         if had_old {
             let _ = std::fs::remove_dir_all(&old);
@@ -134,7 +146,11 @@ mod tests {
             s.write("a.txt", b"half").unwrap();
         }
         assert!(!out.exists());
-        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "staging folder left behind");
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "staging folder left behind"
+        );
         let s = Staging::create(&out).unwrap();
         s.write("a.txt", b"one").unwrap();
         s.commit().unwrap();

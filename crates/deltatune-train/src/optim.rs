@@ -68,13 +68,16 @@ pub fn linear_schedule(step: usize, warmup: usize, total: usize, peak: f64) -> f
     if step < warmup {
         peak * step as f64 / warmup.max(1) as f64
     } else {
-        peak * (total.saturating_sub(step) as f64 / total.saturating_sub(warmup).max(1) as f64).max(0.0)
+        peak * (total.saturating_sub(step) as f64 / total.saturating_sub(warmup).max(1) as f64)
+            .max(0.0)
     }
 }
 
 /// The gradients of `vars`, in order (`None` where a variable got none).
 pub fn collect_grads(grads: &GradStore, vars: &[Var]) -> Vec<Option<Tensor>> {
-    vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect()
+    vars.iter()
+        .map(|v| grads.get(v.as_tensor()).cloned())
+        .collect()
 }
 
 /// The global L2 norm of the gradients.
@@ -95,7 +98,19 @@ mod tests {
     fn schedule_matches_transformers() {
         // warm-up 3 of 10 steps, peak 1.0
         let lrs: Vec<f64> = (0..11).map(|s| linear_schedule(s, 3, 10, 1.0)).collect();
-        let expected = [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 6.0 / 7.0, 5.0 / 7.0, 4.0 / 7.0, 3.0 / 7.0, 2.0 / 7.0, 1.0 / 7.0, 0.0];
+        let expected = [
+            0.0,
+            1.0 / 3.0,
+            2.0 / 3.0,
+            1.0,
+            6.0 / 7.0,
+            5.0 / 7.0,
+            4.0 / 7.0,
+            3.0 / 7.0,
+            2.0 / 7.0,
+            1.0 / 7.0,
+            0.0,
+        ];
         for (a, b) in lrs.iter().zip(expected) {
             assert!((a - b).abs() < 1e-12, "{lrs:?}");
         }
@@ -110,7 +125,10 @@ mod tests {
         let g = Tensor::new(&[0.5f32, 0.25], &Device::Cpu).unwrap();
         opt.step(&[Some(g)], 0.1, 1.0).unwrap();
         let got = p.as_tensor().to_vec1::<f32>().unwrap();
-        assert!((got[0] - 0.899).abs() < 1e-5 && (got[1] + 2.098).abs() < 1e-5, "{got:?}");
+        assert!(
+            (got[0] - 0.899).abs() < 1e-5 && (got[1] + 2.098).abs() < 1e-5,
+            "{got:?}"
+        );
         // step 2 by hand: m = 0.9 m + 0.1 g, v = 0.999 v + 0.001 g^2, bias-corrected.
         let g2 = [-1.0f64, 2.0];
         let g1 = [0.5f64, 0.25];
@@ -126,7 +144,10 @@ mod tests {
         opt.step(&[Some(g)], 0.1, 1.0).unwrap();
         let got = p.as_tensor().to_vec1::<f32>().unwrap();
         for i in 0..2 {
-            assert!((got[i] as f64 - expect[i]).abs() < 1e-5, "{got:?} vs {expect:?}");
+            assert!(
+                (got[i] as f64 - expect[i]).abs() < 1e-5,
+                "{got:?} vs {expect:?}"
+            );
         }
     }
 }

@@ -170,11 +170,16 @@ pub fn train(
         return Err(TrainError::Data("the training set is empty".into()));
     }
     if trainables.is_empty() {
-        return Err(TrainError::Config("the delta has no trainable parameters".into()));
+        return Err(TrainError::Config(
+            "the delta has no trainable parameters".into(),
+        ));
     }
     let vars: Vec<_> = trainables.iter().map(|t| t.var.clone()).collect();
     let mut opt = AdamW::new(
-        trainables.iter().map(|t| (t.var.clone(), t.decay)).collect(),
+        trainables
+            .iter()
+            .map(|t| (t.var.clone(), t.decay))
+            .collect(),
         cfg.weight_decay,
     )?;
     let micro_per_epoch = train.len().div_ceil(cfg.batch_size);
@@ -282,11 +287,15 @@ pub fn train(
         }
         if let Some(f) = log.as_mut() {
             let line = serde_json::to_string(&rec).expect("record serialises");
-            writeln!(f, "{line}").map_err(|e| TrainError::Io(format!("writing metrics log: {e}")))?;
+            writeln!(f, "{line}")
+                .map_err(|e| TrainError::Io(format!("writing metrics log: {e}")))?;
         }
         records.push(rec);
         if best.as_ref().is_none_or(|(acc, _, _)| m.accuracy > *acc) {
-            let snapshot = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+            let snapshot = vars
+                .iter()
+                .map(|v| v.as_tensor().copy())
+                .collect::<candle_core::Result<Vec<_>>>()?;
             best = Some((m.accuracy, epoch, snapshot));
             since_best = 0;
         } else {
@@ -329,7 +338,11 @@ fn progress_bar(len: u64, epoch: usize, epochs: usize, show: bool) -> ProgressBa
 }
 
 /// Class probabilities of every example, batched by similar length.
-pub fn predict_proba(model: &BertClassifier, ids: &[Vec<u32>], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+pub fn predict_proba(
+    model: &BertClassifier,
+    ids: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&i| ids[i].len());
     let mut out = vec![Vec::new(); ids.len()];
@@ -337,7 +350,8 @@ pub fn predict_proba(model: &BertClassifier, ids: &[Vec<u32>], batch_size: usize
     for chunk in order.chunks(batch_size.max(1)) {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
         let logits = model.forward(&model.inputs(&seqs)?, &ctx)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
         for (&i, p) in chunk.iter().zip(probs) {
             out[i] = p;
         }
@@ -346,16 +360,26 @@ pub fn predict_proba(model: &BertClassifier, ids: &[Vec<u32>], batch_size: usize
 }
 
 /// Accuracy and macro-F1 on `data`, and the predicted label of each example.
-pub fn evaluate(model: &BertClassifier, data: &Encoded, batch_size: usize) -> Result<(ClassificationMetrics, Vec<u32>)> {
+pub fn evaluate(
+    model: &BertClassifier,
+    data: &Encoded,
+    batch_size: usize,
+) -> Result<(ClassificationMetrics, Vec<u32>)> {
     let probs = predict_proba(model, &data.ids, batch_size)?;
     let pred: Vec<u32> = probs
         .iter()
         .map(|p| {
             p.iter()
                 .enumerate()
-                .fold((0usize, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                .fold(
+                    (0usize, f32::MIN),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
                 .0 as u32
         })
         .collect();
-    Ok((classification_metrics(&pred, &data.labels, model.num_labels), pred))
+    Ok((
+        classification_metrics(&pred, &data.labels, model.num_labels),
+        pred,
+    ))
 }

@@ -29,13 +29,23 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
     let mut rng = Rng::new(0);
     let vocab = model.config.vocab_size;
     let seqs: Vec<Vec<u32>> = (0..BATCH)
-        .map(|_| (0..SEQ).map(|_| (1000 + rng.below(vocab - 1000)) as u32).collect())
+        .map(|_| {
+            (0..SEQ)
+                .map(|_| (1000 + rng.below(vocab - 1000)) as u32)
+                .collect()
+        })
         .collect();
     let labels: Vec<u32> = (0..BATCH).map(|_| rng.below(2) as u32).collect();
     let inputs = model.inputs(&seqs)?;
     let labels_t = Tensor::from_slice(&labels, BATCH, &candle_core::Device::Cpu)?;
     let vars: Vec<_> = trainables.iter().map(|t| t.var.clone()).collect();
-    let mut opt = AdamW::new(trainables.iter().map(|t| (t.var.clone(), t.decay)).collect(), 0.0)?;
+    let mut opt = AdamW::new(
+        trainables
+            .iter()
+            .map(|t| (t.var.clone(), t.decay))
+            .collect(),
+        0.0,
+    )?;
     let mut step = |i: usize| -> Result<f64> {
         let t = Instant::now();
         let ctx = Ctx::train(Rng::new(i as u64));
@@ -48,7 +58,9 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
     for i in 0..WARMUP {
         step(i)?;
     }
-    let mut train_ms: Vec<f64> = (0..steps).map(|i| step(WARMUP + i)).collect::<Result<_>>()?;
+    let mut train_ms: Vec<f64> = (0..steps)
+        .map(|i| step(WARMUP + i))
+        .collect::<Result<_>>()?;
     let ctx = Ctx::eval();
     let infer = || -> Result<f64> {
         let t = Instant::now();
@@ -64,8 +76,10 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
     let (im, imin, imax) = stats(&mut infer_ms);
     let reference: Option<serde_json::Value> = match reference {
         Some(p) => Some(
-            serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-                .with_context(|| format!("parsing {}", p.display()))?,
+            serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("parsing {}", p.display()))?,
         ),
         None => None,
     };
@@ -86,13 +100,24 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
     println!("| workload | deltatune candle-cpu f32 median ms (min-max) | PyTorch + PEFT f32 median ms | ratio |");
     println!("|---|---|---|---|");
     for (name, key, med, lo, hi) in [
-        ("train step (fwd + bwd + AdamW)", "train_f32", tm, tmin, tmax),
+        (
+            "train step (fwd + bwd + AdamW)",
+            "train_f32",
+            tm,
+            tmin,
+            tmax,
+        ),
         ("forward only (inference)", "infer_f32", im, imin, imax),
     ] {
         let r = refv(key);
-        let ratio = r.parse::<f64>().map_or("-".to_string(), |v| format!("{:.2}x", med / v));
+        let ratio = r
+            .parse::<f64>()
+            .map_or("-".to_string(), |v| format!("{:.2}x", med / v));
         println!("| {name} | {med:.0} ({lo:.0}-{hi:.0}) | {r} | {ratio} |");
     }
-    println!("peak memory: {:.0} MiB", super::peak_rss_mib().unwrap_or(0.0));
+    println!(
+        "peak memory: {:.0} MiB",
+        super::peak_rss_mib().unwrap_or(0.0)
+    );
     Ok(())
 }

@@ -21,7 +21,20 @@ pub fn inspect(s: &Settings) -> Result<()> {
                     .and_then(|k| k.strip_prefix(site.path.as_str()))
                     .is_some_and(|rest| rest.starts_with('.') && rest[1..].split('.').count() <= 2)
             })
-            .map(|t| format!("{} {:?}", t.key.rsplit('.').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("."), t.var.dims()))
+            .map(|t| {
+                format!(
+                    "{} {:?}",
+                    t.key
+                        .rsplit('.')
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("."),
+                    t.var.dims()
+                )
+            })
             .collect();
         attached.sort();
         let kind = serde_json::to_value(site.kind)?;

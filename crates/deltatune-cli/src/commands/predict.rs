@@ -11,9 +11,17 @@ pub fn predict(adapter: &Path, file: Option<&Path>, texts: &[String], json: bool
     if let Some(f) = file {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
         let text = String::from_utf8(bytes).map_err(|e| {
-            anyhow::anyhow!("{} is not valid UTF-8 (byte {}); convert it to UTF-8", f.display(), e.utf8_error().valid_up_to())
+            anyhow::anyhow!(
+                "{} is not valid UTF-8 (byte {}); convert it to UTF-8",
+                f.display(),
+                e.utf8_error().valid_up_to()
+            )
         })?;
-        all.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+        all.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
     }
     if all.is_empty() {
         bail!("no texts to predict: give them as arguments or with --file (one per line)");
@@ -23,13 +31,16 @@ pub fn predict(adapter: &Path, file: Option<&Path>, texts: &[String], json: bool
     let ids = run.loaded.tokenizer.encode_batch(&refs)?;
     let probs = deltatune_train::predict_proba(&run.loaded.model, &ids, 64)?;
     for (text, p) in all.iter().zip(probs) {
-        let (best, prob) = p
-            .iter()
-            .enumerate()
-            .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+        let (best, prob) =
+            p.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
         let label = run.labels.label(best as u32).unwrap_or("?");
         if json {
-            println!("{}", serde_json::json!({"text": text, "label": label, "probability": prob, "probabilities": p}));
+            println!(
+                "{}",
+                serde_json::json!({"text": text, "label": label, "probability": prob, "probabilities": p})
+            );
         } else {
             println!("{label}\t{prob:.4}\t{text}");
         }
@@ -53,6 +64,12 @@ pub fn eval(adapter: &Path, data: Option<&Path>) -> Result<()> {
     let examples = load_examples(&path, &d.text_column, &d.label_column)?;
     let enc = session::encode(&run.loaded.tokenizer, &examples, &run.labels, "eval")?;
     let (m, _) = deltatune_train::evaluate(&run.loaded.model, &enc, 64)?;
-    println!("{}: {} examples, accuracy {:.4}, macro-F1 {:.4}", path.display(), m.n, m.accuracy, m.macro_f1);
+    println!(
+        "{}: {} examples, accuracy {:.4}, macro-F1 {:.4}",
+        path.display(),
+        m.n,
+        m.accuracy,
+        m.macro_f1
+    );
     Ok(())
 }

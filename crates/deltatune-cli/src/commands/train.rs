@@ -3,7 +3,9 @@ use std::time::Instant;
 use anyhow::Result;
 use deltatune_core::HasSites;
 use deltatune_data::text::LabelMap;
-use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, METRICS, RUN_CONFIG};
+use deltatune_train::artifact::{
+    Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, METRICS, RUN_CONFIG,
+};
 use serde_json::json;
 
 use crate::session::{self, RunConfig};
@@ -16,7 +18,13 @@ pub fn train(s: &Settings) -> Result<()> {
     let model_dir = session::model_dir(&s.model, &s.cache)?;
     let splits = session::load_splits(s)?;
     let labels = LabelMap::from_train(&splits.train);
-    let mut loaded = session::load_model(&model_dir, labels.len(), s.pooling, s.data.max_length, s.train.seed)?;
+    let mut loaded = session::load_model(
+        &model_dir,
+        labels.len(),
+        s.pooling,
+        s.data.max_length,
+        s.train.seed,
+    )?;
     let t_tok = Instant::now();
     let train = session::encode(&loaded.tokenizer, &splits.train, &labels, "train")?;
     let dev = session::encode(&loaded.tokenizer, &splits.dev, &labels, "dev")?;
@@ -74,7 +82,10 @@ pub fn train(s: &Settings) -> Result<()> {
     lora.inference_mode = true;
     staging.write_json(ADAPTER_CONFIG, &lora)?;
     let tensors = deltatune_methods::state_dict(&trainables);
-    staging.write(ADAPTER_WEIGHTS, &deltatune_core::to_safetensors_bytes(&tensors)?)?;
+    staging.write(
+        ADAPTER_WEIGHTS,
+        &deltatune_core::to_safetensors_bytes(&tensors)?,
+    )?;
     let secs: Vec<f64> = report.epochs.iter().map(|e| e.train_seconds).collect();
     let results = json!({
         "best_epoch": report.best_epoch,
@@ -89,13 +100,21 @@ pub fn train(s: &Settings) -> Result<()> {
     });
     staging.write_json("results.json", &results)?;
     let out = staging.commit()?;
-    println!("dev accuracy:  {:.4} (macro-F1 {:.4}, best epoch {})", dev_m.accuracy, dev_m.macro_f1, report.best_epoch);
+    println!(
+        "dev accuracy:  {:.4} (macro-F1 {:.4}, best epoch {})",
+        dev_m.accuracy, dev_m.macro_f1, report.best_epoch
+    );
     if let Some(t) = test_m {
-        println!("test accuracy: {:.4} (macro-F1 {:.4})", t.accuracy, t.macro_f1);
+        println!(
+            "test accuracy: {:.4} (macro-F1 {:.4})",
+            t.accuracy, t.macro_f1
+        );
     }
     println!(
         "seconds per epoch: {:.1}; peak memory {:.0} MiB",
-        results["mean_train_seconds_per_epoch"].as_f64().unwrap_or(0.0),
+        results["mean_train_seconds_per_epoch"]
+            .as_f64()
+            .unwrap_or(0.0),
         super::peak_rss_mib().unwrap_or(0.0)
     );
     println!("adapter saved to {}", out.display());

@@ -127,17 +127,29 @@ impl LoraConfig {
             return bad("r", "rank 0 is not allowed; use r >= 1 (e.g. 8)".into());
         }
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return bad("lora_alpha", format!("{} must be a positive number", self.lora_alpha));
+            return bad(
+                "lora_alpha",
+                format!("{} must be a positive number", self.lora_alpha),
+            );
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return bad("lora_dropout", format!("{} must be in [0, 1)", self.lora_dropout));
+            return bad(
+                "lora_dropout",
+                format!("{} must be in [0, 1)", self.lora_dropout),
+            );
         }
         if self.fan_in_fan_out {
-            return bad("fan_in_fan_out", "true is not supported (weights are [out, in])".into());
+            return bad(
+                "fan_in_fan_out",
+                "true is not supported (weights are [out, in])".into(),
+            );
         }
         if let TargetModules::Suffixes(v) = &self.target_modules {
             if v.is_empty() {
-                return bad("target_modules", "the list is empty; name at least one module".into());
+                return bad(
+                    "target_modules",
+                    "the list is empty; name at least one module".into(),
+                );
             }
         }
         for (k, v) in &self.other {
@@ -150,11 +162,26 @@ impl LoraConfig {
             };
             let known_harmless = matches!(
                 k.as_str(),
-                "revision" | "auto_mapping" | "peft_version" | "init_lora_weights" | "layers_pattern"
-                    | "megatron_core" | "runtime_config" | "exclude_modules" | "layer_replication"
-                    | "corda_config" | "eva_config" | "loftq_config" | "target_parameters"
-                    | "trainable_token_indices" | "qalora_group_size" | "alora_invocation_tokens"
-                    | "arrow_config" | "ensure_weight_tying" | "lora_bias" | "use_qalora"
+                "revision"
+                    | "auto_mapping"
+                    | "peft_version"
+                    | "init_lora_weights"
+                    | "layers_pattern"
+                    | "megatron_core"
+                    | "runtime_config"
+                    | "exclude_modules"
+                    | "layer_replication"
+                    | "corda_config"
+                    | "eva_config"
+                    | "loftq_config"
+                    | "target_parameters"
+                    | "trainable_token_indices"
+                    | "qalora_group_size"
+                    | "alora_invocation_tokens"
+                    | "arrow_config"
+                    | "ensure_weight_tying"
+                    | "lora_bias"
+                    | "use_qalora"
                     | "megatron_config"
             );
             if !neutral && !known_harmless {

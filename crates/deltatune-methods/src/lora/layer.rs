@@ -28,6 +28,8 @@ impl LinearDelta for LoraLinear {
     }
 
     fn delta_weight(&self) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?))
+        Ok(Some(
+            (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?,
+        ))
     }
 }

@@ -33,11 +33,18 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
     let candidates: Vec<&str> = path_refs.iter().copied().filter(|p| !is_saved(p)).collect();
     let mut targets = cfg.target_modules.select(&candidates)?;
     if let Some(layers) = &cfg.layers_to_transform {
-        let n_layers = candidates.iter().filter_map(|p| layer_index(p)).max().map_or(0, |m| m + 1);
+        let n_layers = candidates
+            .iter()
+            .filter_map(|p| layer_index(p))
+            .max()
+            .map_or(0, |m| m + 1);
         if let Some(bad) = layers.iter().find(|&&l| l >= n_layers) {
             return Err(Error::InvalidConfig {
                 field: "layers_to_transform".into(),
-                msg: format!("layer {bad} is out of range; the model has layers 0..={}", n_layers.saturating_sub(1)),
+                msg: format!(
+                    "layer {bad} is out of range; the model has layers 0..={}",
+                    n_layers.saturating_sub(1)
+                ),
             });
         }
         targets.retain(|p| layer_index(p).is_some_and(|i| layers.contains(&i)));
@@ -66,8 +73,16 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
             };
             let a = candle_core::Var::from_tensor(&a)?;
             let b = candle_core::Var::from_tensor(&b)?;
-            out.push(Trainable::new(peft_key(&path, "lora_A.weight"), a.clone(), true));
-            out.push(Trainable::new(peft_key(&path, "lora_B.weight"), b.clone(), true));
+            out.push(Trainable::new(
+                peft_key(&path, "lora_A.weight"),
+                a.clone(),
+                true,
+            ));
+            out.push(Trainable::new(
+                peft_key(&path, "lora_B.weight"),
+                b.clone(),
+                true,
+            ));
             lin.delta = Some(Arc::new(LoraLinear {
                 a,
                 b,
@@ -75,12 +90,24 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
                 dropout: cfg.lora_dropout,
             }));
             if cfg.bias == LoraBias::LoraOnly && lin.bias.is_some() {
-                out.push(Trainable::new(peft_key(&path, "bias"), lin.make_bias_trainable()?, false));
+                out.push(Trainable::new(
+                    peft_key(&path, "bias"),
+                    lin.make_bias_trainable()?,
+                    false,
+                ));
             }
         } else if is_saved(&path) {
-            out.push(Trainable::new(peft_key(&path, "weight"), lin.make_weight_trainable()?, true));
+            out.push(Trainable::new(
+                peft_key(&path, "weight"),
+                lin.make_weight_trainable()?,
+                true,
+            ));
             if lin.bias.is_some() {
-                out.push(Trainable::new(peft_key(&path, "bias"), lin.make_bias_trainable()?, false));
+                out.push(Trainable::new(
+                    peft_key(&path, "bias"),
+                    lin.make_bias_trainable()?,
+                    false,
+                ));
             }
             continue;
         }

@@ -178,7 +178,11 @@ impl BertConfigFile {
             max_position_embeddings: self.max_position_embeddings,
             type_vocab_size: self.type_vocab_size,
             layer_norm_eps: self.layer_norm_eps,
-            pad_token_id: self.pad_token_id.unwrap_or(if family == Family::Roberta { 1 } else { 0 }),
+            pad_token_id: self.pad_token_id.unwrap_or(if family == Family::Roberta {
+                1
+            } else {
+                0
+            }),
             initializer_range: self.initializer_range,
         })
     }

@@ -140,7 +140,9 @@ impl KeyMap<'_> {
 
     fn linear(&self, path: &str, out: usize, inp: usize, hint: &str) -> Result<Linear> {
         let k = self.key(path);
-        let w = self.weights.get(&format!("{k}.weight"), &[out, inp], hint)?;
+        let w = self
+            .weights
+            .get(&format!("{k}.weight"), &[out, inp], hint)?;
         let b = self.weights.get_opt(&format!("{k}.bias"), &[out], hint)?;
         Ok(Linear::new(path, w, b))
     }
@@ -220,7 +222,12 @@ impl BertClassifier {
                     h,
                     hint_i,
                 )?,
-                output: km.linear(&format!("{p}.output.dense"), h, config.intermediate_size, hint_i)?,
+                output: km.linear(
+                    &format!("{p}.output.dense"),
+                    h,
+                    config.intermediate_size,
+                    hint_i,
+                )?,
                 out_norm: LayerNorm::load(
                     weights,
                     &km.key(&format!("{p}.output.LayerNorm")),
@@ -306,10 +313,16 @@ impl BertClassifier {
         let emb = &self.embeddings;
         let ids = inputs.input_ids.flatten_all()?;
         let words = emb.word.index_select(&ids, 0)?;
-        let pos = emb.position.index_select(&self.position_ids(inputs)?.flatten_all()?, 0)?;
+        let pos = emb
+            .position
+            .index_select(&self.position_ids(inputs)?.flatten_all()?, 0)?;
         let types = match &inputs.token_type_ids {
             Some(tt) => emb.token_type.index_select(&tt.flatten_all()?, 0)?,
-            None => emb.token_type.i(0)?.unsqueeze(0)?.broadcast_as((b * t, h))?,
+            None => emb
+                .token_type
+                .i(0)?
+                .unsqueeze(0)?
+                .broadcast_as((b * t, h))?,
         };
         let x = ((words + pos)?.broadcast_add(&types))?.reshape((b, t, h))?;
         let mut x = ctx.dropout(&emb.norm.forward(&x)?, cfg.hidden_dropout)?;
@@ -372,15 +385,33 @@ impl BertClassifier {
         let prefix = self.config.family.prefix();
         let e = &self.embeddings;
         let mut v = vec![
-            (format!("{prefix}.embeddings.word_embeddings.weight"), e.word.clone()),
-            (format!("{prefix}.embeddings.position_embeddings.weight"), e.position.clone()),
-            (format!("{prefix}.embeddings.token_type_embeddings.weight"), e.token_type.clone()),
-            (format!("{prefix}.embeddings.LayerNorm.weight"), e.norm.weight.clone()),
-            (format!("{prefix}.embeddings.LayerNorm.bias"), e.norm.bias.clone()),
+            (
+                format!("{prefix}.embeddings.word_embeddings.weight"),
+                e.word.clone(),
+            ),
+            (
+                format!("{prefix}.embeddings.position_embeddings.weight"),
+                e.position.clone(),
+            ),
+            (
+                format!("{prefix}.embeddings.token_type_embeddings.weight"),
+                e.token_type.clone(),
+            ),
+            (
+                format!("{prefix}.embeddings.LayerNorm.weight"),
+                e.norm.weight.clone(),
+            ),
+            (
+                format!("{prefix}.embeddings.LayerNorm.bias"),
+                e.norm.bias.clone(),
+            ),
         ];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("{prefix}.encoder.layer.{i}");
-            for (name, n) in [("attention.output.LayerNorm", &l.attn_norm), ("output.LayerNorm", &l.out_norm)] {
+            for (name, n) in [
+                ("attention.output.LayerNorm", &l.attn_norm),
+                ("output.LayerNorm", &l.out_norm),
+            ] {
                 v.push((format!("{p}.{name}.weight"), n.weight.clone()));
                 v.push((format!("{p}.{name}.bias"), n.bias.clone()));
             }
@@ -482,7 +513,10 @@ impl HasSites for BertClassifier {
                 params: 2 * h,
             });
             out.push(lin(&l.intermediate));
-            out.push(zero(format!("{p}.intermediate.intermediate_act_fn"), SiteKind::Activation));
+            out.push(zero(
+                format!("{p}.intermediate.intermediate_act_fn"),
+                SiteKind::Activation,
+            ));
             out.push(lin(&l.output));
             out.push(SiteInfo {
                 path: format!("{p}.output.LayerNorm"),
@@ -513,6 +547,10 @@ impl HasSites for BertClassifier {
             + emb.position.elem_count()
             + emb.token_type.elem_count()
             + norms
-            + self.linears().iter().map(|l| l.param_count()).sum::<usize>()
+            + self
+                .linears()
+                .iter()
+                .map(|l| l.param_count())
+                .sum::<usize>()
     }
 }

@@ -1,0 +1,38 @@
+//! The ops layer: CPU custom ops with hand-written backward passes for
+//! training a transformer whose pretrained weights are frozen.
+//!
+//! Why these exist:
+//!
+//! * candle's autograd computes a gradient for every operand of a matmul,
+//!   including frozen pretrained weights that are plain tensors; in delta
+//!   tuning that is most of the backward cost. [`frozen_linear`] computes
+//!   only the input gradient.
+//! * `candle_nn::ops::layer_norm` and `candle_nn::ops::softmax_last_dim`
+//!   have no backward and silently cut the graph; composites built from
+//!   elementary ops are correct but slow and allocation-heavy.
+//!   [`layer_norm`], [`softmax_last_dim`], [`attention_softmax`] and
+//!   [`gelu_erf`] are fused single-pass kernels with exact backward passes.
+//!
+//! All ops run on the CPU in f32 (training) or f64 (finite-difference
+//! tests); any other dtype is rejected with `UnsupportedDTypeForOp`. Row
+//! loops are parallelised with rayon; inner loops are written as simple
+//! lane-split loops the compiler vectorises, and the hot ones are compiled a
+//! second time for AVX2 and picked at run time when the CPU has it (the
+//! workspace itself targets baseline x86-64). f32 `exp`/`erfc` are
+//! branch-free polynomial evaluations so those loops vectorise too. Inputs
+//! may have any layout (transposed, narrowed, broadcast): non-contiguous
+//! ones are gathered into row-major order first.
+
+mod gelu;
+mod kernels;
+mod linear;
+mod norm;
+mod softmax;
+
+#[cfg(test)]
+mod tests;
+
+pub use gelu::gelu_erf;
+pub use linear::frozen_linear;
+pub use norm::layer_norm;
+pub use softmax::{attention_softmax, softmax_last_dim};

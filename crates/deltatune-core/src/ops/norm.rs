@@ -1,0 +1,321 @@
+//! Layer normalisation over the last dimension with a hand-written backward.
+//!
+//! `candle_nn::ops::layer_norm` has no backward (the graph is silently cut),
+//! and the composite version (mean, sub, sqr, mean, sqrt, div, mul, add)
+//! allocates eight temporaries and differentiates through every one of them.
+//! [`layer_norm`] is a single `CustomOp3`: one parallel pass per row in
+//! forward, and in backward one pass per row that recomputes mean and
+//! 1/std from `x` (nothing is stored between the passes) and produces `dx`
+//! plus, only when they are trainable, `d_gamma`/`d_beta` from per-thread
+//! partial sums. Arithmetic and accumulation happen in the input dtype
+//! (f32 accumulation for f32, as PyTorch does on CPU).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::kernels::{
+    check_float, check_same_dtype, contiguous, min_rows, simd_kernel, sum, sum_sq_dev, wants_grad,
+    with_slice, Real,
+};
+
+struct LayerNorm {
+    eps: f64,
+}
+
+/// Mean and `1/sqrt(var + eps)` of one row (biased variance, two passes).
+#[inline(always)]
+fn row_stats<T: Real>(x: &[T], eps: T) -> (T, T) {
+    let n = T::from_f64(x.len() as f64);
+    let mean = sum(x) / n;
+    let var = sum_sq_dev(x, mean) / n;
+    (mean, T::ONE / (var + eps).fsqrt())
+}
+
+fn ln_fwd_kernel<T: Real>(x: &[T], gamma: &[T], beta: &[T], d: usize, eps: T) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    if d == 0 {
+        return y;
+    }
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .with_min_len(min_rows(d))
+        .for_each(|(yr, xr)| ln_fwd_row(xr, gamma, beta, eps, yr));
+    y
+}
+
+simd_kernel! {
+    /// One row of the forward pass.
+    fn ln_fwd_row<T>(x: &[T], gamma: &[T], beta: &[T], eps: T, y: &mut [T]) {
+        let (mean, rstd) = row_stats(x, eps);
+        for (((o, &xv), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+            *o = (xv - mean) * rstd * g + b;
+        }
+    }
+}
+
+/// `(Σ g·γ, Σ g·γ·(x - mean))` over a row, eight accumulators each.
+#[inline(always)]
+fn bwd_sums<T: Real>(x: &[T], g: &[T], gamma: &[T], mean: T) -> (T, T) {
+    const L: usize = 8;
+    let mut a1 = [T::ZERO; L];
+    let mut a2 = [T::ZERO; L];
+    let mut ix = x.chunks_exact(L);
+    let mut ig = g.chunks_exact(L);
+    let mut iw = gamma.chunks_exact(L);
+    for ((cx, cg), cw) in (&mut ix).zip(&mut ig).zip(&mut iw) {
+        for l in 0..L {
+            let gg = cg[l] * cw[l];
+            a1[l] += gg;
+            a2[l] += gg * (cx[l] - mean);
+        }
+    }
+    let mut s1 = sum(&a1);
+    let mut s2 = sum(&a2);
+    for ((&xv, &gv), &w) in ix
+        .remainder()
+        .iter()
+        .zip(ig.remainder())
+        .zip(iw.remainder())
+    {
+        let gg = gv * w;
+        s1 += gg;
+        s2 += gg * (xv - mean);
+    }
+    (s1, s2)
+}
+
+/// Per-block partial `(d_gamma, d_beta)`.
+type Partial<T> = Option<(Vec<T>, Vec<T>)>;
+
+simd_kernel! {
+    /// Backward over a block of whole rows. Writes `dx` when given and
+    /// returns the block's partial parameter gradients when `params` is set.
+    fn ln_bwd_block<T>(
+        x: &[T],
+        g: &[T],
+        gamma: &[T],
+        d: usize,
+        eps: T,
+        dx: Option<&mut [T]>,
+        params: bool,
+    ) -> Partial<T> {
+        let mut dx = dx;
+        let mut acc = params.then(|| (vec![T::ZERO; d], vec![T::ZERO; d]));
+        let inv_d = T::ONE / T::from_f64(d as f64);
+        for (r, (xr, gr)) in x.chunks_exact(d).zip(g.chunks_exact(d)).enumerate() {
+            let (mean, rstd) = row_stats(xr, eps);
+            if let Some(dx) = dx.as_deref_mut() {
+                let dxr = &mut dx[r * d..(r + 1) * d];
+                let (s1, s2) = bwd_sums(xr, gr, gamma, mean);
+                // dx = rstd·(g·γ - mean(g·γ) - x̂·mean(g·γ·x̂)), x̂ = (x - mean)·rstd
+                let a = s1 * inv_d;
+                let b = s2 * rstd * rstd * inv_d;
+                for (((o, &xv), &gv), &w) in dxr.iter_mut().zip(xr).zip(gr).zip(gamma) {
+                    *o = rstd * (gv * w - a - (xv - mean) * b);
+                }
+            }
+            if let Some((dg, db)) = acc.as_mut() {
+                for (((dgv, dbv), &xv), &gv) in dg.iter_mut().zip(db.iter_mut()).zip(xr).zip(gr) {
+                    *dgv += gv * (xv - mean) * rstd;
+                    *dbv += gv;
+                }
+            }
+        }
+        acc
+    }
+}
+
+fn add_partials<T: Real>(a: Partial<T>, b: Partial<T>) -> Partial<T> {
+    match (a, b) {
+        (Some((mut ga, mut ba)), Some((gb, bb))) => {
+            for (x, y) in ga.iter_mut().zip(&gb) {
+                *x += *y;
+            }
+            for (x, y) in ba.iter_mut().zip(&bb) {
+                *x += *y;
+            }
+            Some((ga, ba))
+        }
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// Layer-norm backward kernel: `(dx, (d_gamma, d_beta))`, each only if asked.
+fn ln_bwd_kernel<T: Real>(
+    x: &[T],
+    g: &[T],
+    gamma: &[T],
+    d: usize,
+    eps: T,
+    need_dx: bool,
+    need_params: bool,
+) -> (Option<Vec<T>>, Partial<T>) {
+    let rows = x.len().checked_div(d).unwrap_or(0);
+    if rows == 0 {
+        let params = need_params.then(|| (vec![T::ZERO; d], vec![T::ZERO; d]));
+        return (need_dx.then(|| vec![T::ZERO; x.len()]), params);
+    }
+    // A few blocks per thread: enough to balance, few enough partials to sum.
+    let blocks = (rayon::current_num_threads() * 4).min(rows).max(1);
+    let block_rows = rows.div_ceil(blocks).max(min_rows(d));
+    let block = block_rows * d;
+    if need_dx {
+        let mut dx = vec![T::ZERO; x.len()];
+        let params = dx
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+            .map(|(dxb, (xb, gb))| ln_bwd_block(xb, gb, gamma, d, eps, Some(dxb), need_params))
+            .reduce(|| None, add_partials);
+        (Some(dx), params)
+    } else {
+        let params = x
+            .par_chunks(block)
+            .zip(g.par_chunks(block))
+            .map(|(xb, gb)| ln_bwd_block(xb, gb, gamma, d, eps, None, need_params))
+            .reduce(|| None, add_partials);
+        (None, params)
+    }
+}
+
+fn ln_fwd_dispatch<T: Real>(
+    x: &[T],
+    l1: &Layout,
+    gamma: &[T],
+    l2: &Layout,
+    beta: &[T],
+    l3: &Layout,
+    eps: f64,
+) -> Vec<T> {
+    let d = l1.dims().last().copied().unwrap_or(1);
+    let x = contiguous(x, l1);
+    let gamma = contiguous(gamma, l2);
+    let beta = contiguous(beta, l3);
+    ln_fwd_kernel(&x, &gamma, &beta, d, T::from_f64(eps))
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "deltatune-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
+                CpuStorage::F32(ln_fwd_dispatch(x, l1, g, l2, b, l3, self.eps))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
+                CpuStorage::F64(ln_fwd_dispatch(x, l1, g, l2, b, l3, self.eps))
+            }
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(s1.dtype(), self.name()).bt())
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match x.dtype() {
+            DType::F32 => self.bwd_t::<f32>(x, gamma, beta, grad),
+            DType::F64 => self.bwd_t::<f64>(x, gamma, beta, grad),
+            dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, self.name()).bt()),
+        }
+    }
+}
+
+impl LayerNorm {
+    fn bwd_t<T: Real>(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need_dx = wants_grad(x);
+        let need_dg = wants_grad(gamma);
+        let need_db = wants_grad(beta);
+        if !(need_dx || need_dg || need_db) {
+            return Ok((None, None, None));
+        }
+        let d = gamma.elem_count();
+        let dev = x.device();
+        let eps = T::from_f64(self.eps);
+        let (dx, params) = with_slice::<T, _>(x, |xs| {
+            with_slice::<T, _>(grad, |gs| {
+                with_slice::<T, _>(gamma, |ws| {
+                    Ok(ln_bwd_kernel(
+                        xs,
+                        gs,
+                        ws,
+                        d,
+                        eps,
+                        need_dx,
+                        need_dg || need_db,
+                    ))
+                })
+            })
+        })?;
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), dev))
+            .transpose()?;
+        let (dg, db) = match params {
+            Some((dg, db)) => (
+                need_dg
+                    .then(|| Tensor::from_vec(dg, gamma.shape(), dev))
+                    .transpose()?,
+                need_db
+                    .then(|| Tensor::from_vec(db, beta.shape(), dev))
+                    .transpose()?,
+            ),
+            None => (None, None),
+        };
+        Ok((dx, dg, db))
+    }
+}
+
+/// Layer normalisation over the last dimension, like `torch.nn.LayerNorm`
+/// (biased variance): `y = (x - mean) / sqrt(var + eps) * gamma + beta`.
+///
+/// Backward always yields `dx` (when `x` is part of a graph) and yields
+/// `d_gamma` / `d_beta` only when that tensor is a variable or tracks an op,
+/// so frozen affine parameters cost nothing.
+///
+/// # Shapes
+/// * `x`: `[..., d]`, f32 or f64, any layout.
+/// * `gamma`, `beta`: `[d]`, same dtype as `x`.
+/// * returns `[..., d]`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    check_float(x, OP)?;
+    check_same_dtype(x, gamma, "gamma", OP)?;
+    check_same_dtype(x, beta, "beta", OP)?;
+    let d = match x.dims().last() {
+        Some(&d) => d,
+        None => bail!("layer_norm: expected a tensor of rank >= 1"),
+    };
+    if gamma.dims() != [d] || beta.dims() != [d] {
+        bail!(
+            "layer_norm: gamma {:?} and beta {:?} must both be [{d}] for input {:?}",
+            gamma.dims(),
+            beta.dims(),
+            x.dims()
+        );
+    }
+    x.apply_op3(gamma, beta, LayerNorm { eps })
+}

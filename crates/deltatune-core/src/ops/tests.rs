@@ -1,0 +1,920 @@
+//! Tests for the ops layer: forward against composite candle references
+//! (f32), backward against central finite differences (f64), gradient
+//! routing for frozen/trainable parameters, masking, strided inputs and
+//! graph continuity. The `bench_*` tests are `#[ignore]`d timings.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+use super::kernels::{erfc_f32, erfc_f64, exp_f32};
+use super::*;
+
+// ---------------------------------------------------------------- helpers
+
+/// Small seeded generator (64-bit LCG, Knuth's MMIX constants) so inputs are
+/// reproducible; candle's CPU RNG cannot be seeded.
+struct Lcg(u64);
+
+impl Lcg {
+    fn new(seed: u64) -> Self {
+        let mut g = Lcg(seed ^ 0x9e37_79b9_7f4a_7c15);
+        g.next_u64();
+        g
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0
+    }
+
+    /// Uniform in (0, 1).
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    fn normal(&mut self) -> f64 {
+        let u1 = self.uniform();
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+fn randn(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
+    let mut g = Lcg::new(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f64> = (0..n).map(|_| g.normal()).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    a.to_dtype(DType::F64)
+        .unwrap()
+        .sub(&b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
+    let d = max_abs_diff(a, b);
+    assert!(d <= tol, "{what}: max |diff| = {d:e} > {tol:e}");
+}
+
+fn var(t: &Tensor) -> Tensor {
+    Var::from_tensor(t).unwrap().as_tensor().clone()
+}
+
+// ----------------------------------------------------- composite references
+
+fn ref_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+fn ref_layer_norm(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(g)?
+        .broadcast_add(b)
+}
+
+fn ref_softmax(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+fn ref_attention(s: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, tk) = bias.dims2()?;
+    ref_softmax(&(s * scale)?.broadcast_add(&bias.reshape((b, 1, 1, tk))?)?)
+}
+
+fn ref_gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// Additive key mask `[B, Tk]`: 0 to keep, `neg` for the last `masked[b]` keys.
+fn key_mask(b: usize, tk: usize, masked: &[usize], neg: f64, dtype: DType) -> Tensor {
+    let mut v = vec![0f64; b * tk];
+    for (bi, &m) in masked.iter().enumerate() {
+        for k in tk - m..tk {
+            v[bi * tk + k] = neg;
+        }
+    }
+    Tensor::from_vec(v, (b, tk), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+// ------------------------------------------------------- finite differences
+
+type Op = dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+/// Check the gradients of `loss = Σ f(inputs) ⊙ r` (r fixed, random) with
+/// respect to `inputs[i]` for every `i` in `wrt` against central differences
+/// (f64, h = 1e-6). Returns the worst relative error seen.
+fn check_fd(inputs: &[Tensor], wrt: &[usize], f: &Op, seed: u64) -> f64 {
+    const H: f64 = 1e-6;
+    const TOL: f64 = 1e-6;
+    let tracked: Vec<Tensor> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| if wrt.contains(&i) { var(t) } else { t.clone() })
+        .collect();
+    let y = f(&tracked).unwrap();
+    let r = randn(seed, y.dims(), DType::F64);
+    let loss = y.mul(&r).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let eval = |i: usize, data: &[f64]| -> f64 {
+        let mut ins = inputs.to_vec();
+        ins[i] = Tensor::from_slice(data, inputs[i].dims(), &Device::Cpu).unwrap();
+        f(&ins)
+            .unwrap()
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let mut worst = 0f64;
+    for &i in wrt {
+        let g = grads
+            .get(&tracked[i])
+            .unwrap_or_else(|| panic!("no gradient for input {i}"));
+        assert_eq!(g.dims(), inputs[i].dims());
+        let analytic = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = inputs[i].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for j in 0..base.len() {
+            let mut p = base.clone();
+            p[j] += H;
+            let mut m = base.clone();
+            m[j] -= H;
+            let num = (eval(i, &p) - eval(i, &m)) / (2.0 * H);
+            let err = (analytic[j] - num).abs() / num.abs().max(1.0);
+            worst = worst.max(err);
+            assert!(
+                err <= TOL,
+                "input {i} element {j}: analytic {} vs numeric {num} (rel err {err:e})",
+                analytic[j]
+            );
+        }
+    }
+    worst
+}
+
+// ------------------------------------------------------------ math kernels
+
+#[test]
+fn exp_f32_is_accurate() {
+    let mut worst = 0f64;
+    let mut x = -87.0f32;
+    while x <= 88.0 {
+        let got = f64::from(exp_f32(x));
+        let want = f64::from(x).exp();
+        worst = worst.max((got - want).abs() / want);
+        x += 0.001_3;
+    }
+    assert!(worst < 2.5e-7, "exp_f32 worst relative error {worst:e}");
+    assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+    assert_eq!(exp_f32(-1e4), 0.0);
+    assert_eq!(exp_f32(0.0), 1.0);
+    assert!(exp_f32(f32::NAN).is_nan());
+    assert_eq!(exp_f32(1e4), f32::INFINITY);
+}
+
+#[test]
+fn erfc_matches_libm() {
+    let mut worst32 = 0f64;
+    let mut worst64 = 0f64;
+    let mut x = -6.0f64;
+    while x <= 9.0 {
+        let want = candle_core::cpu::erf::erfc_f64(x);
+        let got64 = erfc_f64(x);
+        worst64 = worst64.max((got64 - want).abs() / want);
+        let got32 = f64::from(erfc_f32(x as f32));
+        let want32 = candle_core::cpu::erf::erfc_f64(f64::from(x as f32));
+        worst32 = worst32.max((got32 - want32).abs() / want32);
+        x += 0.000_97;
+    }
+    // NR erfcc is documented at < 1.2e-7 relative; allow f32 rounding on top.
+    assert!(worst32 < 5e-7, "erfc_f32 worst relative error {worst32:e}");
+    assert!(worst64 < 1e-14, "erfc_f64 worst relative error {worst64:e}");
+    assert!(erfc_f32(f32::NAN).is_nan());
+    assert!(erfc_f64(f64::NAN).is_nan());
+    assert_eq!(erfc_f64(40.0), 0.0);
+    assert_eq!(erfc_f64(-40.0), 2.0);
+}
+
+// ----------------------------------------------------- (a) forward, f32
+
+#[test]
+fn forward_matches_composite_f32() {
+    let f = DType::F32;
+    // frozen_linear: 3-D input, with and without bias.
+    let x = randn(1, &[2, 5, 24], f);
+    let w = randn(2, &[13, 24], f);
+    let b = randn(3, &[13], f);
+    assert_close(
+        &frozen_linear(&x, &w, Some(&b)).unwrap(),
+        &ref_linear(&x, &w, Some(&b)).unwrap(),
+        1e-5,
+        "frozen_linear+b",
+    );
+    assert_close(
+        &frozen_linear(&x, &w, None).unwrap(),
+        &ref_linear(&x, &w, None).unwrap(),
+        1e-5,
+        "frozen_linear",
+    );
+    // layer_norm, row lengths with and without a remainder of 8.
+    for d in [8, 19, 384] {
+        let x = (randn(4, &[3, 7, d], f) * 3.0)
+            .unwrap()
+            .affine(1.0, 2.5)
+            .unwrap();
+        let g = randn(5, &[d], f);
+        let b = randn(6, &[d], f);
+        assert_close(
+            &layer_norm(&x, &g, &b, 1e-12).unwrap(),
+            &ref_layer_norm(&x, &g, &b, 1e-12).unwrap(),
+            1e-5,
+            "layer_norm",
+        );
+    }
+    // softmax
+    let x = (randn(7, &[4, 3, 37], f) * 4.0).unwrap();
+    assert_close(
+        &softmax_last_dim(&x).unwrap(),
+        &ref_softmax(&x).unwrap(),
+        1e-6,
+        "softmax",
+    );
+    // attention softmax
+    let s = (randn(8, &[2, 3, 5, 11], f) * 5.0).unwrap();
+    let mask = key_mask(2, 11, &[0, 4], -1e4, f);
+    assert_close(
+        &attention_softmax(&s, &mask, 0.125).unwrap(),
+        &ref_attention(&s, &mask, 0.125).unwrap(),
+        1e-6,
+        "attention_softmax",
+    );
+    // gelu, including the tails.
+    let x = (randn(9, &[5, 203], f) * 3.0).unwrap();
+    assert_close(&gelu_erf(&x).unwrap(), &ref_gelu(&x).unwrap(), 1e-5, "gelu");
+}
+
+/// Backward of the custom ops equals candle's composite backward in f32,
+/// and a Var upstream of each op receives a gradient (the graph is not cut).
+#[test]
+fn graph_is_not_cut_and_backward_matches_composite_f32() {
+    let f = DType::F32;
+    type Pair = (Box<Op>, Box<Op>, Vec<usize>);
+    let cases: Vec<Pair> = vec![
+        (
+            Box::new(|t: &[Tensor]| frozen_linear(&t[0], &t[1], Some(&t[2]))),
+            Box::new(|t: &[Tensor]| ref_linear(&t[0], &t[1], Some(&t[2]))),
+            vec![2, 6, 16, 16, 16],
+        ),
+        (
+            Box::new(|t: &[Tensor]| layer_norm(&t[0], &t[1], &t[2], 1e-5)),
+            Box::new(|t: &[Tensor]| ref_layer_norm(&t[0], &t[1], &t[2], 1e-5)),
+            vec![2, 6, 16, 16, 16],
+        ),
+        (
+            Box::new(|t: &[Tensor]| softmax_last_dim(&t[0])),
+            Box::new(|t: &[Tensor]| ref_softmax(&t[0])),
+            vec![2, 6, 16, 16, 16],
+        ),
+        (
+            Box::new(|t: &[Tensor]| gelu_erf(&t[0])),
+            Box::new(|t: &[Tensor]| ref_gelu(&t[0])),
+            vec![2, 6, 16, 16, 16],
+        ),
+    ];
+    for (k, (op, reference, dims)) in cases.iter().enumerate() {
+        let (b, t, d, out) = (dims[0], dims[1], dims[2], dims[3]);
+        let v = var(&randn(10 + k as u64, &[b, t, d], f));
+        // Upstream computation on the Var: x depends on v through ordinary ops.
+        let x = v.affine(1.5, 0.25).unwrap().tanh().unwrap();
+        let w = randn(20, &[out, d], f);
+        let g = randn(21, &[d], f);
+        let bb = randn(22, &[d], f);
+        let ins = if k == 0 {
+            vec![x.clone(), w, randn(23, &[out], f)]
+        } else {
+            vec![x.clone(), g, bb]
+        };
+        let y = op(&ins).unwrap();
+        let y_ref = reference(&ins).unwrap();
+        assert_close(&y, &y_ref, 1e-5, "forward");
+        let r = randn(30, y.dims(), f);
+        let gv = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gv_ref = y_ref
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let got = gv.get(&v).expect("upstream Var received no gradient");
+        let want = gv_ref.get(&v).unwrap();
+        assert!(max_abs_diff(got, &got.zeros_like().unwrap()) > 0.0);
+        assert_close(got, want, 1e-4, "upstream gradient");
+    }
+    // attention_softmax: scores come from a Var through a matmul.
+    let q = var(&randn(40, &[2, 3, 5, 8], f));
+    let kk = randn(41, &[2, 3, 7, 8], f);
+    let s = q.matmul(&kk.t().unwrap()).unwrap();
+    let mask = key_mask(2, 7, &[2, 0], -1e4, f);
+    let y = attention_softmax(&s, &mask, 0.3).unwrap();
+    let y_ref = ref_attention(&s, &mask, 0.3).unwrap();
+    let r = randn(42, y.dims(), f);
+    let g1 = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = y_ref
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_close(
+        g1.get(&q).unwrap(),
+        g2.get(&q).unwrap(),
+        1e-5,
+        "attention upstream",
+    );
+}
+
+// ------------------------------------------- (b) backward vs FD, f64
+
+#[test]
+fn frozen_linear_fd_f64() {
+    let d = DType::F64;
+    let x = randn(50, &[2, 3, 6], d);
+    let w = randn(51, &[5, 6], d);
+    let b = randn(52, &[5], d);
+    // x (custom op path) and a trainable bias (broadcast_add path).
+    check_fd(
+        &[x.clone(), w.clone(), b.clone()],
+        &[0, 2],
+        &|t| frozen_linear(&t[0], &t[1], Some(&t[2])),
+        53,
+    );
+    // Frozen bias fused into the op.
+    check_fd(
+        &[x.clone(), w.clone(), b.clone()],
+        &[0],
+        &|t| frozen_linear(&t[0], &t[1], Some(&t[2])),
+        54,
+    );
+    // Trainable weight falls back to plain candle ops: both gradients.
+    check_fd(
+        &[x, w, b],
+        &[0, 1, 2],
+        &|t| frozen_linear(&t[0], &t[1], Some(&t[2])),
+        55,
+    );
+}
+
+#[test]
+fn layer_norm_fd_f64() {
+    let d = DType::F64;
+    for (k, dim) in [5usize, 11, 16].into_iter().enumerate() {
+        let x = randn(60 + k as u64, &[2, 3, dim], d)
+            .affine(2.0, 0.7)
+            .unwrap();
+        let g = randn(61, &[dim], d);
+        let b = randn(62, &[dim], d);
+        check_fd(
+            &[x.clone(), g.clone(), b.clone()],
+            &[0, 1, 2],
+            &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            63,
+        );
+        // Only x differentiable (frozen affine).
+        check_fd(
+            &[x, g, b],
+            &[0],
+            &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            64,
+        );
+    }
+}
+
+#[test]
+fn softmax_fd_f64() {
+    let x = randn(70, &[3, 4, 9], DType::F64).affine(2.0, 0.0).unwrap();
+    check_fd(&[x], &[0], &|t| softmax_last_dim(&t[0]), 71);
+}
+
+#[test]
+fn attention_softmax_fd_f64() {
+    let s = randn(72, &[2, 2, 3, 6], DType::F64)
+        .affine(3.0, 0.0)
+        .unwrap();
+    // Second example: every key masked (finite mask), first: two masked.
+    let mask = key_mask(2, 6, &[2, 6], -1e4, DType::F64);
+    check_fd(
+        &[s, mask],
+        &[0],
+        &|t| attention_softmax(&t[0], &t[1], 0.35),
+        73,
+    );
+}
+
+#[test]
+fn gelu_fd_f64() {
+    let x = randn(74, &[4, 13], DType::F64).affine(2.5, 0.0).unwrap();
+    check_fd(&[x], &[0], &|t| gelu_erf(&t[0]), 75);
+}
+
+// ----------------------------------------- (c), (d) gradient routing
+
+#[test]
+fn frozen_linear_gradient_routing() {
+    let f = DType::F32;
+    let x = var(&randn(80, &[4, 3, 8], f));
+    let w = randn(81, &[6, 8], f);
+    let b_plain = randn(82, &[6], f);
+    let b_var = var(&b_plain);
+    let r = randn(83, &[4, 3, 6], f);
+
+    // Plain w, Var bias: bias and x get gradients, w does not.
+    let y = frozen_linear(&x, &w, Some(&b_var)).unwrap();
+    let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&w).is_none(), "frozen weight received a gradient");
+    let gb = grads.get(&b_var).expect("Var bias received no gradient");
+    assert_close(gb, &r.sum((0, 1)).unwrap(), 1e-5, "bias gradient");
+    let gx = grads.get(&x).expect("x received no gradient");
+    assert_close(gx, &r.broadcast_matmul(&w).unwrap(), 1e-5, "x gradient");
+
+    // Plain w, plain bias: only x.
+    let y = frozen_linear(&x, &w, Some(&b_plain)).unwrap();
+    let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&w).is_none());
+    assert!(grads.get(&b_plain).is_none());
+    assert!(grads.get(&x).is_some());
+
+    // Var w: falls back to candle ops, w and x both get gradients.
+    let w_var = var(&w);
+    let y = frozen_linear(&x, &w_var, None).unwrap();
+    let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gw = grads.get(&w_var).expect("Var weight received no gradient");
+    let want = r
+        .reshape((12, 6))
+        .unwrap()
+        .t()
+        .unwrap()
+        .matmul(&x.reshape((12, 8)).unwrap())
+        .unwrap();
+    assert_close(gw, &want, 1e-4, "weight gradient");
+
+    // w = w0 + delta with a Var delta (tracks an op): delta gets a gradient.
+    let delta = var(&randn(84, &[6, 8], f).affine(0.01, 0.0).unwrap());
+    let w_eff = w.add(&delta).unwrap();
+    let y = frozen_linear(&x, &w_eff, None).unwrap();
+    let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close(
+        grads.get(&delta).expect("delta received no gradient"),
+        &want,
+        1e-4,
+        "delta gradient",
+    );
+}
+
+#[test]
+fn layer_norm_gradient_routing() {
+    let f = DType::F32;
+    let x = var(&randn(90, &[3, 4, 10], f));
+    let g = randn(91, &[10], f);
+    let b = randn(92, &[10], f);
+    let r = randn(93, &[3, 4, 10], f);
+
+    let y = layer_norm(&x, &g, &b, 1e-5).unwrap();
+    let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&g).is_none());
+    assert!(grads.get(&b).is_none());
+    assert!(grads.get(&x).is_some());
+
+    let (gv, bv) = (var(&g), var(&b));
+    let y = layer_norm(&x, &gv, &bv, 1e-5).unwrap();
+    let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let y_ref = ref_layer_norm(&x, &gv, &bv, 1e-5).unwrap();
+    let grads_ref = y_ref
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (t, name) in [(&x, "x"), (&gv, "gamma"), (&bv, "beta")] {
+        let got = grads
+            .get(t)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert_close(got, grads_ref.get(t).unwrap(), 1e-4, name);
+    }
+
+    // Only gamma trainable, x a plain tensor: gamma's gradient, nothing else.
+    let xp = x.detach();
+    let y = layer_norm(&xp, &gv, &b, 1e-5).unwrap();
+    let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close(
+        grads.get(&gv).unwrap(),
+        grads_ref.get(&gv).unwrap(),
+        1e-4,
+        "gamma only",
+    );
+    assert!(grads.get(&b).is_none());
+    assert!(grads.get(&xp).is_none());
+}
+
+// ------------------------------------------------------ (e) masking
+
+#[test]
+fn attention_softmax_fully_masked_rows_are_finite() {
+    for dtype in [DType::F32, DType::F64] {
+        for neg in [-1e4, f64::from(f32::MIN), f64::NEG_INFINITY] {
+            let s = var(&randn(100, &[2, 2, 3, 5], dtype).affine(4.0, 0.0).unwrap());
+            // Example 0 partially masked, example 1 fully masked.
+            let mask = key_mask(2, 5, &[3, 5], neg, dtype);
+            let y = attention_softmax(&s, &mask, 0.5).unwrap();
+            let v = y.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+            let v = v.to_vec1::<f64>().unwrap();
+            assert!(
+                v.iter().all(|p| p.is_finite()),
+                "non-finite output for {neg}"
+            );
+            // Partially masked rows: masked keys get 0, rows sum to 1.
+            let y0 = y.get(0).unwrap();
+            let sums = y0.sum(D::Minus1).unwrap().flatten_all().unwrap();
+            let sums = sums.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-6));
+            let masked = y0.narrow(D::Minus1, 2, 3).unwrap();
+            assert_eq!(max_abs_diff(&masked, &masked.zeros_like().unwrap()), 0.0);
+            // Gradient is finite too.
+            let r = randn(101, y.dims(), dtype);
+            let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = grads.get(&s).unwrap().flatten_all().unwrap();
+            let gs = gs.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            assert!(gs.iter().all(|g| g.is_finite()));
+            if neg == f64::NEG_INFINITY {
+                let y1 = y.get(1).unwrap();
+                assert_eq!(max_abs_diff(&y1, &y1.zeros_like().unwrap()), 0.0);
+            }
+        }
+    }
+    // The same for plain softmax on a row of -inf.
+    let x = Tensor::new(
+        &[[f32::NEG_INFINITY; 4], [0.0, 1.0, 2.0, 3.0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let y = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(y[0], [0.0; 4]);
+    assert!((y[1].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+}
+
+// ------------------------------------------- (f) non-contiguous inputs
+
+/// Run `op` on a contiguous input and on a strided view with the same
+/// values; compare outputs and the gradient reaching the input.
+fn check_strided(name: &str, op: &Op, extra: &[Tensor], x_base: &Tensor, x_view: &Tensor) {
+    let xc = var(&x_view.contiguous().unwrap());
+    let xv_base = var(x_base);
+    let xv = rebuild_view(&xv_base, x_base, x_view);
+    assert!(!xv.is_contiguous(), "{name}: view should be strided");
+    let mut ins_c = vec![xc.clone()];
+    ins_c.extend_from_slice(extra);
+    let mut ins_v = vec![xv.clone()];
+    ins_v.extend_from_slice(extra);
+    let yc = op(&ins_c).unwrap();
+    let yv = op(&ins_v).unwrap();
+    assert_close(&yc, &yv, 1e-6, name);
+    let r = randn(110, yc.dims(), yc.dtype());
+    let gc = yc.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gv = yv.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gxc = gc.get(&xc).unwrap();
+    // Push the contiguous gradient back through the same view to compare.
+    let gxv_base = gv.get(&xv_base).unwrap();
+    let gxv = rebuild_view(gxv_base, x_base, x_view);
+    assert_close(gxc, &gxv, 1e-6, name);
+}
+
+/// Apply to `t` the view that maps `base` to `view` (transpose of the last
+/// two dims, or a narrow of the last dim by one on each side).
+fn rebuild_view(t: &Tensor, base: &Tensor, view: &Tensor) -> Tensor {
+    let r = base.rank();
+    if base.dims()[r - 1] == view.dims()[r - 1] + 2 {
+        t.narrow(r - 1, 1, view.dims()[r - 1]).unwrap()
+    } else {
+        t.transpose(r - 2, r - 1).unwrap()
+    }
+}
+
+#[test]
+fn strided_inputs_give_same_results() {
+    let f = DType::F32;
+    let w = randn(120, &[5, 9], f);
+    let b = randn(121, &[5], f);
+    let g = randn(122, &[9], f);
+    let beta = randn(123, &[9], f);
+    let mask = key_mask(2, 9, &[1, 3], -1e4, f);
+    type Case = (&'static str, Box<Op>, Vec<Tensor>);
+    let cases: Vec<Case> = vec![
+        (
+            "frozen_linear",
+            Box::new(|t: &[Tensor]| frozen_linear(&t[0], &t[1], Some(&t[2]))),
+            vec![w, b],
+        ),
+        (
+            "layer_norm",
+            Box::new(|t: &[Tensor]| layer_norm(&t[0], &t[1], &t[2], 1e-5)),
+            vec![g, beta],
+        ),
+        (
+            "softmax",
+            Box::new(|t: &[Tensor]| softmax_last_dim(&t[0])),
+            vec![],
+        ),
+        ("gelu", Box::new(|t: &[Tensor]| gelu_erf(&t[0])), vec![]),
+        (
+            "attention",
+            Box::new(|t: &[Tensor]| attention_softmax(&t[0], &t[1], 0.4)),
+            vec![mask],
+        ),
+    ];
+    for (name, op, extra) in &cases {
+        let (shape_t, shape_n): (Vec<usize>, Vec<usize>) = if *name == "attention" {
+            (vec![2, 3, 9, 4], vec![2, 3, 4, 11])
+        } else {
+            (vec![2, 9, 4], vec![2, 4, 11])
+        };
+        // Transposed view: [.., 9, 4] -> [.., 4, 9].
+        let base = randn(124, &shape_t, f);
+        let view = base.transpose(base.rank() - 2, base.rank() - 1).unwrap();
+        check_strided(name, op.as_ref(), extra, &base, &view);
+        // Narrowed view with a start offset: [.., 11] -> [.., 1..10].
+        let base = randn(125, &shape_n, f);
+        let view = base.narrow(base.rank() - 1, 1, 9).unwrap();
+        check_strided(name, op.as_ref(), extra, &base, &view);
+        // 2-D transposed input.
+        if *name != "attention" {
+            let base = randn(126, &[9, 6], f);
+            let view = base.t().unwrap();
+            check_strided(name, op.as_ref(), extra, &base, &view);
+        }
+    }
+
+    // Strided parameters and a strided (transposed) upstream gradient.
+    let x = var(&randn(127, &[6, 9], f));
+    let gb = randn(128, &[2, 11], f);
+    let g_view = gb.get(0).unwrap().narrow(0, 1, 9).unwrap();
+    let b_view = gb.get(1).unwrap().narrow(0, 2, 9).unwrap();
+    let y = layer_norm(&x, &g_view, &b_view, 1e-5).unwrap();
+    let y_ref = ref_layer_norm(&x, &g_view, &b_view, 1e-5).unwrap();
+    assert_close(&y, &y_ref, 1e-5, "strided gamma/beta");
+    let r = randn(129, &[9, 6], f);
+    for (k, op) in [
+        Box::new(|t: &Tensor| layer_norm(t, &g_view, &b_view, 1e-5))
+            as Box<dyn Fn(&Tensor) -> Result<Tensor>>,
+        Box::new(softmax_last_dim),
+        Box::new(gelu_erf),
+        Box::new(|t: &Tensor| frozen_linear(t, &randn(130, &[9, 9], f), None)),
+    ]
+    .iter()
+    .enumerate()
+    {
+        // loss = Σ yᵀ ⊙ r makes the incoming gradient a transposed view.
+        let y = op(&x).unwrap();
+        let g1 = y
+            .t()
+            .unwrap()
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = y
+            .mul(&r.t().unwrap().contiguous().unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_close(
+            g1.get(&x).unwrap(),
+            g2.get(&x).unwrap(),
+            1e-6,
+            &format!("strided grad, op {k}"),
+        );
+    }
+}
+
+// --------------------------------------------------------- errors
+
+#[test]
+fn unsupported_dtypes_and_shapes_are_errors() {
+    let x = randn(140, &[2, 4], DType::F32);
+    for dt in [DType::F16, DType::BF16] {
+        let xh = x.to_dtype(dt).unwrap();
+        let e = softmax_last_dim(&xh).unwrap_err().to_string();
+        assert!(e.contains("unsupported dtype"), "{e}");
+        assert!(gelu_erf(&xh).is_err());
+        let g = Tensor::ones(4, dt, &Device::Cpu).unwrap();
+        assert!(layer_norm(&xh, &g, &g, 1e-5).is_err());
+        let w = Tensor::ones((3, 4), dt, &Device::Cpu).unwrap();
+        assert!(frozen_linear(&xh, &w, None).is_err());
+        let m = Tensor::zeros((2, 4), dt, &Device::Cpu).unwrap();
+        assert!(attention_softmax(&xh.reshape((2, 1, 1, 4)).unwrap(), &m, 1.0).is_err());
+    }
+    let w = randn(141, &[3, 5], DType::F32);
+    assert!(frozen_linear(&x, &w, None).is_err());
+    let w64 = randn(141, &[3, 4], DType::F64);
+    assert!(frozen_linear(&x, &w64, None).is_err());
+    let g = randn(142, &[3], DType::F32);
+    assert!(layer_norm(&x, &g, &g, 1e-5).is_err());
+}
+
+// --------------------------------------------------------- timings
+
+/// A named closure to time.
+type Timed<'a> = (&'a str, Box<dyn FnMut() + 'a>);
+
+/// Time several closures round-robin (so load from other processes hits
+/// all of them alike) and print the fastest and the median run of each, ms.
+fn compare(title: &str, iters: usize, cases: &mut [Timed<'_>]) {
+    for (_, f) in cases.iter_mut() {
+        f();
+        f();
+    }
+    let mut times = vec![Vec::with_capacity(iters); cases.len()];
+    for _ in 0..iters {
+        for (k, (_, f)) in cases.iter_mut().enumerate() {
+            let t = std::time::Instant::now();
+            f();
+            times[k].push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!("{title}  (min / median ms over {iters} runs)");
+    for ((name, _), t) in cases.iter().zip(times.iter_mut()) {
+        t.sort_by(f64::total_cmp);
+        println!("  {name:<40} {:8.2} {:8.2}", t[0], t[t.len() / 2]);
+    }
+}
+
+/// `cargo test --release -p deltatune-core bench_ops -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_ops() {
+    let f = DType::F32;
+    let n = 30;
+    let x0 = randn(150, &[2048, 384], f);
+    let w = randn(151, &[384, 384], f).affine(0.05, 0.0).unwrap();
+    let b = randn(152, &[384], f);
+    let r = randn(153, &[2048, 384], f);
+    let x = var(&x0);
+    let g = randn(154, &[384], f);
+    let gv = var(&g);
+    let bv = var(&b);
+    // Forward, then backward of loss = Σ y ⊙ r.
+    let step = |y: Tensor, r: &Tensor, probe: &Tensor| {
+        let grads = y.mul(r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(probe).is_some());
+    };
+
+    compare(
+        "linear: x [2048,384] (Var) · w [384,384]ᵀ + b, w and b frozen",
+        n,
+        &mut [
+            (
+                "frozen_linear fwd+bwd",
+                Box::new(|| step(frozen_linear(&x, &w, Some(&b)).unwrap(), &r, &x)),
+            ),
+            (
+                "candle broadcast_matmul fwd+bwd",
+                Box::new(|| step(ref_linear(&x, &w, Some(&b)).unwrap(), &r, &x)),
+            ),
+            (
+                "loss/backward harness alone",
+                Box::new(|| step(x.clone(), &r, &x)),
+            ),
+            (
+                "frozen_linear fwd",
+                Box::new(|| drop(frozen_linear(&x0, &w, Some(&b)).unwrap())),
+            ),
+            (
+                "candle broadcast_matmul fwd",
+                Box::new(|| drop(ref_linear(&x0, &w, Some(&b)).unwrap())),
+            ),
+        ],
+    );
+    compare(
+        "layer_norm [2048,384]",
+        n,
+        &mut [
+            (
+                "layer_norm fwd+bwd (frozen gamma/beta)",
+                Box::new(|| step(layer_norm(&x, &g, &b, 1e-12).unwrap(), &r, &x)),
+            ),
+            (
+                "layer_norm fwd+bwd (Var gamma/beta)",
+                Box::new(|| step(layer_norm(&x, &gv, &bv, 1e-12).unwrap(), &r, &x)),
+            ),
+            (
+                "composite candle fwd+bwd (frozen)",
+                Box::new(|| step(ref_layer_norm(&x, &g, &b, 1e-12).unwrap(), &r, &x)),
+            ),
+            (
+                "loss/backward harness alone",
+                Box::new(|| step(x.clone(), &r, &x)),
+            ),
+            (
+                "layer_norm fwd",
+                Box::new(|| drop(layer_norm(&x0, &g, &b, 1e-12).unwrap())),
+            ),
+            (
+                "composite candle fwd",
+                Box::new(|| drop(ref_layer_norm(&x0, &g, &b, 1e-12).unwrap())),
+            ),
+        ],
+    );
+
+    let s0 = randn(155, &[16, 12, 128, 128], f);
+    let s = var(&s0);
+    let rs = randn(156, &[16, 12, 128, 128], f);
+    let mask = key_mask(16, 128, &[10; 16], -1e4, f);
+    compare(
+        "attention softmax [16,12,128,128]",
+        10,
+        &mut [
+            (
+                "attention_softmax fwd+bwd",
+                Box::new(|| step(attention_softmax(&s, &mask, 0.125).unwrap(), &rs, &s)),
+            ),
+            (
+                "composite candle fwd+bwd",
+                Box::new(|| step(ref_attention(&s, &mask, 0.125).unwrap(), &rs, &s)),
+            ),
+            (
+                "loss/backward harness alone",
+                Box::new(|| step(s.clone(), &rs, &s)),
+            ),
+            (
+                "attention_softmax fwd",
+                Box::new(|| drop(attention_softmax(&s0, &mask, 0.125).unwrap())),
+            ),
+            (
+                "composite candle fwd",
+                Box::new(|| drop(ref_attention(&s0, &mask, 0.125).unwrap())),
+            ),
+        ],
+    );
+
+    let h0 = randn(157, &[2048, 1536], f);
+    let h = var(&h0);
+    let rh = randn(158, &[2048, 1536], f);
+    compare(
+        "gelu [2048,1536]",
+        n,
+        &mut [
+            (
+                "gelu_erf fwd+bwd",
+                Box::new(|| step(gelu_erf(&h).unwrap(), &rh, &h)),
+            ),
+            (
+                "candle Tensor::gelu_erf fwd+bwd",
+                Box::new(|| step(ref_gelu(&h).unwrap(), &rh, &h)),
+            ),
+            (
+                "loss/backward harness alone",
+                Box::new(|| step(h.clone(), &rh, &h)),
+            ),
+            ("gelu_erf fwd", Box::new(|| drop(gelu_erf(&h0).unwrap()))),
+            (
+                "candle Tensor::gelu_erf fwd",
+                Box::new(|| drop(h0.gelu_erf().unwrap())),
+            ),
+        ],
+    );
+}
