@@ -1,8 +1,5 @@
 //! `deltatune`: delta tuning of pretrained transformers from the command line.
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod commands;
 mod session;
 mod settings;
@@ -220,7 +217,21 @@ impl RunArgs {
     }
 }
 
+/// Keeps freed memory in the process: training allocates and frees the same large activation
+/// buffers every step, and glibc's default (large blocks via mmap, returned to the kernel on
+/// free) turns each step's allocations into page faults and kernel page clearing.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Fetch { cache } => commands::fetch(cache),
