@@ -277,3 +277,49 @@ pub trait HasSites {
     /// Total parameter count of the base model (head included).
     fn param_count(&self) -> usize;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_is_seeded_scaled_and_off_in_eval() {
+        let x = Tensor::ones(
+            (200, 100),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let eval = Ctx::eval().dropout(&x, 0.1).unwrap();
+        assert_eq!(
+            eval.sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            20_000.0
+        );
+        let a = Ctx::train(Rng::new(1))
+            .dropout(&x, 0.1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = Ctx::train(Rng::new(1))
+            .dropout(&x, 0.1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let c = Ctx::train(Rng::new(2))
+            .dropout(&x, 0.1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b, "same seed, same mask");
+        assert_ne!(a, c, "another seed, another mask");
+        let dropped = a.iter().filter(|v| **v == 0.0).count() as f64 / a.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.01, "dropped fraction {dropped}");
+        assert!(a.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.9).abs() < 1e-6));
+    }
+}

@@ -279,7 +279,7 @@ pub fn train(
             examples_per_second: seen as f64 / train_seconds.max(1e-9),
             lr: linear_schedule(step, warmup, total_steps, cfg.lr),
         };
-        if show_progress {
+        {
             eprintln!(
                 "epoch {epoch}/{}: train loss {:.4}, dev accuracy {:.4}, dev macro-F1 {:.4}, {:.0} s ({:.1} ex/s)",
                 cfg.epochs, rec.train_loss, rec.dev_accuracy, rec.dev_macro_f1, train_seconds, rec.examples_per_second
