@@ -2,6 +2,7 @@
 //! where deltas attach, a seeded random generator and safetensors reading/writing.
 
 pub mod error;
+pub mod hooks;
 pub mod ops;
 pub mod rng;
 pub mod sites;

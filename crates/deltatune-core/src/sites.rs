@@ -158,13 +158,24 @@ impl Ctx {
     }
 }
 
-/// A delta that adds to (or rescales) the output of a linear layer.
+/// A delta on a linear layer: it may rescale the layer's input (IA3 on feed-forward layers) and
+/// add to or rescale its output (LoRA, IA3).
 pub trait LinearDelta: Debug + Send + Sync {
+    /// The input the frozen layer should see instead of `x`, if this delta changes it.
+    fn input(&self, _x: &Tensor, _ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// `base` is the frozen layer's output `x W^T + b`; returns the output with the delta applied.
     fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor>;
 
-    /// The weight update `ΔW` ([out, in]) this delta is equivalent to, when it can be merged.
-    fn delta_weight(&self) -> candle_core::Result<Option<Tensor>>;
+    /// The merged weight and bias `(W', b')` given the current ones, when this delta can be
+    /// folded into the layer; `None` when it cannot.
+    fn merge_into(
+        &self,
+        w: &Tensor,
+        b: Option<&Tensor>,
+    ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>>;
 }
 
 /// A linear layer at a named site: frozen weight `[out, in]` (PyTorch layout), optional bias,
@@ -174,9 +185,10 @@ pub struct Linear {
     pub path: String,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    pub delta: Option<Arc<dyn LinearDelta>>,
-    /// True while the delta's `ΔW` is folded into `weight`.
-    pub merged: bool,
+    /// Attached deltas, applied in order.
+    pub deltas: Vec<Arc<dyn LinearDelta>>,
+    /// The unmerged weight and bias while the deltas are folded into `weight` and `bias`.
+    unmerged: Option<(Tensor, Option<Tensor>)>,
 }
 
 impl Linear {
@@ -185,8 +197,8 @@ impl Linear {
             path: path.into(),
             weight,
             bias,
-            delta: None,
-            merged: false,
+            deltas: Vec::new(),
+            unmerged: None,
         }
     }
 
@@ -202,44 +214,61 @@ impl Linear {
         self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
     }
 
+    /// Whether the deltas are currently folded into the weights.
+    pub fn is_merged(&self) -> bool {
+        self.unmerged.is_some()
+    }
+
     /// # Shapes
     /// `x`: [..., in] -> [..., out]
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let y = ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
-        match (&self.delta, self.merged) {
-            (Some(d), false) => d.forward(x, y, ctx),
-            _ => Ok(y),
+        if self.is_merged() || self.deltas.is_empty() {
+            return ops::frozen_linear(x, &self.weight, self.bias.as_ref());
         }
+        let mut xin = None;
+        for d in &self.deltas {
+            if let Some(v) = d.input(xin.as_ref().unwrap_or(x), ctx)? {
+                xin = Some(v);
+            }
+        }
+        let x = xin.as_ref().unwrap_or(x);
+        let mut y = ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+        for d in &self.deltas {
+            y = d.forward(x, y, ctx)?;
+        }
+        Ok(y)
     }
 
-    /// Folds the delta into the weight (`W + ΔW`); an error when the delta cannot merge.
+    /// Folds the deltas into the weights; an error naming the layer when one cannot merge.
     pub fn merge(&mut self) -> Result<()> {
-        if self.merged {
+        if self.is_merged() || self.deltas.is_empty() {
             return Ok(());
         }
-        if let Some(d) = &self.delta {
-            let dw = d.delta_weight()?.ok_or_else(|| {
+        let orig = (self.weight.clone(), self.bias.clone());
+        let (mut w, mut b) = (self.weight.detach(), self.bias.as_ref().map(|b| b.detach()));
+        // Input-side deltas act first, output-side ones after: fold in that order.
+        for d in &self.deltas {
+            let (w2, b2) = d.merge_into(&w, b.as_ref())?.ok_or_else(|| {
                 Error::Msg(format!(
-                    "the delta at `{}` cannot be merged into the weight",
+                    "the delta {d:?} at `{}` cannot be merged into the weight; keep it unmerged",
                     self.path
                 ))
             })?;
-            self.weight = (self.weight.detach() + dw.detach())?;
-            self.merged = true;
+            w = w2.detach();
+            b = b2.map(|b| b.detach());
         }
+        self.weight = w;
+        self.bias = b;
+        self.unmerged = Some(orig);
         Ok(())
     }
 
-    /// Undoes [`Linear::merge`] (`W - ΔW`).
+    /// Restores the weights saved by [`Linear::merge`].
     pub fn unmerge(&mut self) -> Result<()> {
-        if !self.merged {
-            return Ok(());
+        if let Some((w, b)) = self.unmerged.take() {
+            self.weight = w;
+            self.bias = b;
         }
-        if let Some(d) = &self.delta {
-            let dw = d.delta_weight()?.expect("merged delta has a weight");
-            self.weight = (self.weight.detach() - dw.detach())?;
-        }
-        self.merged = false;
         Ok(())
     }
 

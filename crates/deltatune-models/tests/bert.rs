@@ -61,7 +61,7 @@ fn tiny_bert_matches_transformers() {
     let hidden = model.encode(&inp, &ctx).unwrap();
     let d = max_abs(&hidden, &get(&exp, "last_hidden_state"));
     assert!(d <= 1e-4, "last_hidden_state differs by {d}");
-    let pooled = model.pool(&hidden, &inp, &ctx).unwrap();
+    let pooled = model.pool(&hidden, &inp.attention_mask, &ctx).unwrap();
     assert!(max_abs(&pooled, &get(&exp, "pooler_output")) <= 1e-4);
     let mean = deltatune_models::bert::mean_pool(&hidden, &inp.attention_mask).unwrap();
     assert!(max_abs(&mean, &get(&exp, "mean_pooled")) <= 1e-4);

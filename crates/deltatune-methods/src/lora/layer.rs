@@ -27,9 +27,12 @@ impl LinearDelta for LoraLinear {
         base + z.reshape(out_dims)?
     }
 
-    fn delta_weight(&self) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?,
-        ))
+    fn merge_into(
+        &self,
+        w: &Tensor,
+        b: Option<&Tensor>,
+    ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+        let dw = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?;
+        Ok(Some(((w + dw)?, b.cloned())))
     }
 }

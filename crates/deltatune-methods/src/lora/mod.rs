@@ -83,7 +83,7 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
                 b.clone(),
                 true,
             ));
-            lin.delta = Some(Arc::new(LoraLinear {
+            lin.deltas.push(Arc::new(LoraLinear {
                 a,
                 b,
                 scale: cfg.scale(),

@@ -6,8 +6,10 @@
 //! (no `bert.` prefix, as all-MiniLM-L6-v2) load too.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
+use deltatune_core::hooks::{SiteDelta, Sublayer};
 use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, Rng, SiteInfo, SiteKind, Weights};
 
 use super::config::{BertConfig, BertConfigFile, Family};
@@ -117,6 +119,8 @@ pub struct BertClassifier {
     pooler: Option<Linear>,
     /// The classification head, path `classifier`.
     pub classifier: Linear,
+    /// Deltas at the non-linear sites (prompts, prefixes, adapters, activation scaling).
+    pub site_deltas: Vec<Arc<dyn SiteDelta>>,
 }
 
 /// Maps model paths to checkpoint keys: the checkpoint may or may not carry the `bert.` prefix.
@@ -269,6 +273,7 @@ impl BertClassifier {
             layers,
             pooler,
             classifier,
+            site_deltas: Vec::new(),
         })
     }
 
@@ -301,7 +306,7 @@ impl BertClassifier {
     /// # Shapes
     /// `inputs.input_ids`: [B, T] -> [B, T, hidden]
     pub fn encode(&self, inputs: &Inputs, ctx: &Ctx) -> Result<Tensor> {
-        self.run(inputs, ctx, false)
+        Ok(self.run(inputs, ctx, false)?.0)
     }
 
     /// The encoder; with `first_only`, the last layer computes only position 0 (keys and values
@@ -309,36 +314,76 @@ impl BertClassifier {
     /// same as `encode(..).narrow(1, 0, 1)` at a sixth less work per step.
     ///
     /// # Shapes
-    /// `inputs.input_ids`: [B, T] -> [B, T or 1, hidden]
-    fn run(&self, inputs: &Inputs, ctx: &Ctx, first_only: bool) -> Result<Tensor> {
+    /// `inputs.input_ids`: [B, T] -> ([B, T' or 1, hidden], mask [B, T']) where T' counts
+    /// inserted prompt vectors
+    fn run(&self, inputs: &Inputs, ctx: &Ctx, first_only: bool) -> Result<(Tensor, Tensor)> {
         let cfg = &self.config;
         let (b, t) = inputs.input_ids.dims2()?;
+        let h = cfg.hidden_size;
+        let emb = &self.embeddings;
+        let words = emb
+            .word
+            .index_select(&inputs.input_ids.flatten_all()?, 0)?
+            .reshape((b, t, h))?;
+        let mut types = match &inputs.token_type_ids {
+            Some(tt) => tt.clone(),
+            None => Tensor::zeros((b, t), DType::U32, &Device::Cpu)?,
+        };
+        let mut mask = inputs.attention_mask.clone();
+        // Prompt vectors go right after the first token, so CLS pooling still reads CLS.
+        let mut parts = vec![words.narrow(1, 0, 1.min(t))?];
+        for d in &self.site_deltas {
+            if let Some(p) = d.prompt(ctx)? {
+                let n = p.dim(0)?;
+                parts.push(
+                    p.unsqueeze(0)?
+                        .broadcast_as((b, n, h))?
+                        .to_dtype(words.dtype())?,
+                );
+                let at = |x: &Tensor, fill: u32| -> candle_core::Result<Tensor> {
+                    let ins = Tensor::full(fill, (b, n), &Device::Cpu)?;
+                    Tensor::cat(
+                        &[&x.narrow(1, 0, 1)?, &ins, &x.narrow(1, 1, x.dim(1)? - 1)?],
+                        1,
+                    )
+                };
+                types = at(&types, 0)?;
+                mask = at(&mask.to_dtype(DType::U32)?, 1)?;
+            }
+        }
+        if t > 1 {
+            parts.push(words.narrow(1, 1, t - 1)?);
+        }
+        let words = if parts.len() == 1 {
+            words
+        } else {
+            Tensor::cat(&parts, 1)?
+        };
+        let t = words.dim(1)?;
         if t > cfg.max_position_embeddings {
             return Err(Error::Msg(format!(
-                "sequence length {t} exceeds max_position_embeddings {}",
+                "sequence length {t} (with prompt tokens) exceeds max_position_embeddings {}",
                 cfg.max_position_embeddings
             )));
         }
-        let h = cfg.hidden_size;
-        let emb = &self.embeddings;
-        let ids = inputs.input_ids.flatten_all()?;
-        let words = emb.word.index_select(&ids, 0)?;
+        let full = Inputs {
+            input_ids: inputs.input_ids.clone(),
+            attention_mask: mask.clone(),
+            token_type_ids: None,
+        };
         let pos = emb
             .position
-            .index_select(&self.position_ids(inputs)?.flatten_all()?, 0)?;
-        let types = match &inputs.token_type_ids {
-            Some(tt) => emb.token_type.index_select(&tt.flatten_all()?, 0)?,
-            None => emb
-                .token_type
-                .i(0)?
-                .unsqueeze(0)?
-                .broadcast_as((b * t, h))?,
-        };
-        let x = ((words + pos)?.broadcast_add(&types))?.reshape((b, t, h))?;
+            .index_select(&self.position_ids(&full)?.flatten_all()?, 0)?
+            .reshape((b, t, h))?;
+        let types = emb
+            .token_type
+            .index_select(&types.flatten_all()?, 0)?
+            .reshape((b, t, h))?;
+        let x = ((words + pos)? + types)?;
         let mut x = ctx.dropout(&emb.norm.forward(&x)?, cfg.hidden_dropout)?;
 
         // Additive key mask: 0 for real tokens, a large negative number for padding.
-        let key_bias = ((inputs.attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
+        let key_bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
         let nh = cfg.num_heads;
         let dh = h / nh;
         let scale = 1.0 / (dh as f64).sqrt();
@@ -355,26 +400,52 @@ impl BertClassifier {
             };
             let tq = xq.dim(1)?;
             let q = heads(layer.query.forward(&xq, ctx)?, tq)?;
-            let k = heads(layer.key.forward(&x, ctx)?, t)?;
-            let v = heads(layer.value.forward(&x, ctx)?, t)?;
+            let mut k = layer.key.forward(&x, ctx)?;
+            let mut v = layer.value.forward(&x, ctx)?;
+            let mut bias = key_bias.clone();
+            for d in &self.site_deltas {
+                if let Some((pk, pv)) = d.prefix(i, ctx)? {
+                    let n = pk.dim(0)?;
+                    let dt = k.dtype();
+                    let wide = |p: Tensor| p.unsqueeze(0)?.broadcast_as((b, n, h))?.to_dtype(dt);
+                    k = Tensor::cat(&[&wide(pk)?, &k], 1)?;
+                    v = Tensor::cat(&[&wide(pv)?, &v], 1)?;
+                    bias = Tensor::cat(
+                        &[&Tensor::zeros((b, n), DType::F32, &Device::Cpu)?, &bias],
+                        1,
+                    )?;
+                }
+            }
+            let tk = k.dim(1)?;
+            let k = heads(k, tk)?;
+            let v = heads(v, tk)?;
             let scores = q.matmul(&k.t()?)?;
-            let probs = ops::attention_softmax(&scores, &key_bias, scale)?;
+            let probs = ops::attention_softmax(&scores, &bias, scale)?;
             let probs = ctx.dropout(&probs, cfg.attention_dropout)?;
             let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, h))?;
-            let attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, cfg.hidden_dropout)?;
+            let mut attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, cfg.hidden_dropout)?;
+            for d in &self.site_deltas {
+                attn = d.sublayer(i, Sublayer::Attention, &xq, attn, ctx)?;
+            }
             let x1 = layer.attn_norm.forward(&(attn + &xq)?)?;
-            let inter = ops::gelu_erf(&layer.intermediate.forward(&x1, ctx)?)?;
-            let out = ctx.dropout(&layer.output.forward(&inter, ctx)?, cfg.hidden_dropout)?;
+            let mut inter = ops::gelu_erf(&layer.intermediate.forward(&x1, ctx)?)?;
+            for d in &self.site_deltas {
+                inter = d.activation(i, inter, ctx)?;
+            }
+            let mut out = ctx.dropout(&layer.output.forward(&inter, ctx)?, cfg.hidden_dropout)?;
+            for d in &self.site_deltas {
+                out = d.sublayer(i, Sublayer::FeedForward, &x1, out, ctx)?;
+            }
             x = layer.out_norm.forward(&(out + x1)?)?;
         }
-        Ok(x)
+        Ok((x, mask))
     }
 
     /// One vector per sequence, as the head sees it (before classifier dropout).
     ///
     /// # Shapes
-    /// `hidden`: [B, T, hidden] -> [B, hidden]
-    pub fn pool(&self, hidden: &Tensor, inputs: &Inputs, ctx: &Ctx) -> Result<Tensor> {
+    /// `hidden`: [B, T, hidden], `mask`: [B, T] -> [B, hidden]
+    pub fn pool(&self, hidden: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         Ok(match self.pooling {
             Pooling::Cls => {
                 let first = hidden.i((.., 0, ..))?.contiguous()?;
@@ -383,7 +454,7 @@ impl BertClassifier {
                     None => first,
                 }
             }
-            Pooling::Mean => mean_pool(hidden, &inputs.attention_mask)?,
+            Pooling::Mean => mean_pool(hidden, mask)?,
         })
     }
 
@@ -392,8 +463,8 @@ impl BertClassifier {
     /// # Shapes
     /// `inputs.input_ids`: [B, T] -> [B, num_labels]
     pub fn forward(&self, inputs: &Inputs, ctx: &Ctx) -> Result<Tensor> {
-        let hidden = self.run(inputs, ctx, self.pooling == Pooling::Cls)?;
-        let pooled = self.pool(&hidden, inputs, ctx)?;
+        let (hidden, mask) = self.run(inputs, ctx, self.pooling == Pooling::Cls)?;
+        let pooled = self.pool(&hidden, &mask, ctx)?;
         let pooled = ctx.dropout(&pooled, self.config.classifier_dropout)?;
         Ok(self.classifier.forward(&pooled, ctx)?)
     }
