@@ -305,6 +305,17 @@ pub trait HasSites {
     fn sites(&self) -> Vec<SiteInfo>;
     /// Total parameter count of the base model (head included).
     fn param_count(&self) -> usize;
+    /// Number of transformer layers.
+    fn num_layers(&self) -> usize;
+    /// Width of the hidden states.
+    fn hidden_size(&self) -> usize;
+    /// The input word-embedding matrix [vocab, hidden] (prompt initialisation reads it).
+    fn word_embeddings(&self) -> &Tensor;
+    /// The bias of every normalisation layer with its path (`...LayerNorm.bias`), mutable, so
+    /// that bias tuning can make them trainable.
+    fn norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+    /// Attaches a delta acting at the non-linear sites (see [`crate::hooks::SiteDelta`]).
+    fn attach_site_delta(&mut self, delta: Arc<dyn crate::hooks::SiteDelta>);
 }
 
 #[cfg(test)]

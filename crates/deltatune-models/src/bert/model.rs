@@ -628,6 +628,36 @@ impl HasSites for BertClassifier {
         out
     }
 
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn word_embeddings(&self) -> &Tensor {
+        &self.embeddings.word
+    }
+
+    fn norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let prefix = self.config.family.prefix();
+        let mut v = vec![(
+            format!("{prefix}.embeddings.LayerNorm.bias"),
+            &mut self.embeddings.norm.bias,
+        )];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("{prefix}.encoder.layer.{i}");
+            v.push((format!("{p}.attention.output.LayerNorm.bias"), &mut l.attn_norm.bias));
+            v.push((format!("{p}.output.LayerNorm.bias"), &mut l.out_norm.bias));
+        }
+        v
+    }
+
+    fn attach_site_delta(&mut self, delta: Arc<dyn SiteDelta>) {
+        self.site_deltas.push(delta);
+    }
+
     fn param_count(&self) -> usize {
         let h = self.config.hidden_size;
         let emb = &self.embeddings;
