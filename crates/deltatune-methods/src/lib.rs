@@ -4,5 +4,5 @@
 pub mod delta;
 pub mod lora;
 
-pub use delta::{load_state_dict, peft_key, state_dict, Trainable, PEFT_PREFIX};
+pub use delta::{load_state_dict, peft_key, state_dict, train_modules, Trainable, PEFT_PREFIX};
 pub use lora::LoraConfig;
