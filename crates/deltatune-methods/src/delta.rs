@@ -36,21 +36,37 @@ impl Trainable {
 /// lacks are ignored, as PEFT does (it lists `score` for every classifier); a non-empty list of
 /// which nothing matches is an error.
 pub fn train_modules(model: &mut dyn HasSites, modules: &[String]) -> Result<Vec<Trainable>> {
-    let is_saved = |p: &str| modules.iter().any(|m| p == m || p.ends_with(&format!(".{m}")));
+    let is_saved = |p: &str| {
+        modules
+            .iter()
+            .any(|m| p == m || p.ends_with(&format!(".{m}")))
+    };
     let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     if !modules.is_empty() && !paths.iter().any(|p| is_saved(p)) {
         return Err(Error::NoMatch {
             pattern: format!("modules_to_save: {}", modules.join(", ")),
-            nearest: deltatune_core::error::nearest_names(&modules[0], paths.iter().map(|s| s.as_str()), 5),
+            nearest: deltatune_core::error::nearest_names(
+                &modules[0],
+                paths.iter().map(|s| s.as_str()),
+                5,
+            ),
         });
     }
     let mut out = Vec::new();
     for lin in model.linears_mut() {
         if is_saved(&lin.path) {
             let path = lin.path.clone();
-            out.push(Trainable::new(peft_key(&path, "weight"), lin.make_weight_trainable()?, true));
+            out.push(Trainable::new(
+                peft_key(&path, "weight"),
+                lin.make_weight_trainable()?,
+                true,
+            ));
             if lin.bias.is_some() {
-                out.push(Trainable::new(peft_key(&path, "bias"), lin.make_bias_trainable()?, false));
+                out.push(Trainable::new(
+                    peft_key(&path, "bias"),
+                    lin.make_bias_trainable()?,
+                    false,
+                ));
             }
         }
     }

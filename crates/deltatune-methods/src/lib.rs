@@ -2,7 +2,9 @@
 //! patterns, without the model knowing the method.
 
 pub mod delta;
+pub mod intrinsic;
 pub mod lora;
+pub mod prompt;
 
 pub use delta::{load_state_dict, peft_key, state_dict, train_modules, Trainable, PEFT_PREFIX};
 pub use lora::LoraConfig;

@@ -366,8 +366,9 @@ impl BertClassifier {
                 cfg.max_position_embeddings
             )));
         }
+        // Position ids follow the extended sequence (the ids are only read for their shape).
         let full = Inputs {
-            input_ids: inputs.input_ids.clone(),
+            input_ids: mask.clone(),
             attention_mask: mask.clone(),
             token_type_ids: None,
         };
@@ -648,7 +649,10 @@ impl HasSites for BertClassifier {
         )];
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("{prefix}.encoder.layer.{i}");
-            v.push((format!("{p}.attention.output.LayerNorm.bias"), &mut l.attn_norm.bias));
+            v.push((
+                format!("{p}.attention.output.LayerNorm.bias"),
+                &mut l.attn_norm.bias,
+            ));
             v.push((format!("{p}.output.LayerNorm.bias"), &mut l.out_norm.bias));
         }
         v
