@@ -1,7 +1,9 @@
 //! deltatune-methods: delta methods that attach to a model's named sites, selected by PEFT-style
 //! patterns, without the model knowing the method.
 
+pub mod bitfit;
 pub mod delta;
+pub mod ia3;
 pub mod intrinsic;
 pub mod lora;
 pub mod prompt;
