@@ -1,12 +1,16 @@
 //! deltatune-methods: delta methods that attach to a model's named sites, selected by PEFT-style
 //! patterns, without the model knowing the method.
 
+pub mod adapter;
 pub mod bitfit;
 pub mod delta;
 pub mod ia3;
 pub mod intrinsic;
 pub mod lora;
+pub mod prefix;
 pub mod prompt;
+pub mod registry;
 
 pub use delta::{load_state_dict, peft_key, state_dict, train_modules, Trainable, PEFT_PREFIX};
 pub use lora::LoraConfig;
+pub use registry::{DeltaConfig, METHODS};
