@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use deltatune_core::Rng;
 use deltatune_data::text::{load_examples, Example, LabelMap};
-use deltatune_methods::{lora, LoraConfig, Trainable};
+use deltatune_methods::{DeltaConfig, Trainable};
 use deltatune_models::{BertClassifier, Pooling, TextTokenizer};
 use deltatune_train::artifact::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, RUN_CONFIG};
 use deltatune_train::Encoded;
@@ -48,16 +48,22 @@ pub fn load_model(
     Ok(Loaded { model, tokenizer })
 }
 
-/// Attaches the configured delta; returns its trainable tensors.
-pub fn attach(model: &mut BertClassifier, settings: &Settings) -> Result<Vec<Trainable>> {
-    match settings.method.as_str() {
-        "lora" => Ok(lora::attach(
-            model,
-            &settings.lora,
-            &Rng::new(settings.train.seed).derive("lora"),
-        )?),
-        other => bail!("unknown method `{other}` (available: lora)"),
-    }
+/// Attaches the configured delta for training; returns its trainable tensors.
+pub fn attach(loaded: &mut Loaded, settings: &Settings) -> Result<Vec<Trainable>> {
+    let delta = settings.delta();
+    // A prompt initialised from text needs that text's token ids (without [CLS]/[SEP]).
+    let text_ids = match &delta {
+        DeltaConfig::Prompt(c) => match &c.prompt_tuning_init_text {
+            Some(text) => {
+                let ids = loaded.tokenizer.encode_batch(&[text.as_str()])?.remove(0);
+                Some(ids[1..ids.len().saturating_sub(1).max(1)].to_vec())
+            }
+            None => None,
+        },
+        _ => None,
+    };
+    let rng = Rng::new(settings.train.seed).derive(delta.name());
+    Ok(delta.attach(&mut loaded.model, &rng, text_ids.as_deref())?)
 }
 
 /// The labelled splits of a run.
@@ -161,8 +167,10 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterRun> {
     };
     let run: RunConfig = serde_json::from_str(&read(RUN_CONFIG)?)
         .with_context(|| format!("parsing {}", dir.join(RUN_CONFIG).display()))?;
-    let lora_cfg: LoraConfig = serde_json::from_str(&read(ADAPTER_CONFIG)?)
+    let cfg_json: serde_json::Value = serde_json::from_str(&read(ADAPTER_CONFIG)?)
         .with_context(|| format!("parsing {}", dir.join(ADAPTER_CONFIG).display()))?;
+    let delta = DeltaConfig::from_json(cfg_json)
+        .with_context(|| format!("reading {}", dir.join(ADAPTER_CONFIG).display()))?;
     let labels = LabelMap::load(&dir.join(LABELS))?;
     let mut loaded = load_model(
         &run.model_dir,
@@ -171,7 +179,7 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterRun> {
         run.settings.data.max_length,
         run.settings.train.seed,
     )?;
-    let trainables = lora::attach(&mut loaded.model, &lora_cfg, &Rng::new(0))?;
+    let trainables = delta.attach_saved(&mut loaded.model, &Rng::new(0))?;
     let wpath = dir.join(ADAPTER_WEIGHTS);
     let weights = deltatune_core::Weights::load(&wpath, candle_core::DType::F32)?;
     let map: BTreeMap<String, candle_core::Tensor> = weights

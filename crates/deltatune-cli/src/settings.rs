@@ -5,7 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use deltatune_methods::LoraConfig;
+use deltatune_methods::adapter::BottleneckConfig;
+use deltatune_methods::bitfit::BitFitConfig;
+use deltatune_methods::ia3::IA3Config;
+use deltatune_methods::intrinsic::IntrinsicPromptConfig;
+use deltatune_methods::prefix::PrefixTuningConfig;
+use deltatune_methods::prompt::PromptTuningConfig;
+use deltatune_methods::{DeltaConfig, LoraConfig, METHODS};
 use deltatune_models::Pooling;
 use deltatune_train::TrainConfig;
 use serde::{Deserialize, Serialize};
@@ -54,7 +60,8 @@ pub struct Settings {
     pub cache: PathBuf,
     /// The output (adapter) folder (default `runs/lora-rotten-tomatoes`).
     pub output: PathBuf,
-    /// The delta method (default `lora`).
+    /// The delta method: lora, ia3, bitfit, prompt, prefix, adapter or intrinsic (default
+    /// `lora`); its settings are the section of the same name.
     pub method: String,
     /// Sequence pooling for the head: `cls` (pooler) or `mean` (default `cls`).
     pub pooling: Pooling,
@@ -62,7 +69,28 @@ pub struct Settings {
     pub progress: bool,
     pub data: DataSettings,
     pub lora: LoraConfig,
+    pub ia3: IA3Config,
+    pub bitfit: BitFitConfig,
+    pub prompt: PromptTuningConfig,
+    pub prefix: PrefixTuningConfig,
+    pub adapter: BottleneckConfig,
+    pub intrinsic: IntrinsicPromptConfig,
     pub train: TrainConfig,
+}
+
+impl Settings {
+    /// The configuration of the selected method.
+    pub fn delta(&self) -> DeltaConfig {
+        match self.method.as_str() {
+            "ia3" => DeltaConfig::Ia3(self.ia3.clone()),
+            "bitfit" => DeltaConfig::BitFit(self.bitfit.clone()),
+            "prompt" => DeltaConfig::Prompt(self.prompt.clone()),
+            "prefix" => DeltaConfig::Prefix(self.prefix.clone()),
+            "adapter" => DeltaConfig::Adapter(self.adapter.clone()),
+            "intrinsic" => DeltaConfig::Intrinsic(self.intrinsic.clone()),
+            _ => DeltaConfig::Lora(self.lora.clone()),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -76,6 +104,12 @@ impl Default for Settings {
             progress: true,
             data: DataSettings::default(),
             lora: LoraConfig::default(),
+            ia3: IA3Config::default(),
+            bitfit: BitFitConfig::default(),
+            prompt: PromptTuningConfig::default(),
+            prefix: PrefixTuningConfig::default(),
+            adapter: BottleneckConfig::default(),
+            intrinsic: IntrinsicPromptConfig::default(),
             train: TrainConfig::default(),
         }
     }
@@ -204,10 +238,22 @@ pub fn resolve(
         set(&mut root, k, parse_like(raw, &like), Source::Flag)?;
     }
     let settings: Settings = deserialize_sections(&root)?;
-    settings.lora.validate()?;
+    if !METHODS.contains(&settings.method.as_str()) {
+        bail!(
+            "unknown method `{}` (available: {})",
+            settings.method,
+            METHODS.join(", ")
+        );
+    }
     settings.train.validate()?;
-    if settings.method != "lora" {
-        bail!("unknown method `{}` (available: lora)", settings.method);
+    match settings.delta() {
+        DeltaConfig::Lora(c) => c.validate()?,
+        DeltaConfig::Ia3(c) => c.validate()?,
+        DeltaConfig::BitFit(c) => c.validate()?,
+        DeltaConfig::Prompt(c) => c.validate()?,
+        DeltaConfig::Prefix(c) => c.validate()?,
+        DeltaConfig::Adapter(c) => c.validate()?,
+        DeltaConfig::Intrinsic(c) => c.validate()?,
     }
     Ok((settings, sources))
 }
@@ -215,11 +261,27 @@ pub fn resolve(
 /// Deserialises section by section so an error names the section.
 fn deserialize_sections(root: &Value) -> Result<Settings> {
     let obj: &Map<String, Value> = root.as_object().expect("settings are an object");
-    for section in ["data", "lora", "train"] {
+    for section in [
+        "data",
+        "lora",
+        "ia3",
+        "bitfit",
+        "prompt",
+        "prefix",
+        "adapter",
+        "intrinsic",
+        "train",
+    ] {
         let v = obj.get(section).cloned().unwrap_or(Value::Null);
         let r = match section {
             "data" => serde_json::from_value::<DataSettings>(v).map(|_| ()),
             "lora" => serde_json::from_value::<LoraConfig>(v).map(|_| ()),
+            "ia3" => serde_json::from_value::<IA3Config>(v).map(|_| ()),
+            "bitfit" => serde_json::from_value::<BitFitConfig>(v).map(|_| ()),
+            "prompt" => serde_json::from_value::<PromptTuningConfig>(v).map(|_| ()),
+            "prefix" => serde_json::from_value::<PrefixTuningConfig>(v).map(|_| ()),
+            "adapter" => serde_json::from_value::<BottleneckConfig>(v).map(|_| ()),
+            "intrinsic" => serde_json::from_value::<IntrinsicPromptConfig>(v).map(|_| ()),
             _ => serde_json::from_value::<TrainConfig>(v).map(|_| ()),
         };
         r.with_context(|| format!("invalid setting in [{section}]"))?;

@@ -329,3 +329,48 @@ fn show_config_reports_sources() {
     assert!(s.contains("train.seed = 5    # env"), "{s}");
     assert!(s.contains("lora.r = 8    # default"), "{s}");
 }
+
+#[test]
+fn every_method_trains_saves_and_reloads_identically() {
+    let (t, model) = setup("methods");
+    for method in [
+        "lora",
+        "ia3",
+        "bitfit",
+        "prompt",
+        "prefix",
+        "adapter",
+        "intrinsic",
+    ] {
+        let out = format!("out-{method}");
+        let args = train_args(&model, &out, &["--method", method]);
+        let o = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+            .args(&args)
+            .current_dir(&t.0)
+            .env("DELTATUNE_PROMPT_NUM_VIRTUAL_TOKENS", "4")
+            .env("DELTATUNE_PREFIX_NUM_VIRTUAL_TOKENS", "4")
+            .env("DELTATUNE_INTRINSIC_NUM_VIRTUAL_TOKENS", "4")
+            .env("DELTATUNE_INTRINSIC_INTRINSIC_DIM", "8")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{method}: {}", text(&o));
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(t.0.join(&out).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(cfg["peft_type"].is_string(), "{method}: {cfg}");
+        // Reloading from the files gives the accuracy training reported.
+        let res: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(t.0.join(&out).join("results.json")).unwrap(),
+        )
+        .unwrap();
+        let acc = res["dev"]["accuracy"].as_f64().unwrap();
+        let e = run(&["eval", "--adapter", &out, "--data", "dev.csv"], &t.0);
+        assert!(e.status.success(), "{method}: {}", text(&e));
+        assert!(
+            text(&e).contains(&format!("accuracy {acc:.4}")),
+            "{method}: eval {} vs trained {acc}",
+            text(&e)
+        );
+    }
+}

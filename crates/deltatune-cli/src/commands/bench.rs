@@ -24,7 +24,7 @@ fn stats(ms: &mut [f64]) -> (f64, f64, f64) {
 pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()> {
     let dir = session::model_dir(&s.model, &s.cache)?;
     let mut loaded = session::load_model(&dir, 2, s.pooling, SEQ, s.train.seed)?;
-    let trainables = session::attach(&mut loaded.model, s)?;
+    let trainables = session::attach(&mut loaded, s)?;
     let model = &loaded.model;
     let mut rng = Rng::new(0);
     let vocab = model.config.vocab_size;

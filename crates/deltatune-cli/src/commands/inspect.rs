@@ -9,7 +9,7 @@ pub fn inspect(s: &Settings) -> Result<()> {
     let dir = session::model_dir(&s.model, &s.cache)?;
     let mut loaded = session::load_model(&dir, 2, s.pooling, s.data.max_length, s.train.seed)?;
     let sites = loaded.model.sites();
-    let trainables = session::attach(&mut loaded.model, s)?;
+    let trainables = session::attach(&mut loaded, s)?;
     println!("model {} ({})", dir.display(), loaded.model.param_count());
     println!("{:<58} {:<16} {:>10}  delta", "site", "kind", "params");
     for site in &sites {

@@ -33,7 +33,7 @@ pub fn train(s: &Settings) -> Result<()> {
         None => None,
     };
     let tok_secs = t_tok.elapsed().as_secs_f64();
-    let trainables = session::attach(&mut loaded.model, s)?;
+    let trainables = session::attach(&mut loaded, s)?;
     let n_train: usize = trainables.iter().map(|t| t.var.elem_count()).sum();
     let n_base = loaded.model.param_count();
     eprintln!(
@@ -77,11 +77,9 @@ pub fn train(s: &Settings) -> Result<()> {
         Some(t) => Some(deltatune_train::evaluate(&loaded.model, t, s.train.eval_batch_size)?.0),
         None => None,
     };
-    let mut lora = s.lora.clone();
-    lora.base_model_name_or_path = Some(run.model_dir.display().to_string());
-    lora.inference_mode = true;
-    staging.write_json(ADAPTER_CONFIG, &lora)?;
-    let tensors = deltatune_methods::state_dict(&trainables);
+    let delta = s.delta().for_saving(&run.model_dir.display().to_string());
+    staging.write_json(ADAPTER_CONFIG, &delta.to_json(&loaded.model))?;
+    let tensors = delta.export(&trainables)?;
     staging.write(
         ADAPTER_WEIGHTS,
         &deltatune_core::to_safetensors_bytes(&tensors)?,
