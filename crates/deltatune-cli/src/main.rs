@@ -51,6 +51,23 @@ enum Command {
     },
     /// Show the model's module tree with parameter counts and where the delta would attach.
     Inspect(RunArgs),
+    /// Experiments: `methods` trains every delta method with its preset and writes a table.
+    Experiment {
+        /// Which experiment (methods).
+        which: String,
+        /// Only these methods (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Epochs per run (default: the train default, 3).
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Markdown table to write (a .json with the full results is written beside it).
+        #[arg(long)]
+        table: Option<PathBuf>,
+        /// Folder for the runs' adapter folders.
+        #[arg(long)]
+        runs: Option<PathBuf>,
+    },
     /// Time one LoRA training step and forward-only inference (batch 16 x 128) on the model.
     Bench {
         #[command(flatten)]
@@ -248,6 +265,27 @@ fn main() -> ExitCode {
         Command::Inspect(a) => a
             .resolve()
             .and_then(|s| s.map_or(Ok(()), |s| commands::inspect(&s))),
+        Command::Experiment {
+            which,
+            methods,
+            epochs,
+            table,
+            runs,
+        } => {
+            if which != "methods" {
+                Err(anyhow::anyhow!(
+                    "unknown experiment `{which}` (available: methods)"
+                ))
+            } else {
+                let (r, t) = commands::experiment::default_paths();
+                commands::experiment::methods(
+                    &methods,
+                    epochs,
+                    &runs.unwrap_or(r),
+                    &table.unwrap_or(t),
+                )
+            }
+        }
         Command::Bench {
             run,
             steps,

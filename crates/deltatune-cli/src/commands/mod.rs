@@ -1,6 +1,7 @@
 //! One function per subcommand.
 
 mod bench;
+pub mod experiment;
 mod fetch;
 mod inspect;
 mod predict;
