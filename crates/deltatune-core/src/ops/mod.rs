@@ -24,6 +24,7 @@
 //! ones are gathered into row-major order first.
 
 mod gelu;
+mod gemm;
 mod kernels;
 mod linear;
 mod norm;

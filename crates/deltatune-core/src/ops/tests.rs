@@ -731,6 +731,196 @@ fn strided_inputs_give_same_results() {
     }
 }
 
+// ------------------------------------- (g) frozen-linear GEMM vs candle
+
+/// Largest |a - b| relative to the largest |b| (at least 1).
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    if b.elem_count() == 0 {
+        return 0.0;
+    }
+    let scale = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1.0);
+    max_abs_diff(a, b) / scale
+}
+
+/// `frozen_linear` forward (with and without a fused bias) and its input
+/// gradient against candle's matmul (`ref_linear`), for `x = view(base)`;
+/// then the same with a trainable `w` (and a trainable bias), whose forward
+/// must be bit-identical to the frozen one and whose weight gradient must
+/// match candle's.
+fn check_linear_vs_candle(
+    base: &Tensor,
+    view: &dyn Fn(&Tensor) -> Tensor,
+    w: &Tensor,
+    seed: u64,
+    what: &str,
+) {
+    let out_f = w.dim(0).unwrap();
+    let b = randn(seed, &[out_f], DType::F32);
+    let (xb1, xb2) = (var(base), var(base));
+    let (x1, x2) = (view(&xb1), view(&xb2));
+    let mut y_frozen = None;
+    for bias in [Some(&b), None] {
+        let y = frozen_linear(&x1, w, bias).unwrap();
+        let y_ref = ref_linear(&x2, w, bias).unwrap();
+        let d = rel_diff(&y, &y_ref);
+        assert!(
+            d <= 1e-4,
+            "{what} (bias {}): forward rel diff {d:e}",
+            bias.is_some()
+        );
+        let r = randn(seed + 1, y.dims(), DType::F32);
+        let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = y_ref
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = rel_diff(g.get(&xb1).unwrap(), g_ref.get(&xb2).unwrap());
+        assert!(d <= 1e-4, "{what}: dx rel diff {d:e}");
+        y_frozen.get_or_insert(y);
+    }
+    let y_frozen = y_frozen.unwrap();
+    // Trainable weight, frozen / trainable bias.
+    let (w1, w2) = (var(w), var(w));
+    for trainable_bias in [false, true] {
+        let (b1, b2) = if trainable_bias {
+            (var(&b), var(&b))
+        } else {
+            (b.clone(), b.clone())
+        };
+        let y = frozen_linear(&x1, &w1, Some(&b1)).unwrap();
+        assert_eq!(
+            rel_diff(&y, &y_frozen),
+            0.0,
+            "{what}: trainable w (bias {trainable_bias}) changes the forward"
+        );
+        let y_ref = ref_linear(&x2, &w2, Some(&b2)).unwrap();
+        let r = randn(seed + 2, y.dims(), DType::F32);
+        let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = y_ref
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut pairs = vec![("dx", &xb1, &xb2), ("dw", &w1, &w2)];
+        if trainable_bias {
+            pairs.push(("db", &b1, &b2));
+        }
+        for (name, p1, p2) in pairs {
+            // (candle gives no bias gradient at all for an empty input)
+            match (g.get(p1), g_ref.get(p2)) {
+                (Some(g1), Some(g2)) => {
+                    let d = rel_diff(g1, g2);
+                    assert!(d <= 1e-4, "{what}: trainable w, {name} rel diff {d:e}");
+                }
+                (g1, g2) => assert_eq!(g1.is_some(), g2.is_some(), "{what}: {name}"),
+            }
+        }
+    }
+    // A frozen bias fused into the op rounds like one added afterwards.
+    let yb = frozen_linear(&x1, w, Some(&var(&b))).unwrap();
+    assert_eq!(rel_diff(&yb, &y_frozen), 0.0, "{what}: fused bias");
+}
+
+#[test]
+fn frozen_linear_gemm_matches_candle_matmul() {
+    let f = DType::F32;
+    let mut seed = 300;
+    for rows in [1, 7, 33, 1000] {
+        for in_f in [1, 17, 384, 1536] {
+            for out_f in [1, 17, 384, 1536] {
+                seed += 10;
+                let x = randn(seed, &[rows, in_f], f);
+                let w = randn(seed + 2, &[out_f, in_f], f);
+                let what = format!("[{rows},{in_f}]x[{out_f},{in_f}]ᵀ");
+                check_linear_vs_candle(&x, &|t| t.clone(), &w, seed + 4, &what);
+            }
+        }
+    }
+    // Depths that are not a multiple of the packing block, widths with a
+    // partial last vector, several column blocks, 3-D and strided inputs.
+    for (lead, in_f, out_f) in [
+        (&[3usize, 41][..], 1000usize, 50usize),
+        (&[2, 64], 769, 1100),
+        (&[5, 9], 48, 2000),
+        (&[1, 1], 3, 5),
+        (&[0, 4], 8, 8),
+    ] {
+        seed += 10;
+        let dims: Vec<usize> = lead.iter().copied().chain([in_f]).collect();
+        let x = randn(seed, &dims, f);
+        let w = randn(seed + 2, &[out_f, in_f], f);
+        let what = format!("{dims:?}x[{out_f},{in_f}]ᵀ");
+        check_linear_vs_candle(&x, &|t| t.clone(), &w, seed + 4, &what);
+    }
+    // Non-contiguous x: a transposed view.
+    for (rows, in_f, out_f) in [(9, 17, 33), (130, 384, 100), (1000, 384, 384)] {
+        seed += 10;
+        let base = randn(seed, &[in_f, rows], f);
+        let w = randn(seed + 2, &[out_f, in_f], f);
+        let what = format!("transposed x [{rows},{in_f}]");
+        check_linear_vs_candle(&base, &|t| t.t().unwrap(), &w, seed + 4, &what);
+        // A 3-D input narrowed in its last dimension (start offset, row gaps).
+        let base = randn(seed + 6, &[2, rows, in_f + 5], f);
+        let what = format!("narrowed x [2,{rows},{in_f}]");
+        check_linear_vs_candle(
+            &base,
+            &|t| t.narrow(2, 3, in_f).unwrap(),
+            &w,
+            seed + 8,
+            &what,
+        );
+    }
+    // Non-contiguous weights: transposed and narrowed views.
+    for (rows, in_f, out_f) in [(7, 17, 33), (100, 384, 200)] {
+        seed += 10;
+        let x = randn(seed, &[rows, in_f], f);
+        let id = |t: &Tensor| t.clone();
+        let wt = randn(seed + 2, &[in_f, out_f], f);
+        check_linear_vs_candle(&x, &id, &wt.t().unwrap(), seed + 4, "transposed w");
+        let wn = randn(seed + 6, &[out_f, in_f + 3], f)
+            .narrow(1, 2, in_f)
+            .unwrap();
+        check_linear_vs_candle(&x, &id, &wn, seed + 8, "narrowed w");
+    }
+}
+
+#[test]
+fn frozen_linear_candle_path_matches_gemm_path() {
+    let f = DType::F32;
+    let x = var(&randn(400, &[3, 37, 70], f));
+    let w = randn(401, &[90, 70], f);
+    let b = randn(402, &[90], f);
+    let r = randn(403, &[3, 37, 90], f);
+    let run = |candle: bool| {
+        linear::USE_CANDLE_MATMUL.with(|c| c.set(candle));
+        let y = frozen_linear(&x, &w, Some(&b)).unwrap();
+        let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        linear::USE_CANDLE_MATMUL.with(|c| c.set(false));
+        (y, g.get(&x).unwrap().clone())
+    };
+    let (y1, g1) = run(true);
+    let (y2, g2) = run(false);
+    assert!(rel_diff(&y1, &y2) <= 1e-5);
+    assert!(rel_diff(&g1, &g2) <= 1e-5);
+}
+
 // --------------------------------------------------------- errors
 
 #[test]
@@ -797,6 +987,7 @@ fn bench_ops() {
     let g = randn(154, &[384], f);
     let gv = var(&g);
     let bv = var(&b);
+    let wv = var(&w);
     // Forward, then backward of loss = Σ y ⊙ r.
     let step = |y: Tensor, r: &Tensor, probe: &Tensor| {
         let grads = y.mul(r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -804,7 +995,7 @@ fn bench_ops() {
     };
 
     compare(
-        "linear: x [2048,384] (Var) · w [384,384]ᵀ + b, w and b frozen",
+        "linear: x [2048,384] (Var) · w [384,384]ᵀ + b, b frozen, w frozen unless noted",
         n,
         &mut [
             (
@@ -814,6 +1005,14 @@ fn bench_ops() {
             (
                 "candle broadcast_matmul fwd+bwd",
                 Box::new(|| step(ref_linear(&x, &w, Some(&b)).unwrap(), &r, &x)),
+            ),
+            (
+                "frozen_linear fwd+bwd, w a Var (dx, dw)",
+                Box::new(|| step(frozen_linear(&x, &wv, Some(&b)).unwrap(), &r, &wv)),
+            ),
+            (
+                "candle fwd+bwd, w a Var (dx, dw)",
+                Box::new(|| step(ref_linear(&x, &wv, Some(&b)).unwrap(), &r, &wv)),
             ),
             (
                 "loss/backward harness alone",
@@ -917,4 +1116,93 @@ fn bench_ops() {
             ),
         ],
     );
+}
+
+/// GFLOP/s of the AVX-512 GEMM (packing included) against candle's matmul
+/// on the BERT-small frozen-linear products, median of 10 runs after
+/// warm-up, on the rayon pool (2 threads on the reference machine):
+/// `cargo test --release -p deltatune-core bench_gemm -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_gemm() {
+    use super::gemm::{self, MatRef};
+    let f = DType::F32;
+    let median = |f: &mut dyn FnMut()| {
+        for _ in 0..3 {
+            f();
+        }
+        let mut t: Vec<f64> = (0..10)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
+    println!(
+        "avx512f: {}, threads: {}",
+        gemm::has_avx512(),
+        rayon::current_num_threads()
+    );
+    println!("| product | ours GFLOP/s | candle GFLOP/s | speed-up |");
+    println!("|---|---|---|---|");
+    let rows = 2048;
+    for (out_f, in_f) in [(384, 384), (1536, 384), (384, 1536)] {
+        let w = randn(500, &[out_f, in_f], f);
+        let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for backward in [false, true] {
+            // forward: [rows, in] · Wᵀ; backward: [rows, out] · W.
+            let (k, n) = if backward {
+                (out_f, in_f)
+            } else {
+                (in_f, out_f)
+            };
+            let a = randn(501, &[rows, k], f);
+            let av = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bm = if backward {
+                MatRef {
+                    data: &wv,
+                    rs: in_f,
+                    cs: 1,
+                }
+            } else {
+                MatRef {
+                    data: &wv,
+                    rs: 1,
+                    cs: in_f,
+                }
+            };
+            let am = MatRef {
+                data: &av,
+                rs: k,
+                cs: 1,
+            };
+            let ours = median(&mut || {
+                drop(gemm::sgemm(rows, n, k, am, bm, None).unwrap());
+            });
+            let wt = w.t().unwrap();
+            let candle = median(&mut || {
+                let y = if backward {
+                    a.matmul(&w)
+                } else {
+                    a.matmul(&wt)
+                };
+                drop(y.unwrap());
+            });
+            let gf = 2.0 * (rows * n * k) as f64 * 1e-9;
+            let name = if backward {
+                format!("bwd [{rows},{out_f}]·W[{out_f},{in_f}]")
+            } else {
+                format!("fwd [{rows},{in_f}]·W[{out_f},{in_f}]ᵀ")
+            };
+            println!(
+                "| {name} | {:.0} | {:.0} | {:.2}x |",
+                gf / ours,
+                gf / candle,
+                candle / ours
+            );
+        }
+    }
 }
