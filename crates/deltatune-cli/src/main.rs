@@ -236,12 +236,13 @@ impl RunArgs {
 
 /// Keeps freed memory in the process: training allocates and frees the same large activation
 /// buffers every step, and glibc's default (large blocks via mmap, returned to the kernel on
-/// free) turns each step's allocations into page faults and kernel page clearing.
+/// free) turns each step's allocations into page faults and kernel page clearing. 32 MiB is the
+/// largest mmap threshold glibc accepts on 64-bit (a larger value is silently refused).
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
