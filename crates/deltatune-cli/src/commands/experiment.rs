@@ -95,10 +95,10 @@ fn write_table(
     table: &Path,
 ) -> Result<()> {
     let mut md = String::new();
-    md.push_str(&format!(
+    md.push_str(
         "| method | settings | trainable params | % of model | dev acc | test acc | s / epoch | peak RSS |\n\
-         |---|---|---|---|---|---|---|---|\n"
-    ));
+         |---|---|---|---|---|---|---|---|\n",
+    );
     for (name, settings, r) in rows {
         let tp = r["trainable_params"].as_u64().unwrap_or(0);
         let base = r["base_params"].as_u64().unwrap_or(1).max(1);
