@@ -165,15 +165,19 @@ pub struct RunArgs {
     /// Stop after this many optimiser steps (smoke runs).
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Any setting by its dotted key, e.g. `--set prompt.num_virtual_tokens=40` (repeatable;
+    /// see --show-config for the keys). Applied after the other flags.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 impl RunArgs {
     /// The flags given, as (dotted key, raw value).
-    fn flags(&self) -> Vec<(&'static str, String)> {
-        let mut f: Vec<(&'static str, String)> = Vec::new();
+    fn flags(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut f: Vec<(String, String)> = Vec::new();
         let mut put = |k: &'static str, v: Option<String>| {
             if let Some(v) = v {
-                f.push((k, v));
+                f.push((k.to_string(), v));
             }
         };
         let p = |x: &Option<PathBuf>| x.as_ref().map(|p| p.display().to_string());
@@ -219,13 +223,19 @@ impl RunArgs {
             self.group_by_length.map(|b| b.to_string()),
         );
         put("train.max_steps", n(self.max_steps));
-        f
+        for kv in &self.set {
+            let Some((k, v)) = kv.split_once('=') else {
+                anyhow::bail!("--set {kv}: expected KEY=VALUE, e.g. --set lora.r=16");
+            };
+            f.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        Ok(f)
     }
 
     /// Resolves settings; with `--show-config`, prints them and returns `None`.
     fn resolve(&self) -> anyhow::Result<Option<settings::Settings>> {
         let env = |k: &str| std::env::var(k).ok();
-        let (s, sources) = settings::resolve(self.config.as_deref(), &env, &self.flags())?;
+        let (s, sources) = settings::resolve(self.config.as_deref(), &env, &self.flags()?)?;
         if self.show_config {
             print!("{}", settings::show(&s, &sources)?);
             return Ok(None);

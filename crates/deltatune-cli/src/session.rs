@@ -52,8 +52,16 @@ pub fn load_model(
 pub fn attach(loaded: &mut Loaded, settings: &Settings) -> Result<Vec<Trainable>> {
     let delta = settings.delta();
     // A prompt initialised from text needs that text's token ids (without [CLS]/[SEP]).
-    let text_ids = match &delta {
-        DeltaConfig::Prompt(c) => match &c.prompt_tuning_init_text {
+    let prompt = match &delta {
+        DeltaConfig::Prompt(c) => Some(c),
+        DeltaConfig::Compose(c) => c.deltas.iter().find_map(|d| match d {
+            DeltaConfig::Prompt(p) => Some(p),
+            _ => None,
+        }),
+        _ => None,
+    };
+    let text_ids = match prompt {
+        Some(c) => match &c.prompt_tuning_init_text {
             Some(text) => {
                 let ids = loaded.tokenizer.encode_batch(&[text.as_str()])?.remove(0);
                 Some(ids[1..ids.len().saturating_sub(1).max(1)].to_vec())
@@ -112,8 +120,31 @@ pub fn load_splits(settings: &Settings) -> Result<Splits> {
     if let Some(t) = &test {
         files.insert("test".to_string(), t.clone());
     }
+    let mut train_examples = load(&train)?;
+    if !d.train_shard.is_empty() {
+        let parsed = d.train_shard.split_once('/').and_then(|(i, k)| {
+            Some((
+                i.trim().parse::<usize>().ok()?,
+                k.trim().parse::<usize>().ok()?,
+            ))
+        });
+        match parsed {
+            Some((i, k)) if k > 0 && i < k => {
+                train_examples = train_examples
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(n, _)| n % k == i)
+                    .map(|(_, e)| e)
+                    .collect();
+            }
+            _ => bail!(
+                "`data.train_shard` is `{}`: expected `i/k` with 0 <= i < k, e.g. `0/4`",
+                d.train_shard
+            ),
+        }
+    }
     Ok(Splits {
-        train: load(&train)?,
+        train: train_examples,
         dev: load(&dev)?,
         test: test.as_deref().map(load).transpose()?,
         files,

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use deltatune_methods::adapter::BottleneckConfig;
+use deltatune_methods::adapter::{AdapterSite, Placement};
 use deltatune_methods::bitfit::BitFitConfig;
+use deltatune_methods::compose::ComposeConfig;
 use deltatune_methods::ia3::IA3Config;
 use deltatune_methods::intrinsic::IntrinsicPromptConfig;
 use deltatune_methods::prefix::PrefixTuningConfig;
@@ -34,6 +36,10 @@ pub struct DataSettings {
     pub label_column: String,
     /// Sequences are truncated to this many tokens (default 128).
     pub max_length: usize,
+    /// Train on one shard of the training file: `"i/k"` keeps the examples whose index is
+    /// i modulo k (default empty: all). Used to train several prompts on disjoint data, e.g.
+    /// as sources for `deltatune subspace fit`.
+    pub train_shard: String,
 }
 
 impl Default for DataSettings {
@@ -45,6 +51,35 @@ impl Default for DataSettings {
             text_column: "text".into(),
             label_column: "label".into(),
             max_length: 128,
+            train_shard: String::new(),
+        }
+    }
+}
+
+/// `--method compose` (and the presets `unipelt`, `mam`): which methods go on the model together;
+/// each member's settings are its own section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComposeSettings {
+    /// Members for `compose`, in order (default `["lora", "prefix", "adapter"]`); any of lora,
+    /// ia3, bitfit, prompt, prefix, adapter, intrinsic, each at most once.
+    pub methods: Vec<String>,
+    /// UniPELT gates on LoRA, adapter and prefix members (default true for `compose` and
+    /// `unipelt`; `mam` is never gated).
+    pub gates: bool,
+    /// Learning-rate multiplier per member (default: lora 1, adapter 2, prefix 20, others 1:
+    /// with the default `train.lr` 5e-4 that is each method's single-method rate).
+    pub lr_scale: std::collections::BTreeMap<String, f64>,
+}
+
+impl Default for ComposeSettings {
+    fn default() -> Self {
+        Self {
+            methods: vec!["lora".into(), "prefix".into(), "adapter".into()],
+            gates: true,
+            lr_scale: [("adapter".to_string(), 2.0), ("prefix".to_string(), 20.0)]
+                .into_iter()
+                .collect(),
         }
     }
 }
@@ -75,13 +110,62 @@ pub struct Settings {
     pub prefix: PrefixTuningConfig,
     pub adapter: BottleneckConfig,
     pub intrinsic: IntrinsicPromptConfig,
+    pub compose: ComposeSettings,
     pub train: TrainConfig,
 }
 
 impl Settings {
     /// The configuration of the selected method.
     pub fn delta(&self) -> DeltaConfig {
-        match self.method.as_str() {
+        self.member(&self.method)
+    }
+
+    fn member(&self, method: &str) -> DeltaConfig {
+        let composed = |members: Vec<DeltaConfig>, gates: bool| {
+            let mut c = ComposeConfig::new(members, gates);
+            let names: Vec<&str> = c.deltas.iter().map(|d| d.name()).collect();
+            c.lr_scale = self
+                .compose
+                .lr_scale
+                .iter()
+                .filter(|(k, _)| names.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            DeltaConfig::Compose(c)
+        };
+        match method {
+            "compose" => composed(
+                self.compose
+                    .methods
+                    .iter()
+                    .map(|m| self.member(m))
+                    .collect(),
+                self.compose.gates,
+            ),
+            "unipelt" => {
+                let mut adapter = self.adapter.clone();
+                adapter.placement = Placement::Pfeiffer;
+                composed(
+                    vec![
+                        DeltaConfig::Lora(self.lora.clone()),
+                        DeltaConfig::Prefix(self.prefix.clone()),
+                        DeltaConfig::Adapter(adapter),
+                    ],
+                    self.compose.gates,
+                )
+            }
+            "mam" => {
+                let mut adapter = self.adapter.clone();
+                adapter.placement = Placement::Parallel;
+                adapter.parallel_sites = vec![AdapterSite::FeedForward];
+                composed(
+                    vec![
+                        DeltaConfig::Prefix(self.prefix.clone()),
+                        DeltaConfig::Adapter(adapter),
+                    ],
+                    false,
+                )
+            }
             "ia3" => DeltaConfig::Ia3(self.ia3.clone()),
             "bitfit" => DeltaConfig::BitFit(self.bitfit.clone()),
             "prompt" => DeltaConfig::Prompt(self.prompt.clone()),
@@ -110,6 +194,7 @@ impl Default for Settings {
             prefix: PrefixTuningConfig::default(),
             adapter: BottleneckConfig::default(),
             intrinsic: IntrinsicPromptConfig::default(),
+            compose: ComposeSettings::default(),
             train: TrainConfig::default(),
         }
     }
@@ -185,16 +270,20 @@ fn parse_like(raw: &str, like: &Value) -> Value {
 pub fn resolve(
     config_file: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
-    flags: &[(&str, String)],
+    flags: &[(String, String)],
 ) -> Result<(Settings, Vec<(String, Source)>)> {
     let mut root = serde_json::to_value(Settings::default())?;
     let mut keys = Vec::new();
     leaf_keys(&root, "", &mut keys);
     let mut sources: Vec<(String, Source)> =
         keys.iter().map(|k| (k.clone(), Source::Default)).collect();
+    let all_keys = keys.clone();
     let mut set = |root: &mut Value, key: &str, v: Value, src: Source| -> Result<()> {
         let Some(slot) = get_mut(root, key) else {
-            bail!("unknown setting `{key}`");
+            bail!(
+                "unknown setting `{key}` (nearest: {}; see --show-config)",
+                deltatune_core::error::nearest_names(key, all_keys.iter().map(|s| s.as_str()), 4)
+            );
         };
         *slot = v;
         if let Some(s) = sources.iter_mut().find(|(k, _)| k == key) {
@@ -246,15 +335,17 @@ pub fn resolve(
         );
     }
     settings.train.validate()?;
-    match settings.delta() {
-        DeltaConfig::Lora(c) => c.validate()?,
-        DeltaConfig::Ia3(c) => c.validate()?,
-        DeltaConfig::BitFit(c) => c.validate()?,
-        DeltaConfig::Prompt(c) => c.validate()?,
-        DeltaConfig::Prefix(c) => c.validate()?,
-        DeltaConfig::Adapter(c) => c.validate()?,
-        DeltaConfig::Intrinsic(c) => c.validate()?,
+    if settings.method == "compose" {
+        for m in &settings.compose.methods {
+            if !METHODS[..7].contains(&m.as_str()) {
+                bail!(
+                    "`compose.methods` lists `{m}`: members can be {}",
+                    METHODS[..7].join(", ")
+                );
+            }
+        }
     }
+    settings.delta().validate()?;
     Ok((settings, sources))
 }
 
@@ -270,6 +361,7 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
         "prefix",
         "adapter",
         "intrinsic",
+        "compose",
         "train",
     ] {
         let v = obj.get(section).cloned().unwrap_or(Value::Null);
@@ -282,6 +374,7 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
             "prefix" => serde_json::from_value::<PrefixTuningConfig>(v).map(|_| ()),
             "adapter" => serde_json::from_value::<BottleneckConfig>(v).map(|_| ()),
             "intrinsic" => serde_json::from_value::<IntrinsicPromptConfig>(v).map(|_| ()),
+            "compose" => serde_json::from_value::<ComposeSettings>(v).map(|_| ()),
             _ => serde_json::from_value::<TrainConfig>(v).map(|_| ()),
         };
         r.with_context(|| format!("invalid setting in [{section}]"))?;
@@ -331,7 +424,7 @@ mod tests {
             "DELTATUNE_TRAIN_BATCH_SIZE" => Some("16".to_string()),
             _ => None,
         };
-        let flags = [("train.batch_size", "64".to_string())];
+        let flags = [("train.batch_size".to_string(), "64".to_string())];
         let (s, src) = resolve(Some(&file), &env, &flags).unwrap();
         assert_eq!(s.train.epochs, 5); // file
         assert_eq!(s.train.lr, 0.002); // env over file
@@ -367,14 +460,14 @@ mod tests {
         let (s, _) = resolve(
             None,
             &|_| None,
-            &[("lora.target_modules", "query,key".into())],
+            &[("lora.target_modules".into(), "query,key".into())],
         )
         .unwrap();
         assert_eq!(
             s.lora.target_modules,
             deltatune_core::TargetModules::Suffixes(vec!["query".into(), "key".into()])
         );
-        let err = resolve(None, &|_| None, &[("lora.r", "0".into())])
+        let err = resolve(None, &|_| None, &[("lora.r".into(), "0".into())])
             .unwrap_err()
             .to_string();
         assert!(err.contains("`r`"), "{err}");

@@ -316,6 +316,8 @@ pub trait HasSites {
     fn norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)>;
     /// Attaches a delta acting at the non-linear sites (see [`crate::hooks::SiteDelta`]).
     fn attach_site_delta(&mut self, delta: Arc<dyn crate::hooks::SiteDelta>);
+    /// The attached site deltas in order, mutable (a composition wraps them in gates).
+    fn site_deltas_mut(&mut self) -> &mut Vec<Arc<dyn crate::hooks::SiteDelta>>;
 }
 
 #[cfg(test)]

@@ -23,11 +23,19 @@ pub struct Trainable {
     pub var: Var,
     /// Whether AdamW's weight decay applies (false for biases and norms).
     pub decay: bool,
+    /// Multiplier of the run's learning rate for this tensor (1 unless a composition gives
+    /// its methods their own rates).
+    pub lr_scale: f64,
 }
 
 impl Trainable {
     pub fn new(key: String, var: Var, decay: bool) -> Self {
-        Self { key, var, decay }
+        Self {
+            key,
+            var,
+            decay,
+            lr_scale: 1.0,
+        }
     }
 }
 

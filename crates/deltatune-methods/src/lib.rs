@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod bitfit;
+pub mod compose;
 pub mod delta;
 pub mod ia3;
 pub mod intrinsic;

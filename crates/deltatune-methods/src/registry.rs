@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use crate::adapter::BottleneckConfig;
 use crate::bitfit::BitFitConfig;
+use crate::compose::ComposeConfig;
 use crate::delta::Trainable;
 use crate::ia3::IA3Config;
 use crate::intrinsic::IntrinsicPromptConfig;
@@ -22,6 +23,9 @@ pub const METHODS: &[&str] = &[
     "prefix",
     "adapter",
     "intrinsic",
+    "compose",
+    "unipelt",
+    "mam",
 ];
 
 /// One delta method's configuration.
@@ -34,6 +38,8 @@ pub enum DeltaConfig {
     Intrinsic(IntrinsicPromptConfig),
     Prefix(PrefixTuningConfig),
     Adapter(BottleneckConfig),
+    /// Several of the above on one model.
+    Compose(ComposeConfig),
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T> {
@@ -59,11 +65,12 @@ impl DeltaConfig {
             "INTRINSIC_PROMPT" => Self::Intrinsic(parse(v, "IntrinsicPromptConfig")?),
             "PREFIX_TUNING" => Self::Prefix(parse(v, "PrefixTuningConfig")?),
             "BOTTLENECK_ADAPTER" => Self::Adapter(parse(v, "BottleneckConfig")?),
+            "COMPOSITION" => Self::Compose(ComposeConfig::from_json(v)?),
             other => {
                 return Err(Error::InvalidConfig {
                     field: "peft_type".into(),
                     msg: format!(
-                        "`{other}` is not a method deltatune knows (LORA, IA3, BITFIT, PROMPT_TUNING, PREFIX_TUNING, BOTTLENECK_ADAPTER, INTRINSIC_PROMPT)"
+                        "`{other}` is not a method deltatune knows (LORA, IA3, BITFIT, PROMPT_TUNING, PREFIX_TUNING, BOTTLENECK_ADAPTER, INTRINSIC_PROMPT, COMPOSITION)"
                     ),
                 })
             }
@@ -80,6 +87,7 @@ impl DeltaConfig {
             Self::Intrinsic(c) => serde_json::to_value(c),
             Self::Prefix(c) => serde_json::to_value(c.completed(model)),
             Self::Adapter(c) => serde_json::to_value(c),
+            Self::Compose(c) => return c.to_json(model),
         };
         v.expect("configs serialise")
     }
@@ -94,7 +102,73 @@ impl DeltaConfig {
             Self::Intrinsic(_) => "intrinsic",
             Self::Prefix(_) => "prefix",
             Self::Adapter(_) => "adapter",
+            Self::Compose(_) => "compose",
         }
+    }
+
+    /// Checks every field against its allowed range (what can be checked without a model).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Lora(c) => c.validate(),
+            Self::Ia3(c) => c.validate(),
+            Self::BitFit(c) => c.validate(),
+            Self::Prompt(c) => c.validate(),
+            Self::Intrinsic(c) => c.validate(),
+            Self::Prefix(c) => c.validate(),
+            Self::Adapter(c) => c.validate(),
+            Self::Compose(c) => c.validate(),
+        }
+    }
+
+    /// The modules trained in full and saved with the delta.
+    pub fn modules_to_save(&self) -> Option<&[String]> {
+        match self {
+            Self::Lora(c) => c.modules_to_save.as_deref(),
+            Self::Ia3(c) => c.modules_to_save.as_deref(),
+            Self::BitFit(c) => c.modules_to_save.as_deref(),
+            Self::Prompt(c) => c.modules_to_save.as_deref(),
+            Self::Intrinsic(c) => c.modules_to_save.as_deref(),
+            Self::Prefix(c) => c.modules_to_save.as_deref(),
+            Self::Adapter(c) => c.modules_to_save.as_deref(),
+            Self::Compose(c) => c.modules_to_save.as_deref(),
+        }
+    }
+
+    /// The same config with `modules_to_save` replaced.
+    pub fn with_modules_to_save(&self, m: Option<Vec<String>>) -> Self {
+        let mut c = self.clone();
+        match &mut c {
+            Self::Lora(x) => x.modules_to_save = m,
+            Self::Ia3(x) => x.modules_to_save = m,
+            Self::BitFit(x) => x.modules_to_save = m,
+            Self::Prompt(x) => x.modules_to_save = m,
+            Self::Intrinsic(x) => x.modules_to_save = m,
+            Self::Prefix(x) => x.modules_to_save = m,
+            Self::Adapter(x) => x.modules_to_save = m,
+            Self::Compose(x) => x.modules_to_save = m,
+        }
+        c
+    }
+
+    /// Why the delta cannot be folded into the base weights, or `None` when it can (LoRA, IA3,
+    /// BitFit, and compositions of only those without gates).
+    pub fn merge_blocker(&self) -> Option<String> {
+        let why = match self {
+            Self::Lora(_) | Self::Ia3(_) | Self::BitFit(_) => return None,
+            Self::Prompt(_) => "prompt tuning adds input vectors (the sequence gets longer); no weight change reproduces them",
+            Self::Intrinsic(_) => "intrinsic prompt tuning adds input vectors (the sequence gets longer); no weight change reproduces them",
+            Self::Prefix(_) => "prefix tuning adds keys and values to every attention layer; no weight change reproduces them",
+            Self::Adapter(_) => "bottleneck adapters add a non-linear module after the sub-layers; no weight change reproduces it",
+            Self::Compose(c) => {
+                if c.gates {
+                    return Some("gated compositions cannot be merged: each gate depends on the input".into());
+                }
+                return c.deltas.iter().find_map(|d| d.merge_blocker());
+            }
+        };
+        Some(format!(
+            "{why}. Use the adapter unmerged (`deltatune predict --adapter ...`)"
+        ))
     }
 
     /// Sets `base_model_name_or_path` and `inference_mode` for saving.
@@ -114,6 +188,7 @@ impl DeltaConfig {
             Self::Intrinsic(x) => set!(x),
             Self::Prefix(x) => set!(x),
             Self::Adapter(x) => set!(x),
+            Self::Compose(x) => set!(x),
         }
         c
     }
@@ -134,6 +209,7 @@ impl DeltaConfig {
             Self::BitFit(c) => crate::bitfit::attach(model, c, rng),
             Self::Prompt(c) => crate::prompt::attach(model, c, rng, init_text_ids),
             Self::Intrinsic(c) => crate::intrinsic::attach(model, c, rng),
+            Self::Compose(c) => crate::compose::attach(model, c, rng, init_text_ids, false),
         }
     }
 }
@@ -144,6 +220,7 @@ impl DeltaConfig {
     pub fn attach_saved(&self, model: &mut dyn HasSites, rng: &Rng) -> Result<Vec<Trainable>> {
         match self {
             Self::Prefix(c) => crate::prefix::attach_folded(model, c, rng),
+            Self::Compose(c) => crate::compose::attach(model, c, rng, None, true),
             _ => self.attach(model, rng, None),
         }
     }
@@ -155,6 +232,7 @@ impl DeltaConfig {
     ) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
         match self {
             Self::Prefix(c) if c.prefix_projection => crate::prefix::export(trainables),
+            Self::Compose(c) => crate::compose::export(c, trainables),
             _ => Ok(crate::delta::state_dict(trainables)),
         }
     }

@@ -13,6 +13,8 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Per-parameter multipliers of the learning rate (1 unless set).
+    lr_scales: Vec<f64>,
     step: usize,
 }
 
@@ -24,7 +26,9 @@ impl AdamW {
             .map(|(p, _)| p.zeros_like())
             .collect::<Result<Vec<_>>>()?;
         let v = m.clone();
+        let lr_scales = vec![1.0; params.len()];
         Ok(Self {
+            lr_scales,
             params,
             m,
             v,
@@ -36,6 +40,12 @@ impl AdamW {
         })
     }
 
+    /// Gives each parameter its own multiplier of the learning rate passed to [`AdamW::step`].
+    pub fn set_lr_scales(&mut self, scales: Vec<f64>) {
+        assert_eq!(scales.len(), self.params.len(), "one scale per parameter");
+        self.lr_scales = scales;
+    }
+
     /// One update with learning rate `lr` from the gradients in `grads` (summed over
     /// accumulation steps and multiplied by `grad_scale`).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
@@ -45,6 +55,7 @@ impl AdamW {
         let bc2 = 1.0 - self.beta2.powi(t);
         for (i, (p, decay)) in self.params.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
+            let lr = lr * self.lr_scales[i];
             let g = (g * grad_scale)?;
             let m = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;

@@ -44,6 +44,10 @@ pub struct TrainConfig {
     pub group_by_length: bool,
     /// Stop after this many optimiser steps (smoke tests; default: no limit).
     pub max_steps: Option<usize>,
+    /// Delta parameters held at their initial value: a trainable whose key contains any of
+    /// these strings is left out of the optimiser but still saved (default none). For
+    /// baselines, e.g. `["intrinsic_z"]` keeps an intrinsic prompt at its random base prompt.
+    pub freeze: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -61,6 +65,7 @@ impl Default for TrainConfig {
             early_stopping_patience: None,
             group_by_length: false,
             max_steps: None,
+            freeze: Vec::new(),
         }
     }
 }
@@ -182,6 +187,7 @@ pub fn train(
             .collect(),
         cfg.weight_decay,
     )?;
+    opt.set_lr_scales(trainables.iter().map(|t| t.lr_scale).collect());
     let micro_per_epoch = train.len().div_ceil(cfg.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
     let total_steps = steps_per_epoch * cfg.epochs;

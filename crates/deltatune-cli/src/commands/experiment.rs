@@ -5,72 +5,125 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 
-/// Preset per method: extra `train` arguments (learning rates as in `shared/reference`'s PEFT
-/// runs where PEFT has the method).
-pub const PRESETS: &[(&str, &str, &[&str])] = &[
-    (
+/// One row of the experiment: a name, what its settings are (printed in the table) and the
+/// `train` arguments that select them (learning rates as in `shared/reference`'s PEFT runs where
+/// PEFT has the method).
+pub struct Preset {
+    pub name: &'static str,
+    pub settings: &'static str,
+    pub args: &'static [&'static str],
+}
+
+const fn p(name: &'static str, settings: &'static str, args: &'static [&'static str]) -> Preset {
+    Preset {
+        name,
+        settings,
+        args,
+    }
+}
+
+/// The rows, in table order. `{subspace}` in an argument is replaced by the learned-subspace
+/// artifact of `deltatune subspace fit` (see `intrinsic-learned`).
+pub const PRESETS: &[Preset] = &[
+    p(
         "lora",
         "r 8, alpha 16, dropout 0.1, query+value, lr 5e-4",
-        &["--lr", "5e-4"],
+        &["--method", "lora", "--lr", "5e-4"],
     ),
-    (
+    p(
         "ia3",
         "key, value, output.dense (feed-forward: output.dense), lr 3e-3",
-        &["--lr", "3e-3"],
+        &["--method", "ia3", "--lr", "3e-3"],
     ),
-    (
+    p(
         "bitfit",
         "all biases (linear + LayerNorm) + head, lr 1e-3",
-        &["--lr", "1e-3"],
+        &["--method", "bitfit", "--lr", "1e-3"],
     ),
-    (
+    p(
         "prompt",
         "20 virtual tokens after CLS, random init, lr 3e-2",
-        &["--lr", "3e-2"],
+        &["--method", "prompt", "--lr", "3e-2"],
     ),
-    (
+    p(
+        "prompt-mean",
+        "as `prompt`, but the head reads the mean of all positions (`--pooling mean`)",
+        &["--method", "prompt", "--lr", "3e-2", "--pooling", "mean"],
+    ),
+    p(
         "prefix",
         "20 virtual tokens, no projection, lr 1e-2",
-        &["--lr", "1e-2"],
+        &["--method", "prefix", "--lr", "1e-2"],
     ),
-    (
+    p(
         "adapter",
-        "Houlsby, reduction factor 16, relu, lr 1e-3",
-        &["--lr", "1e-3"],
+        "Houlsby (after attention and feed-forward), reduction factor 16, relu, lr 1e-3",
+        &["--method", "adapter", "--lr", "1e-3"],
     ),
-    (
+    p(
+        "intrinsic-frozen",
+        "baseline: the random 20-token base prompt of `intrinsic` held fixed, only the head trains, lr 5e-2",
+        &[
+            "--method",
+            "intrinsic",
+            "--lr",
+            "5e-2",
+            "--set",
+            "intrinsic.intrinsic_dim=8",
+            "--set",
+            "train.freeze=intrinsic_z",
+        ],
+    ),
+    p(
         "intrinsic",
-        "z of d = 32 through a dense random subspace, 20 tokens, lr 5e-2",
-        &["--lr", "5e-2"],
+        "z of d = 8 through a dense random subspace around a sampled-vocabulary prompt, 20 tokens, lr 5e-2",
+        &[
+            "--method",
+            "intrinsic",
+            "--lr",
+            "5e-2",
+            "--set",
+            "intrinsic.intrinsic_dim=8",
+        ],
     ),
 ];
 
-/// Runs the listed methods (all when empty) and writes `table` (Markdown) and a JSON beside it.
+/// Runs the listed rows (all when empty) and updates `table` (Markdown) and the JSON beside it:
+/// rows run now replace rows of the same name, other rows are kept as they were.
 pub fn methods(only: &[String], epochs: Option<usize>, runs: &Path, table: &Path) -> Result<()> {
     for m in only {
-        if !PRESETS.iter().any(|(n, _, _)| n == m) {
+        if !PRESETS.iter().any(|p| p.name == m) {
             bail!(
-                "unknown method `{m}` (available: {})",
-                PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+                "unknown experiment row `{m}` (available: {})",
+                PRESETS
+                    .iter()
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }
     let exe = std::env::current_exe().context("finding the deltatune binary")?;
-    let mut rows = Vec::new();
-    for (name, settings, args) in PRESETS {
-        if !only.is_empty() && !only.iter().any(|m| m == name) {
+    let json_path = table.with_extension("json");
+    let mut rows: Vec<Row> = match std::fs::read_to_string(&json_path) {
+        Ok(t) => serde_json::from_str(&t)
+            .with_context(|| format!("{} is not a results file", json_path.display()))?,
+        Err(_) => Vec::new(),
+    };
+    for preset in PRESETS {
+        if !only.is_empty() && !only.iter().any(|m| m == preset.name) {
             continue;
         }
-        let out = runs.join(name);
-        eprintln!("== {name}: {settings}");
+        let out = runs.join(preset.name);
+        eprintln!("== {}: {}", preset.name, preset.settings);
         let mut cmd = Command::new(&exe);
         cmd.arg("train")
-            .arg("--method")
-            .arg(name)
             .arg("--output")
             .arg(&out)
-            .args(*args);
+            .arg("--no-progress")
+            .args(preset.args);
         if let Some(e) = epochs {
             cmd.arg("--epochs").arg(e.to_string());
         }
@@ -78,32 +131,65 @@ pub fn methods(only: &[String], epochs: Option<usize>, runs: &Path, table: &Path
             .status()
             .with_context(|| format!("running {}", exe.display()))?;
         if !status.success() {
-            bail!("training {name} failed ({status})");
+            bail!("training {} failed ({status})", preset.name);
         }
         let res: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(out.join("results.json"))
                 .with_context(|| format!("reading {}", out.display()))?,
         )?;
-        rows.push((name.to_string(), settings.to_string(), res));
+        let row = Row {
+            method: preset.name.to_string(),
+            settings: preset.settings.to_string(),
+            epochs: epochs.unwrap_or(3),
+            results: res,
+        };
+        rows.retain(|r| r.method != row.method);
+        rows.push(row);
+        // Written after every row, so an interrupted experiment keeps the rows it finished.
+        write_table(&rows, table)?;
     }
-    write_table(&rows, epochs, table)
+    Ok(())
 }
 
-fn write_table(
-    rows: &[(String, String, serde_json::Value)],
-    epochs: Option<usize>,
-    table: &Path,
-) -> Result<()> {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Row {
+    method: String,
+    settings: String,
+    #[serde(default = "three")]
+    epochs: usize,
+    results: serde_json::Value,
+}
+
+fn three() -> usize {
+    3
+}
+
+fn write_table(rows: &[Row], table: &Path) -> Result<()> {
+    let mut rows = rows.to_vec();
+    let order = |name: &str| {
+        PRESETS
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap_or(usize::MAX)
+    };
+    rows.sort_by_key(|r| order(&r.method));
     let mut md = String::new();
     md.push_str(
         "| method | settings | trainable params | % of model | dev acc | test acc | s / epoch | peak RSS |\n\
          |---|---|---|---|---|---|---|---|\n",
     );
-    for (name, settings, r) in rows {
+    for row in &rows {
+        let r = &row.results;
         let tp = r["trainable_params"].as_u64().unwrap_or(0);
         let base = r["base_params"].as_u64().unwrap_or(1).max(1);
+        let settings = if row.epochs == 3 {
+            row.settings.clone()
+        } else {
+            format!("{} ({} epochs)", row.settings, row.epochs)
+        };
         md.push_str(&format!(
-            "| {name} | {settings} | {tp} | {:.3}% | {:.3} | {:.3} | {:.0} | {:.2} GB |\n",
+            "| {} | {settings} | {tp} | {:.3}% | {:.3} | {:.3} | {:.0} | {:.2} GB |\n",
+            row.method,
             100.0 * tp as f64 / base as f64,
             r["dev"]["accuracy"].as_f64().unwrap_or(f64::NAN),
             r["test"]["accuracy"].as_f64().unwrap_or(f64::NAN),
@@ -113,22 +199,19 @@ fn write_table(
             r["peak_rss_mib"].as_f64().unwrap_or(f64::NAN) * 1.048_576 / 1000.0,
         ));
     }
-    md.push_str(&format!(
-        "\nall-MiniLM-L6-v2 on Rotten Tomatoes (train 10,081 / dev 1,328 / test 1,343), batch 32, {} epochs, \
-         linear decay with 6% warm-up, seed 42, 2 threads; written by `deltatune experiment methods`.\n",
-        epochs.map_or("3".to_string(), |e| e.to_string())
-    ));
+    md.push_str(
+        "\nall-MiniLM-L6-v2 on Rotten Tomatoes (train 10,081 / dev 1,328 / test 1,343), batch 32, 3 epochs \
+         unless a row says otherwise, linear decay with 6% warm-up, seed 42, 2 threads; trainable \
+         parameters include the classification head; written by `deltatune experiment methods` \
+         (rows are updated in place, one run per row).\n",
+    );
     if let Some(dir) = table.parent() {
         std::fs::create_dir_all(dir)?;
     }
     deltatune_core::write_atomic(table, md.as_bytes())?;
-    let json: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|(n, s, r)| serde_json::json!({"method": n, "settings": s, "results": r}))
-        .collect();
     deltatune_core::write_atomic(
         &table.with_extension("json"),
-        serde_json::to_string_pretty(&json)?.as_bytes(),
+        serde_json::to_string_pretty(&rows)?.as_bytes(),
     )?;
     println!("{md}");
     println!("table written to {}", table.display());

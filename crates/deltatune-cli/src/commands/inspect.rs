@@ -1,41 +1,62 @@
+use std::collections::BTreeMap;
+
 use anyhow::Result;
 use deltatune_core::HasSites;
+use deltatune_methods::{DeltaConfig, Trainable, PEFT_PREFIX};
 
 use crate::session;
 use crate::settings::Settings;
 
-/// `deltatune inspect`: the module tree with parameter counts, and where the delta attaches.
+/// The member a trainable belongs to and its key without the member's namespace.
+fn member_of<'a>(t: &'a Trainable, delta: &DeltaConfig) -> (String, &'a str) {
+    match delta {
+        DeltaConfig::Compose(c) => {
+            if let Some(rest) = t.key.strip_prefix("gates.") {
+                let m = rest.split('.').next().unwrap_or("");
+                return (format!("gate({m})"), &t.key);
+            }
+            for d in &c.deltas {
+                if let Some(rest) = t
+                    .key
+                    .strip_prefix(d.name())
+                    .and_then(|r| r.strip_prefix('.'))
+                {
+                    return (d.name().to_string(), rest);
+                }
+            }
+            ("head".to_string(), &t.key)
+        }
+        d => (d.name().to_string(), &t.key),
+    }
+}
+
+/// `deltatune inspect`: the module tree with parameter counts, and where each delta attaches.
 pub fn inspect(s: &Settings) -> Result<()> {
     let dir = session::model_dir(&s.model, &s.cache)?;
     let mut loaded = session::load_model(&dir, 2, s.pooling, s.data.max_length, s.train.seed)?;
     let sites = loaded.model.sites();
+    let delta = s.delta();
     let trainables = session::attach(&mut loaded, s)?;
     println!("model {} ({})", dir.display(), loaded.model.param_count());
     println!("{:<58} {:<16} {:>10}  delta", "site", "kind", "params");
+    let mut placed = vec![false; trainables.len()];
     for site in &sites {
-        let mut attached: Vec<String> = trainables
-            .iter()
-            .filter(|t| {
-                t.key
-                    .strip_prefix(deltatune_methods::PEFT_PREFIX)
-                    .and_then(|k| k.strip_prefix(site.path.as_str()))
-                    .is_some_and(|rest| rest.starts_with('.') && rest[1..].split('.').count() <= 2)
-            })
-            .map(|t| {
-                format!(
-                    "{} {:?}",
-                    t.key
-                        .rsplit('.')
-                        .take(2)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect::<Vec<_>>()
-                        .join("."),
-                    t.var.dims()
-                )
-            })
-            .collect();
+        let mut attached: Vec<String> = Vec::new();
+        for (i, t) in trainables.iter().enumerate() {
+            let (member, key) = member_of(t, &delta);
+            let at_site = key
+                .strip_prefix(PEFT_PREFIX)
+                .and_then(|k| k.strip_prefix(site.path.as_str()))
+                .is_some_and(|rest| {
+                    rest.starts_with('.')
+                        && (rest[1..].split('.').count() <= 2 || rest.starts_with(".adapter."))
+                });
+            if at_site {
+                placed[i] = true;
+                let rest = &key[PEFT_PREFIX.len() + site.path.len() + 1..];
+                attached.push(format!("{member}:{rest} {:?}", t.var.dims()));
+            }
+        }
         attached.sort();
         let kind = serde_json::to_value(site.kind)?;
         println!(
@@ -46,12 +67,48 @@ pub fn inspect(s: &Settings) -> Result<()> {
             attached.join(", ")
         );
     }
+    let others: Vec<String> = trainables
+        .iter()
+        .zip(&placed)
+        .filter(|(_, p)| !**p)
+        .map(|(t, _)| {
+            let (member, key) = member_of(t, &delta);
+            format!("  {member}: {key} {:?}", t.var.dims())
+        })
+        .collect();
+    if !others.is_empty() {
+        println!("\nnot tied to one site (prompts, prefix tables, adapters, gates):");
+        for o in others {
+            println!("{o}");
+        }
+    }
+    let mut per_member: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for t in &trainables {
+        let e = per_member.entry(member_of(t, &delta).0).or_default();
+        e.0 += t.var.elem_count();
+        e.1 += 1;
+    }
     let n_train: usize = trainables.iter().map(|t| t.var.elem_count()).sum();
     let n_base: usize = loaded.model.param_count();
+    println!("\ntrainable parameters by delta:");
+    for (m, (n, k)) in &per_member {
+        println!("  {m:<16} {n:>10} in {k} tensors");
+    }
+    if let Some(why) = delta.merge_blocker() {
+        println!("merge: not possible ({why})");
+    } else {
+        println!("merge: possible (`deltatune merge` folds the delta into the weights)");
+    }
     // Trainable tensors that replace base parameters (head, biases) are not frozen.
     let base_trainable: usize = trainables
         .iter()
-        .filter(|t| !t.key.contains(".lora_"))
+        .filter(|t| {
+            let (m, k) = member_of(t, &delta);
+            m == "head"
+                || (m == "bitfit")
+                || k.ends_with("classifier.weight")
+                || k.ends_with("classifier.bias")
+        })
         .map(|t| t.var.elem_count())
         .sum();
     println!(

@@ -34,7 +34,29 @@ pub fn train(s: &Settings) -> Result<()> {
     };
     let tok_secs = t_tok.elapsed().as_secs_f64();
     let trainables = session::attach(&mut loaded, s)?;
-    let n_train: usize = trainables.iter().map(|t| t.var.elem_count()).sum();
+    let optimised: Vec<_> = trainables
+        .iter()
+        .filter(|t| !s.train.freeze.iter().any(|f| t.key.contains(f.as_str())))
+        .cloned()
+        .collect();
+    if optimised.len() < trainables.len() {
+        eprintln!(
+            "frozen by train.freeze: {}",
+            trainables
+                .iter()
+                .filter(|t| !optimised.iter().any(|o| o.key == t.key))
+                .map(|t| t.key.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if optimised.is_empty() {
+        anyhow::bail!(
+            "train.freeze {:?} freezes every trainable parameter: nothing would train",
+            s.train.freeze
+        );
+    }
+    let n_train: usize = optimised.iter().map(|t| t.var.elem_count()).sum();
     let n_base = loaded.model.param_count();
     eprintln!(
         "model {} ({} parameters, frozen); delta {}: {} trainable parameters ({:.3}% of the model)",
@@ -65,7 +87,7 @@ pub fn train(s: &Settings) -> Result<()> {
     labels.save(&staging.file(LABELS))?;
     let report = deltatune_train::train(
         &loaded.model,
-        &trainables,
+        &optimised,
         &train,
         &dev,
         &s.train,

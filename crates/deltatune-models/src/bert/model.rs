@@ -662,6 +662,10 @@ impl HasSites for BertClassifier {
         self.site_deltas.push(delta);
     }
 
+    fn site_deltas_mut(&mut self) -> &mut Vec<Arc<dyn SiteDelta>> {
+        &mut self.site_deltas
+    }
+
     fn param_count(&self) -> usize {
         let h = self.config.hidden_size;
         let emb = &self.embeddings;

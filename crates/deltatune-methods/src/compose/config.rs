@@ -1,0 +1,177 @@
+//! Composition configuration: `adapter_config.json` with `peft_type` `"COMPOSITION"` (deltatune's
+//! own; PEFT has no equivalent) listing each member's own configuration.
+
+use std::collections::BTreeMap;
+
+use deltatune_core::{Error, HasSites, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::registry::DeltaConfig;
+
+/// Several deltas on one model, e.g. LoRA + a prefix + a bottleneck adapter (UniPELT).
+///
+/// Each member keeps its own configuration (PEFT field names) but not its own
+/// `modules_to_save`: the composition's `modules_to_save` (default `["classifier"]`) trains the
+/// head once for all. Members' tensors are saved under `<method>.<their own key>`, gates under
+/// `gates.<method>.layer.<i>.*`, the head under its PEFT key.
+#[derive(Debug, Clone)]
+pub struct ComposeConfig {
+    /// Task type; `"SEQ_CLS"` for classification (default).
+    pub task_type: Option<String>,
+    /// The members, applied in this order (each method at most once).
+    pub deltas: Vec<DeltaConfig>,
+    /// UniPELT gates on the members that support them: LoRA (per token, per layer), bottleneck
+    /// adapters (per token, per layer) and prefix tuning (a scalar per layer); other members are
+    /// not gated (default false).
+    pub gates: bool,
+    /// Learning-rate multiplier per member method name, e.g. `{"prefix": 10.0}` (default: 1
+    /// for every member); the head and the gates use the run's learning rate.
+    pub lr_scale: BTreeMap<String, f64>,
+    /// Modules trained in full and saved with the composition (default `["classifier"]`).
+    pub modules_to_save: Option<Vec<String>>,
+    /// The base model this adapter was trained on (default unset).
+    pub base_model_name_or_path: Option<String>,
+    /// Written as PEFT writes it; not used (default false).
+    pub inference_mode: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[allow(dead_code)]
+    peft_type: String,
+    #[serde(default)]
+    task_type: Option<String>,
+    deltas: Vec<Value>,
+    #[serde(default)]
+    gates: bool,
+    #[serde(default)]
+    lr_scale: BTreeMap<String, f64>,
+    #[serde(default)]
+    modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    inference_mode: bool,
+}
+
+fn bad(field: &str, msg: String) -> Error {
+    Error::InvalidConfig {
+        field: field.into(),
+        msg,
+    }
+}
+
+impl ComposeConfig {
+    /// A composition of `deltas` with the head `["classifier"]` trained; the members'
+    /// own `modules_to_save` are dropped.
+    pub fn new(deltas: Vec<DeltaConfig>, gates: bool) -> Self {
+        Self {
+            task_type: Some("SEQ_CLS".into()),
+            deltas: deltas
+                .into_iter()
+                .map(|d| d.with_modules_to_save(None))
+                .collect(),
+            gates,
+            lr_scale: BTreeMap::new(),
+            modules_to_save: Some(vec!["classifier".into()]),
+            base_model_name_or_path: None,
+            inference_mode: false,
+        }
+    }
+
+    /// Reads the `adapter_config.json` value.
+    pub fn from_json(v: Value) -> Result<Self> {
+        let raw: Raw =
+            serde_json::from_value(v).map_err(|e| bad("ComposeConfig", e.to_string()))?;
+        let deltas = raw
+            .deltas
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                DeltaConfig::from_json(d).map_err(|e| bad(&format!("deltas[{i}]"), e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let c = Self {
+            task_type: raw.task_type,
+            deltas,
+            gates: raw.gates,
+            lr_scale: raw.lr_scale,
+            modules_to_save: raw.modules_to_save,
+            base_model_name_or_path: raw.base_model_name_or_path,
+            inference_mode: raw.inference_mode,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The `adapter_config.json` value.
+    pub fn to_json(&self, model: &dyn HasSites) -> Value {
+        json!({
+            "peft_type": "COMPOSITION",
+            "task_type": self.task_type,
+            "deltas": self.deltas.iter().map(|d| d.to_json(model)).collect::<Vec<_>>(),
+            "gates": self.gates,
+            "lr_scale": self.lr_scale,
+            "modules_to_save": self.modules_to_save,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "inference_mode": self.inference_mode,
+        })
+    }
+
+    /// Rejects an empty or nested composition, a method listed twice, a member with its own
+    /// `modules_to_save`, and learning-rate multipliers for absent methods or outside (0, inf).
+    pub fn validate(&self) -> Result<()> {
+        if self.deltas.is_empty() {
+            return Err(bad(
+                "deltas",
+                "is empty: list at least one method (e.g. lora, prefix, adapter)".into(),
+            ));
+        }
+        let mut seen = Vec::new();
+        for (i, d) in self.deltas.iter().enumerate() {
+            let name = d.name();
+            if matches!(d, DeltaConfig::Compose(_)) {
+                return Err(bad(
+                    &format!("deltas[{i}]"),
+                    "is itself a composition: list its members directly".into(),
+                ));
+            }
+            if seen.contains(&name) {
+                return Err(bad(
+                    &format!("deltas[{i}]"),
+                    format!("lists `{name}` a second time: each method at most once"),
+                ));
+            }
+            if d.modules_to_save().is_some_and(|m| !m.is_empty()) {
+                return Err(bad(
+                    &format!("deltas[{i}].modules_to_save"),
+                    "must be empty in a composition: set the composition's `modules_to_save`"
+                        .into(),
+                ));
+            }
+            d.validate()
+                .map_err(|e| bad(&format!("deltas[{i}] ({name})"), e.to_string()))?;
+            seen.push(name);
+        }
+        for (k, v) in &self.lr_scale {
+            if !seen.contains(&k.as_str()) {
+                return Err(bad(
+                    "lr_scale",
+                    format!(
+                        "names `{k}`, which is not a member (members: {})",
+                        seen.join(", ")
+                    ),
+                ));
+            }
+            if !(v.is_finite() && *v > 0.0) {
+                return Err(bad(
+                    "lr_scale",
+                    format!("`{k}` is {v}: a multiplier must be finite and > 0"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
