@@ -49,6 +49,16 @@ enum Command {
         json: bool,
         texts: Vec<String>,
     },
+    /// Fold a mergeable adapter (LoRA, IA3, BitFit) into the base weights and write a plain
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer).
+    Merge {
+        /// The adapter folder written by `train`.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The model folder to write.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Show the model's module tree with parameter counts and where the delta would attach.
     Inspect(RunArgs),
     /// Experiments: `methods` trains every delta method with its preset and writes a table.
@@ -67,6 +77,21 @@ enum Command {
         /// Folder for the runs' adapter folders.
         #[arg(long)]
         runs: Option<PathBuf>,
+    },
+    /// Learned intrinsic subspaces: `fit` runs PCA over several trained prompt-tuning adapters
+    /// and writes the decoder (P0 and basis) for `--method intrinsic --set intrinsic.subspace=`.
+    Subspace {
+        /// What to do (fit).
+        action: String,
+        /// Prompt-tuning adapter folders (at least 2).
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        adapters: Vec<PathBuf>,
+        /// Subspace dimension d (1 to the number of adapters minus one).
+        #[arg(long)]
+        dim: usize,
+        /// The artifact to write (safetensors).
+        #[arg(long, short)]
+        output: PathBuf,
     },
     /// Time one LoRA training step and forward-only inference (batch 16 x 128) on the model.
     Bench {
@@ -273,6 +298,7 @@ fn main() -> ExitCode {
             json,
             texts,
         } => commands::predict(&adapter, file.as_deref(), &texts, json),
+        Command::Merge { adapter, output } => commands::merge(&adapter, &output),
         Command::Inspect(a) => a
             .resolve()
             .and_then(|s| s.map_or(Ok(()), |s| commands::inspect(&s))),
@@ -295,6 +321,20 @@ fn main() -> ExitCode {
                     &runs.unwrap_or(r),
                     &table.unwrap_or(t),
                 )
+            }
+        }
+        Command::Subspace {
+            action,
+            adapters,
+            dim,
+            output,
+        } => {
+            if action != "fit" {
+                Err(anyhow::anyhow!(
+                    "unknown subspace action `{action}` (available: fit)"
+                ))
+            } else {
+                commands::subspace::fit(&adapters, dim, &output)
             }
         }
         Command::Bench {

@@ -177,6 +177,9 @@ pub struct RunConfig {
     pub trainable_params: usize,
 }
 
+/// The learned-subspace artifact's name inside an adapter folder.
+pub const SUBSPACE_FILE: &str = "subspace.safetensors";
+
 /// A saved adapter, loaded onto its base model.
 pub struct AdapterRun {
     pub loaded: Loaded,
@@ -200,8 +203,14 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterRun> {
         .with_context(|| format!("parsing {}", dir.join(RUN_CONFIG).display()))?;
     let cfg_json: serde_json::Value = serde_json::from_str(&read(ADAPTER_CONFIG)?)
         .with_context(|| format!("parsing {}", dir.join(ADAPTER_CONFIG).display()))?;
-    let delta = DeltaConfig::from_json(cfg_json)
+    let mut delta = DeltaConfig::from_json(cfg_json)
         .with_context(|| format!("reading {}", dir.join(ADAPTER_CONFIG).display()))?;
+    // A relative subspace path is relative to the adapter folder.
+    if let Some(Some(p)) = delta.subspace_mut() {
+        if Path::new(p.as_str()).is_relative() {
+            *p = dir.join(p.as_str()).display().to_string();
+        }
+    }
     let labels = LabelMap::load(&dir.join(LABELS))?;
     let mut loaded = load_model(
         &run.model_dir,

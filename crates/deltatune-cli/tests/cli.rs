@@ -341,6 +341,8 @@ fn every_method_trains_saves_and_reloads_identically() {
         "prefix",
         "adapter",
         "intrinsic",
+        "unipelt",
+        "mam",
     ] {
         let out = format!("out-{method}");
         let args = train_args(&model, &out, &["--method", method]);
@@ -373,4 +375,206 @@ fn every_method_trains_saves_and_reloads_identically() {
             text(&e)
         );
     }
+}
+
+#[test]
+fn merge_writes_a_plain_model_for_lora_and_refuses_non_linear_deltas() {
+    let (t, model) = setup("merge");
+    for method in ["lora", "prefix", "unipelt"] {
+        let out = format!("out-{method}");
+        let o = run(
+            &train_args(
+                &model,
+                &out,
+                &["--method", method, "--set", "prefix.num_virtual_tokens=4"],
+            ),
+            &t.0,
+        );
+        assert!(o.status.success(), "{method}: {}", text(&o));
+    }
+    let o = run(&["merge", "--adapter", "out-lora", "-o", "merged"], &t.0);
+    assert!(o.status.success(), "{}", text(&o));
+    // The command reloads what it wrote and compares it with the adapter.
+    assert!(
+        text(&o).contains("max probability difference"),
+        "{}",
+        text(&o)
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.0.join("merged/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["num_labels"], 2);
+    assert!(t.0.join("merged/model.safetensors").exists());
+    assert!(t.0.join("merged/tokenizer.json").exists());
+    assert_fails(
+        &t,
+        &["merge", "--adapter", "out-prefix", "-o", "m2"],
+        &["cannot merge", "prefix", "unmerged"],
+    );
+    assert_fails(
+        &t,
+        &["merge", "--adapter", "out-unipelt", "-o", "m3"],
+        &["cannot merge", "gate"],
+    );
+    assert!(!t.0.join("m2").exists() && !t.0.join("m3").exists());
+}
+
+#[test]
+fn learned_subspace_is_fitted_from_prompts_and_travels_with_the_adapter() {
+    let (t, model) = setup("subspace");
+    let mut dirs = Vec::new();
+    for i in 0..3 {
+        let out = format!("src-{i}");
+        let shard = format!("data.train_shard={i}/3");
+        let o = run(
+            &train_args(
+                &model,
+                &out,
+                &[
+                    "--method",
+                    "prompt",
+                    "--set",
+                    "prompt.num_virtual_tokens=4",
+                    "--set",
+                    &shard,
+                ],
+            ),
+            &t.0,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("train 16 /"), "{}", text(&o));
+        dirs.push(out);
+    }
+    let adapters = dirs.join(",");
+    assert_fails(
+        &t,
+        &[
+            "subspace",
+            "fit",
+            "--adapters",
+            &adapters,
+            "--dim",
+            "3",
+            "-o",
+            "s.safetensors",
+        ],
+        &["intrinsic_dim", "1..=2"],
+    );
+    let o = run(
+        &[
+            "subspace",
+            "fit",
+            "--adapters",
+            &adapters,
+            "--dim",
+            "2",
+            "-o",
+            "s.safetensors",
+        ],
+        &t.0,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(
+        &train_args(
+            &model,
+            "out-int",
+            &[
+                "--method",
+                "intrinsic",
+                "--set",
+                "intrinsic.num_virtual_tokens=4",
+                "--set",
+                "intrinsic.intrinsic_dim=2",
+                "--set",
+                "intrinsic.subspace=s.safetensors",
+            ],
+        ),
+        &t.0,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("68 trainable"), "{}", text(&o));
+    // The adapter folder holds its own copy: it still loads after the artifact is gone.
+    std::fs::remove_file(t.0.join("s.safetensors")).unwrap();
+    let e = run(&["eval", "--adapter", "out-int", "--data", "dev.csv"], &t.0);
+    assert!(e.status.success(), "{}", text(&e));
+    // A LoRA adapter is not a source.
+    let o = run(&train_args(&model, "out-lora", &[]), &t.0);
+    assert!(o.status.success());
+    assert_fails(
+        &t,
+        &[
+            "subspace",
+            "fit",
+            "--adapters",
+            "src-0,out-lora",
+            "--dim",
+            "1",
+            "-o",
+            "x.safetensors",
+        ],
+        &["lora", "prompt-tuning"],
+    );
+}
+
+#[test]
+fn freeze_keeps_a_delta_at_its_initial_value() {
+    let (t, model) = setup("freeze");
+    let o = run(
+        &train_args(
+            &model,
+            "zout",
+            &[
+                "--method",
+                "intrinsic",
+                "--set",
+                "intrinsic.num_virtual_tokens=4",
+                "--set",
+                "train.freeze=intrinsic_z",
+            ],
+        ),
+        &t.0,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("frozen by train.freeze: intrinsic_z"));
+    let w = candle_core::safetensors::load(
+        t.0.join("zout/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let z: Vec<f32> = w["intrinsic_z"].to_vec1().unwrap();
+    assert!(z.iter().all(|v| *v == 0.0), "{z:?}");
+    assert_fails(
+        &t,
+        &[
+            "train",
+            "--model",
+            &model,
+            "--train-file",
+            "train.csv",
+            "--dev-file",
+            "dev.csv",
+            "-o",
+            "o2",
+            "--set",
+            "train.freeze=lora_,classifier",
+        ],
+        &["freezes every trainable"],
+    );
+    assert_fails(
+        &t,
+        &[
+            "train",
+            "--model",
+            &model,
+            "--train-file",
+            "train.csv",
+            "--dev-file",
+            "dev.csv",
+            "-o",
+            "o3",
+            "--set",
+            "lora.rr=3",
+        ],
+        &["unknown setting `lora.rr`", "lora.r"],
+    );
 }

@@ -150,6 +150,16 @@ impl DeltaConfig {
         c
     }
 
+    /// The learned-subspace path of an intrinsic prompt (itself or a composition member), to
+    /// copy the artifact beside a saved adapter and resolve it on load.
+    pub fn subspace_mut(&mut self) -> Option<&mut Option<String>> {
+        match self {
+            Self::Intrinsic(c) => Some(&mut c.subspace),
+            Self::Compose(c) => c.deltas.iter_mut().find_map(|d| d.subspace_mut()),
+            _ => None,
+        }
+    }
+
     /// Why the delta cannot be folded into the base weights, or `None` when it can (LoRA, IA3,
     /// BitFit, and compositions of only those without gates).
     pub fn merge_blocker(&self) -> Option<String> {

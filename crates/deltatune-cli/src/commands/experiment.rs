@@ -88,7 +88,91 @@ pub const PRESETS: &[Preset] = &[
             "intrinsic.intrinsic_dim=8",
         ],
     ),
+    p(
+        "intrinsic-learned",
+        "z of d = 8 through a learned subspace: PCA of 9 prompts, each prompt-tuned (lr 3e-2) for 1 epoch on its own ninth of the training set; lr 5e-2",
+        &[
+            "--method",
+            "intrinsic",
+            "--lr",
+            "5e-2",
+            "--set",
+            "intrinsic.intrinsic_dim=8",
+            "--set",
+            "intrinsic.subspace={subspace}",
+        ],
+    ),
+    p(
+        "unipelt",
+        "UniPELT, gated: LoRA (r 8, query+value, lr 5e-4) + prefix (20 tokens, lr 1e-2) + Pfeiffer adapter (reduction 16, lr 1e-3)",
+        &["--method", "unipelt", "--lr", "5e-4"],
+    ),
+    p(
+        "mam",
+        "MAM (He et al. 2022): prefix (20 tokens, lr 1e-2) + parallel adapter beside the feed-forward (reduction 4, scaling 4, lr 1e-3), no gates",
+        &[
+            "--method",
+            "mam",
+            "--lr",
+            "5e-4",
+            "--set",
+            "adapter.reduction_factor=4",
+        ],
+    ),
 ];
+
+/// Source prompts of the learned subspace: one per shard of the training set.
+const SUBSPACE_SOURCES: usize = 9;
+/// Its dimension (at most `SUBSPACE_SOURCES - 1`).
+const SUBSPACE_DIM: usize = 8;
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Trains the source prompts that are not there yet (same seed and init, disjoint shards of the
+/// training set) and fits the subspace; returns the artifact's path.
+fn learned_subspace(exe: &Path, runs: &Path, epochs: Option<usize>) -> Result<PathBuf> {
+    let mut dirs = Vec::new();
+    for i in 0..SUBSPACE_SOURCES {
+        let out = runs.join("subspace-sources").join(format!("shard-{i}"));
+        if !out.join("adapter_model.safetensors").exists() {
+            eprintln!("== subspace source {i}: prompt tuning on shard {i}/{SUBSPACE_SOURCES}");
+            let mut cmd = Command::new(exe);
+            cmd.args([
+                "train",
+                "--method",
+                "prompt",
+                "--lr",
+                "3e-2",
+                "--no-progress",
+            ])
+            .arg("--epochs")
+            .arg(epochs.map_or(1, |e| e.min(1)).to_string())
+            .arg("--set")
+            .arg(format!("data.train_shard={i}/{SUBSPACE_SOURCES}"))
+            .arg("--output")
+            .arg(&out);
+            run(&mut cmd, &format!("training subspace source {i}"))?;
+        }
+        dirs.push(out);
+    }
+    let path = runs.join(format!("subspace-d{SUBSPACE_DIM}.safetensors"));
+    let mut cmd = Command::new(exe);
+    cmd.args(["subspace", "fit", "--dim", &SUBSPACE_DIM.to_string()])
+        .arg("--output")
+        .arg(&path)
+        .arg("--adapters")
+        .args(&dirs);
+    run(&mut cmd, "fitting the subspace")?;
+    Ok(path)
+}
 
 /// Runs the listed rows (all when empty) and updates `table` (Markdown) and the JSON beside it:
 /// rows run now replace rows of the same name, other rows are kept as they were.
@@ -117,13 +201,21 @@ pub fn methods(only: &[String], epochs: Option<usize>, runs: &Path, table: &Path
             continue;
         }
         let out = runs.join(preset.name);
+        let mut args: Vec<String> = preset.args.iter().map(|a| a.to_string()).collect();
+        if args.iter().any(|a| a.contains("{subspace}")) {
+            let path = learned_subspace(&exe, runs, epochs)?;
+            let path = path.canonicalize().unwrap_or(path);
+            for a in &mut args {
+                *a = a.replace("{subspace}", &path.display().to_string());
+            }
+        }
         eprintln!("== {}: {}", preset.name, preset.settings);
         let mut cmd = Command::new(&exe);
         cmd.arg("train")
             .arg("--output")
             .arg(&out)
             .arg("--no-progress")
-            .args(preset.args);
+            .args(&args);
         if let Some(e) = epochs {
             cmd.arg("--epochs").arg(e.to_string());
         }

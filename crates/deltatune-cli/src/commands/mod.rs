@@ -4,12 +4,15 @@ mod bench;
 pub mod experiment;
 mod fetch;
 mod inspect;
+mod merge;
 mod predict;
+pub mod subspace;
 mod train;
 
 pub use bench::bench;
 pub use fetch::fetch;
 pub use inspect::inspect;
+pub use merge::merge;
 pub use predict::{eval, predict};
 pub use train::train;
 

@@ -8,7 +8,7 @@ use deltatune_train::artifact::{
 };
 use serde_json::json;
 
-use crate::session::{self, RunConfig};
+use crate::session::{self, RunConfig, SUBSPACE_FILE};
 use crate::settings::Settings;
 
 /// `deltatune train`.
@@ -99,7 +99,16 @@ pub fn train(s: &Settings) -> Result<()> {
         Some(t) => Some(deltatune_train::evaluate(&loaded.model, t, s.train.eval_batch_size)?.0),
         None => None,
     };
-    let delta = s.delta().for_saving(&run.model_dir.display().to_string());
+    let mut delta = s.delta().for_saving(&run.model_dir.display().to_string());
+    // A learned subspace travels with the adapter, so the folder is complete on its own.
+    if let Some(slot) = delta.subspace_mut() {
+        if let Some(src) = slot.clone() {
+            let bytes = std::fs::read(&src)
+                .map_err(|e| anyhow::anyhow!("reading the subspace artifact {src}: {e}"))?;
+            staging.write(SUBSPACE_FILE, &bytes)?;
+            *slot = Some(SUBSPACE_FILE.to_string());
+        }
+    }
     staging.write_json(ADAPTER_CONFIG, &delta.to_json(&loaded.model))?;
     let tensors = delta.export(&trainables)?;
     staging.write(

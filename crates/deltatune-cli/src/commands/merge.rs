@@ -1,0 +1,123 @@
+//! `deltatune merge`: folds a mergeable delta (LoRA, IA3, BitFit, or an ungated composition of
+//! those) into the base weights and writes a plain Hugging Face model folder, as PEFT's
+//! `merge_and_unload()` + `save_pretrained()` do. Other methods get an error saying why.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use deltatune_core::{Ctx, HasSites};
+use deltatune_models::BertClassifier;
+
+use crate::session;
+
+/// Texts used to check that the written model reproduces the adapter.
+const CHECK_TEXTS: &[&str] = &[
+    "a gorgeous, witty, seductive movie.",
+    "the plot is nothing but boilerplate cliches from start to finish.",
+    "it is what it is.",
+];
+
+pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
+    let cfg_text = std::fs::read_to_string(adapter.join(deltatune_train::artifact::ADAPTER_CONFIG))
+        .with_context(|| format!("reading the adapter config in {}", adapter.display()))?;
+    let delta = deltatune_methods::DeltaConfig::from_json(serde_json::from_str(&cfg_text)?)?;
+    if let Some(why) = delta.merge_blocker() {
+        bail!(
+            "cannot merge the `{}` adapter in {}: {why}",
+            delta.name(),
+            adapter.display()
+        );
+    }
+    let mut run = session::load_adapter(adapter)?;
+    let refs: Vec<&str> = CHECK_TEXTS.to_vec();
+    let ids = run.loaded.tokenizer.encode_batch(&refs)?;
+    let before = deltatune_train::predict_proba(&run.loaded.model, &ids, 64)?;
+    for lin in run.loaded.model.linears_mut() {
+        lin.merge()?;
+    }
+    let tensors: BTreeMap<String, candle_core::Tensor> = run
+        .loaded
+        .model
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.detach().contiguous()?)))
+        .collect::<Result<_>>()?;
+    // config.json: the base model's, with the label set of the adapter.
+    let base_dir = &run.run.model_dir;
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(base_dir.join("config.json"))
+            .with_context(|| format!("reading {}", base_dir.join("config.json").display()))?,
+    )?;
+    let n = run.labels.len();
+    let id2label: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| {
+            (
+                i.to_string(),
+                run.labels.label(i as u32).unwrap_or("?").into(),
+            )
+        })
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| {
+            (
+                run.labels.label(i as u32).unwrap_or("?").to_string(),
+                i.into(),
+            )
+        })
+        .collect();
+    config["id2label"] = id2label.into();
+    config["label2id"] = label2id.into();
+    config["num_labels"] = n.into();
+    config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    let staging = deltatune_train::artifact::Staging::create(out)?;
+    staging.write(
+        "model.safetensors",
+        &deltatune_core::to_safetensors_bytes(&tensors)?,
+    )?;
+    staging.write_json("config.json", &config)?;
+    for extra in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ] {
+        let src = base_dir.join(extra);
+        if src.exists() {
+            staging.write(extra, &std::fs::read(&src)?)?;
+        }
+    }
+    run.labels
+        .save(&staging.file(deltatune_train::artifact::LABELS))?;
+    let dir = staging.commit()?;
+    // Reload the written folder as a plain model and compare with the adapter.
+    let plain = BertClassifier::load(
+        &dir,
+        n,
+        run.run.settings.pooling,
+        &mut deltatune_core::Rng::new(0),
+    )?;
+    let _ = Ctx::eval();
+    let after = deltatune_train::predict_proba(&plain, &ids, 64)?;
+    let diff = before
+        .iter()
+        .flatten()
+        .zip(after.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    if diff > 1e-4 {
+        bail!(
+            "the merged model in {} differs from the adapter by {diff:.2e} in probability; please \
+             report this",
+            dir.display()
+        );
+    }
+    println!(
+        "merged `{}` into the weights: {} written (max probability difference to the adapter \
+         {diff:.1e} on {} check texts)",
+        delta.name(),
+        dir.display(),
+        CHECK_TEXTS.len()
+    );
+    Ok(())
+}

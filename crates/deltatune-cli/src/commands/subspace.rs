@@ -1,0 +1,99 @@
+//! `deltatune subspace fit`: the learned intrinsic subspace (Qin et al. 2021) from several
+//! trained prompt-tuning adapters.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use deltatune_methods::intrinsic::fit_subspace;
+use deltatune_methods::DeltaConfig;
+use deltatune_train::artifact::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+
+/// The soft prompt [P, hidden] of a prompt-tuning adapter folder.
+fn prompt_of(dir: &Path) -> Result<(Tensor, Option<String>)> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+        format!(
+            "reading {} (each source must be an adapter folder written by `deltatune train --method prompt`)",
+            cfg_path.display()
+        )
+    })?;
+    let cfg = DeltaConfig::from_json(serde_json::from_str(&text)?)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let DeltaConfig::Prompt(p) = cfg else {
+        bail!(
+            "{} is a `{}` adapter; a subspace is fitted from prompt-tuning adapters (--method prompt)",
+            dir.display(),
+            cfg.name()
+        );
+    };
+    let wpath = dir.join(ADAPTER_WEIGHTS);
+    let w = deltatune_core::Weights::load(&wpath, DType::F32)?;
+    let t = w
+        .tensors()
+        .find(|(k, _)| *k == "prompt_embeddings")
+        .map(|(_, t)| t.clone())
+        .with_context(|| format!("{} has no `prompt_embeddings` tensor", wpath.display()))?;
+    Ok((t, p.base_model_name_or_path))
+}
+
+/// Fits a `dim`-dimensional subspace (PCA) to the prompts of `adapters` and writes it to `out`.
+pub fn fit(adapters: &[PathBuf], dim: usize, out: &Path) -> Result<()> {
+    if adapters.len() < 2 {
+        bail!(
+            "`subspace fit` needs at least 2 prompt-tuning adapters (got {}); the subspace \
+             dimension can be at most their number minus one",
+            adapters.len()
+        );
+    }
+    let mut prompts = Vec::new();
+    let mut base: Option<String> = None;
+    for dir in adapters {
+        let (t, b) = prompt_of(dir)?;
+        if let (Some(first), Some(this)) = (&base, &b) {
+            if first != this {
+                bail!(
+                    "{} was trained on {this} but the first source on {first}: a subspace is \
+                     fitted for one base model",
+                    dir.display()
+                );
+            }
+        }
+        base = base.or(b);
+        prompts.push(t);
+    }
+    let s = fit_subspace(&prompts, dim)?;
+    // How much of each prompt's deviation from the mean the subspace keeps.
+    let mut kept = Vec::new();
+    for p in &prompts {
+        let dev = (p - &s.p0)?;
+        let rec = (s.decode(&s.project(p)?)? - &s.p0)?;
+        let num: f32 = (&dev - &rec)?.sqr()?.sum_all()?.to_scalar()?;
+        let den: f32 = dev.sqr()?.sum_all()?.to_scalar()?;
+        kept.push(1.0 - num / den.max(1e-30));
+    }
+    if let Some(dir) = out.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    s.save(out)?;
+    println!(
+        "subspace of dimension {dim} fitted to {} prompts of shape {:?}; share of each prompt's \
+         deviation from the mean kept: {}",
+        prompts.len(),
+        s.p0.dims(),
+        kept.iter()
+            .map(|k| format!("{k:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "written to {} (train on it with --method intrinsic --set intrinsic.subspace={} --set \
+         intrinsic.intrinsic_dim={dim} --set intrinsic.num_virtual_tokens={})",
+        out.display(),
+        out.display(),
+        s.p0.dims()[0]
+    );
+    Ok(())
+}
