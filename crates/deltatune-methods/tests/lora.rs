@@ -1,58 +1,15 @@
 //! LoRA properties and PEFT compatibility, on the tiny random BERT of tests/fixtures.
 
+mod common;
+
+use common::*;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use deltatune_core::{Ctx, HasSites, Rng, TargetModules, Weights};
+use deltatune_core::{Ctx, HasSites, Rng, TargetModules};
 use deltatune_methods::{load_state_dict, lora, state_dict, LoraConfig};
-use deltatune_models::{BertClassifier, Inputs, Pooling};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn tiny() -> BertClassifier {
-    BertClassifier::load(
-        &fixtures().join("tiny-bert"),
-        3,
-        Pooling::Cls,
-        &mut Rng::new(0),
-    )
-    .unwrap()
-}
-
-fn load_map(p: &Path) -> BTreeMap<String, Tensor> {
-    let w = Weights::load(p, DType::F32).unwrap();
-    w.tensors()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect()
-}
-
-fn fixture_inputs(dir: &str) -> (Inputs, BTreeMap<String, Tensor>) {
-    let m = load_map(&fixtures().join(dir).join("expected.safetensors"));
-    let u = |k: &str| m[k].to_dtype(DType::U32).unwrap();
-    let inp = Inputs {
-        input_ids: u("input_ids"),
-        attention_mask: u("attention_mask"),
-        token_type_ids: Some(u("token_type_ids")),
-    };
-    (inp, m)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 fn cfg(json: &str) -> LoraConfig {
     serde_json::from_str(json).unwrap()

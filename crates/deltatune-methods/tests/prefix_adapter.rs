@@ -1,69 +1,20 @@
 //! Prefix tuning and bottleneck adapters, on the tiny random BERT of tests/fixtures
 //! (hidden 32, 2 layers, 4 heads).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use common::*;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
 use deltatune_core::hooks::SiteDelta;
-use deltatune_core::{Ctx, Rng, Weights};
+use deltatune_core::{Ctx, Rng};
 use deltatune_methods::adapter::{self, BottleneckConfig};
 use deltatune_methods::prefix::{self, PrefixDelta, PrefixSource, PrefixTuningConfig};
 use deltatune_methods::{load_state_dict, state_dict, Trainable};
-use deltatune_models::{BertClassifier, Inputs, Pooling};
-
-const H: usize = 32;
-const L: usize = 2;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn tiny() -> BertClassifier {
-    BertClassifier::load(
-        &fixtures().join("tiny-bert"),
-        3,
-        Pooling::Cls,
-        &mut Rng::new(0),
-    )
-    .unwrap()
-}
-
-fn inputs() -> Inputs {
-    let w = Weights::load(
-        &fixtures().join("tiny-bert").join("expected.safetensors"),
-        DType::F32,
-    )
-    .unwrap();
-    let m: BTreeMap<String, Tensor> = w
-        .tensors()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
-    let u = |k: &str| m[k].to_dtype(DType::U32).unwrap();
-    Inputs {
-        input_ids: u("input_ids"),
-        attention_mask: u("attention_mask"),
-        token_type_ids: Some(u("token_type_ids")),
-    }
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn abs_sum(t: &Tensor) -> f32 {
-    t.abs().unwrap().sum_all().unwrap().to_scalar().unwrap()
-}
+use deltatune_models::BertClassifier;
 
 fn prefix_cfg(json: &str) -> PrefixTuningConfig {
     serde_json::from_str(json).unwrap()
@@ -72,9 +23,6 @@ fn prefix_cfg(json: &str) -> PrefixTuningConfig {
 fn adapter_cfg(json: &str) -> BottleneckConfig {
     serde_json::from_str(json).unwrap()
 }
-
-const CLS_W: &str = "base_model.model.classifier.weight";
-const CLS_B: &str = "base_model.model.classifier.bias";
 
 /// The keys and shapes of `trainables`, sorted.
 fn shapes(trainables: &[Trainable]) -> BTreeMap<String, Vec<usize>> {
@@ -140,19 +88,6 @@ fn check_gradients(m: &BertClassifier, trainables: &[Trainable], what: &str) {
             "{what}: frozen tensor {name} received a gradient"
         );
     }
-}
-
-/// Writes `tensors` to safetensors bytes and reads them back.
-fn round_trip(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
-    let bytes = deltatune_core::to_safetensors_bytes(tensors).unwrap();
-    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
-fn eval_logits(m: &BertClassifier) -> Tensor {
-    m.forward(&inputs(), &Ctx::eval()).unwrap()
 }
 
 #[test]

@@ -1,60 +1,20 @@
 //! Prompt tuning, intrinsic prompt tuning and learned subspaces, on the tiny random BERT of
 //! tests/fixtures (hidden 32, 2 layers, vocab 120).
 
+mod common;
+
+use common::*;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
-use deltatune_core::{Ctx, Error, HasSites, Rng, Weights};
+use candle_core::{Device, Tensor};
+use deltatune_core::{Ctx, Error, HasSites, Rng};
 use deltatune_methods::intrinsic::{self, IntrinsicPromptConfig, ProjectionKind};
 use deltatune_methods::prompt::{self, PromptDelta, PromptTuningConfig};
 use deltatune_methods::{load_state_dict, state_dict, Trainable};
-use deltatune_models::{BertClassifier, Inputs, Pooling};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn tiny_with(pooling: Pooling) -> BertClassifier {
-    BertClassifier::load(&fixtures().join("tiny-bert"), 3, pooling, &mut Rng::new(0)).unwrap()
-}
-
-fn tiny() -> BertClassifier {
-    tiny_with(Pooling::Cls)
-}
-
-fn inputs() -> Inputs {
-    let w = Weights::load(
-        &fixtures().join("tiny-bert/expected.safetensors"),
-        DType::F32,
-    )
-    .unwrap();
-    let m: BTreeMap<String, Tensor> = w
-        .tensors()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
-    let u = |k: &str| m[k].to_dtype(DType::U32).unwrap();
-    Inputs {
-        input_ids: u("input_ids"),
-        attention_mask: u("attention_mask"),
-        token_type_ids: Some(u("token_type_ids")),
-    }
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+use deltatune_models::{BertClassifier, Pooling};
 
 fn pcfg(json: &str) -> PromptTuningConfig {
     serde_json::from_str(json).unwrap()
