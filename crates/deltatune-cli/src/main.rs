@@ -93,6 +93,26 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+    /// Hyperparameter search: run or resume a study over delta methods and their settings.
+    /// Every trial is a `deltatune train` run; several workers (here or on other machines
+    /// sharing a PostgreSQL store) claim trials from one study.
+    Search(SearchCli),
+    /// What a study store holds: `list`, `show NAME`, `best NAME`, `export NAME`, `report NAME`.
+    Study {
+        /// list, show, best, export or report.
+        action: String,
+        /// The study (all actions but list).
+        name: Option<String>,
+        /// Study store: a SQLite file (default runs/studies.db) or postgres://...
+        #[arg(long, env = "DELTATUNE_STORAGE", default_value = "runs/studies.db")]
+        storage: String,
+        /// export: csv or json.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// export/report: the file to write (export prints to stdout without it).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Time one LoRA training step and forward-only inference (batch 16 x 128) on the model.
     Bench {
         #[command(flatten)]
@@ -104,6 +124,53 @@ enum Command {
         #[arg(long)]
         reference: Option<PathBuf>,
     },
+}
+
+/// `deltatune search` flags.
+#[derive(Debug, Args, Clone)]
+pub struct SearchCli {
+    /// The search space (TOML): [methods.NAME] tables and shared [train] ranges.
+    #[arg(long)]
+    space: PathBuf,
+    /// Study name; an existing study of that name (same space) is resumed.
+    #[arg(long)]
+    study: String,
+    /// Study store: a SQLite file, or postgres://user@host/db for workers on many machines.
+    #[arg(long, env = "DELTATUNE_STORAGE", default_value = "runs/studies.db")]
+    storage: String,
+    /// Trials in the study (complete + pruned; failed ones are retried or replaced).
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+    /// Worker processes to run on this machine.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// tpe or random (fixed when the study is created).
+    #[arg(long, default_value = "tpe")]
+    sampler: String,
+    /// median, asha or none (fixed when the study is created).
+    #[arg(long, default_value = "median")]
+    pruner: String,
+    /// Seed of the sampler: the same seed and history give the same suggestions.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// train (each trial trains a delta; objective: dev accuracy) or synthetic (a fast test
+    /// function, for trying a store and workers).
+    #[arg(long, default_value = "train")]
+    objective: String,
+    /// Folder for the trials' adapter folders and logs.
+    #[arg(long, default_value = "runs/search")]
+    runs: PathBuf,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 2.0)]
+    heartbeat: f64,
+    /// A running trial without a heartbeat for this many seconds is failed and retried.
+    #[arg(long, default_value_t = 30.0)]
+    stale_timeout: f64,
+    /// A setting for every trial's `train` (repeatable), e.g. --set train.max_steps=100.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    #[arg(long, hide = true)]
+    worker_only: bool,
 }
 
 /// Settings shared by `train`, `inspect` and `bench`; each flag overrides its env var and the
@@ -335,6 +402,52 @@ fn main() -> ExitCode {
                 ))
             } else {
                 commands::subspace::fit(&adapters, dim, &output)
+            }
+        }
+        Command::Search(a) => commands::search::search(&commands::search::SearchArgs {
+            space: a.space,
+            study: a.study,
+            storage: a.storage,
+            trials: a.trials,
+            workers: a.workers,
+            sampler: a.sampler,
+            pruner: a.pruner,
+            seed: a.seed,
+            objective: a.objective,
+            runs: a.runs,
+            heartbeat: a.heartbeat,
+            stale_timeout: a.stale_timeout,
+            set: a.set,
+            worker_only: a.worker_only,
+        }),
+        Command::Study {
+            action,
+            name,
+            storage,
+            format,
+            output,
+        } => {
+            let need = || {
+                name.clone().ok_or_else(|| {
+                    anyhow::anyhow!("`study {action}` needs the study name (see `study list`)")
+                })
+            };
+            match action.as_str() {
+                "list" => commands::study::list(&storage),
+                "show" => need().and_then(|n| commands::study::show(&storage, &n, 0)),
+                "best" => need().and_then(|n| commands::study::best_cmd(&storage, &n)),
+                "export" => need().and_then(|n| {
+                    commands::study::export(&storage, &n, &format, output.as_deref())
+                }),
+                "report" => need().and_then(|n| {
+                    let out = output
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from(format!("runs/{n}-report.html")));
+                    commands::study::report(&storage, &n, &out)
+                }),
+                o => Err(anyhow::anyhow!(
+                    "unknown study action `{o}` (available: list, show, best, export, report)"
+                )),
             }
         }
         Command::Bench {

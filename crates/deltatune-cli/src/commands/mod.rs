@@ -6,6 +6,8 @@ mod fetch;
 mod inspect;
 mod merge;
 mod predict;
+pub mod search;
+pub mod study;
 pub mod subspace;
 mod train;
 

@@ -1,0 +1,311 @@
+//! `deltatune search`: runs or resumes a study; each trial is a `deltatune train` run (or the
+//! fast synthetic objective), several workers claim trials from one store.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use deltatune_search::pruner::{AshaPruner, MedianPruner, NoPruner, Pruner};
+use deltatune_search::sampler::{RandomSampler, Sampler, TpeSampler};
+use deltatune_search::space::{Dist, Space, METHOD_KEY};
+use deltatune_search::storage::{self, StudyRow, StudyStore, TrialRow};
+use deltatune_search::worker::{run_worker, Objective, Verdict, WorkerConfig};
+
+/// `deltatune search` arguments, resolved.
+#[derive(Debug, Clone)]
+pub struct SearchArgs {
+    pub space: PathBuf,
+    pub study: String,
+    pub storage: String,
+    pub trials: usize,
+    pub workers: usize,
+    pub sampler: String,
+    pub pruner: String,
+    pub seed: u64,
+    pub objective: String,
+    pub runs: PathBuf,
+    pub heartbeat: f64,
+    pub stale_timeout: f64,
+    /// Extra `--set KEY=VALUE` for every trial's `train`.
+    pub set: Vec<String>,
+    /// Internal: run one worker in this process (the parent spawned us).
+    pub worker_only: bool,
+}
+
+pub fn sampler(name: &str) -> Result<Box<dyn Sampler>> {
+    Ok(match name {
+        "tpe" => Box::new(TpeSampler::default()),
+        "random" => Box::new(RandomSampler),
+        o => bail!("unknown sampler `{o}` (available: tpe, random)"),
+    })
+}
+
+pub fn pruner(name: &str) -> Result<Box<dyn Pruner>> {
+    Ok(match name {
+        "median" => Box::new(MedianPruner::default()),
+        "asha" => Box::new(AshaPruner::default()),
+        "none" => Box::new(NoPruner),
+        o => bail!("unknown pruner `{o}` (available: median, asha, none)"),
+    })
+}
+
+/// Each trial is `deltatune train` in a child process; its per-epoch dev accuracy (from
+/// `metrics.jsonl`) is the intermediate value, its final dev accuracy the objective.
+struct TrainObjective {
+    exe: PathBuf,
+    dir: PathBuf,
+    set: Vec<String>,
+}
+
+impl TrainObjective {
+    fn args(&self, t: &TrialRow, out: &Path) -> Vec<String> {
+        let mut a = vec![
+            "train".to_string(),
+            "--no-progress".into(),
+            "--output".into(),
+            out.display().to_string(),
+        ];
+        for s in &self.set {
+            a.push("--set".into());
+            a.push(s.clone());
+        }
+        for (k, v) in &t.params {
+            a.push("--set".into());
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                o => o.to_string(),
+            };
+            a.push(format!("{k}={v}"));
+        }
+        a
+    }
+}
+
+impl Objective for TrainObjective {
+    fn run(
+        &self,
+        t: &TrialRow,
+        report: &mut dyn FnMut(usize, f64) -> deltatune_search::Result<Verdict>,
+    ) -> deltatune_search::Result<f64> {
+        let err = |m: String| deltatune_search::Error::Objective(m);
+        let out = self.dir.join(format!("trial-{:04}", t.number));
+        let log_path = self.dir.join(format!("trial-{:04}.log", t.number));
+        std::fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
+        let log = std::fs::File::create(&log_path).map_err(|e| err(e.to_string()))?;
+        let mut child: Child = Command::new(&self.exe)
+            .args(self.args(t, &out))
+            .stdout(Stdio::from(
+                log.try_clone().map_err(|e| err(e.to_string()))?,
+            ))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| err(format!("starting {}: {e}", self.exe.display())))?;
+        // The staging folder holds metrics.jsonl while the run trains.
+        let mut seen = 0usize;
+        loop {
+            let status = child.try_wait().map_err(|e| err(e.to_string()))?;
+            let metrics = find_metrics(&out);
+            if let Some(m) = metrics {
+                if let Ok(f) = std::fs::File::open(&m) {
+                    let lines: Vec<String> =
+                        BufReader::new(f).lines().map_while(|l| l.ok()).collect();
+                    for line in lines.iter().skip(seen) {
+                        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                        if let (Some(epoch), Some(acc)) = (
+                            v["epoch"].as_u64(),
+                            v["dev"]["accuracy"].as_f64().or(v["dev_accuracy"].as_f64()),
+                        ) {
+                            seen += 1;
+                            if report(epoch as usize, acc)? == Verdict::Stop {
+                                let _ = child.kill();
+                                let _ = child.wait();
+                                return Err(err("stopped".into()));
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(s) = status {
+                if !s.success() {
+                    return Err(err(format!(
+                        "deltatune train failed ({s}); see {}",
+                        log_path.display()
+                    )));
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let res: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("results.json")).map_err(|e| err(e.to_string()))?,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        res["dev"]["accuracy"]
+            .as_f64()
+            .ok_or_else(|| err("results.json has no dev accuracy".into()))
+    }
+}
+
+/// `metrics.jsonl` of a run in progress (in its staging folder) or finished.
+fn find_metrics(out: &Path) -> Option<PathBuf> {
+    let done = out.join("metrics.jsonl");
+    if done.exists() {
+        return Some(done);
+    }
+    let parent = out.parent()?;
+    let name = out.file_name()?.to_string_lossy().to_string();
+    std::fs::read_dir(parent)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with(&format!(".{name}.partial")))
+                .unwrap_or(false)
+        })
+        .map(|p| p.join("metrics.jsonl"))
+}
+
+/// A fast objective for trying stores and workers: a smooth function of the parameters with a
+/// maximum of 1, reported over 3 steps, sleeping `DELTATUNE_SYNTHETIC_SLEEP` seconds (default
+/// 0.2) per step.
+struct SyntheticObjective {
+    space: Space,
+}
+
+impl Objective for SyntheticObjective {
+    fn run(
+        &self,
+        t: &TrialRow,
+        report: &mut dyn FnMut(usize, f64) -> deltatune_search::Result<Verdict>,
+    ) -> deltatune_search::Result<f64> {
+        let sleep: f64 = std::env::var("DELTATUNE_SYNTHETIC_SLEEP")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.2);
+        let method = t
+            .params
+            .get(METHOD_KEY)
+            .and_then(|m| m.as_str())
+            .unwrap_or("");
+        let mut penalty = 0.0;
+        for p in self.space.params_for(method) {
+            if let (Some(v), Dist::Float { .. } | Dist::Int { .. }) =
+                (t.params.get(&p.name), &p.dist)
+            {
+                let (lo, hi) = p.dist.internal_range();
+                let x = p.dist.to_internal(v).unwrap_or(lo);
+                let u = (x - lo) / (hi - lo).max(1e-12);
+                penalty += (u - 0.3).powi(2);
+            }
+        }
+        let final_value = 1.0 - penalty;
+        let mut v = 0.0;
+        for step in 1..=3 {
+            std::thread::sleep(Duration::from_secs_f64(sleep));
+            v = final_value - 0.1 * (3 - step) as f64;
+            if report(step, v)? == Verdict::Stop {
+                return Ok(v);
+            }
+        }
+        Ok(v)
+    }
+}
+
+/// `deltatune search`.
+pub fn search(a: &SearchArgs) -> Result<()> {
+    let space = Space::load(&a.space)?;
+    let sampler = sampler(&a.sampler)?;
+    let pruner = pruner(&a.pruner)?;
+    if a.objective != "train" && a.objective != "synthetic" {
+        bail!(
+            "unknown objective `{}` (available: train, synthetic)",
+            a.objective
+        );
+    }
+    if a.trials == 0 || a.workers == 0 {
+        bail!("--trials and --workers must be at least 1");
+    }
+    let mut store = storage::open(&a.storage)?;
+    let (study, created) = store.create_or_resume(&StudyRow {
+        id: 0,
+        name: a.study.clone(),
+        direction: space.direction,
+        space: space.source.clone(),
+        n_trials: a.trials,
+        sampler: sampler.name().into(),
+        pruner: pruner.name().into(),
+        seed: a.seed,
+    })?;
+    if !a.worker_only {
+        eprintln!(
+            "study `{}` {} in {} ({} trials, sampler {}, pruner {}, {} worker{})",
+            study.name,
+            if created { "created" } else { "resumed" },
+            store.describe(),
+            study.n_trials,
+            study.sampler,
+            study.pruner,
+            a.workers,
+            if a.workers == 1 { "" } else { "s" }
+        );
+    }
+    // Samplers and pruners come from the study, so resumed and remote workers agree.
+    let sampler = self::sampler(&study.sampler)?;
+    let pruner = self::pruner(&study.pruner)?;
+    let exe = std::env::current_exe().context("finding the deltatune binary")?;
+    let mut children = Vec::new();
+    if a.workers > 1 && !a.worker_only {
+        for _ in 1..a.workers {
+            let mut args: Vec<String> = std::env::args().skip(1).collect();
+            args.push("--worker-only".into());
+            let child = Command::new(&exe)
+                .args(&args)
+                .stdout(Stdio::inherit())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting a worker process")?;
+            children.push(child);
+        }
+    }
+    let mut cfg = WorkerConfig::new(&a.storage);
+    cfg.heartbeat = a.heartbeat;
+    cfg.stale_timeout = a.stale_timeout;
+    let objective: Box<dyn Objective> = if a.objective == "synthetic" {
+        Box::new(SyntheticObjective {
+            space: space.clone(),
+        })
+    } else {
+        Box::new(TrainObjective {
+            exe: exe.clone(),
+            dir: a.runs.join(&study.name),
+            set: a.set.clone(),
+        })
+    };
+    let id = cfg.worker_id.clone();
+    let summary = run_worker(
+        &cfg,
+        &study,
+        &space,
+        sampler.as_ref(),
+        pruner.as_ref(),
+        objective.as_ref(),
+        &mut |m| eprintln!("[{id}] {m}"),
+    )?;
+    for mut c in children {
+        let s = c.wait()?;
+        if !s.success() {
+            eprintln!("a worker process ended with {s}");
+        }
+    }
+    if !a.worker_only {
+        eprintln!(
+            "this worker: {} complete, {} pruned, {} failed",
+            summary.complete, summary.pruned, summary.failed
+        );
+        super::study::show(&a.storage, &study.name, 10)?;
+    }
+    Ok(())
+}

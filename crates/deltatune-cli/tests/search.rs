@@ -1,0 +1,265 @@
+//! Multi-worker search against a real store: three worker processes share one study of 30
+//! trials of the fast synthetic objective, one is killed with SIGKILL mid-trial, and every
+//! trial must end complete or failed-and-retried, none lost and none run twice.
+//! The PostgreSQL variant needs `DELTATUNE_TEST_POSTGRES` (a database URL; `.ci/run` starts a
+//! server with scripts/start_test_postgres.sh) and is required when `DELTATUNE_REQUIRE_PG=1`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SPACE: &str = r#"
+[train]
+lr = { float = [1e-4, 1e-2], log = true }
+[methods.lora]
+r = { int = [4, 16], step = 4 }
+[methods.prompt]
+num_virtual_tokens = { int = [10, 40], step = 10 }
+"#;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dt-search-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn worker(dir: &Path, storage: &str, study: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args([
+            "search",
+            "--space",
+            "space.toml",
+            "--study",
+            study,
+            "--storage",
+            storage,
+            "--trials",
+            "30",
+            "--workers",
+            "1",
+            "--objective",
+            "synthetic",
+            "--pruner",
+            "none",
+            "--heartbeat",
+            "0.2",
+            "--stale-timeout",
+            "2",
+        ])
+        .current_dir(dir)
+        .env("DELTATUNE_SYNTHETIC_SLEEP", "0.15")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn wait(mut c: Child, limit: Duration) {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            assert!(s.success(), "a surviving worker failed: {s}");
+            return;
+        }
+        if t.elapsed() > limit {
+            let _ = c.kill();
+            panic!("a worker did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn kill_one_of_three(dir: &Path, storage: &str, study: &str) {
+    std::fs::write(dir.join("space.toml"), SPACE).unwrap();
+    let mut ws: Vec<Child> = (0..3).map(|_| worker(dir, storage, study)).collect();
+    // Let the workers start trials, then kill one mid-trial (trials take 0.45 s; claims are
+    // milliseconds, so the victim is almost surely inside a trial).
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut victim = ws.remove(0);
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    for w in ws {
+        wait(w, Duration::from_secs(120));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args([
+            "study",
+            "export",
+            study,
+            "--storage",
+            storage,
+            "--format",
+            "json",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let trials = v["trials"].as_array().unwrap();
+    let state = |t: &serde_json::Value| t["state"].as_str().unwrap().to_string();
+    let complete: Vec<&serde_json::Value> =
+        trials.iter().filter(|t| state(t) == "COMPLETE").collect();
+    let failed: Vec<&serde_json::Value> = trials.iter().filter(|t| state(t) == "FAILED").collect();
+    assert_eq!(complete.len(), 30, "complete trials: {trials:#?}");
+    assert!(
+        !failed.is_empty(),
+        "the killed worker's trial should have failed: {trials:#?}"
+    );
+    assert_eq!(trials.len(), 30 + failed.len(), "nothing else: {trials:#?}");
+    for f in &failed {
+        assert!(
+            f["message"].as_str().unwrap_or("").contains("heartbeat"),
+            "{f}"
+        );
+        // Its configuration was retried, and the retry completed with the same parameters.
+        let retry = trials
+            .iter()
+            .find(|t| t["retry_of"] == f["id"])
+            .unwrap_or_else(|| panic!("no retry of {f}"));
+        assert_eq!(state(retry), "COMPLETE", "{retry}");
+        assert_eq!(retry["params"], f["params"]);
+        assert_eq!(retry["attempt"], 2);
+    }
+    // Trial numbers are unique; every complete trial was finished by one worker and has its
+    // three intermediate values exactly once.
+    let mut numbers: Vec<i64> = trials
+        .iter()
+        .map(|t| t["number"].as_i64().unwrap())
+        .collect();
+    numbers.sort();
+    numbers.dedup();
+    assert_eq!(numbers.len(), trials.len());
+    for c in &complete {
+        assert!(c["worker"].is_string());
+        let steps: Vec<u64> = c["intermediate"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[0].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3], "{c}");
+    }
+}
+
+#[test]
+fn sqlite_three_workers_one_killed_no_trial_lost_or_duplicated() {
+    let d = tmp("sqlite");
+    kill_one_of_three(&d, "studies.db", "kill-test");
+    // Resuming a finished study runs nothing more.
+    let out = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args([
+            "search",
+            "--space",
+            "space.toml",
+            "--study",
+            "kill-test",
+            "--storage",
+            "studies.db",
+            "--trials",
+            "30",
+            "--objective",
+            "synthetic",
+        ])
+        .current_dir(&d)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("resumed") && text.contains("30 complete"),
+        "{text}"
+    );
+    // A different space under the same name is refused.
+    std::fs::write(d.join("space.toml"), "[methods.bitfit]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args([
+            "search",
+            "--space",
+            "space.toml",
+            "--study",
+            "kill-test",
+            "--storage",
+            "studies.db",
+            "--objective",
+            "synthetic",
+        ])
+        .current_dir(&d)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("different search space"));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn postgres_three_workers_one_killed_no_trial_lost_or_duplicated() {
+    let Ok(url) = std::env::var("DELTATUNE_TEST_POSTGRES") else {
+        assert!(
+            std::env::var("DELTATUNE_REQUIRE_PG").as_deref() != Ok("1"),
+            "DELTATUNE_REQUIRE_PG=1 but DELTATUNE_TEST_POSTGRES is not set: start a server with \
+             `eval \"$(bash scripts/start_test_postgres.sh)\"`"
+        );
+        eprintln!("skipped: set DELTATUNE_TEST_POSTGRES to run against PostgreSQL");
+        return;
+    };
+    let d = tmp("pg");
+    let study = format!(
+        "kill-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    kill_one_of_three(&d, &url, &study);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_store_with_a_newer_schema_is_refused() {
+    let d = tmp("schema");
+    let db = d.join("s.db");
+    let out = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args(["study", "list", "--storage", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let conn = rusqlite_free_update(&db);
+    assert!(conn);
+    let out = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args(["study", "list", "--storage", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("schema version 99") && e.contains("newer"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Bumps the schema version with the sqlite3 command-line tool if present, else through
+/// Python's sqlite3 module.
+fn rusqlite_free_update(db: &Path) -> bool {
+    let sql = "UPDATE deltatune_schema SET version = 99";
+    let py = format!(
+        "import sqlite3; c = sqlite3.connect({:?}); c.execute({sql:?}); c.commit()",
+        db.display().to_string()
+    );
+    Command::new("python3")
+        .args(["-c", &py])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
