@@ -93,6 +93,19 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+    /// Choose the delta method for the task within a time budget: task features and a rule
+    /// prior, successive halving across methods on dev accuracy, the winner trained to the end,
+    /// and a report (auto-report.html) that explains the choice.
+    Auto {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Wall-clock budget, e.g. 30m, 90s, 1h30m.
+        #[arg(long, default_value = "30m")]
+        budget: String,
+        /// Where to write the HTML report (default OUTPUT/auto-report.html).
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Hyperparameter search: run or resume a study over delta methods and their settings.
     /// Every trial is a `deltatune train` run; several workers (here or on other machines
     /// sharing a PostgreSQL store) claim trials from one study.
@@ -324,6 +337,24 @@ impl RunArgs {
         Ok(f)
     }
 
+    /// The data and model flags as arguments for child `train` runs (method, output and
+    /// training lengths are chosen by the caller).
+    fn passthrough(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(c) = &self.config {
+            v.push("--config".into());
+            v.push(c.display().to_string());
+        }
+        for (k, val) in self.flags().unwrap_or_default() {
+            if k == "method" || k == "output" || k == "progress" {
+                continue;
+            }
+            v.push("--set".into());
+            v.push(format!("{k}={val}"));
+        }
+        v
+    }
+
     /// Resolves settings; with `--show-config`, prints them and returns `None`.
     fn resolve(&self) -> anyhow::Result<Option<settings::Settings>> {
         let env = |k: &str| std::env::var(k).ok();
@@ -404,6 +435,18 @@ fn main() -> ExitCode {
                 commands::subspace::fit(&adapters, dim, &output)
             }
         }
+        Command::Auto {
+            run,
+            budget,
+            report,
+        } => commands::auto::parse_budget(&budget).and_then(|b| {
+            let base = run.passthrough();
+            run.resolve().and_then(|s| {
+                s.map_or(Ok(()), |s| {
+                    commands::auto::auto(&s, &base, b, report.as_deref())
+                })
+            })
+        }),
         Command::Search(a) => commands::search::search(&commands::search::SearchArgs {
             space: a.space,
             study: a.study,

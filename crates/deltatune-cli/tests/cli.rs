@@ -578,3 +578,50 @@ fn freeze_keeps_a_delta_at_its_initial_value() {
         &["unknown setting `lora.rr`", "lora.r"],
     );
 }
+
+#[test]
+fn auto_tries_methods_by_halving_and_trains_the_winner() {
+    let (t, model) = setup("auto");
+    let o = run(
+        &[
+            "auto",
+            "--model",
+            &model,
+            "--train-file",
+            "train.csv",
+            "--dev-file",
+            "dev.csv",
+            "--batch-size",
+            "8",
+            "-o",
+            "chosen",
+            "--budget",
+            "30s",
+        ],
+        &t.0,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("chosen:") && text(&o).contains("prior"),
+        "{}",
+        text(&o)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.0.join("chosen/auto.json")).unwrap())
+            .unwrap();
+    let rungs = v["rungs"].as_array().unwrap();
+    // Every prior method ran in the first rung; later rungs halve.
+    let first = rungs.iter().filter(|r| r["rung"] == 0).count();
+    assert_eq!(first, v["prior"].as_array().unwrap().len());
+    let second = rungs.iter().filter(|r| r["rung"] == 1).count();
+    assert_eq!(second, first.div_ceil(2));
+    assert!(t.0.join("chosen/auto-report.html").exists());
+    // The winner's adapter is a normal adapter folder.
+    let e = run(&["eval", "--adapter", "chosen", "--data", "dev.csv"], &t.0);
+    assert!(e.status.success(), "{}", text(&e));
+    assert_fails(
+        &t,
+        &["auto", "--model", &model, "--budget", "5y"],
+        &["unknown unit"],
+    );
+}

@@ -8,6 +8,7 @@
 //!   claims, heartbeats, and retries of trials whose worker died;
 //! - [`worker`]: the loop every worker runs.
 
+pub mod auto;
 pub mod pruner;
 pub mod sampler;
 pub mod space;

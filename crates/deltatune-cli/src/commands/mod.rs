@@ -1,5 +1,6 @@
 //! One function per subcommand.
 
+pub mod auto;
 mod bench;
 pub mod experiment;
 mod fetch;

@@ -1,0 +1,361 @@
+//! `deltatune auto`: chooses the delta method for a task within a time budget: task features,
+//! a prior from the documented rules (deltatune_search::auto), successive halving across the
+//! methods on measured dev accuracy, then the winner trained to the end; a report explains it.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use deltatune_core::HasSites;
+use deltatune_data::text::LabelMap;
+use deltatune_search::auto::{prior, Candidate, Plan, TaskFeatures};
+use serde::Serialize;
+
+use crate::session;
+use crate::settings::Settings;
+
+/// Parses `90s`, `30m`, `1h`, `1h30m` or plain seconds.
+pub fn parse_budget(s: &str) -> Result<f64> {
+    let mut total = 0.0;
+    let mut num = String::new();
+    for ch in s.trim().chars() {
+        if ch.is_ascii_digit() || ch == '.' {
+            num.push(ch);
+            continue;
+        }
+        let v: f64 = num
+            .parse()
+            .with_context(|| format!("budget `{s}`: expected e.g. 30m, 90s, 1h30m"))?;
+        total += v * match ch {
+            's' => 1.0,
+            'm' => 60.0,
+            'h' => 3600.0,
+            _ => bail!("budget `{s}`: unknown unit `{ch}` (use s, m or h)"),
+        };
+        num.clear();
+    }
+    if !num.is_empty() {
+        total += num
+            .parse::<f64>()
+            .with_context(|| format!("budget `{s}`: expected e.g. 30m, 90s, 1h30m"))?;
+    }
+    if total <= 0.0 {
+        bail!("budget `{s}` must be positive");
+    }
+    Ok(total)
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RungResult {
+    rung: usize,
+    method: String,
+    steps: usize,
+    dev_accuracy: f64,
+    dev_macro_f1: f64,
+    seconds: f64,
+}
+
+fn train_run(
+    exe: &Path,
+    base: &[String],
+    c: &Candidate,
+    out: &Path,
+    extra: &[(String, String)],
+) -> Result<(serde_json::Value, f64)> {
+    let t = Instant::now();
+    let mut cmd = Command::new(exe);
+    cmd.arg("train")
+        .args(base)
+        .arg("--no-progress")
+        .arg("--method")
+        .arg(&c.method)
+        .arg("--output")
+        .arg(out);
+    for (k, v) in c.settings.iter().chain(extra) {
+        cmd.arg("--set").arg(format!("{k}={v}"));
+    }
+    let o = cmd
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !o.status.success() {
+        bail!(
+            "training {} failed:\n{}",
+            c.method,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let res: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json"))
+            .with_context(|| format!("reading {}", out.join("results.json").display()))?,
+    )?;
+    Ok((res, t.elapsed().as_secs_f64()))
+}
+
+/// `deltatune auto`. `base` are the flags given for data and model (passed to every run).
+pub fn auto(s: &Settings, base: &[String], budget: f64, report: Option<&Path>) -> Result<()> {
+    let started = Instant::now();
+    let exe = std::env::current_exe().context("finding the deltatune binary")?;
+    let model_dir = session::model_dir(&s.model, &s.cache)?;
+    let splits = session::load_splits(s)?;
+    let labels = LabelMap::from_train(&splits.train);
+    let loaded = session::load_model(
+        &model_dir,
+        labels.len(),
+        s.pooling,
+        s.data.max_length,
+        s.train.seed,
+    )?;
+    let texts: Vec<&str> = splits.train.iter().map(|e| e.text.as_str()).collect();
+    let ids = loaded.tokenizer.encode_batch(&texts)?;
+    let lens: Vec<usize> = ids.iter().map(|x| x.len()).collect();
+    let mut per_label = std::collections::BTreeMap::<&str, usize>::new();
+    for e in &splits.train {
+        *per_label.entry(e.label.as_str()).or_default() += 1;
+    }
+    let n = splits.train.len();
+    let features = TaskFeatures {
+        train_examples: n,
+        labels: labels.len(),
+        mean_tokens: lens.iter().sum::<usize>() as f64 / n.max(1) as f64,
+        max_tokens: lens.iter().copied().max().unwrap_or(0),
+        min_label_share: per_label.values().copied().min().unwrap_or(0) as f64 / n.max(1) as f64,
+        model_params: loaded.model.param_count(),
+        model_layers: loaded.model.num_layers(),
+        hidden: loaded.model.hidden_size(),
+    };
+    drop(loaded);
+    let candidates = prior(&features);
+    eprintln!(
+        "task: {} training examples, {} labels, {:.0} tokens on average (max {}), rarest label {:.0}%; \
+         model {:.1}M parameters, {} layers",
+        features.train_examples,
+        features.labels,
+        features.mean_tokens,
+        features.max_tokens,
+        100.0 * features.min_label_share,
+        features.model_params as f64 / 1e6,
+        features.model_layers
+    );
+    for c in &candidates {
+        eprintln!(
+            "  prior {:<8} {:.2}  ({})",
+            c.method,
+            c.score,
+            c.reasons.join("; ")
+        );
+    }
+    let work = s.output.with_extension("auto-runs");
+    let steps_per_epoch = n.div_ceil(s.train.batch_size);
+    // Calibration: a few steps of the top candidate give the cost of a step and of a run's
+    // fixed part (loading, evaluation).
+    let calib_steps = 4usize;
+    let (res, secs) = train_run(
+        &exe,
+        base,
+        &candidates[0],
+        &work.join("calibration"),
+        &[
+            ("train.max_steps".into(), calib_steps.to_string()),
+            ("train.epochs".into(), "1".into()),
+        ],
+    )?;
+    let train_secs = res["mean_train_seconds_per_epoch"].as_f64().unwrap_or(secs);
+    let step_seconds = (train_secs / calib_steps as f64).max(1e-3);
+    let fixed = (secs - train_secs).max(0.0);
+    let remaining = budget - started.elapsed().as_secs_f64();
+    // 40% for the winner's final training, the rest for the halving.
+    let final_share = 0.4 * remaining;
+    let n_cand = candidates.len();
+    let halving_secs = (remaining - final_share - fixed * (2 * n_cand) as f64).max(0.0);
+    let plan = Plan::fit(n_cand, halving_secs, step_seconds, 10, 3 * steps_per_epoch);
+    eprintln!(
+        "budget {:.0} s: a step costs {:.2} s, a run's fixed part {:.0} s; halving rungs {:?} (methods, steps), then the winner",
+        budget, step_seconds, fixed, plan.rungs
+    );
+    let mut alive: Vec<Candidate> = candidates.clone();
+    let mut results: Vec<RungResult> = Vec::new();
+    for (k, &(m, steps)) in plan.rungs.iter().enumerate() {
+        alive.truncate(m);
+        let mut scored = Vec::new();
+        for c in &alive {
+            let epochs = steps.div_ceil(steps_per_epoch).max(1);
+            let (res, secs) = train_run(
+                &exe,
+                base,
+                c,
+                &work.join(format!("rung{k}-{}", c.method)),
+                &[
+                    ("train.max_steps".into(), steps.to_string()),
+                    ("train.epochs".into(), epochs.to_string()),
+                ],
+            )?;
+            let r = RungResult {
+                rung: k,
+                method: c.method.clone(),
+                steps,
+                dev_accuracy: res["dev"]["accuracy"].as_f64().unwrap_or(f64::NAN),
+                dev_macro_f1: res["dev"]["macro_f1"].as_f64().unwrap_or(f64::NAN),
+                seconds: secs,
+            };
+            eprintln!(
+                "  rung {k}: {:<8} {:>5} steps  dev accuracy {:.4}  ({:.0} s)",
+                r.method, r.steps, r.dev_accuracy, r.seconds
+            );
+            scored.push((r.dev_accuracy, c.clone()));
+            results.push(r);
+        }
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        alive = scored.into_iter().map(|(_, c)| c).collect();
+    }
+    let winner = alive[0].clone();
+    let left = budget - started.elapsed().as_secs_f64() - fixed;
+    let epochs = ((left / (step_seconds * steps_per_epoch as f64)).floor() as usize)
+        .clamp(1, s.train.epochs);
+    eprintln!(
+        "winner: {}; training it for {epochs} epoch(s)",
+        winner.method
+    );
+    let (final_res, final_secs) = train_run(
+        &exe,
+        base,
+        &winner,
+        &s.output,
+        &[("train.epochs".into(), epochs.to_string())],
+    )?;
+    let total = started.elapsed().as_secs_f64();
+    let mut last_rung: Vec<&RungResult> = results
+        .iter()
+        .filter(|r| r.rung + 1 == plan.rungs.len())
+        .collect();
+    last_rung.sort_by(|a, b| b.dev_accuracy.total_cmp(&a.dev_accuracy));
+    let why = match last_rung.as_slice() {
+        [a, b, ..] if a.dev_accuracy == b.dev_accuracy => format!(
+            "{} and {} tied at the last rung ({} steps, dev accuracy {:.4}); the prior ranked {} higher",
+            a.method, b.method, a.steps, a.dev_accuracy, winner.method
+        ),
+        [a, b, ..] => format!(
+            "{} had the best dev accuracy at the last rung ({} steps): {:.4} against {:.4} for {}",
+            a.method, a.steps, a.dev_accuracy, b.dev_accuracy, b.method
+        ),
+        [a] => format!("{} was the only method left", a.method),
+        [] => "no rung ran".into(),
+    };
+    let summary = serde_json::json!({
+        "features": features,
+        "prior": candidates,
+        "plan": plan,
+        "rungs": results,
+        "winner": winner,
+        "why": why,
+        "final": final_res,
+        "final_seconds": final_secs,
+        "total_seconds": total,
+        "budget_seconds": budget,
+        "adapter": s.output,
+    });
+    let json_path = s.output.join("auto.json");
+    deltatune_core::write_atomic(
+        &json_path,
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    let report_path = report
+        .map(PathBuf::from)
+        .unwrap_or_else(|| s.output.join("auto-report.html"));
+    write_report(&report_path, &summary)?;
+    println!(
+        "chosen: {} (dev accuracy {:.4}{}); {}",
+        winner.method,
+        final_res["dev"]["accuracy"].as_f64().unwrap_or(f64::NAN),
+        final_res["test"]["accuracy"]
+            .as_f64()
+            .map_or(String::new(), |t| format!(", test {t:.4}")),
+        why
+    );
+    println!(
+        "cost: {:.0} s of a {:.0} s budget; adapter in {}; report {}",
+        total,
+        budget,
+        s.output.display(),
+        report_path.display()
+    );
+    Ok(())
+}
+
+fn write_report(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let e = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
+    let mut h = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>deltatune auto</title><style>\
+         body{font-family:sans-serif;max-width:1000px;margin:2em auto}td,th{border:1px solid #ccc;\
+         padding:2px 8px}table{border-collapse:collapse}</style></head><body><h1>deltatune auto</h1>",
+    );
+    write!(
+        h,
+        "<p><b>Chosen: {}</b>. {}.</p><p>Cost {:.0} s of a {:.0} s budget.</p><h2>Task</h2><pre>{}</pre>",
+        e(v["winner"]["method"].as_str().unwrap_or("")),
+        e(v["why"].as_str().unwrap_or("")),
+        v["total_seconds"].as_f64().unwrap_or(0.0),
+        v["budget_seconds"].as_f64().unwrap_or(0.0),
+        e(&serde_json::to_string_pretty(&v["features"])?)
+    )?;
+    h.push_str("<h2>Prior (rule set v1)</h2><table><tr><th>method</th><th>score</th><th>start</th><th>why</th></tr>");
+    for c in v["prior"].as_array().into_iter().flatten() {
+        write!(
+            h,
+            "<tr><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
+            e(c["method"].as_str().unwrap_or("")),
+            c["score"].as_f64().unwrap_or(0.0),
+            e(&c["settings"].to_string()),
+            e(&c["reasons"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join("; "))
+        )?;
+    }
+    h.push_str("</table><h2>Successive halving</h2><table><tr><th>rung</th><th>method</th><th>steps</th><th>dev accuracy</th><th>dev macro-F1</th><th>seconds</th></tr>");
+    let rungs = v["rungs"].as_array().cloned().unwrap_or_default();
+    let best = rungs
+        .iter()
+        .filter_map(|r| r["dev_accuracy"].as_f64())
+        .fold(0.0f64, f64::max);
+    for r in &rungs {
+        let acc = r["dev_accuracy"].as_f64().unwrap_or(f64::NAN);
+        write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td><span style=\"display:inline-block;background:#4a90d9;height:10px;width:{:.0}px\"></span> {:.4}</td><td>{:.4}</td><td>{:.0}</td></tr>",
+            r["rung"],
+            e(r["method"].as_str().unwrap_or("")),
+            r["steps"],
+            200.0 * acc / best.max(1e-9),
+            acc,
+            r["dev_macro_f1"].as_f64().unwrap_or(f64::NAN),
+            r["seconds"].as_f64().unwrap_or(0.0)
+        )?;
+    }
+    write!(
+        h,
+        "</table><h2>Final training</h2><pre>{}</pre></body></html>\n",
+        e(&serde_json::to_string_pretty(&v["final"])?)
+    )?;
+    deltatune_core::write_atomic(path, h.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn budgets_parse_with_units() {
+        assert_eq!(super::parse_budget("30m").unwrap(), 1800.0);
+        assert_eq!(super::parse_budget("1h30m").unwrap(), 5400.0);
+        assert_eq!(super::parse_budget("90").unwrap(), 90.0);
+        assert!(super::parse_budget("10x")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
+        assert!(super::parse_budget("0s").is_err());
+    }
+}

@@ -1,0 +1,234 @@
+//! Automatic choice of the delta method: task features, a documented rule set that turns them
+//! into a prior over methods with starting settings, and the plan of successive halving that
+//! spends the budget on measured dev metrics.
+
+use serde::Serialize;
+
+/// What is known about the task before training.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskFeatures {
+    pub train_examples: usize,
+    pub labels: usize,
+    pub mean_tokens: f64,
+    pub max_tokens: usize,
+    /// Share of the rarest label in the training set (1/labels when balanced).
+    pub min_label_share: f64,
+    pub model_params: usize,
+    pub model_layers: usize,
+    pub hidden: usize,
+}
+
+/// A method with its prior score, starting settings (`train --set` pairs) and the rules that
+/// produced them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    pub method: String,
+    pub score: f64,
+    pub settings: Vec<(String, String)>,
+    pub reasons: Vec<String>,
+}
+
+/// The rule set (version 1). Each rule adds to a method's score and says why; a method's
+/// starting learning rate is its single-method rate on MiniLM / Rotten Tomatoes
+/// (docs/methods.md).
+///
+/// - Base scores from the measured table: LoRA 1.0, IA3 0.9, adapter 0.9, BitFit 0.8,
+///   prefix 0.8, prompt tuning 0.6 (prompt and prefix are the least accurate at this scale).
+/// - Few examples (< 1,000): +0.3 to the methods with the fewest parameters (IA3, BitFit,
+///   prompt), -0.2 to the larger ones (adapter, LoRA r 8 stays but r becomes 4): fewer
+///   parameters overfit less.
+/// - Many examples (> 20,000): +0.2 to LoRA and adapters, which have capacity to use them.
+/// - Long inputs (mean > 128 tokens): -0.3 to prompt and prefix tuning (their extra tokens
+///   cost attention time, and their gain is smallest on long inputs).
+/// - Many labels (> 10): +0.1 to LoRA and adapters; the head alone carries less.
+/// - Imbalanced labels (rarest < half its balanced share): no method change, but the report
+///   warns that accuracy hides the rare class (macro-F1 is printed beside it).
+/// - Small models (< 50M parameters): prompt tuning -0.2 (it needs scale: Lester et al. 2021).
+pub fn prior(f: &TaskFeatures) -> Vec<Candidate> {
+    let mut c: Vec<Candidate> = [
+        ("lora", 1.0, "5e-4"),
+        ("ia3", 0.9, "3e-3"),
+        ("adapter", 0.9, "1e-3"),
+        ("bitfit", 0.8, "1e-3"),
+        ("prefix", 0.8, "1e-2"),
+        ("prompt", 0.6, "3e-2"),
+    ]
+    .iter()
+    .map(|(m, s, lr)| Candidate {
+        method: m.to_string(),
+        score: *s,
+        settings: vec![("train.lr".into(), lr.to_string())],
+        reasons: vec![format!("base score {s} from the measured method table")],
+    })
+    .collect();
+    let mut adjust = |methods: &[&str], delta: f64, why: &str| {
+        for x in c
+            .iter_mut()
+            .filter(|x| methods.contains(&x.method.as_str()))
+        {
+            x.score += delta;
+            x.reasons.push(format!("{delta:+.1}: {why}"));
+        }
+    };
+    if f.train_examples < 1000 {
+        adjust(
+            &["ia3", "bitfit", "prompt"],
+            0.3,
+            &format!(
+                "few examples ({}): few parameters overfit less",
+                f.train_examples
+            ),
+        );
+        adjust(&["adapter"], -0.2, "few examples: many parameters overfit");
+    }
+    if f.train_examples > 20_000 {
+        adjust(
+            &["lora", "adapter"],
+            0.2,
+            &format!("many examples ({}): capacity pays", f.train_examples),
+        );
+    }
+    if f.mean_tokens > 128.0 {
+        adjust(
+            &["prompt", "prefix"],
+            -0.3,
+            &format!(
+                "long inputs (mean {:.0} tokens): virtual tokens cost and help least",
+                f.mean_tokens
+            ),
+        );
+    }
+    if f.labels > 10 {
+        adjust(
+            &["lora", "adapter"],
+            0.1,
+            &format!("{} labels: the head alone carries less", f.labels),
+        );
+    }
+    if f.model_params < 50_000_000 {
+        adjust(
+            &["prompt"],
+            -0.2,
+            &format!(
+                "small model ({:.1}M parameters): prompt tuning needs scale",
+                f.model_params as f64 / 1e6
+            ),
+        );
+    }
+    if f.train_examples < 1000 {
+        for x in c.iter_mut().filter(|x| x.method == "lora") {
+            x.settings.push(("lora.r".into(), "4".into()));
+            x.reasons.push("few examples: rank 4".into());
+        }
+    }
+    c.sort_by(|a, b| b.score.total_cmp(&a.score));
+    c
+}
+
+/// The successive-halving schedule: rung `k` trains the survivors for `base_steps * eta^k`
+/// optimiser steps; the best `1/eta` (at least one) go on; the winner is then trained to the
+/// end.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub candidates: usize,
+    pub rungs: Vec<(usize, usize)>,
+    pub eta: usize,
+}
+
+impl Plan {
+    /// Fits the schedule into `seconds` for the halving (the final training is budgeted
+    /// separately) given one step's cost `step_seconds`: starts from `n` candidates, `eta` 2,
+    /// and the largest base that fits, at least `min_steps`.
+    pub fn fit(
+        n: usize,
+        seconds: f64,
+        step_seconds: f64,
+        min_steps: usize,
+        max_steps: usize,
+    ) -> Self {
+        let eta = 2;
+        let mut rungs_n = Vec::new();
+        let mut k = n;
+        while k > 1 {
+            rungs_n.push(k);
+            k = k.div_ceil(eta);
+        }
+        rungs_n.push(1.max(k));
+        // Rung i costs rungs_n[i] * base * eta^i steps; the last rung (1 survivor) is the
+        // winner's final training, budgeted separately, so it is dropped here.
+        rungs_n.pop();
+        let units: f64 = rungs_n
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| m as f64 * (eta as f64).powi(i as i32))
+            .sum();
+        let base = ((seconds / step_seconds.max(1e-6)) / units.max(1.0)).floor() as usize;
+        let base = base.clamp(min_steps, max_steps.max(min_steps));
+        Self {
+            candidates: n,
+            rungs: rungs_n
+                .iter()
+                .enumerate()
+                .map(|(i, &m)| (m, base * eta.pow(i as u32)))
+                .collect(),
+            eta,
+        }
+    }
+
+    /// The steps this plan trains in all.
+    pub fn total_steps(&self) -> usize {
+        self.rungs.iter().map(|(m, s)| m * s).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn features(n: usize, tokens: f64) -> TaskFeatures {
+        TaskFeatures {
+            train_examples: n,
+            labels: 2,
+            mean_tokens: tokens,
+            max_tokens: 80,
+            min_label_share: 0.45,
+            model_params: 22_700_000,
+            model_layers: 6,
+            hidden: 384,
+        }
+    }
+
+    #[test]
+    fn rules_move_the_prior_as_documented() {
+        let big = prior(&features(10_000, 27.0));
+        assert_eq!(big[0].method, "lora");
+        let small = prior(&features(300, 27.0));
+        let pos = |c: &[Candidate], m: &str| c.iter().position(|x| x.method == m).unwrap();
+        assert!(pos(&small, "bitfit") < pos(&big, "bitfit"));
+        assert!(small
+            .iter()
+            .any(|c| c.settings.contains(&("lora.r".into(), "4".into()))));
+        let long = prior(&features(10_000, 300.0));
+        let score = |c: &[Candidate], m: &str| c.iter().find(|x| x.method == m).unwrap().score;
+        assert!(score(&long, "prefix") < score(&big, "prefix"));
+        assert!(long
+            .iter()
+            .find(|x| x.method == "prefix")
+            .unwrap()
+            .reasons
+            .iter()
+            .any(|r| r.contains("long inputs")));
+    }
+
+    #[test]
+    fn plan_fits_the_budget_and_halves() {
+        let p = Plan::fit(6, 600.0, 0.5, 10, 10_000);
+        let ms: Vec<usize> = p.rungs.iter().map(|r| r.0).collect();
+        assert_eq!(ms, [6, 3, 2]);
+        assert_eq!(p.rungs[1].1, 2 * p.rungs[0].1);
+        assert!(p.total_steps() as f64 * 0.5 <= 600.0 + 1e-9);
+        // A tiny budget still trains the minimum.
+        let p = Plan::fit(4, 1.0, 1.0, 5, 100);
+        assert_eq!(p.rungs[0].1, 5);
+    }
+}
