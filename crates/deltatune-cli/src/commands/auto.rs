@@ -336,9 +336,9 @@ fn write_report(path: &Path, v: &serde_json::Value) -> Result<()> {
             r["seconds"].as_f64().unwrap_or(0.0)
         )?;
     }
-    write!(
+    writeln!(
         h,
-        "</table><h2>Final training</h2><pre>{}</pre></body></html>\n",
+        "</table><h2>Final training</h2><pre>{}</pre></body></html>",
         e(&serde_json::to_string_pretty(&v["final"])?)
     )?;
     deltatune_core::write_atomic(path, h.as_bytes())?;

@@ -190,6 +190,9 @@ pub fn export(storage: &str, name: &str, format: &str, out: Option<&Path>) -> Re
     Ok(())
 }
 
+/// A plot series: label, colour, points, and whether to join them with a line.
+type Series<'a> = (String, &'a str, Vec<(f64, f64)>, bool);
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -197,7 +200,7 @@ fn esc(s: &str) -> String {
 }
 
 /// An SVG scatter/line plot: `series` of (label, colour, points, connect).
-fn svg_plot(title: &str, xlabel: &str, series: &[(String, &str, Vec<(f64, f64)>, bool)]) -> String {
+fn svg_plot(title: &str, xlabel: &str, series: &[Series]) -> String {
     let (w, h, m) = (520.0, 300.0, 48.0);
     let pts = series.iter().flat_map(|s| s.2.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -340,7 +343,7 @@ pub fn report(storage: &str, name: &str, out: &Path) -> Result<()> {
                     seen.sort();
                     seen.dedup();
                     seen.iter()
-                        .position(|s| *s == v.to_string())
+                        .position(|s| s.as_str() == v.to_string().as_str())
                         .map(|i| i as f64)
                 })?;
                 Some((x, t.value?))
@@ -352,7 +355,7 @@ pub fn report(storage: &str, name: &str, out: &Path) -> Result<()> {
             &[(k.clone(), "#2ca02c", pts, false)],
         ));
     }
-    let curves: Vec<(String, &str, Vec<(f64, f64)>, bool)> = trials
+    let curves: Vec<Series> = trials
         .iter()
         .filter(|t| matches!(t.state, TrialState::Complete | TrialState::Pruned))
         .map(|t| {
