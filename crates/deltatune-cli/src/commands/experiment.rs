@@ -58,6 +58,11 @@ pub const PRESETS: &[Preset] = &[
         &["--method", "prefix", "--lr", "1e-2"],
     ),
     p(
+        "prefix-mean",
+        "as `prefix`, but the head reads the mean of all positions (`--pooling mean`)",
+        &["--method", "prefix", "--lr", "1e-2", "--pooling", "mean"],
+    ),
+    p(
         "adapter",
         "Houlsby (after attention and feed-forward), reduction factor 16, relu, lr 1e-3",
         &["--method", "adapter", "--lr", "1e-3"],
