@@ -625,3 +625,77 @@ fn auto_tries_methods_by_halving_and_trains_the_winner() {
         &["unknown unit"],
     );
 }
+
+#[test]
+fn search_with_the_train_objective_records_each_epoch() {
+    let (t, model) = setup("search-train");
+    std::fs::write(
+        t.0.join("space.toml"),
+        "[train]\nlr = { float = [1e-3, 1e-2], log = true }\n[methods.lora]\nr = { int = [2, 4], step = 2 }\n[methods.bitfit]\n",
+    )
+    .unwrap();
+    let model_set = format!("model={model}");
+    let o = run(
+        &[
+            "search",
+            "--space",
+            "space.toml",
+            "--study",
+            "s",
+            "--storage",
+            "s.db",
+            "--trials",
+            "3",
+            "--pruner",
+            "none",
+            "--set",
+            &model_set,
+            "--set",
+            "data.train=train.csv",
+            "--set",
+            "data.dev=dev.csv",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.batch_size=8",
+        ],
+        &t.0,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let e = run(
+        &[
+            "study",
+            "export",
+            "s",
+            "--storage",
+            "s.db",
+            "--format",
+            "json",
+        ],
+        &t.0,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    let trials = v["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 3);
+    for tr in trials {
+        assert_eq!(tr["state"], "COMPLETE", "{tr}");
+        // One intermediate value per epoch, the last equal to the trial's value or below the
+        // best epoch's (the adapter keeps the best epoch).
+        let inter = tr["intermediate"].as_array().unwrap();
+        assert_eq!(inter.len(), 2, "{tr}");
+        let best = inter
+            .iter()
+            .map(|p| p[1].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        assert!((tr["value"].as_f64().unwrap() - best).abs() < 1e-9, "{tr}");
+    }
+    let b = run(&["study", "best", "s", "--storage", "s.db"], &t.0);
+    assert!(text(&b).contains("deltatune train --set"), "{}", text(&b));
+    let r = run(
+        &["study", "report", "s", "--storage", "s.db", "-o", "r.html"],
+        &t.0,
+    );
+    assert!(r.status.success());
+    let html = std::fs::read_to_string(t.0.join("r.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("Optimisation history"));
+}
