@@ -105,6 +105,9 @@ enum Command {
         /// Where to write the HTML report (default OUTPUT/auto-report.html).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Study store: the rungs are recorded there, and past auto runs refine the prior.
+        #[arg(long, env = "DELTATUNE_STORAGE", default_value = "runs/studies.db")]
+        storage: String,
     },
     /// Hyperparameter search: run or resume a study over delta methods and their settings.
     /// Every trial is a `deltatune train` run; several workers (here or on other machines
@@ -439,11 +442,12 @@ fn main() -> ExitCode {
             run,
             budget,
             report,
+            storage,
         } => commands::auto::parse_budget(&budget).and_then(|b| {
             let base = run.passthrough();
             run.resolve().and_then(|s| {
                 s.map_or(Ok(()), |s| {
-                    commands::auto::auto(&s, &base, b, report.as_deref())
+                    commands::auto::auto(&s, &base, b, report.as_deref(), &storage)
                 })
             })
         }),

@@ -616,6 +616,34 @@ fn auto_tries_methods_by_halving_and_trains_the_winner() {
     let second = rungs.iter().filter(|r| r["rung"] == 1).count();
     assert_eq!(second, first.div_ceil(2));
     assert!(t.0.join("chosen/auto-report.html").exists());
+    // The rungs are in the store as a study; a second run learns from the first two.
+    let l = run(&["study", "list"], &t.0);
+    assert!(text(&l).contains("auto-"), "{}", text(&l));
+    for out in ["chosen2", "chosen3"] {
+        let o = run(
+            &[
+                "auto",
+                "--model",
+                &model,
+                "--train-file",
+                "train.csv",
+                "--dev-file",
+                "dev.csv",
+                "--batch-size",
+                "8",
+                "-o",
+                out,
+                "--budget",
+                "30s",
+            ],
+            &t.0,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let v3: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.0.join("chosen3/auto.json")).unwrap())
+            .unwrap();
+    assert!(v3["past_auto_results"].as_u64().unwrap() >= 12, "{v3}");
     // The winner's adapter is a normal adapter folder.
     let e = run(&["eval", "--adapter", "chosen", "--data", "dev.csv"], &t.0);
     assert!(e.status.success(), "{}", text(&e));
@@ -698,4 +726,37 @@ fn search_with_the_train_objective_records_each_epoch() {
     assert!(r.status.success());
     let html = std::fs::read_to_string(t.0.join("r.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("Optimisation history"));
+}
+
+#[test]
+fn inspect_shows_every_member_of_a_composition() {
+    let (t, model) = setup("inspect-compose");
+    let o = run(
+        &[
+            "inspect",
+            "--model",
+            &model,
+            "--method",
+            "unipelt",
+            "--set",
+            "prefix.num_virtual_tokens=4",
+        ],
+        &t.0,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    for needle in [
+        "lora:lora_A.weight",
+        "adapter:adapter.up.weight",
+        "prefix: prompt_embeddings",
+        "gate(lora)",
+        "gate(adapter)",
+        "gate(prefix)",
+        "head",
+        "merge: not possible (gated",
+    ] {
+        assert!(out.contains(needle), "missing `{needle}` in\n{out}");
+    }
+    let o = run(&["inspect", "--model", &model, "--method", "lora"], &t.0);
+    assert!(text(&o).contains("merge: possible"), "{}", text(&o));
 }

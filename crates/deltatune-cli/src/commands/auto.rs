@@ -10,7 +10,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use deltatune_core::HasSites;
 use deltatune_data::text::LabelMap;
-use deltatune_search::auto::{prior, Candidate, Plan, TaskFeatures};
+use deltatune_search::auto::{
+    prior, refine, Candidate, PastResult, Plan, TaskFeatures, AUTO_SAMPLER,
+};
+use deltatune_search::space::Direction;
+use deltatune_search::storage::{self, StudyRow, StudyStore};
 use serde::Serialize;
 
 use crate::session;
@@ -94,7 +98,13 @@ fn train_run(
 }
 
 /// `deltatune auto`. `base` are the flags given for data and model (passed to every run).
-pub fn auto(s: &Settings, base: &[String], budget: f64, report: Option<&Path>) -> Result<()> {
+pub fn auto(
+    s: &Settings,
+    base: &[String],
+    budget: f64,
+    report: Option<&Path>,
+    storage_url: &str,
+) -> Result<()> {
     let started = Instant::now();
     let exe = std::env::current_exe().context("finding the deltatune binary")?;
     let model_dir = session::model_dir(&s.model, &s.cache)?;
@@ -126,7 +136,57 @@ pub fn auto(s: &Settings, base: &[String], budget: f64, report: Option<&Path>) -
         hidden: loaded.model.hidden_size(),
     };
     drop(loaded);
-    let candidates = prior(&features);
+    let mut candidates = prior(&features);
+    // Past auto runs in the store refine the prior.
+    let mut store = storage::open(storage_url)?;
+    let mut past = Vec::new();
+    for st in store
+        .studies()?
+        .into_iter()
+        .filter(|st| st.sampler == AUTO_SAMPLER)
+    {
+        for t in store.trials(st.id)? {
+            if t.params.get("rung") == Some(&serde_json::Value::from(0)) {
+                if let (Some(m), Some(v)) =
+                    (t.params.get("method").and_then(|m| m.as_str()), t.value)
+                {
+                    past.push(PastResult {
+                        study: st.name.clone(),
+                        method: m.to_string(),
+                        value: v,
+                    });
+                }
+            }
+        }
+    }
+    refine(&mut candidates, &past);
+    let (study, _) = store.create_or_resume(&StudyRow {
+        id: 0,
+        name: format!(
+            "auto-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        ),
+        direction: Direction::Maximize,
+        space: serde_json::to_string(&features)?,
+        n_trials: 0,
+        sampler: AUTO_SAMPLER.into(),
+        pruner: "successive-halving".into(),
+        seed: s.train.seed,
+    })?;
+    let mut record =
+        |c: &Candidate, rung: serde_json::Value, steps: usize, value: f64| -> Result<()> {
+            let mut p: deltatune_search::space::Params = c
+                .settings
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+                .collect();
+            p.insert("method".into(), c.method.clone().into());
+            p.insert("rung".into(), rung);
+            p.insert("steps".into(), steps.into());
+            Ok(store.record(study.id, &p, value, &[])?)
+        };
     eprintln!(
         "task: {} training examples, {} labels, {:.0} tokens on average (max {}), rarest label {:.0}%; \
          model {:.1}M parameters, {} layers",
@@ -203,6 +263,7 @@ pub fn auto(s: &Settings, base: &[String], budget: f64, report: Option<&Path>) -
                 "  rung {k}: {:<8} {:>5} steps  dev accuracy {:.4}  ({:.0} s)",
                 r.method, r.steps, r.dev_accuracy, r.seconds
             );
+            record(c, k.into(), steps, r.dev_accuracy)?;
             scored.push((r.dev_accuracy, c.clone()));
             results.push(r);
         }
@@ -223,6 +284,12 @@ pub fn auto(s: &Settings, base: &[String], budget: f64, report: Option<&Path>) -
         &winner,
         &s.output,
         &[("train.epochs".into(), epochs.to_string())],
+    )?;
+    record(
+        &winner,
+        "final".into(),
+        epochs * steps_per_epoch,
+        final_res["dev"]["accuracy"].as_f64().unwrap_or(f64::NAN),
     )?;
     let total = started.elapsed().as_secs_f64();
     let mut last_rung: Vec<&RungResult> = results
@@ -254,6 +321,8 @@ pub fn auto(s: &Settings, base: &[String], budget: f64, report: Option<&Path>) -
         "total_seconds": total,
         "budget_seconds": budget,
         "adapter": s.output,
+        "study": study.name,
+        "past_auto_results": past.len(),
     });
     let json_path = s.output.join("auto.json");
     deltatune_core::write_atomic(

@@ -42,18 +42,23 @@ pub fn inspect(s: &Settings) -> Result<()> {
     let mut placed = vec![false; trainables.len()];
     for site in &sites {
         let mut attached: Vec<String> = Vec::new();
+        // A sub-layer output site (`...output.LayerNorm`) holds the adapters of that sub-layer
+        // (`...output.adapter.*`).
+        let adapter_base = site.path.strip_suffix(".LayerNorm");
         for (i, t) in trainables.iter().enumerate() {
             let (member, key) = member_of(t, &delta);
-            let at_site = key
-                .strip_prefix(PEFT_PREFIX)
-                .and_then(|k| k.strip_prefix(site.path.as_str()))
-                .is_some_and(|rest| {
-                    rest.starts_with('.')
-                        && (rest[1..].split('.').count() <= 2 || rest.starts_with(".adapter."))
-                });
-            if at_site {
+            let Some(k) = key.strip_prefix(PEFT_PREFIX) else {
+                continue;
+            };
+            let rest = match k.strip_prefix(site.path.as_str()) {
+                Some(r) if r.starts_with('.') && r[1..].split('.').count() <= 2 => Some(&r[1..]),
+                _ => adapter_base
+                    .and_then(|b| k.strip_prefix(b))
+                    .filter(|r| r.starts_with(".adapter."))
+                    .map(|r| &r[1..]),
+            };
+            if let Some(rest) = rest {
                 placed[i] = true;
-                let rest = &key[PEFT_PREFIX.len() + site.path.len() + 1..];
                 attached.push(format!("{member}:{rest} {:?}", t.var.dims()));
             }
         }

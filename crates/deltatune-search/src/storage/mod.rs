@@ -33,6 +33,14 @@ pub trait StudyStore {
         sample: &mut dyn FnMut(&[Observation], i64) -> Params,
     ) -> Result<Claim>;
     fn heartbeat(&mut self, trial: i64, worker: &str) -> Result<bool>;
+    /// Records a finished trial without a claim.
+    fn record(
+        &mut self,
+        study: i64,
+        params: &Params,
+        value: f64,
+        intermediate: &[(usize, f64)],
+    ) -> Result<()>;
     fn report(&mut self, trial: i64, worker: &str, step: usize, value: f64) -> Result<bool>;
     fn finish(
         &mut self,
@@ -191,6 +199,17 @@ impl StudyStore for Store {
     }
     fn heartbeat(&mut self, trial: i64, worker: &str) -> Result<bool> {
         self.tx(|tx| sql::heartbeat(tx, trial, worker))
+    }
+    fn record(
+        &mut self,
+        study: i64,
+        params: &Params,
+        value: f64,
+        intermediate: &[(usize, f64)],
+    ) -> Result<()> {
+        self.tx_with(true, |tx| {
+            sql::record(tx, study, params, value, intermediate)
+        })
     }
     fn report(&mut self, trial: i64, worker: &str, step: usize, value: f64) -> Result<bool> {
         self.tx(|tx| sql::report(tx, trial, worker, step, value))

@@ -505,3 +505,47 @@ pub fn finish(
         ],
     )? == 1)
 }
+
+/// Records a finished trial directly (no claim): used by `deltatune auto` to keep its rungs in
+/// the store, where later runs learn from them.
+pub fn record(
+    tx: &mut dyn Tx,
+    study: i64,
+    params: &Params,
+    value: f64,
+    intermediate: &[(usize, f64)],
+) -> Result<()> {
+    let now = tx.dialect().now();
+    let number = next_number(tx, study)?;
+    tx.exec(
+        &format!(
+            "INSERT INTO trials (study_id, number, state, params, value, worker, heartbeat, started, \
+             finished, attempt) VALUES ($1, $2, 'COMPLETE', $3, $4, 'auto', {now}, {now}, {now}, 1)"
+        ),
+        &[
+            SqlValue::Int(study),
+            SqlValue::Int(number),
+            SqlValue::Text(Value::Object(params.clone().into_iter().collect()).to_string()),
+            SqlValue::Real(value),
+        ],
+    )?;
+    let id = tx
+        .query(
+            "SELECT id FROM trials WHERE study_id = $1 AND number = $2",
+            &[SqlValue::Int(study), SqlValue::Int(number)],
+        )?
+        .first()
+        .and_then(|r| r[0].int())
+        .unwrap_or(0);
+    for (step, v) in intermediate {
+        tx.exec(
+            "INSERT INTO intermediate (trial_id, step, value) VALUES ($1, $2, $3)",
+            &[
+                SqlValue::Int(id),
+                SqlValue::Int(*step as i64),
+                SqlValue::Real(*v),
+            ],
+        )?;
+    }
+    Ok(())
+}
