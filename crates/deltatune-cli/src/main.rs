@@ -86,9 +86,15 @@ enum Command {
         /// Prompt-tuning adapter folders (at least 2).
         #[arg(long, value_delimiter = ',', num_args = 1..)]
         adapters: Vec<PathBuf>,
-        /// Subspace dimension d (1 to the number of adapters minus one).
+        /// Subspace dimension d (1 to the number of adapters minus one; with --origin, 1 to the
+        /// number of adapters).
         #[arg(long)]
         dim: usize,
+        /// A prompt-tuning adapter whose prompt all sources started from (e.g. one trained with
+        /// `--set train.freeze=prompt_embeddings`): the subspace is fitted to the sources'
+        /// displacements from it, not centred, and z = 0 decodes to it.
+        #[arg(long)]
+        origin: Option<PathBuf>,
         /// The artifact to write (safetensors).
         #[arg(long, short)]
         output: PathBuf,
@@ -182,6 +188,10 @@ pub struct SearchCli {
     /// A running trial without a heartbeat for this many seconds is failed and retried.
     #[arg(long, default_value_t = 30.0)]
     stale_timeout: f64,
+    /// Report to the pruner every this many optimiser steps (each trial evaluates on dev that
+    /// often) instead of after each epoch.
+    #[arg(long)]
+    report_every_steps: Option<usize>,
     /// A setting for every trial's `train` (repeatable), e.g. --set train.max_steps=100.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -428,6 +438,7 @@ fn main() -> ExitCode {
             action,
             adapters,
             dim,
+            origin,
             output,
         } => {
             if action != "fit" {
@@ -435,7 +446,7 @@ fn main() -> ExitCode {
                     "unknown subspace action `{action}` (available: fit)"
                 ))
             } else {
-                commands::subspace::fit(&adapters, dim, &output)
+                commands::subspace::fit(&adapters, dim, origin.as_deref(), &output)
             }
         }
         Command::Auto {
@@ -465,6 +476,7 @@ fn main() -> ExitCode {
             heartbeat: a.heartbeat,
             stale_timeout: a.stale_timeout,
             set: a.set,
+            report_every_steps: a.report_every_steps,
             worker_only: a.worker_only,
         }),
         Command::Study {

@@ -497,6 +497,53 @@ fn learned_subspace_is_fitted_from_prompts_and_travels_with_the_adapter() {
     std::fs::remove_file(t.0.join("s.safetensors")).unwrap();
     let e = run(&["eval", "--adapter", "out-int", "--data", "dev.csv"], &t.0);
     assert!(e.status.success(), "{}", text(&e));
+    // Around the sources' shared initial prompt (a run with the prompt frozen), d may be n.
+    let o = run(
+        &train_args(
+            &model,
+            "origin",
+            &[
+                "--method",
+                "prompt",
+                "--set",
+                "prompt.num_virtual_tokens=4",
+                "--set",
+                "train.freeze=prompt_embeddings",
+            ],
+        ),
+        &t.0,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let fit = |dim: &str| {
+        run(
+            &[
+                "subspace",
+                "fit",
+                "--adapters",
+                &adapters,
+                "--origin",
+                "origin",
+                "--dim",
+                dim,
+                "-o",
+                "so.safetensors",
+            ],
+            &t.0,
+        )
+    };
+    let o = fit("3");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("deviation from the origin kept: 1.00 1.00 1.00"),
+        "{}",
+        text(&o)
+    );
+    let o = fit("4");
+    assert!(
+        !o.status.success() && text(&o).contains("1..=3"),
+        "{}",
+        text(&o)
+    );
     // A LoRA adapter is not a source.
     let o = run(&train_args(&model, "out-lora", &[]), &t.0);
     assert!(o.status.success());
@@ -726,6 +773,60 @@ fn search_with_the_train_objective_records_each_epoch() {
     assert!(r.status.success());
     let html = std::fs::read_to_string(t.0.join("r.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("Optimisation history"));
+
+    // --report-every-steps 4: 48 examples / batch 8 x 2 epochs = 12 steps, so each trial
+    // reports 3 intermediate values (k = 1, 2, 3 at steps 4, 8, 12) instead of 2 epochs.
+    let o = run(
+        &[
+            "search",
+            "--space",
+            "space.toml",
+            "--study",
+            "by-steps",
+            "--storage",
+            "s.db",
+            "--trials",
+            "2",
+            "--pruner",
+            "none",
+            "--report-every-steps",
+            "4",
+            "--set",
+            &model_set,
+            "--set",
+            "data.train=train.csv",
+            "--set",
+            "data.dev=dev.csv",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.batch_size=8",
+        ],
+        &t.0,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let e = run(
+        &[
+            "study",
+            "export",
+            "by-steps",
+            "--storage",
+            "s.db",
+            "--format",
+            "json",
+        ],
+        &t.0,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    for tr in v["trials"].as_array().unwrap() {
+        let steps: Vec<u64> = tr["intermediate"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[0].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3], "{tr}");
+    }
 }
 
 #[test]

@@ -342,7 +342,7 @@ fn subspace_pca_reconstructs_prompts_in_a_2d_subspace() {
             ((&mu + (&u * a).unwrap()).unwrap() + (&v * b).unwrap()).unwrap()
         })
         .collect();
-    let s = intrinsic::fit_subspace(&prompts, 2).unwrap();
+    let s = intrinsic::fit_subspace(&prompts, 2, None).unwrap();
     assert_eq!(s.p0.dims(), &[p, h]);
     assert_eq!(s.d.dims(), &[p * h, 2]);
     for q in &prompts {
@@ -351,14 +351,14 @@ fn subspace_pca_reconstructs_prompts_in_a_2d_subspace() {
         assert!(max_abs(&back, q) < 1e-4, "{}", max_abs(&back, q));
     }
     // With one direction the reconstruction is not exact.
-    let s1 = intrinsic::fit_subspace(&prompts, 1).unwrap();
+    let s1 = intrinsic::fit_subspace(&prompts, 1, None).unwrap();
     let worst = prompts
         .iter()
         .map(|q| max_abs(&s1.decode(&s1.project(q).unwrap()).unwrap(), q))
         .fold(0.0f32, f32::max);
     assert!(worst > 1e-2);
     // d must be <= n - 1.
-    let e = intrinsic::fit_subspace(&prompts, 6).unwrap_err();
+    let e = intrinsic::fit_subspace(&prompts, 6, None).unwrap_err();
     assert_eq!(field_of(e), "intrinsic_dim");
 
     // Saved and loaded as an artifact, it drives an intrinsic prompt whose z = 0 is the mean.
@@ -388,6 +388,71 @@ fn subspace_pca_reconstructs_prompts_in_a_2d_subspace() {
         "subspace"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn subspace_around_an_origin_keeps_the_shared_displacement() {
+    // Sources that all moved from one origin along u (by different amounts) plus a little
+    // along v: centred PCA loses u's common part into the mean, the origin fit keeps it.
+    let mut r = Rng::new(9);
+    let (p, h) = (3, 16);
+    let origin = r.normal_tensor((p, h), 1.0).unwrap();
+    let u = r.normal_tensor((p, h), 1.0).unwrap();
+    let v = r.normal_tensor((p, h), 1.0).unwrap();
+    let prompts: Vec<Tensor> = (0..5)
+        .map(|i| {
+            let a = 2.0 + 0.1 * i as f64;
+            let b = 0.05 * r.normal();
+            ((&origin + (&u * a).unwrap()).unwrap() + (&v * b).unwrap()).unwrap()
+        })
+        .collect();
+    let s = intrinsic::fit_subspace(&prompts, 1, Some(&origin)).unwrap();
+    assert_eq!(max_abs(&s.p0, &origin), 0.0);
+    // z = 0 is the origin; the single direction is u's (cosine ~ 1), so going along it by
+    // twice the sources' distance is expressible.
+    let col = s.d.flatten_all().unwrap();
+    let uf = u.flatten_all().unwrap();
+    let dot: f32 = (&col * &uf)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let nc: f32 = col
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let nu: f32 = uf
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        (dot / (nc * nu)).abs() > 0.999,
+        "cosine {}",
+        dot / (nc * nu)
+    );
+    let far = (&origin + (&u * 4.4).unwrap()).unwrap();
+    let back = s.decode(&s.project(&far).unwrap()).unwrap();
+    assert!(max_abs(&back, &far) < 0.1, "{}", max_abs(&back, &far));
+    // Around an origin d may be n; n + 1 is refused by name, and so is a wrong-shaped origin.
+    intrinsic::fit_subspace(&prompts, 5, Some(&origin)).unwrap();
+    let e = intrinsic::fit_subspace(&prompts, 6, Some(&origin)).unwrap_err();
+    assert_eq!(field_of(e), "intrinsic_dim");
+    let e = intrinsic::fit_subspace(&prompts, 1, Some(&u.narrow(0, 0, 2).unwrap())).unwrap_err();
+    assert_eq!(field_of(e), "origin");
+    // The centred fit starts from the sources' mean, about 2.2 u away from the origin.
+    let c = intrinsic::fit_subspace(&prompts, 1, None).unwrap();
+    assert!(max_abs(&c.p0, &origin) > 1.0);
 }
 
 #[test]

@@ -6,7 +6,9 @@ pub mod optim;
 pub mod trainer;
 
 pub use metrics::{classification_metrics, ClassificationMetrics};
-pub use trainer::{evaluate, predict_proba, train, Encoded, EpochRecord, TrainConfig, TrainReport};
+pub use trainer::{
+    evaluate, predict_proba, train, Encoded, EpochRecord, StepEval, TrainConfig, TrainReport,
+};
 
 /// Errors of the training crate.
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,11 @@ pub struct TrainConfig {
     /// these strings is left out of the optimiser but still saved (default none). For
     /// baselines, e.g. `["intrinsic_z"]` keeps an intrinsic prompt at its random base prompt.
     pub freeze: Vec<String>,
+    /// Also evaluate on dev every this many optimiser steps and log it (a metrics line with
+    /// `eval` = k at step k * N), for pruners that want reports within an epoch (default: only
+    /// after each epoch). These evaluations are reported only; the best epoch is still chosen
+    /// from the epoch-end evaluations.
+    pub eval_every_steps: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -66,6 +71,7 @@ impl Default for TrainConfig {
             group_by_length: false,
             max_steps: None,
             freeze: Vec::new(),
+            eval_every_steps: None,
         }
     }
 }
@@ -85,6 +91,12 @@ impl TrainConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", "must be a positive number");
+        }
+        if self.eval_every_steps == Some(0) {
+            return bad(
+                "eval_every_steps",
+                "must be at least 1 (or unset: evaluate after each epoch only)",
+            );
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return bad("warmup_ratio", "must be in [0, 1)");
@@ -120,6 +132,17 @@ pub struct EpochRecord {
     pub train_seconds: f64,
     pub examples_per_second: f64,
     pub lr: f64,
+}
+
+/// A metrics line of an evaluation within an epoch (`train.eval_every_steps`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepEval {
+    /// k for the k-th such evaluation, made after k * eval_every_steps optimiser steps.
+    pub eval: usize,
+    pub step: usize,
+    pub epoch: usize,
+    pub dev_accuracy: f64,
+    pub dev_macro_f1: f64,
 }
 
 /// What a training run produced.
@@ -260,6 +283,30 @@ pub fn train(
                 acc = vec![None; vars.len()];
                 micro = 0;
                 step += 1;
+                if let Some(n) = cfg.eval_every_steps.filter(|&n| step.is_multiple_of(n)) {
+                    let (m, _) = evaluate(model, dev, cfg.eval_batch_size)?;
+                    let rec = StepEval {
+                        eval: step / n,
+                        step,
+                        epoch,
+                        dev_accuracy: m.accuracy,
+                        dev_macro_f1: m.macro_f1,
+                    };
+                    let msg = format!(
+                        "step {step}: dev accuracy {:.4}, dev macro-F1 {:.4}",
+                        m.accuracy, m.macro_f1
+                    );
+                    if bar.is_hidden() {
+                        eprintln!("{msg}");
+                    } else {
+                        bar.println(msg);
+                    }
+                    if let Some(f) = log.as_mut() {
+                        let line = serde_json::to_string(&rec).expect("record serialises");
+                        writeln!(f, "{line}")
+                            .map_err(|e| TrainError::Io(format!("writing metrics log: {e}")))?;
+                    }
+                }
             }
             let secs = t0.elapsed().as_secs_f64();
             bar.set_message(format!(

@@ -43,6 +43,16 @@ pub const PRESETS: &[Preset] = &[
         &["--method", "bitfit", "--lr", "1e-3"],
     ),
     p(
+        "bitfit-seed1",
+        "as `bitfit`, seed 1 (the seed spread of one setting)",
+        &["--method", "bitfit", "--lr", "1e-3", "--seed", "1"],
+    ),
+    p(
+        "bitfit-seed2",
+        "as `bitfit`, seed 2",
+        &["--method", "bitfit", "--lr", "1e-3", "--seed", "2"],
+    ),
+    p(
         "prompt",
         "20 virtual tokens after CLS, random init, lr 3e-2",
         &["--method", "prompt", "--lr", "3e-2"],
@@ -94,8 +104,20 @@ pub const PRESETS: &[Preset] = &[
         ],
     ),
     p(
+        "prompt-frozen",
+        "baseline of `intrinsic-learned`: the sources' shared random initial prompt (as `prompt`) held fixed, only the head trains, lr 5e-2",
+        &[
+            "--method",
+            "prompt",
+            "--lr",
+            "5e-2",
+            "--set",
+            "train.freeze=prompt_embeddings",
+        ],
+    ),
+    p(
         "intrinsic-learned",
-        "z of d = 8 through a learned subspace: PCA of 9 prompts, each prompt-tuned (lr 3e-2) for 1 epoch on its own ninth of the training set; lr 5e-2",
+        "z of d = 8 through a learned subspace: PCA around their shared initial prompt of 9 prompts, each prompt-tuned (as `prompt`) for 1 epoch on its own ninth of the training set; lr 5e-2",
         &[
             "--method",
             "intrinsic",
@@ -128,7 +150,7 @@ pub const PRESETS: &[Preset] = &[
 
 /// Source prompts of the learned subspace: one per shard of the training set.
 const SUBSPACE_SOURCES: usize = 9;
-/// Its dimension (at most `SUBSPACE_SOURCES - 1`).
+/// Its dimension (at most `SUBSPACE_SOURCES`: the fit is around the sources' origin).
 const SUBSPACE_DIM: usize = 8;
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
@@ -142,8 +164,33 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 }
 
 /// Trains the source prompts that are not there yet (same seed and init, disjoint shards of the
-/// training set) and fits the subspace; returns the artifact's path.
+/// training set) and the origin (their shared initial prompt: one short run with the prompt
+/// frozen), and fits the subspace around the origin; returns the artifact's path.
 fn learned_subspace(exe: &Path, runs: &Path, epochs: Option<usize>) -> Result<PathBuf> {
+    let origin = runs.join("subspace-sources").join("origin");
+    if !origin.join("adapter_model.safetensors").exists() {
+        eprintln!(
+            "== subspace origin: the sources' initial prompt (prompt frozen, 1 epoch of a shard)"
+        );
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "train",
+            "--method",
+            "prompt",
+            "--lr",
+            "3e-2",
+            "--no-progress",
+            "--epochs",
+            "1",
+            "--set",
+            "train.freeze=prompt_embeddings",
+        ])
+        .arg("--set")
+        .arg(format!("data.train_shard=0/{SUBSPACE_SOURCES}"))
+        .arg("--output")
+        .arg(&origin);
+        run(&mut cmd, "training the subspace origin")?;
+    }
     let mut dirs = Vec::new();
     for i in 0..SUBSPACE_SOURCES {
         let out = runs.join("subspace-sources").join(format!("shard-{i}"));
@@ -171,6 +218,8 @@ fn learned_subspace(exe: &Path, runs: &Path, epochs: Option<usize>) -> Result<Pa
     let path = runs.join(format!("subspace-d{SUBSPACE_DIM}.safetensors"));
     let mut cmd = Command::new(exe);
     cmd.args(["subspace", "fit", "--dim", &SUBSPACE_DIM.to_string()])
+        .arg("--origin")
+        .arg(&origin)
         .arg("--output")
         .arg(&path)
         .arg("--adapters")
@@ -298,7 +347,7 @@ fn write_table(rows: &[Row], table: &Path) -> Result<()> {
     }
     md.push_str(
         "\nall-MiniLM-L6-v2 on Rotten Tomatoes (train 10,081 / dev 1,328 / test 1,343), batch 32, 3 epochs \
-         unless a row says otherwise, linear decay with 6% warm-up, seed 42, 2 threads; trainable \
+         and seed 42 unless a row says otherwise, linear decay with 6% warm-up, 2 threads; trainable \
          parameters include the classification head; written by `deltatune experiment methods` \
          (rows are updated in place, one run per row).\n",
     );

@@ -30,6 +30,8 @@ pub struct SearchArgs {
     pub stale_timeout: f64,
     /// Extra `--set KEY=VALUE` for every trial's `train`.
     pub set: Vec<String>,
+    /// Intermediate values every this many optimiser steps instead of every epoch.
+    pub report_every_steps: Option<usize>,
     /// Internal: run one worker in this process (the parent spawned us).
     pub worker_only: bool,
 }
@@ -52,11 +54,32 @@ pub fn pruner(name: &str) -> Result<Box<dyn Pruner>> {
 }
 
 /// Each trial is `deltatune train` in a child process; its per-epoch dev accuracy (from
-/// `metrics.jsonl`) is the intermediate value, its final dev accuracy the objective.
+/// `metrics.jsonl`) is the intermediate value, its final dev accuracy the objective. With
+/// `every_steps` = N, the trial evaluates every N optimiser steps instead and the k-th of those
+/// evaluations is intermediate value k.
 struct TrainObjective {
     exe: PathBuf,
     dir: PathBuf,
     set: Vec<String>,
+    every_steps: Option<usize>,
+}
+
+/// The intermediate value in a metrics line: (index, dev accuracy), where the index is the
+/// epoch of an epoch-end line or k of a `train.eval_every_steps` line, whichever `by_steps`
+/// selects; other lines give None.
+fn intermediate(line: &str, by_steps: bool) -> Option<(usize, f64)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let acc = v["dev_accuracy"]
+        .as_f64()
+        .or(v["dev"]["accuracy"].as_f64())?;
+    let index = if by_steps {
+        v["eval"].as_u64()?
+    } else if v.get("eval").is_some() {
+        return None;
+    } else {
+        v["epoch"].as_u64()?
+    };
+    Some((index as usize, acc))
 }
 
 impl TrainObjective {
@@ -70,6 +93,10 @@ impl TrainObjective {
         for s in &self.set {
             a.push("--set".into());
             a.push(s.clone());
+        }
+        if let Some(n) = self.every_steps {
+            a.push("--set".into());
+            a.push(format!("train.eval_every_steps={n}"));
         }
         for (k, v) in &t.params {
             a.push("--set".into());
@@ -111,14 +138,15 @@ impl Objective for TrainObjective {
                 if let Ok(f) = std::fs::File::open(&m) {
                     let lines: Vec<String> =
                         BufReader::new(f).lines().map_while(|l| l.ok()).collect();
-                    for line in lines.iter().skip(seen) {
-                        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-                        if let (Some(epoch), Some(acc)) = (
-                            v["epoch"].as_u64(),
-                            v["dev"]["accuracy"].as_f64().or(v["dev_accuracy"].as_f64()),
-                        ) {
-                            seen += 1;
-                            if report(epoch as usize, acc)? == Verdict::Stop {
+                    // Only whole lines count: the last one may still be being written.
+                    let complete = lines
+                        .iter()
+                        .take_while(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+                        .count();
+                    for line in lines.iter().take(complete).skip(seen) {
+                        seen += 1;
+                        if let Some((index, acc)) = intermediate(line, self.every_steps.is_some()) {
+                            if report(index, acc)? == Verdict::Stop {
                                 let _ = child.kill();
                                 let _ = child.wait();
                                 return Err(err("stopped".into()));
@@ -282,6 +310,7 @@ pub fn search(a: &SearchArgs) -> Result<()> {
             exe: exe.clone(),
             dir: a.runs.join(&study.name),
             set: a.set.clone(),
+            every_steps: a.report_every_steps,
         })
     };
     let id = cfg.worker_id.clone();
@@ -308,4 +337,20 @@ pub fn search(a: &SearchArgs) -> Result<()> {
         super::study::show(&a.storage, &study.name, 10)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::intermediate;
+
+    #[test]
+    fn intermediate_values_come_from_the_selected_lines() {
+        let epoch = r#"{"epoch":2,"step":630,"train_loss":0.4,"dev_accuracy":0.8,"dev_macro_f1":0.79,"train_seconds":1.0,"examples_per_second":1.0,"lr":0.0}"#;
+        let within = r#"{"eval":3,"step":300,"epoch":1,"dev_accuracy":0.75,"dev_macro_f1":0.7}"#;
+        assert_eq!(intermediate(epoch, false), Some((2, 0.8)));
+        assert_eq!(intermediate(within, false), None);
+        assert_eq!(intermediate(within, true), Some((3, 0.75)));
+        assert_eq!(intermediate(epoch, true), None);
+        assert_eq!(intermediate("{\"epoch\":", false), None);
+    }
 }

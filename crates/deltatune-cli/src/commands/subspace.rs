@@ -37,8 +37,9 @@ fn prompt_of(dir: &Path) -> Result<(Tensor, Option<String>)> {
     Ok((t, p.base_model_name_or_path))
 }
 
-/// Fits a `dim`-dimensional subspace (PCA) to the prompts of `adapters` and writes it to `out`.
-pub fn fit(adapters: &[PathBuf], dim: usize, out: &Path) -> Result<()> {
+/// Fits a `dim`-dimensional subspace (PCA) to the prompts of `adapters` and writes it to `out`;
+/// with `origin` (a prompt-tuning adapter), around that adapter's prompt instead of the mean.
+pub fn fit(adapters: &[PathBuf], dim: usize, origin: Option<&Path>, out: &Path) -> Result<()> {
     if adapters.len() < 2 {
         bail!(
             "`subspace fit` needs at least 2 prompt-tuning adapters (got {}); the subspace \
@@ -62,8 +63,23 @@ pub fn fit(adapters: &[PathBuf], dim: usize, out: &Path) -> Result<()> {
         base = base.or(b);
         prompts.push(t);
     }
-    let s = fit_subspace(&prompts, dim)?;
-    // How much of each prompt's deviation from the mean the subspace keeps.
+    let origin = match origin {
+        Some(dir) => {
+            let (t, b) = prompt_of(dir)?;
+            if let (Some(first), Some(this)) = (&base, &b) {
+                if first != this {
+                    bail!(
+                        "the origin {} was trained on {this} but the sources on {first}",
+                        dir.display()
+                    );
+                }
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let s = fit_subspace(&prompts, dim, origin.as_ref())?;
+    // How much of each prompt's deviation from p0 (the mean, or the origin) the subspace keeps.
     let mut kept = Vec::new();
     for p in &prompts {
         let dev = (p - &s.p0)?;
@@ -80,9 +96,14 @@ pub fn fit(adapters: &[PathBuf], dim: usize, out: &Path) -> Result<()> {
     s.save(out)?;
     println!(
         "subspace of dimension {dim} fitted to {} prompts of shape {:?}; share of each prompt's \
-         deviation from the mean kept: {}",
+         deviation from {} kept: {}",
         prompts.len(),
         s.p0.dims(),
+        if origin.is_some() {
+            "the origin"
+        } else {
+            "the mean"
+        },
         kept.iter()
             .map(|k| format!("{k:.2}"))
             .collect::<Vec<_>>()

@@ -140,12 +140,21 @@ fn symmetric_eigen(mut a: Vec<f64>, n: usize) -> (Vec<f64>, Vec<f64>) {
     ((0..n).map(|i| a[i * n + i]).collect(), v)
 }
 
-/// PCA of `prompts` (n trained soft prompts, each [P, hidden], flattened): the mean becomes
-/// `p0` and the top-`d` principal directions, each scaled by sigma_k / sqrt(n), the basis.
-/// Needs n >= 2 prompts of one shape and 1 <= d <= n - 1 (a centred set of n points spans at
-/// most n - 1 directions). Computed through the n x n Gram matrix in f64, so the cost is
-/// O(n^2 P hidden).
-pub fn fit_subspace(prompts: &[Tensor], d: usize) -> Result<Subspace> {
+/// PCA of `prompts` (n trained soft prompts, each [P, hidden], flattened).
+///
+/// Without `origin`: the mean becomes `p0` and the top-`d` principal directions of the centred
+/// prompts, each scaled by sigma_k / sqrt(n), the basis; 1 <= d <= n - 1 (a centred set of n
+/// points spans at most n - 1 directions).
+///
+/// With `origin` (the prompt every source started from, when they share one): `p0` is the origin
+/// and the basis the top-`d` directions of the displacements `prompt_i - origin`, not centred,
+/// each scaled by sigma_k / sqrt(n); 1 <= d <= n. Centring would subtract the direction that all
+/// sources moved in together, which is the one the task taught them; kept, `z` can go along it
+/// and past where the sources stopped.
+///
+/// Needs n >= 2 prompts of one shape (and the origin of that shape). Computed through the n x n
+/// Gram matrix in f64, so the cost is O(n^2 P hidden).
+pub fn fit_subspace(prompts: &[Tensor], d: usize, origin: Option<&Tensor>) -> Result<Subspace> {
     let n = prompts.len();
     if n < 2 {
         return bad(
@@ -153,13 +162,18 @@ pub fn fit_subspace(prompts: &[Tensor], d: usize) -> Result<Subspace> {
             format!("a subspace needs at least 2 trained prompts, got {n}"),
         );
     }
-    if d == 0 || d > n - 1 {
+    let max_d = if origin.is_some() { n } else { n - 1 };
+    if d == 0 || d > max_d {
         return bad(
             "intrinsic_dim",
             format!(
-                "d = {d} principal directions cannot be fitted from n = {n} prompts; allowed \
-                 range 1..={} (d <= n - 1)",
-                n - 1
+                "d = {d} principal directions cannot be fitted from n = {n} prompts{}; allowed \
+                 range 1..={max_d}",
+                if origin.is_some() {
+                    " around an origin"
+                } else {
+                    " (a centred set of n prompts spans n - 1 directions)"
+                }
             ),
         );
     }
@@ -187,9 +201,27 @@ pub fn fit_subspace(prompts: &[Tensor], d: usize) -> Result<Subspace> {
     }
     let big_n = rows[0].len();
     let mut mean = vec![0.0; big_n];
-    for r in &rows {
-        for (m, x) in mean.iter_mut().zip(r) {
-            *m += x / n as f64;
+    match origin {
+        Some(o) => {
+            if o.dims() != shape.as_slice() {
+                return bad(
+                    "origin",
+                    format!(
+                        "the origin is {:?} but the prompts are {shape:?}; it must be the prompt \
+                         the sources started from",
+                        o.dims()
+                    ),
+                );
+            }
+            let v: Vec<f32> = o.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            mean = v.into_iter().map(f64::from).collect();
+        }
+        None => {
+            for r in &rows {
+                for (m, x) in mean.iter_mut().zip(r) {
+                    *m += x / n as f64;
+                }
+            }
         }
     }
     for r in &mut rows {
