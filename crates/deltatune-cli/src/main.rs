@@ -121,10 +121,13 @@ enum Command {
     Search(SearchCli),
     /// What a study store holds: `list`, `show NAME`, `best NAME`, `export NAME`, `report NAME`.
     Study {
-        /// list, show, best, export or report.
+        /// list, show, best, export, report or compare.
         action: String,
         /// The study (all actions but list).
         name: Option<String>,
+        /// compare: the other study, matched trial by trial on parameters.
+        #[arg(long)]
+        against: Option<String>,
         /// Study store: a SQLite file (default runs/studies.db) or postgres://...
         #[arg(long, env = "DELTATUNE_STORAGE", default_value = "runs/studies.db")]
         storage: String,
@@ -482,6 +485,7 @@ fn main() -> ExitCode {
         Command::Study {
             action,
             name,
+            against,
             storage,
             format,
             output,
@@ -504,8 +508,15 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|| PathBuf::from(format!("runs/{n}-report.html")));
                     commands::study::report(&storage, &n, &out)
                 }),
+                "compare" => need().and_then(|n| {
+                    let b = against.clone().ok_or_else(|| {
+                        anyhow::anyhow!("`study compare A --against B` needs --against")
+                    })?;
+                    commands::study::compare(&storage, &n, &b)
+                }),
                 o => Err(anyhow::anyhow!(
-                    "unknown study action `{o}` (available: list, show, best, export, report)"
+                    "unknown study action `{o}` (available: list, show, best, export, report, \
+                     compare)"
                 )),
             }
         }

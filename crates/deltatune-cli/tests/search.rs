@@ -263,3 +263,74 @@ fn rusqlite_free_update(db: &Path) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// Runs one worker to the end with the given pruner (random sampler, seed 3, 12 trials).
+fn study_with(dir: &Path, study: &str, pruner: &str) {
+    let o = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args([
+            "search",
+            "--space",
+            "space.toml",
+            "--study",
+            study,
+            "--storage",
+            "c.db",
+            "--trials",
+            "12",
+            "--objective",
+            "synthetic",
+            "--sampler",
+            "random",
+            "--seed",
+            "3",
+            "--pruner",
+            pruner,
+        ])
+        .current_dir(dir)
+        .env("DELTATUNE_SYNTHETIC_SLEEP", "0.05")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn compare_prints_what_pruned_trials_cost_against_the_same_trials_run_to_completion() {
+    let dir = tmp("compare");
+    std::fs::write(dir.join("space.toml"), SPACE).unwrap();
+    study_with(&dir, "pruned", "asha");
+    study_with(&dir, "full", "none");
+    let o = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args([
+            "study",
+            "compare",
+            "pruned",
+            "--against",
+            "full",
+            "--storage",
+            "c.db",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The random sampler with one seed proposes the same 12 configurations in both studies.
+    assert!(out.contains("12 trials with the same parameters"), "{out}");
+    // ASHA (rungs at steps 1 and 3, keeping the top third) prunes some of them, each after
+    // one of its three steps, so they cost less than the same trials run to the end.
+    let line = out
+        .lines()
+        .find(|l| l.contains("pruned in `pruned` took"))
+        .unwrap_or_else(|| panic!("no trial was pruned:\n{out}"));
+    let secs: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse::<f64>().ok())
+        .collect();
+    // [number of pruned trials, seconds in A, seconds in B]
+    assert!(secs.len() >= 3 && secs[1] < secs[2], "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -115,6 +115,77 @@ pub fn show(storage: &str, name: &str, limit: usize) -> Result<()> {
     Ok(())
 }
 
+fn seconds(t: &TrialRow) -> Option<f64> {
+    Some(t.finished? - t.started?)
+}
+
+/// `study compare A --against B`: the trials of two studies matched by their parameters (e.g.
+/// a pruned study and the same sampler seed run without a pruner), side by side with the time
+/// each took, and the totals over the trials pruned in A: what they cost there and what the
+/// same configurations cost in B.
+pub fn compare(storage: &str, a: &str, b: &str) -> Result<()> {
+    let (_, ta) = load(storage, a)?;
+    let (_, tb) = load(storage, b)?;
+    let ended = |t: &&TrialRow| {
+        matches!(t.state, TrialState::Complete | TrialState::Pruned) && seconds(t).is_some()
+    };
+    println!(
+        "{:>5} {:<9} {:>8} {:>8}   {:<9} {:>8} {:>8}  params",
+        "trial", "A state", "A value", "A s", "B state", "B value", "B s"
+    );
+    let (mut matched, mut sa, mut sb, mut pa, mut pb, mut npruned) = (0, 0.0, 0.0, 0.0, 0.0, 0);
+    for x in ta.iter().filter(ended) {
+        let Some(y) = tb.iter().filter(ended).find(|y| y.params == x.params) else {
+            continue;
+        };
+        let (dx, dy) = (seconds(x).unwrap_or(0.0), seconds(y).unwrap_or(0.0));
+        let v = |t: &TrialRow| match t.state {
+            TrialState::Pruned => t
+                .intermediate
+                .last()
+                .map_or("-".into(), |p| format!("({:.4})", p.1)),
+            _ => t.value.map_or("-".into(), |v| format!("{v:.4}")),
+        };
+        println!(
+            "{:>5} {:<9} {:>8} {:>8.1}   {:<9} {:>8} {:>8.1}  {}",
+            x.number,
+            x.state.as_str(),
+            v(x),
+            dx,
+            y.state.as_str(),
+            v(y),
+            dy,
+            params_text(x)
+        );
+        matched += 1;
+        sa += dx;
+        sb += dy;
+        if x.state == TrialState::Pruned {
+            npruned += 1;
+            pa += dx;
+            pb += dy;
+        }
+    }
+    if matched == 0 {
+        bail!(
+            "no trial of `{a}` has the same parameters as an ended trial of `{b}`; compare \
+             studies run with the same space, sampler and seed (e.g. --sampler random --seed S, \
+             once with a pruner and once with --pruner none)"
+        );
+    }
+    println!("{matched} trials with the same parameters: {sa:.1} s in `{a}`, {sb:.1} s in `{b}`");
+    if npruned > 0 {
+        println!(
+            "the {npruned} trials pruned in `{a}` took {pa:.1} s there; run to completion in `{b}` \
+             they took {pb:.1} s ({:.0}% saved)",
+            100.0 * (1.0 - pa / pb.max(1e-9))
+        );
+    } else {
+        println!("no trial of `{a}` was pruned");
+    }
+    Ok(())
+}
+
 /// `study best`: the best trial's value and the `train` flags that reproduce it.
 pub fn best_cmd(storage: &str, name: &str) -> Result<()> {
     let (study, trials) = load(storage, name)?;
