@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use deltatune_search::space::Direction;
+use deltatune_search::space::{Direction, Dist, METHOD_KEY};
 use deltatune_search::storage::{self, StudyRow, StudyStore, TrialRow, TrialState};
 
 fn load(storage: &str, name: &str) -> Result<(StudyRow, Vec<TrialRow>)> {
@@ -271,7 +271,19 @@ fn esc(s: &str) -> String {
 }
 
 /// An SVG scatter/line plot: `series` of (label, colour, points, connect).
+/// How the x values of a plot are drawn: numbers (as given), log10 of the values (the points'
+/// x are already log10; the end labels show the values), or categories (x is the index).
+enum XAxis {
+    Linear,
+    Log,
+    Categories(Vec<String>),
+}
+
 fn svg_plot(title: &str, xlabel: &str, series: &[Series]) -> String {
+    svg_plot_axis(title, xlabel, series, &XAxis::Linear)
+}
+
+fn svg_plot_axis(title: &str, xlabel: &str, series: &[Series], axis: &XAxis) -> String {
     let (w, h, m) = (520.0, 300.0, 48.0);
     let pts = series.iter().flat_map(|s| s.2.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -286,7 +298,13 @@ fn svg_plot(title: &str, xlabel: &str, series: &[Series]) -> String {
     if x0 > x1 {
         return format!("<p>{}: no data yet</p>", esc(title));
     }
+    if let XAxis::Categories(c) = axis {
+        // Every category gets a slot, with half a slot of margin at both ends.
+        x0 = -0.5;
+        x1 = c.len() as f64 - 0.5;
+    }
     if x1 - x0 < 1e-12 {
+        x0 -= 0.5;
         x1 = x0 + 1.0;
     }
     if y1 - y0 < 1e-12 {
@@ -299,8 +317,7 @@ fn svg_plot(title: &str, xlabel: &str, series: &[Series]) -> String {
          xmlns=\"http://www.w3.org/2000/svg\" font-size=\"11\">\
          <rect x=\"{m}\" y=\"{m}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999\"/>\
          <text x=\"{m}\" y=\"{}\">{y0:.4}</text><text x=\"{m}\" y=\"{}\">{y1:.4}</text>\
-         <text x=\"{}\" y=\"{}\">{}</text><text x=\"{m}\" y=\"{}\">{x0:.3}</text>\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{x1:.3}</text>",
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
         esc(title),
         w - 2.0 * m,
         h - 2.0 * m,
@@ -309,10 +326,33 @@ fn svg_plot(title: &str, xlabel: &str, series: &[Series]) -> String {
         w / 2.0,
         h - 8.0,
         esc(xlabel),
-        h - m + 24.0,
-        w - m,
-        h - m + 24.0,
     );
+    let tick = |s: &mut String, x: f64, label: &str, anchor: &str| {
+        write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"{anchor}\">{}</text>",
+            x,
+            h - m + 24.0,
+            esc(label)
+        )
+        .unwrap();
+    };
+    match axis {
+        XAxis::Linear => {
+            tick(&mut s, m, &format!("{x0:.3}"), "start");
+            tick(&mut s, w - m, &format!("{x1:.3}"), "end");
+        }
+        XAxis::Log => {
+            tick(&mut s, m, &format!("{:.3e}", 10f64.powf(x0)), "start");
+            tick(&mut s, w - m, &format!("{:.3e}", 10f64.powf(x1)), "end");
+            tick(&mut s, w / 2.0, "(log scale)", "middle");
+        }
+        XAxis::Categories(c) => {
+            for (i, name) in c.iter().enumerate() {
+                tick(&mut s, sx(i as f64), name, "middle");
+            }
+        }
+    }
     for (label, colour, p, connect) in series {
         if *connect && p.len() > 1 {
             let d: Vec<String> = p
@@ -398,32 +438,70 @@ pub fn report(storage: &str, name: &str, out: &Path) -> Result<()> {
             ("best so far".into(), "#d62728", best_so_far, true),
         ],
     ));
+    let space = deltatune_search::space::Space::parse(&study.space).ok();
     let keys: std::collections::BTreeSet<&String> =
         trials.iter().flat_map(|t| t.params.keys()).collect();
     for k in keys {
-        let pts: Vec<(f64, f64)> = done
+        let dist = space.as_ref().and_then(|sp| {
+            sp.method_names()
+                .into_iter()
+                .flat_map(|m| sp.params_for(m))
+                .find(|p| &p.name == k)
+                .map(|p| p.dist.clone())
+        });
+        let values: Vec<(&serde_json::Value, f64)> = done
             .iter()
-            .filter_map(|t| {
-                let v = t.params.get(k)?;
-                let x = v.as_f64().or_else(|| {
-                    // Categorical: position among the values seen, in sorted order.
-                    let mut seen: Vec<String> = done
-                        .iter()
-                        .filter_map(|t| t.params.get(k).map(|v| v.to_string()))
-                        .collect();
-                    seen.sort();
-                    seen.dedup();
-                    seen.iter()
-                        .position(|s| s.as_str() == v.to_string().as_str())
-                        .map(|i| i as f64)
-                })?;
-                Some((x, t.value?))
-            })
+            .filter_map(|t| Some((t.params.get(k)?, t.value?)))
             .collect();
-        html.push_str(&svg_plot(
+        let numeric = values.iter().all(|(v, _)| v.is_number());
+        let log = matches!(
+            dist,
+            Some(Dist::Float { log: true, .. } | Dist::Int { log: true, .. })
+        ) && values
+            .iter()
+            .all(|(v, _)| v.as_f64().is_some_and(|x| x > 0.0));
+        let (axis, pts) = if numeric && !matches!(dist, Some(Dist::Choice(_))) {
+            let f = |x: f64| if log { x.log10() } else { x };
+            (
+                if log { XAxis::Log } else { XAxis::Linear },
+                values
+                    .iter()
+                    .map(|(v, y)| (f(v.as_f64().unwrap_or(f64::NAN)), *y))
+                    .collect(),
+            )
+        } else {
+            // Categories in the space's order (or sorted), each point at its category's slot.
+            let text = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                o => o.to_string(),
+            };
+            let mut cats: Vec<String> = match &dist {
+                Some(Dist::Choice(c)) => c.iter().map(text).collect(),
+                _ if k == METHOD_KEY => space
+                    .as_ref()
+                    .map(|sp| sp.method_names().iter().map(|m| m.to_string()).collect())
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            for (v, _) in &values {
+                if !cats.contains(&text(v)) {
+                    cats.push(text(v));
+                }
+            }
+            let pts = values
+                .iter()
+                .map(|(v, y)| {
+                    let i = cats.iter().position(|c| *c == text(v)).unwrap_or(0);
+                    (i as f64, *y)
+                })
+                .collect();
+            (XAxis::Categories(cats), pts)
+        };
+        html.push_str(&svg_plot_axis(
             &format!("{k} vs objective"),
             k,
             &[(k.clone(), "#2ca02c", pts, false)],
+            &axis,
         ));
     }
     let curves: Vec<Series> = trials
@@ -444,7 +522,7 @@ pub fn report(storage: &str, name: &str, out: &Path) -> Result<()> {
         .collect();
     html.push_str(&svg_plot(
         "Intermediate values (blue: complete, orange: pruned)",
-        "step",
+        "report: epoch, or k-th evaluation with --report-every-steps",
         &curves,
     ));
     html.push_str("<h2>Trials</h2><table><tr><th>trial</th><th>state</th><th>value</th><th>attempt</th><th>params</th></tr>");
