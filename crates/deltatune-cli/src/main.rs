@@ -229,11 +229,14 @@ pub struct RunArgs {
     /// Hide progress bars.
     #[arg(long)]
     no_progress: bool,
-    #[arg(long)]
+    /// Training data (CSV/TSV/JSONL with text and label columns).
+    #[arg(long, visible_alias = "data")]
     train_file: Option<PathBuf>,
-    #[arg(long)]
+    /// Dev data (model selection, pruning, auto's rungs).
+    #[arg(long, visible_alias = "dev")]
     dev_file: Option<PathBuf>,
-    #[arg(long)]
+    /// Test data (reported once at the end).
+    #[arg(long, visible_alias = "test")]
     test_file: Option<PathBuf>,
     #[arg(long)]
     text_column: Option<String>,
