@@ -2,10 +2,10 @@
 //! into a prior over methods with starting settings, and the plan of successive halving that
 //! spends the budget on measured dev metrics.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What is known about the task before training.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskFeatures {
     pub train_examples: usize,
     pub labels: usize,
@@ -129,51 +129,92 @@ pub fn prior(f: &TaskFeatures) -> Vec<Candidate> {
 pub const AUTO_SAMPLER: &str = "auto-halving";
 
 /// One method's result in a finished auto study: (study, method, dev accuracy at the rung
-/// everyone reached, i.e. the first).
+/// everyone reached, i.e. the first), with the features of that study's task when recorded.
 #[derive(Debug, Clone)]
 pub struct PastResult {
     pub study: String,
     pub method: String,
     pub value: f64,
+    pub features: Option<TaskFeatures>,
 }
 
-/// Refines the prior with finished auto studies: within each past study the first-rung values
-/// are standardised (z-scores); a method's bonus is 0.3 times its mean z over the studies where
-/// it ran, clamped to [-0.5, 0.5], once at least 2 past studies exist. This is a per-method
-/// offset fitted to past results: the simplest model that learns which methods tend to win on
-/// the tasks this store has seen.
-pub fn refine(candidates: &mut [Candidate], past: &[PastResult]) {
+impl TaskFeatures {
+    /// The coordinates in which tasks are compared: log10 of the training-set size, log2 of
+    /// the number of labels and of the mean length in tokens, the label balance (rarest share
+    /// times the number of labels: 1 when balanced) and log10 of the model size. One unit is
+    /// 10x the data, 2x the labels or the length, a fully skewed label set, or a 10x model.
+    fn coords(&self) -> [f64; 5] {
+        [
+            (self.train_examples.max(1) as f64).log10(),
+            (self.labels.max(1) as f64).log2(),
+            self.mean_tokens.max(1.0).log2(),
+            self.min_label_share * self.labels as f64,
+            (self.model_params.max(1) as f64).log10(),
+        ]
+    }
+
+    /// How much a past task's results speak for this one: exp(-d^2 / 2) with d the Euclidean
+    /// distance of [`TaskFeatures::coords`]; 1 for the same task, about 0.6 one unit away.
+    pub fn similarity(&self, other: &TaskFeatures) -> f64 {
+        let (a, b) = (self.coords(), other.coords());
+        let d2: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+        (-d2 / 2.0).exp()
+    }
+}
+
+/// Weight of a past study whose task features were not recorded.
+const UNKNOWN_TASK_WEIGHT: f64 = 0.3;
+
+/// Refines the prior with finished auto studies, a model fitted on the store: within each past
+/// study the first-rung values are standardised (z-scores); each study is weighted by how
+/// similar its task is to this one ([`TaskFeatures::similarity`]); a method's bonus is
+/// 0.3 x (weighted mean z) x W / (W + 1), W the total weight of the studies where it ran (so
+/// little or distant evidence moves the prior little), clamped to [-0.5, 0.5], once at least 2
+/// past studies exist. A per-method offset that depends on the task through the weights: the
+/// methods that won on similar tasks gain, those that won on very different tasks barely count.
+pub fn refine(candidates: &mut [Candidate], past: &[PastResult], task: &TaskFeatures) {
     let mut studies: Vec<&str> = past.iter().map(|p| p.study.as_str()).collect();
     studies.sort();
     studies.dedup();
     if studies.len() < 2 {
         return;
     }
-    let mut z: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    // method -> [(z, weight)]
+    let mut z: std::collections::BTreeMap<&str, Vec<(f64, f64)>> = Default::default();
     for s in &studies {
         let rows: Vec<&PastResult> = past.iter().filter(|p| p.study == *s).collect();
         let n = rows.len() as f64;
         if n < 2.0 {
             continue;
         }
+        let w = rows[0]
+            .features
+            .as_ref()
+            .map_or(UNKNOWN_TASK_WEIGHT, |f| task.similarity(f));
         let mean = rows.iter().map(|r| r.value).sum::<f64>() / n;
         let sd = (rows.iter().map(|r| (r.value - mean).powi(2)).sum::<f64>() / n).sqrt();
         for r in rows {
-            z.entry(r.method.as_str()).or_default().push(if sd > 1e-12 {
+            let zr = if sd > 1e-12 {
                 (r.value - mean) / sd
             } else {
                 0.0
-            });
+            };
+            z.entry(r.method.as_str()).or_default().push((zr, w));
         }
     }
     for c in candidates.iter_mut() {
         if let Some(v) = z.get(c.method.as_str()) {
-            let bonus = (0.3 * v.iter().sum::<f64>() / v.len() as f64).clamp(-0.5, 0.5);
+            let w: f64 = v.iter().map(|x| x.1).sum();
+            if w < 1e-9 {
+                continue;
+            }
+            let mean = v.iter().map(|x| x.0 * x.1).sum::<f64>() / w;
+            let bonus = (0.3 * mean * w / (w + 1.0)).clamp(-0.5, 0.5);
             c.score += bonus;
             c.reasons.push(format!(
-                "{bonus:+.2}: {} past auto studies in the store (mean standardised score {:+.2})",
+                "{bonus:+.2}: {} past auto studies in the store (similarity-weighted mean \
+                 standardised score {mean:+.2}, total similarity {w:.2})",
                 v.len(),
-                v.iter().sum::<f64>() / v.len() as f64
             ));
         }
     }
@@ -279,26 +320,40 @@ mod tests {
     fn past_studies_refine_the_prior() {
         let mut c = prior(&features(10_000, 27.0));
         let before = c.iter().find(|x| x.method == "prompt").unwrap().score;
-        let past: Vec<PastResult> = ["s1", "s2"]
-            .iter()
-            .flat_map(|s| {
-                [("lora", 0.70), ("prompt", 0.80), ("bitfit", 0.60)].map(|(m, v)| PastResult {
-                    study: s.to_string(),
-                    method: m.into(),
-                    value: v,
+        let task = features(10_000, 27.0);
+        let past_on = |f: TaskFeatures| -> Vec<PastResult> {
+            ["s1", "s2", "s3"]
+                .iter()
+                .flat_map(|s| {
+                    [("lora", 0.70), ("prompt", 0.80), ("bitfit", 0.60)].map(|(m, v)| PastResult {
+                        study: s.to_string(),
+                        method: m.into(),
+                        value: v,
+                        features: Some(f.clone()),
+                    })
                 })
-            })
-            .collect();
-        refine(&mut c, &past[..3]);
+                .collect()
+        };
+        let same = past_on(task.clone());
+        let mut c1 = c.clone();
+        refine(&mut c1, &same[..3], &task);
         assert_eq!(
-            c.iter().find(|x| x.method == "prompt").unwrap().score,
+            c1.iter().find(|x| x.method == "prompt").unwrap().score,
             before,
             "one study is not enough"
         );
-        refine(&mut c, &past);
+        refine(&mut c, &same, &task);
         let after = c.iter().find(|x| x.method == "prompt").unwrap();
-        assert!(after.score > before + 0.3, "{after:?}");
+        assert!(after.score > before + 0.25, "{after:?}");
         assert!(after.reasons.last().unwrap().contains("past auto studies"));
+        // The same results on a very different task (100x less data, 8x longer inputs) barely
+        // move the prior.
+        let far = past_on(features(100, 216.0));
+        let mut c2 = prior(&task);
+        refine(&mut c2, &far, &task);
+        let moved = c2.iter().find(|x| x.method == "prompt").unwrap().score - before;
+        assert!(moved.abs() < 0.01, "{moved}");
+        assert!(task.similarity(&task) > 0.999);
     }
 
     #[test]

@@ -145,6 +145,8 @@ pub fn auto(
         .into_iter()
         .filter(|st| st.sampler == AUTO_SAMPLER)
     {
+        // auto records the task's features as the study's space.
+        let past_features: Option<TaskFeatures> = serde_json::from_str(&st.space).ok();
         for t in store.trials(st.id)? {
             if t.params.get("rung") == Some(&serde_json::Value::from(0)) {
                 if let (Some(m), Some(v)) =
@@ -154,12 +156,13 @@ pub fn auto(
                         study: st.name.clone(),
                         method: m.to_string(),
                         value: v,
+                        features: past_features.clone(),
                     });
                 }
             }
         }
     }
-    refine(&mut candidates, &past);
+    refine(&mut candidates, &past, &features);
     let (study, _) = store.create_or_resume(&StudyRow {
         id: 0,
         name: format!(
