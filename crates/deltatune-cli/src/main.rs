@@ -81,7 +81,7 @@ enum Command {
     /// Learned intrinsic subspaces: `fit` runs PCA over several trained prompt-tuning adapters
     /// and writes the decoder (P0 and basis) for `--method intrinsic --set intrinsic.subspace=`.
     Subspace {
-        /// What to do (fit).
+        /// fit (PCA of trained prompts) or random (a random subspace around --origin).
         action: String,
         /// Prompt-tuning adapter folders (at least 2).
         #[arg(long, value_delimiter = ',', num_args = 1..)]
@@ -95,6 +95,9 @@ enum Command {
         /// displacements from it, not centred, and z = 0 decodes to it.
         #[arg(long)]
         origin: Option<PathBuf>,
+        /// random: seed of the Gaussian basis.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// The artifact to write (safetensors).
         #[arg(long, short)]
         output: PathBuf,
@@ -445,16 +448,20 @@ fn main() -> ExitCode {
             adapters,
             dim,
             origin,
+            seed,
             output,
-        } => {
-            if action != "fit" {
-                Err(anyhow::anyhow!(
-                    "unknown subspace action `{action}` (available: fit)"
-                ))
-            } else {
-                commands::subspace::fit(&adapters, dim, origin.as_deref(), &output)
-            }
-        }
+        } => match action.as_str() {
+            "fit" => commands::subspace::fit(&adapters, dim, origin.as_deref(), &output),
+            "random" => match &origin {
+                Some(o) => commands::subspace::random(o, dim, seed, &output),
+                None => Err(anyhow::anyhow!(
+                    "`subspace random` needs --origin (a prompt-tuning adapter whose prompt is P0)"
+                )),
+            },
+            _ => Err(anyhow::anyhow!(
+                "unknown subspace action `{action}` (available: fit, random)"
+            )),
+        },
         Command::Auto {
             run,
             budget,

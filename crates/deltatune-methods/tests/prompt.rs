@@ -456,6 +456,26 @@ fn subspace_around_an_origin_keeps_the_shared_displacement() {
 }
 
 #[test]
+fn random_subspace_around_an_origin_has_the_decoder_scale() {
+    let mut r = Rng::new(10);
+    let origin = r.normal_tensor((5, 32), 0.05).unwrap();
+    let s = intrinsic::Subspace::random_around(&origin, 4, 7).unwrap();
+    assert_eq!(max_abs(&s.p0, &origin), 0.0);
+    assert_eq!(s.d.dims(), &[160, 4]);
+    // Entries ~ N(0, rms(origin)^2 / d): a unit z moves each prompt entry by about rms(origin).
+    let ms: f32 = s.d.sqr().unwrap().mean_all().unwrap().to_scalar().unwrap();
+    let ratio = (ms * 4.0).sqrt() / 0.05;
+    assert!((0.8..1.2).contains(&ratio), "{ratio}");
+    // Seeded: the same seed gives the same basis, another seed another one.
+    let again = intrinsic::Subspace::random_around(&origin, 4, 7).unwrap();
+    assert_eq!(max_abs(&again.d, &s.d), 0.0);
+    let other = intrinsic::Subspace::random_around(&origin, 4, 8).unwrap();
+    assert!(max_abs(&other.d, &s.d) > 0.0);
+    let e = intrinsic::Subspace::random_around(&origin, 161, 7).unwrap_err();
+    assert_eq!(field_of(e), "intrinsic_dim");
+}
+
+#[test]
 fn intrinsic_z_trains_the_loss_down() {
     // A few Adam-free gradient steps on z alone (head frozen) lower the loss: the decode keeps
     // the graph to z.

@@ -116,6 +116,20 @@ pub const PRESETS: &[Preset] = &[
         ],
     ),
     p(
+        "intrinsic-origin",
+        "z of d = 8 through a dense random subspace around the `prompt-frozen` prompt (the learned subspace's origin), lr 5e-2",
+        &[
+            "--method",
+            "intrinsic",
+            "--lr",
+            "5e-2",
+            "--set",
+            "intrinsic.intrinsic_dim=8",
+            "--set",
+            "intrinsic.subspace={random_subspace}",
+        ],
+    ),
+    p(
         "intrinsic-learned",
         "z of d = 8 through a learned subspace: PCA around their shared initial prompt of 9 prompts, each prompt-tuned (as `prompt`) for 3 epochs on its own ninth of the training set; lr 5e-2",
         &[
@@ -167,10 +181,9 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Trains the source prompts that are not there yet (same seed and init, disjoint shards of the
-/// training set) and the origin (their shared initial prompt: one short run with the prompt
-/// frozen), and fits the subspace around the origin; returns the artifact's path.
-fn learned_subspace(exe: &Path, runs: &Path, epochs: Option<usize>) -> Result<PathBuf> {
+/// The sources' shared initial prompt: a prompt adapter trained (one epoch of a shard) with
+/// the prompt frozen, so it holds the initial prompt that every source starts from.
+fn subspace_origin(exe: &Path, runs: &Path) -> Result<PathBuf> {
     let origin = runs.join("subspace-sources").join("origin");
     if !origin.join("adapter_model.safetensors").exists() {
         eprintln!(
@@ -195,6 +208,28 @@ fn learned_subspace(exe: &Path, runs: &Path, epochs: Option<usize>) -> Result<Pa
         .arg(&origin);
         run(&mut cmd, "training the subspace origin")?;
     }
+    Ok(origin)
+}
+
+/// A random dense subspace of dimension `SUBSPACE_DIM` around the same origin.
+fn random_subspace(exe: &Path, runs: &Path) -> Result<PathBuf> {
+    let origin = subspace_origin(exe, runs)?;
+    let path = runs.join(format!("random-around-origin-d{SUBSPACE_DIM}.safetensors"));
+    let mut cmd = Command::new(exe);
+    cmd.args(["subspace", "random", "--dim", &SUBSPACE_DIM.to_string()])
+        .arg("--origin")
+        .arg(&origin)
+        .arg("--output")
+        .arg(&path);
+    run(&mut cmd, "drawing the random subspace")?;
+    Ok(path)
+}
+
+/// Trains the source prompts that are not there yet (same seed and init, disjoint shards of the
+/// training set) and the origin (their shared initial prompt: one short run with the prompt
+/// frozen), and fits the subspace around the origin; returns the artifact's path.
+fn learned_subspace(exe: &Path, runs: &Path, epochs: Option<usize>) -> Result<PathBuf> {
+    let origin = subspace_origin(exe, runs)?;
     let mut dirs = Vec::new();
     for i in 0..SUBSPACE_SOURCES {
         let out = runs.join("subspace-sources").join(format!("shard-{i}"));
@@ -269,6 +304,13 @@ pub fn methods(only: &[String], epochs: Option<usize>, runs: &Path, table: &Path
             let path = path.canonicalize().unwrap_or(path);
             for a in &mut args {
                 *a = a.replace("{subspace}", &path.display().to_string());
+            }
+        }
+        if args.iter().any(|a| a.contains("{random_subspace}")) {
+            let path = random_subspace(&exe, runs)?;
+            let path = path.canonicalize().unwrap_or(path);
+            for a in &mut args {
+                *a = a.replace("{random_subspace}", &path.display().to_string());
             }
         }
         eprintln!("== {}: {}", preset.name, preset.settings);

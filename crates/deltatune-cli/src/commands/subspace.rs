@@ -118,3 +118,22 @@ pub fn fit(adapters: &[PathBuf], dim: usize, origin: Option<&Path>, out: &Path) 
     );
     Ok(())
 }
+
+/// `subspace random`: a random dense subspace of dimension `dim` around the prompt of the
+/// adapter `origin` (the random counterpart of a subspace fitted with `--origin`).
+pub fn random(origin: &Path, dim: usize, seed: u64, out: &Path) -> Result<()> {
+    let (p, _) = prompt_of(origin)?;
+    let s = deltatune_methods::intrinsic::Subspace::random_around(&p, dim, seed)?;
+    if let Some(dir) = out.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    s.save(out)?;
+    println!(
+        "random subspace of dimension {dim} (seed {seed}) around the prompt of {} written to {}",
+        origin.display(),
+        out.display()
+    );
+    Ok(())
+}

@@ -25,6 +25,37 @@ pub struct Subspace {
 }
 
 impl Subspace {
+    /// A random subspace around a given prompt: `P0` = `origin` [P, hidden] and a dense
+    /// Gaussian `D` [P * hidden, d] with entries N(0, rms(origin)^2 / d), the scale of
+    /// [`super::decoder`]'s random map (there rms of the word embeddings, which a prompt drawn
+    /// at the vocabulary's scale shares). It puts a random and a learned subspace on the same
+    /// `P0`, so that they differ only in `D`.
+    pub fn random_around(origin: &Tensor, d: usize, seed: u64) -> Result<Self> {
+        if origin.rank() != 2 {
+            return bad(
+                "origin",
+                format!(
+                    "the origin must be a [P, hidden] prompt, got {:?}",
+                    origin.dims()
+                ),
+            );
+        }
+        let n = origin.elem_count();
+        if d == 0 || d > n {
+            return bad(
+                "intrinsic_dim",
+                format!("d = {d} is outside the allowed range 1..={n} (P * hidden)"),
+            );
+        }
+        let p0 = origin.to_dtype(DType::F32)?;
+        let scale = crate::prompt::rms(&p0)? / (d as f64).sqrt();
+        let mut rng = deltatune_core::Rng::new(seed).derive("subspace.random");
+        Ok(Self {
+            d: rng.normal_tensor((n, d), scale)?,
+            p0,
+        })
+    }
+
     /// The subspace dimension d.
     pub fn dim(&self) -> usize {
         self.d.dims()[1]
