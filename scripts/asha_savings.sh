@@ -30,6 +30,7 @@ for pruner in asha none; do
   "$DT" search --space "$OUT/space.toml" --study "$pruner" --storage "$OUT/studies.db" \
     --runs "$OUT/trials" --trials "$TRIALS" --sampler random --seed 11 --pruner "$pruner" \
     --report-every-steps 10 \
-    --set data.train_shard=0/9 --set "data.dev=$OUT/dev-300.csv" --set train.epochs=2
+    --set "data.train=$DATA/train.csv" --set data.train_shard=0/9 \
+    --set "data.dev=$OUT/dev-300.csv" --set train.epochs=2
 done
 "$DT" study compare asha --against none --storage "$OUT/studies.db" | tee "$OUT/compare.txt"

@@ -827,6 +827,33 @@ fn search_with_the_train_objective_records_each_epoch() {
             .collect();
         assert_eq!(steps, [1, 2, 3], "{tr}");
     }
+
+    // A setting that breaks every trial stops the search with the trials' error instead of
+    // retrying forever.
+    let o = run(
+        &[
+            "search",
+            "--space",
+            "space.toml",
+            "--study",
+            "broken",
+            "--storage",
+            "s.db",
+            "--trials",
+            "3",
+            "--set",
+            &model_set,
+            "--set",
+            "data.dev=dev.csv",
+        ],
+        &t.0,
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("5 trials in a row failed") && text(&o).contains("see "),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]

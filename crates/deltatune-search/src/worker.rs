@@ -46,6 +46,9 @@ pub struct WorkerConfig {
     pub max_attempts: i64,
     /// Seconds to wait before asking again while other trials run.
     pub poll: f64,
+    /// This worker stops with an error after this many of its trials failed in a row (a
+    /// broken setting fails every trial; retrying forever would hide it).
+    pub max_consecutive_failures: usize,
 }
 
 impl WorkerConfig {
@@ -61,6 +64,7 @@ impl WorkerConfig {
             stale_timeout: 30.0,
             max_attempts: 3,
             poll: 1.0,
+            max_consecutive_failures: 5,
         }
     }
 }
@@ -87,6 +91,7 @@ pub fn run_worker(
 ) -> Result<WorkerSummary> {
     let mut store = storage::open(&cfg.storage)?;
     let mut summary = WorkerSummary::default();
+    let mut failures_in_a_row = 0usize;
     loop {
         let root = Rng::new(study.seed);
         let mut sample = |hist: &[crate::sampler::Observation], number: i64| -> Params {
@@ -203,8 +208,20 @@ pub fn run_worker(
                 trial.number,
                 state.as_str().to_lowercase(),
                 value.map_or(String::new(), |v| format!(": {v:.4}")),
-                msg.map_or(String::new(), |m| format!(" ({m})"))
+                msg.as_ref().map_or(String::new(), |m| format!(" ({m})"))
             ));
+            if state == TrialState::Failed {
+                failures_in_a_row += 1;
+                if failures_in_a_row >= cfg.max_consecutive_failures.max(1) {
+                    return Err(Error::Objective(format!(
+                        "{failures_in_a_row} trials in a row failed, so this worker stops; \
+                         the last one: {}",
+                        msg.unwrap_or_default()
+                    )));
+                }
+            } else {
+                failures_in_a_row = 0;
+            }
         } else {
             summary.lost += 1;
         }
