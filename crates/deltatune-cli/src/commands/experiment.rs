@@ -181,6 +181,34 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Prompt tuning as the `prompt` row (lr 3e-2) for `epochs` on shard `shard` of
+/// `SUBSPACE_SOURCES`, with `extra` arguments, into `out`.
+fn prompt_on_shard(
+    exe: &Path,
+    shard: usize,
+    epochs: usize,
+    extra: &[&str],
+    out: &Path,
+) -> Result<()> {
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "train",
+        "--method",
+        "prompt",
+        "--lr",
+        "3e-2",
+        "--no-progress",
+    ])
+    .arg("--epochs")
+    .arg(epochs.to_string())
+    .arg("--set")
+    .arg(format!("data.train_shard={shard}/{SUBSPACE_SOURCES}"))
+    .args(extra)
+    .arg("--output")
+    .arg(out);
+    run(&mut cmd, "prompt tuning on a shard")
+}
+
 /// The sources' shared initial prompt: a prompt adapter trained (one epoch of a shard) with
 /// the prompt frozen, so it holds the initial prompt that every source starts from.
 fn subspace_origin(exe: &Path, runs: &Path) -> Result<PathBuf> {
@@ -189,24 +217,14 @@ fn subspace_origin(exe: &Path, runs: &Path) -> Result<PathBuf> {
         eprintln!(
             "== subspace origin: the sources' initial prompt (prompt frozen, 1 epoch of a shard)"
         );
-        let mut cmd = Command::new(exe);
-        cmd.args([
-            "train",
-            "--method",
-            "prompt",
-            "--lr",
-            "3e-2",
-            "--no-progress",
-            "--epochs",
-            "1",
-            "--set",
-            "train.freeze=prompt_embeddings",
-        ])
-        .arg("--set")
-        .arg(format!("data.train_shard=0/{SUBSPACE_SOURCES}"))
-        .arg("--output")
-        .arg(&origin);
-        run(&mut cmd, "training the subspace origin")?;
+        prompt_on_shard(
+            exe,
+            0,
+            1,
+            &["--set", "train.freeze=prompt_embeddings"],
+            &origin,
+        )
+        .context("training the subspace origin")?;
     }
     Ok(origin)
 }
@@ -235,26 +253,9 @@ fn learned_subspace(exe: &Path, runs: &Path, epochs: Option<usize>) -> Result<Pa
         let out = runs.join("subspace-sources").join(format!("shard-{i}"));
         if !out.join("adapter_model.safetensors").exists() {
             eprintln!("== subspace source {i}: prompt tuning on shard {i}/{SUBSPACE_SOURCES}");
-            let mut cmd = Command::new(exe);
-            cmd.args([
-                "train",
-                "--method",
-                "prompt",
-                "--lr",
-                "3e-2",
-                "--no-progress",
-            ])
-            .arg("--epochs")
-            .arg(
-                epochs
-                    .map_or(SOURCE_EPOCHS, |e| e.min(SOURCE_EPOCHS))
-                    .to_string(),
-            )
-            .arg("--set")
-            .arg(format!("data.train_shard={i}/{SUBSPACE_SOURCES}"))
-            .arg("--output")
-            .arg(&out);
-            run(&mut cmd, &format!("training subspace source {i}"))?;
+            let e = epochs.map_or(SOURCE_EPOCHS, |e| e.min(SOURCE_EPOCHS));
+            prompt_on_shard(exe, i, e, &[], &out)
+                .with_context(|| format!("training subspace source {i}"))?;
         }
         dirs.push(out);
     }
@@ -299,18 +300,18 @@ pub fn methods(only: &[String], epochs: Option<usize>, runs: &Path, table: &Path
         }
         let out = runs.join(preset.name);
         let mut args: Vec<String> = preset.args.iter().map(|a| a.to_string()).collect();
-        if args.iter().any(|a| a.contains("{subspace}")) {
-            let path = learned_subspace(&exe, runs, epochs)?;
-            let path = path.canonicalize().unwrap_or(path);
-            for a in &mut args {
-                *a = a.replace("{subspace}", &path.display().to_string());
+        for key in ["{subspace}", "{random_subspace}"] {
+            if !args.iter().any(|a| a.contains(key)) {
+                continue;
             }
-        }
-        if args.iter().any(|a| a.contains("{random_subspace}")) {
-            let path = random_subspace(&exe, runs)?;
+            let path = if key == "{subspace}" {
+                learned_subspace(&exe, runs, epochs)?
+            } else {
+                random_subspace(&exe, runs)?
+            };
             let path = path.canonicalize().unwrap_or(path);
             for a in &mut args {
-                *a = a.replace("{random_subspace}", &path.display().to_string());
+                *a = a.replace(key, &path.display().to_string());
             }
         }
         eprintln!("== {}: {}", preset.name, preset.settings);

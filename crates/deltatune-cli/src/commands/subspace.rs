@@ -47,9 +47,10 @@ pub fn fit(adapters: &[PathBuf], dim: usize, origin: Option<&Path>, out: &Path) 
             adapters.len()
         );
     }
+    // The sources, then the origin if any: all must come from one base model.
     let mut prompts = Vec::new();
     let mut base: Option<String> = None;
-    for dir in adapters {
+    for dir in adapters.iter().map(PathBuf::as_path).chain(origin) {
         let (t, b) = prompt_of(dir)?;
         if let (Some(first), Some(this)) = (&base, &b) {
             if first != this {
@@ -63,20 +64,10 @@ pub fn fit(adapters: &[PathBuf], dim: usize, origin: Option<&Path>, out: &Path) 
         base = base.or(b);
         prompts.push(t);
     }
-    let origin = match origin {
-        Some(dir) => {
-            let (t, b) = prompt_of(dir)?;
-            if let (Some(first), Some(this)) = (&base, &b) {
-                if first != this {
-                    bail!(
-                        "the origin {} was trained on {this} but the sources on {first}",
-                        dir.display()
-                    );
-                }
-            }
-            Some(t)
-        }
-        None => None,
+    let origin = if origin.is_some() {
+        prompts.pop()
+    } else {
+        None
     };
     let s = fit_subspace(&prompts, dim, origin.as_ref())?;
     // How much of each prompt's deviation from p0 (the mean, or the origin) the subspace keeps.
