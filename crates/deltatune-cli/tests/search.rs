@@ -334,3 +334,76 @@ fn compare_prints_what_pruned_trials_cost_against_the_same_trials_run_to_complet
     assert!(secs.len() >= 3 && secs[1] < secs[2], "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bad_spaces_and_stores_are_refused_before_any_trial_runs() {
+    let dir = tmp("bad-space");
+    let search = |space: &str, storage: &str| {
+        std::fs::write(dir.join("space.toml"), space).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+            .args([
+                "search",
+                "--space",
+                "space.toml",
+                "--study",
+                "s",
+                "--storage",
+                storage,
+                "--trials",
+                "2",
+                "--runs",
+                "trials",
+            ])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{space}");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    for (space, needles) in [
+        // An unknown method: the known ones are listed.
+        (
+            "[methods.lorra]\nr = { int = [4, 8] }\n",
+            &["[methods.lorra]", "unknown method `lorra`", "lora"][..],
+        ),
+        // An unknown parameter of a method, and of the shared training settings.
+        (
+            "[methods.lora]\nrr = { int = [4, 8] }\n",
+            &["[methods.lora]", "unknown setting `lora.rr`", "lora.r"][..],
+        ),
+        (
+            "[train]\nlrr = { float = [1e-4, 1e-3], log = true }\n[methods.lora]\n",
+            &["unknown setting `train.lrr`", "train.lr"][..],
+        ),
+        // A range whose end is not a valid value of the setting.
+        (
+            "[methods.lora]\nr = { int = [0, 8] }\n",
+            &["[methods.lora] with lora.r=0", "space.toml"][..],
+        ),
+        // Empty ranges.
+        (
+            "[methods.lora]\nr = { int = [8, 4] }\n",
+            &["lora.r", "low <= high"][..],
+        ),
+        (
+            "[methods.prompt]\nprompt_tuning_init = { choice = [] }\n",
+            &["prompt.prompt_tuning_init", "non-empty"][..],
+        ),
+    ] {
+        let e = search(space, "s.db");
+        for n in needles {
+            assert!(e.contains(n), "{space}: `{n}` not in: {e}");
+        }
+        assert!(!dir.join("trials").exists(), "a trial ran for {space}: {e}");
+    }
+    // Nothing listens on port 1: the URL is named (password hidden) with the fix.
+    let e = search(
+        "[methods.lora]\n",
+        "postgres://me:secret@127.0.0.1:1/studies",
+    );
+    assert!(
+        e.contains("cannot connect") && e.contains("127.0.0.1:1") && !e.contains("secret"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

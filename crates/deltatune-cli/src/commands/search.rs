@@ -100,11 +100,7 @@ impl TrainObjective {
         }
         for (k, v) in &t.params {
             a.push("--set".into());
-            let v = match v {
-                serde_json::Value::String(s) => s.clone(),
-                o => o.to_string(),
-            };
-            a.push(format!("{k}={v}"));
+            a.push(format!("{k}={}", set_value(v)));
         }
         a
     }
@@ -242,6 +238,77 @@ impl Objective for SyntheticObjective {
     }
 }
 
+/// A trial's parameter as `train --set` takes it.
+fn set_value(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        o => o.to_string(),
+    }
+}
+
+/// Before any trial runs: every method of the space must be a `train --method`, and every
+/// parameter a setting that takes both ends of its range (or every choice), resolved exactly
+/// as the trials will resolve them. Otherwise every trial would fail the same way.
+fn check_space_settings(space: &Space, path: &Path, set: &[String]) -> Result<()> {
+    let mut extra = Vec::new();
+    for kv in set {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--set `{kv}`: expected KEY=VALUE");
+        };
+        extra.push((k.to_string(), v.to_string()));
+    }
+    for method in space.method_names() {
+        let params = space.params_for(method);
+        let ends = |d: &Dist| -> Vec<serde_json::Value> {
+            match d {
+                Dist::Choice(c) => c.clone(),
+                d => {
+                    let (lo, hi) = d.internal_range();
+                    vec![d.from_internal(lo), d.from_internal(hi)]
+                }
+            }
+        };
+        // The method alone, then each parameter's values in turn with the others at their
+        // low end.
+        let alone = vec![(METHOD_KEY.to_string(), method.to_string())];
+        let mut probes = vec![alone.clone()];
+        for (i, p) in params.iter().enumerate() {
+            for v in ends(&p.dist) {
+                let mut probe = alone.clone();
+                probe.extend(params.iter().enumerate().map(|(j, q)| {
+                    let x = if i == j {
+                        v.clone()
+                    } else {
+                        ends(&q.dist)[0].clone()
+                    };
+                    (q.name.clone(), set_value(&x))
+                }));
+                probes.push(probe);
+            }
+        }
+        for probe in probes {
+            let flags: Vec<(String, String)> = extra.iter().cloned().chain(probe.clone()).collect();
+            if let Err(e) = crate::settings::resolve(None, &|_| None, &flags) {
+                let values: Vec<String> = probe
+                    .iter()
+                    .filter(|(k, _)| k != METHOD_KEY)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                bail!(
+                    "search space {}: [methods.{method}]{}: {e:#}",
+                    path.display(),
+                    if values.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" with {}", values.join(", "))
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `deltatune search`.
 pub fn search(a: &SearchArgs) -> Result<()> {
     let space = Space::load(&a.space)?;
@@ -255,6 +322,9 @@ pub fn search(a: &SearchArgs) -> Result<()> {
     }
     if a.trials == 0 || a.workers == 0 {
         bail!("--trials and --workers must be at least 1");
+    }
+    if a.objective == "train" {
+        check_space_settings(&space, &a.space, &a.set)?;
     }
     let mut store = storage::open(&a.storage)?;
     let (study, created) = store.create_or_resume(&StudyRow {
