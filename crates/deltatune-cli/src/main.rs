@@ -117,6 +117,10 @@ enum Command {
         /// Study store: the rungs are recorded there, and past auto runs refine the prior.
         #[arg(long, env = "DELTATUNE_STORAGE", default_value = "runs/studies.db")]
         storage: String,
+        /// Try at most this many methods, best prior first (default: those within 0.15 of
+        /// the best prior score, 2 to 4; fewer when the budget is short).
+        #[arg(long)]
+        candidates: Option<usize>,
     },
     /// Hyperparameter search: run or resume a study over delta methods and their settings.
     /// Every trial is a `deltatune train` run; several workers (here or on other machines
@@ -467,11 +471,12 @@ fn main() -> ExitCode {
             budget,
             report,
             storage,
+            candidates,
         } => commands::auto::parse_budget(&budget).and_then(|b| {
             let base = run.passthrough();
             run.resolve().and_then(|s| {
                 s.map_or(Ok(()), |s| {
-                    commands::auto::auto(&s, &base, b, report.as_deref(), &storage)
+                    commands::auto::auto(&s, &base, b, report.as_deref(), &storage, candidates)
                 })
             })
         }),

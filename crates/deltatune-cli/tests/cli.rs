@@ -644,6 +644,8 @@ fn auto_tries_methods_by_halving_and_trains_the_winner() {
             "chosen",
             "--budget",
             "30s",
+            "--candidates",
+            "4",
         ],
         &t.0,
     );
@@ -657,12 +659,38 @@ fn auto_tries_methods_by_halving_and_trains_the_winner() {
         serde_json::from_str(&std::fs::read_to_string(t.0.join("chosen/auto.json")).unwrap())
             .unwrap();
     let rungs = v["rungs"].as_array().unwrap();
-    // Every prior method ran in the first rung; later rungs halve.
-    let first = rungs.iter().filter(|r| r["rung"] == 0).count();
-    assert_eq!(first, v["prior"].as_array().unwrap().len());
-    let second = rungs.iter().filter(|r| r["rung"] == 1).count();
-    assert_eq!(second, first.div_ceil(2));
-    assert!(t.0.join("chosen/auto-report.html").exists());
+    // The plan's contenders (best prior first) ran in the first rung, the others are listed
+    // with the reason; later rungs halve.
+    let count = |k: usize| rungs.iter().filter(|r| r["rung"] == k).count();
+    let first = count(0);
+    assert_eq!(first as u64, v["plan"]["candidates"].as_u64().unwrap());
+    assert!((2..=4).contains(&first), "{v}");
+    let prior = v["prior"].as_array().unwrap();
+    let not_tried = v["not_tried"].as_array().unwrap();
+    assert_eq!(first + not_tried.len(), prior.len());
+    for (i, r) in rungs.iter().filter(|r| r["rung"] == 0).enumerate() {
+        assert_eq!(r["method"], prior[i]["method"], "{v}");
+    }
+    let planned: Vec<u64> = v["plan"]["rungs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_u64().unwrap())
+        .collect();
+    for (k, &m) in planned.iter().enumerate() {
+        if v["stopped_early"].is_null() || count(k) > 0 {
+            assert_eq!(count(k) as u64, m, "{v}");
+        }
+        if k > 0 {
+            assert_eq!(m, planned[k - 1].div_ceil(2));
+        }
+    }
+    let report = std::fs::read_to_string(t.0.join("chosen/auto-report.html")).unwrap();
+    assert!(
+        report.contains("Not tried") == !not_tried.is_empty(),
+        "{report}"
+    );
+    assert!(report.contains("Final training"), "{report}");
     // The rungs are in the store as a study; a second run learns from the first two.
     let l = run(&["study", "list"], &t.0);
     assert!(text(&l).contains("auto-"), "{}", text(&l));
@@ -690,7 +718,11 @@ fn auto_tries_methods_by_halving_and_trains_the_winner() {
     let v3: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(t.0.join("chosen3/auto.json")).unwrap())
             .unwrap();
-    assert!(v3["past_auto_results"].as_u64().unwrap() >= 12, "{v3}");
+    // Run 3 saw the first rungs of runs 1 and 2 (each at least two methods).
+    assert!(
+        v3["past_auto_results"].as_u64().unwrap() >= first as u64 + 2,
+        "{v3}"
+    );
     // The winner's adapter is a normal adapter folder.
     let e = run(&["eval", "--adapter", "chosen", "--data", "dev.csv"], &t.0);
     assert!(e.status.success(), "{}", text(&e));
@@ -698,6 +730,11 @@ fn auto_tries_methods_by_halving_and_trains_the_winner() {
         &t,
         &["auto", "--model", &model, "--budget", "5y"],
         &["unknown unit"],
+    );
+    assert_fails(
+        &t,
+        &["auto", "--model", &model, "--candidates", "0"],
+        &["--candidates 0", "at least one"],
     );
 }
 
