@@ -7,11 +7,13 @@
 #
 #   bash scripts/asha_savings.sh            # after `deltatune fetch` and a release build
 #   TRIALS=12 bash scripts/asha_savings.sh  # more trials
+#   PRUNER=asha:3 bash scripts/asha_savings.sh  # another pruner spec
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DT=${DT:-./target/release/deltatune}
 OUT=${OUT:-runs/asha-savings}
 TRIALS=${TRIALS:-6}
+PRUNER=${PRUNER:-asha}   # e.g. PRUNER=asha:3 for a first rung at the third evaluation
 DATA=${DELTATUNE_CACHE:-$HOME/.cache/deltatune}/data/rotten_tomatoes
 mkdir -p "$OUT"
 rm -f "$OUT/studies.db"
@@ -26,11 +28,11 @@ r = { int = [4, 16], step = 4 }
 [methods.bitfit]
 [methods.prompt]
 SPACE
-for pruner in asha none; do
+for pruner in "$PRUNER" none; do
   "$DT" search --space "$OUT/space.toml" --study "$pruner" --storage "$OUT/studies.db" \
     --runs "$OUT/trials" --trials "$TRIALS" --sampler random --seed 11 --pruner "$pruner" \
     --report-every-steps 10 \
     --set "data.train=$DATA/train.csv" --set data.train_shard=0/9 \
     --set "data.dev=$OUT/dev-300.csv" --set train.epochs=2
 done
-"$DT" study compare asha --against none --storage "$OUT/studies.db" | tee "$OUT/compare.txt"
+"$DT" study compare "$PRUNER" --against none --storage "$OUT/studies.db" | tee "$OUT/compare.txt"

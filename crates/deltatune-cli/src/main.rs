@@ -179,7 +179,8 @@ pub struct SearchCli {
     /// tpe or random (fixed when the study is created).
     #[arg(long, default_value = "tpe")]
     sampler: String,
-    /// median, asha or none (fixed when the study is created).
+    /// median, asha or none (fixed when the study is created); `asha:R` puts the first rung at
+    /// intermediate value R (a grace period), `median:W` does not prune before value W.
     #[arg(long, default_value = "median")]
     pruner: String,
     /// Seed of the sampler: the same seed and history give the same suggestions.

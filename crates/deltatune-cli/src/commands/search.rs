@@ -44,12 +44,33 @@ pub fn sampler(name: &str) -> Result<Box<dyn Sampler>> {
     })
 }
 
-pub fn pruner(name: &str) -> Result<Box<dyn Pruner>> {
-    Ok(match name {
-        "median" => Box::new(MedianPruner::default()),
-        "asha" => Box::new(AshaPruner::default()),
-        "none" => Box::new(NoPruner),
-        o => bail!("unknown pruner `{o}` (available: median, asha, none)"),
+/// A pruner from its spec: `median`, `median:W` (no pruning before intermediate value W),
+/// `asha`, `asha:R` (first rung at intermediate value R, then R*3, R*9, ...) or `none`. The
+/// spec is stored with the study, so resumed and remote workers prune alike.
+pub fn pruner(spec: &str) -> Result<Box<dyn Pruner>> {
+    let (name, arg) = match spec.split_once(':') {
+        Some((n, a)) => {
+            let v: usize = a.parse().with_context(|| {
+                format!("pruner `{spec}`: `{a}` is not a whole number (e.g. asha:3)")
+            })?;
+            (n, Some(v))
+        }
+        None => (spec, None),
+    };
+    Ok(match (name, arg) {
+        ("median", w) => Box::new(MedianPruner {
+            n_warmup: w.unwrap_or(MedianPruner::default().n_warmup),
+            ..MedianPruner::default()
+        }),
+        ("asha", Some(0)) => bail!("pruner `{spec}`: the first rung must be at least 1"),
+        ("asha", r) => Box::new(AshaPruner {
+            min_resource: r.unwrap_or(AshaPruner::default().min_resource),
+            ..AshaPruner::default()
+        }),
+        ("none", None) => Box::new(NoPruner),
+        _ => bail!(
+            "unknown pruner `{spec}` (available: median, median:WARMUP, asha, asha:FIRST_RUNG, none)"
+        ),
     })
 }
 
@@ -313,7 +334,7 @@ fn check_space_settings(space: &Space, path: &Path, set: &[String]) -> Result<()
 pub fn search(a: &SearchArgs) -> Result<()> {
     let space = Space::load(&a.space)?;
     let sampler = sampler(&a.sampler)?;
-    let pruner = pruner(&a.pruner)?;
+    pruner(&a.pruner)?; // validates the spec before the study stores it
     if a.objective != "train" && a.objective != "synthetic" {
         bail!(
             "unknown objective `{}` (available: train, synthetic)",
@@ -334,7 +355,7 @@ pub fn search(a: &SearchArgs) -> Result<()> {
         space: space.source.clone(),
         n_trials: a.trials,
         sampler: sampler.name().into(),
-        pruner: pruner.name().into(),
+        pruner: a.pruner.clone(),
         seed: a.seed,
     })?;
     if !a.worker_only {
@@ -411,6 +432,40 @@ pub fn search(a: &SearchArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pruner_specs_parse_with_their_argument() {
+        use deltatune_search::pruner::Curve;
+        use deltatune_search::space::Direction;
+        let others: Vec<Curve> = (0..6)
+            .map(|_| Curve {
+                values: (1..=9).map(|k| (k, 0.9)).collect(),
+                complete: true,
+            })
+            .collect();
+        let max = Direction::Maximize;
+        // A bad trial is stopped at the first rung: intermediate value 1, or 3 with `asha:3`.
+        let asha = super::pruner("asha").unwrap();
+        assert!(asha.prune(max, 1, 0.1, &others));
+        let late = super::pruner("asha:3").unwrap();
+        assert!(!late.prune(max, 1, 0.1, &others) && late.prune(max, 3, 0.1, &others));
+        // Median: no pruning before the warm-up.
+        assert!(super::pruner("median").unwrap().prune(max, 1, 0.1, &others));
+        let warm = super::pruner("median:2").unwrap();
+        assert!(!warm.prune(max, 1, 0.1, &others) && warm.prune(max, 2, 0.1, &others));
+        for (bad, needle) in [
+            ("asha:0", "at least 1"),
+            ("asha:x", "not a whole number"),
+            ("none:2", "unknown pruner"),
+            ("hyperband", "asha:FIRST_RUNG"),
+        ] {
+            let Err(e) = super::pruner(bad) else {
+                panic!("{bad} was accepted");
+            };
+            let e = e.to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
     use super::intermediate;
 
     #[test]
