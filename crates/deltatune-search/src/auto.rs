@@ -258,14 +258,15 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The rungs for `n` candidates with first-rung length `base`: survivors halve (rounding
-    /// up) until one is left; that last one is the winner's final training, not a rung.
-    fn schedule(n: usize, base: usize, eta: usize) -> Vec<(usize, usize)> {
+    /// The rungs for `n` candidates with first-rung length `base`, no rung longer than `max`
+    /// steps: survivors halve (rounding up) until one is left; that last one is the winner's
+    /// final training, not a rung.
+    fn schedule(n: usize, base: usize, eta: usize, max: usize) -> Vec<(usize, usize)> {
         let mut rungs = Vec::new();
         let mut k = n;
         let mut steps = base;
         while k > 1 {
-            rungs.push((k, steps));
+            rungs.push((k, steps.min(max)));
             k = k.div_ceil(eta);
             steps *= eta;
         }
@@ -289,7 +290,7 @@ impl Plan {
         let eta = 2;
         let min_steps = min_steps.min(max_steps).max(1);
         let base_for = |n: usize| -> usize {
-            let unit = Self::schedule(n, 1, eta);
+            let unit = Self::schedule(n, 1, eta, usize::MAX);
             let units: usize = unit.iter().map(|(m, s)| m * s).sum();
             let runs: usize = unit.iter().map(|(m, _)| m).sum();
             let left = seconds - runs as f64 * run_seconds;
@@ -305,7 +306,7 @@ impl Plan {
         let base = base_for(n).clamp(min_steps, max_steps.max(min_steps));
         Self {
             candidates: n,
-            rungs: Self::schedule(n, base, eta),
+            rungs: Self::schedule(n, base, eta, max_steps.max(min_steps)),
             eta,
         }
     }
@@ -413,6 +414,9 @@ mod tests {
         let q = Plan::fit(6, 600.0, 0.5, 10.0, 10, 10_000);
         assert!(q.total_steps() as f64 * 0.5 + q.runs() as f64 * 10.0 <= 600.0 + 1e-9);
         assert!(q.rungs[0].1 < p.rungs[0].1);
+        // No rung is longer than the whole training.
+        let capped = Plan::fit(3, 1e9, 0.1, 0.0, 5, 100);
+        assert_eq!(capped.rungs, [(3, 100), (2, 100)]);
         // A tiny budget still trains the minimum, with two candidates.
         let p = Plan::fit(4, 1.0, 1.0, 0.0, 5, 100);
         assert_eq!(p.rungs, [(2, 5)]);
