@@ -229,8 +229,8 @@ pub fn auto(
     }
     // Calibration: a few steps of the top candidate give the cost of a step and of a run's
     // fixed part (loading, evaluation). The first steps of a run are the slowest (buffers
-    // grow), so it takes 16 (measured on Rotten Tomatoes: 1.01 s a step over 4 steps, 0.80
-    // over 16, 0.63 over a whole epoch); the estimate stays on the safe side.
+    // grow), so it takes 16 (measured on Rotten Tomatoes in one session: 1.01 s a step over 4
+    // steps, 0.80 over 16, 0.78 over a whole epoch); the estimate stays on the safe side.
     let calib_steps = 16.min(steps_per_epoch).max(1);
     let mut calib = rung_data.clone();
     calib.push(("train.max_steps".into(), calib_steps.to_string()));
