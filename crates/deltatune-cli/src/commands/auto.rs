@@ -248,8 +248,10 @@ pub fn auto(
     let remaining = budget - started.elapsed().as_secs_f64();
     // The winner's full training (train.epochs, a dev evaluation each epoch) is reserved
     // first, with 10% to spare; the halving gets the rest.
-    let final_reserve =
-        1.1 * (full_steps as f64 * step_seconds + fixed * (1 + s.train.epochs) as f64);
+    let final_cost = |step: f64| full_steps as f64 * step + fixed * (1 + s.train.epochs) as f64;
+    // A finished rung's cost per step, its fixed part taken off.
+    let step_cost = |r: &RungResult| (r.seconds - fixed).max(0.0) / r.steps as f64;
+    let final_reserve = 1.1 * final_cost(step_seconds);
     let halving_secs = (remaining - final_reserve).max(0.0);
     let max_n = contenders(&candidates, max_candidates);
     // A first rung shorter than half an epoch measured nothing on Rotten Tomatoes (49 steps:
@@ -305,14 +307,8 @@ pub fn auto(
         if k > 0 {
             // Re-plan with the step cost the rungs measured: a rung that would eat into the
             // winner's full training is not run, and the best so far wins.
-            let measured = results
-                .iter()
-                .map(|r| (r.seconds - fixed).max(0.0) / r.steps as f64)
-                .sum::<f64>()
-                / results.len() as f64;
-            let need = m as f64 * (steps as f64 * measured + fixed)
-                + full_steps as f64 * measured
-                + fixed * (1 + s.train.epochs) as f64;
+            let measured = results.iter().map(step_cost).sum::<f64>() / results.len() as f64;
+            let need = m as f64 * (steps as f64 * measured + fixed) + final_cost(measured);
             let left = budget - started.elapsed().as_secs_f64();
             if need > left {
                 let why = format!(
@@ -363,9 +359,7 @@ pub fn auto(
         .iter()
         .filter(|r| r.method == winner.method)
         .max_by_key(|r| r.steps)
-        .map_or(step_seconds, |r| {
-            ((r.seconds - fixed).max(0.0) / r.steps as f64).max(1e-3)
-        });
+        .map_or(step_seconds, |r| step_cost(r).max(1e-3));
     let left = budget - started.elapsed().as_secs_f64() - fixed;
     let epochs = ((left / (winner_step * steps_per_epoch as f64 + fixed)).floor() as usize)
         .clamp(1, s.train.epochs);
