@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 
-if "$VENV/bin/python" -c "import torch, transformers, peft, safetensors, tokenizers, numpy" 2>/dev/null; then
+if "$VENV/bin/python" -c "import torch, transformers, peft, safetensors, tokenizers, numpy, gguf" 2>/dev/null; then
     echo "reference venv already complete"
 else
     "$VENV/bin/python" -m pip install --upgrade pip
@@ -21,7 +21,7 @@ else
         echo "CPU torch index unreachable; installing torch from PyPI"
         "$VENV/bin/python" -m pip install torch
     fi
-    "$VENV/bin/python" -m pip install transformers peft safetensors tokenizers numpy
+    "$VENV/bin/python" -m pip install transformers peft safetensors tokenizers numpy gguf
 fi
 
 "$VENV/bin/python" -c "import torch, transformers, peft, safetensors, tokenizers; print('torch', torch.__version__); print('transformers', transformers.__version__); print('peft', peft.__version__); print('safetensors', safetensors.__version__); print('tokenizers', tokenizers.__version__)"

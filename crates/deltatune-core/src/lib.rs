@@ -2,13 +2,17 @@
 //! where deltas attach, a seeded random generator and safetensors reading/writing.
 
 pub mod error;
+pub mod gguf;
 pub mod hooks;
 pub mod ops;
+pub mod quant;
 pub mod rng;
 pub mod sites;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub use gguf::GgufFile;
+pub use quant::QuantMatrix;
 pub use rng::Rng;
 pub use sites::{Ctx, HasSites, Linear, LinearDelta, SiteInfo, SiteKind, TargetModules};
 pub use weights::{to_safetensors_bytes, write_atomic, Weights};

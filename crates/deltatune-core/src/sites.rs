@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{nearest_names, Error, Result};
 use crate::ops;
+use crate::quant::QuantMatrix;
 use crate::rng::Rng;
 
 /// PEFT's `target_modules`: a list of module-name suffixes, or one string that must match a whole
@@ -189,6 +190,10 @@ pub struct Linear {
     pub deltas: Vec<Arc<dyn LinearDelta>>,
     /// The unmerged weight and bias while the deltas are folded into `weight` and `bias`.
     unmerged: Option<(Tensor, Option<Tensor>)>,
+    /// The frozen weight kept block-quantized (GGUF); `weight` is then a zero-stride
+    /// placeholder of the right shape holding no memory. Products dequantize block by block.
+    pub quant: Option<QuantMatrix>,
+    quantized_while_merged: Option<QuantMatrix>,
 }
 
 impl Linear {
@@ -199,6 +204,52 @@ impl Linear {
             bias,
             deltas: Vec::new(),
             unmerged: None,
+            quant: None,
+            quantized_while_merged: None,
+        }
+    }
+
+    /// A linear layer whose frozen weight stays quantized (no bias).
+    pub fn quantized(path: impl Into<String>, q: QuantMatrix) -> Result<Self> {
+        let placeholder = Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu)?
+            .reshape((1, 1))?
+            .broadcast_as((q.rows(), q.cols()))?;
+        Ok(Self {
+            path: path.into(),
+            weight: placeholder,
+            bias: None,
+            deltas: Vec::new(),
+            unmerged: None,
+            quant: Some(q),
+            quantized_while_merged: None,
+        })
+    }
+
+    /// The weight as a plain f32 tensor (dequantized when stored quantized).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => q.dequantize(),
+            None => Ok(self.weight.clone()),
+        }
+    }
+
+    /// Bytes the frozen weight and bias occupy (quantized blocks as stored).
+    pub fn weight_bytes(&self) -> usize {
+        let w = match &self.quant {
+            Some(q) => q.size_in_bytes(),
+            None => self.weight.elem_count() * self.weight.dtype().size_in_bytes(),
+        };
+        w + self
+            .bias
+            .as_ref()
+            .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
+    }
+
+    /// `x W^T + b` through the frozen weight (quantized or plain).
+    fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.quant {
+            Some(q) => ops::quant_linear(x, q, self.bias.as_ref()),
+            None => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
         }
     }
 
@@ -223,7 +274,7 @@ impl Linear {
     /// `x`: [..., in] -> [..., out]
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         if self.is_merged() || self.deltas.is_empty() {
-            return ops::frozen_linear(x, &self.weight, self.bias.as_ref());
+            return self.base_forward(x);
         }
         let mut xin = None;
         for d in &self.deltas {
@@ -232,7 +283,7 @@ impl Linear {
             }
         }
         let x = xin.as_ref().unwrap_or(x);
-        let mut y = ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+        let mut y = self.base_forward(x)?;
         for d in &self.deltas {
             y = d.forward(x, y, ctx)?;
         }
@@ -245,7 +296,10 @@ impl Linear {
             return Ok(());
         }
         let orig = (self.weight.clone(), self.bias.clone());
-        let (mut w, mut b) = (self.weight.detach(), self.bias.as_ref().map(|b| b.detach()));
+        let (mut w, mut b) = (
+            self.dense_weight()?.detach(),
+            self.bias.as_ref().map(|b| b.detach()),
+        );
         // Input-side deltas act first, output-side ones after: fold in that order.
         for d in &self.deltas {
             let (w2, b2) = d.merge_into(&w, b.as_ref())?.ok_or_else(|| {
@@ -260,6 +314,10 @@ impl Linear {
         self.weight = w;
         self.bias = b;
         self.unmerged = Some(orig);
+        // A merged layer runs on the plain merged weight; the quantized one comes back on unmerge.
+        if let Some(q) = self.quant.take() {
+            self.quantized_while_merged = Some(q);
+        }
         Ok(())
     }
 
@@ -268,6 +326,9 @@ impl Linear {
         if let Some((w, b)) = self.unmerged.take() {
             self.weight = w;
             self.bias = b;
+            if let Some(q) = self.quantized_while_merged.take() {
+                self.quant = Some(q);
+            }
         }
         Ok(())
     }
@@ -289,7 +350,8 @@ impl Linear {
 
     /// Replaces the weight with a trainable variable initialised from it.
     pub fn make_weight_trainable(&mut self) -> Result<Var> {
-        let v = Var::from_tensor(&self.weight.detach().copy()?)?;
+        let v = Var::from_tensor(&self.dense_weight()?.detach().copy()?)?;
+        self.quant = None;
         self.weight = v.as_tensor().clone();
         Ok(v)
     }
@@ -309,8 +371,14 @@ pub trait HasSites {
     fn num_layers(&self) -> usize;
     /// Width of the hidden states.
     fn hidden_size(&self) -> usize;
-    /// The input word-embedding matrix [vocab, hidden] (prompt initialisation reads it).
-    fn word_embeddings(&self) -> &Tensor;
+    /// Width of one layer's keys and values (prefix tuning's `token_dim`): the hidden size,
+    /// or less with grouped-query attention.
+    fn kv_width(&self) -> usize {
+        self.hidden_size()
+    }
+    /// The input word-embedding matrix [vocab, hidden] as f32 (prompt initialisation reads it;
+    /// a quantized table is dequantized for the call).
+    fn word_embeddings(&self) -> Tensor;
     /// The bias of every normalisation layer with its path (`...LayerNorm.bias`), mutable, so
     /// that bias tuning can make them trainable.
     fn norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)>;

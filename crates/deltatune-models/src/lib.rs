@@ -2,7 +2,10 @@
 //! checkpoint keys, exposing named sites where deltas attach.
 
 pub mod bert;
+pub mod gguf_tokenizer;
+pub mod llama;
 pub mod tokenizer;
 
 pub use bert::{BertClassifier, Inputs, Pooling};
+pub use llama::{KvCache, LlamaConfig, LlamaModel};
 pub use tokenizer::TextTokenizer;

@@ -23,17 +23,21 @@
 //! may have any layout (transposed, narrowed, broadcast): non-contiguous
 //! ones are gathered into row-major order first.
 
+mod decoder;
 mod gelu;
 mod gemm;
 mod kernels;
 mod linear;
 mod norm;
+mod quant_linear;
 mod softmax;
 
 #[cfg(test)]
 mod tests;
 
+pub use decoder::{rms_norm, rope, rope_angles, swiglu};
 pub use gelu::gelu_erf;
 pub use linear::frozen_linear;
 pub use norm::layer_norm;
-pub use softmax::{attention_softmax, softmax_last_dim};
+pub use quant_linear::quant_linear;
+pub use softmax::{attention_softmax, causal_attention_softmax, softmax_last_dim};

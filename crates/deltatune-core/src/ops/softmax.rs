@@ -60,6 +60,16 @@ simd_kernel! {
 }
 
 simd_kernel! {
+    /// One causal attention row: keys from `limit` on are masked out.
+    fn causal_attention_row<T>(s: &[T], bias: &[T], scale: T, limit: usize, y: &mut [T]) {
+        for (j, ((o, &sv), &bv)) in y.iter_mut().zip(s).zip(bias).enumerate() {
+            *o = if j < limit { sv * scale + bv } else { T::NEG_INFINITY };
+        }
+        softmax_logits_inplace(y)
+    }
+}
+
+simd_kernel! {
     /// One row of `dx = scale · y ⊙ (g - Σ g⊙y)`.
     fn softmax_bwd_row<T>(y: &[T], g: &[T], scale: T, dx: &mut [T]) {
         let s = dot(g, y);
@@ -153,6 +163,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct AttentionSoftmax {
     scale: f64,
+    /// Causal offset (see [`causal_attention_softmax`]); `None`: every key visible.
+    causal: Option<usize>,
 }
 
 fn attention_fwd_kernel<T: Real>(
@@ -161,8 +173,11 @@ fn attention_fwd_kernel<T: Real>(
     bias: &[T],
     bl: &Layout,
     scale: T,
+    causal: Option<usize>,
 ) -> Vec<T> {
     let tk = sl.dims().last().copied().unwrap_or(1);
+    let rank = sl.dims().len();
+    let tq = if rank >= 3 { sl.dims()[rank - 2] } else { 1 };
     let batch = sl.dims()[0];
     let s = super::kernels::contiguous(s, sl);
     let bias = super::kernels::contiguous(bias, bl);
@@ -177,7 +192,11 @@ fn attention_fwd_kernel<T: Real>(
         .with_min_len(min_rows(tk))
         .for_each(|(row, (yr, sr))| {
             let b = row / rows_per_batch;
-            attention_row(sr, &bias[b * tk..(b + 1) * tk], scale, yr);
+            let bias = &bias[b * tk..(b + 1) * tk];
+            match causal {
+                None => attention_row(sr, bias, scale, yr),
+                Some(off) => causal_attention_row(sr, bias, scale, (row % tq) + off + 1, yr),
+            }
         });
     y
 }
@@ -195,11 +214,16 @@ impl CustomOp2 for AttentionSoftmax {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(s), CpuStorage::F32(b)) => {
-                CpuStorage::F32(attention_fwd_kernel(s, l1, b, l2, self.scale as f32))
-            }
+            (CpuStorage::F32(s), CpuStorage::F32(b)) => CpuStorage::F32(attention_fwd_kernel(
+                s,
+                l1,
+                b,
+                l2,
+                self.scale as f32,
+                self.causal,
+            )),
             (CpuStorage::F64(s), CpuStorage::F64(b)) => {
-                CpuStorage::F64(attention_fwd_kernel(s, l1, b, l2, self.scale))
+                CpuStorage::F64(attention_fwd_kernel(s, l1, b, l2, self.scale, self.causal))
             }
             _ => {
                 return Err(candle_core::Error::UnsupportedDTypeForOp(s1.dtype(), self.name()).bt())
@@ -236,6 +260,30 @@ impl CustomOp2 for AttentionSoftmax {
 /// * `key_bias`: `[B, Tk]` or `[B, 1, 1, Tk]`; converted to `scores`' dtype.
 /// * returns `[B, H, Tq, Tk]`.
 pub fn attention_softmax(scores: &Tensor, key_bias: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_softmax_impl(scores, key_bias, scale, None)
+}
+
+/// [`attention_softmax`] with a causal mask: query `i` (of `Tq`) sees keys `0..=i + offset`
+/// only, where `offset` counts the keys before the first query (prefix keys and cached
+/// positions: `offset = Tk - Tq` for a decoder). Masked keys get probability 0 exactly.
+///
+/// # Shapes
+/// * `scores`: `[B, H, Tq, Tk]`; `key_bias`: `[B, Tk]` (padding); returns `[B, H, Tq, Tk]`.
+pub fn causal_attention_softmax(
+    scores: &Tensor,
+    key_bias: &Tensor,
+    scale: f64,
+    offset: usize,
+) -> Result<Tensor> {
+    attention_softmax_impl(scores, key_bias, scale, Some(offset))
+}
+
+fn attention_softmax_impl(
+    scores: &Tensor,
+    key_bias: &Tensor,
+    scale: f64,
+    causal: Option<usize>,
+) -> Result<Tensor> {
     check_float(scores, "attention_softmax")?;
     let dims = scores.dims();
     if dims.len() < 2 {
@@ -260,5 +308,5 @@ pub fn attention_softmax(scores: &Tensor, key_bias: &Tensor, scale: f64) -> Resu
         .detach()
         .reshape((b, tk))?
         .to_dtype(scores.dtype())?;
-    scores.apply_op2(&key_bias, AttentionSoftmax { scale })
+    scores.apply_op2(&key_bias, AttentionSoftmax { scale, causal })
 }

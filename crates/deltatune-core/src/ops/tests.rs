@@ -1206,3 +1206,122 @@ fn bench_gemm() {
         }
     }
 }
+
+// ------------------------------------------------------- decoder ops
+
+fn ref_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+#[test]
+fn rms_norm_matches_composite_and_fd_f64() {
+    let d = DType::F64;
+    let x = randn(80, &[2, 3, 11], d).affine(2.0, 0.3).unwrap();
+    let w = randn(81, &[11], d).affine(0.5, 1.0).unwrap();
+    assert_close(
+        &rms_norm(&x, &w, 1e-6).unwrap(),
+        &ref_rms_norm(&x, &w, 1e-6).unwrap(),
+        1e-12,
+        "rms_norm f64",
+    );
+    check_fd(
+        &[x.clone(), w.clone()],
+        &[0, 1],
+        &|t| rms_norm(&t[0], &t[1], 1e-6),
+        82,
+    );
+    check_fd(&[x, w], &[1], &|t| rms_norm(&t[0], &t[1], 1e-6), 83);
+}
+
+/// Rotate-half rope from candle ops: `x·cos + rotate_half(x)·sin`.
+fn ref_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(3)?;
+    let x1 = x.narrow(3, 0, d / 2)?;
+    let x2 = x.narrow(3, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    let c = Tensor::cat(&[cos, cos], 2)?.unsqueeze(1)?;
+    let s = Tensor::cat(&[sin, sin], 2)?.unsqueeze(1)?;
+    x.broadcast_mul(&c)? + rot.broadcast_mul(&s)?
+}
+
+#[test]
+fn rope_matches_composite_and_fd_f64() {
+    let d = DType::F64;
+    let x = randn(84, &[2, 3, 4, 6], d);
+    let pos = vec![vec![0u32, 1, 2, 3], vec![5, 6, 7, 8]];
+    let (c, s) = rope_angles(&pos, 6, 100.0, &Device::Cpu).unwrap();
+    let (c, s) = (c.to_dtype(d).unwrap(), s.to_dtype(d).unwrap());
+    assert_close(
+        &rope(&x, &c, &s).unwrap(),
+        &ref_rope(&x, &c, &s).unwrap(),
+        1e-12,
+        "rope f64",
+    );
+    // A transposed (strided) input gives the same result.
+    let xt = x
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    assert_close(
+        &rope(&xt, &c, &s).unwrap(),
+        &rope(&x, &c, &s).unwrap(),
+        0.0,
+        "rope strided",
+    );
+    check_fd(&[x], &[0], &move |t| rope(&t[0], &c, &s), 85);
+}
+
+#[test]
+fn swiglu_matches_composite_and_fd_f64() {
+    let d = DType::F64;
+    let g = randn(86, &[3, 7], d).affine(2.0, 0.0).unwrap();
+    let u = randn(87, &[3, 7], d);
+    let composite = (g.silu().unwrap() * &u).unwrap();
+    assert_close(&swiglu(&g, &u).unwrap(), &composite, 1e-12, "swiglu f64");
+    check_fd(
+        &[g.clone(), u.clone()],
+        &[0, 1],
+        &|t| swiglu(&t[0], &t[1]),
+        88,
+    );
+    check_fd(&[g, u], &[0], &|t| swiglu(&t[0], &t[1]), 89);
+}
+
+#[test]
+fn causal_attention_softmax_masks_future_keys_and_fd_f64() {
+    let d = DType::F64;
+    // Tq = 3 queries after 2 earlier keys (offset 2): Tk = 5.
+    let s = randn(90, &[2, 2, 3, 5], d).affine(3.0, 0.0).unwrap();
+    let mask = key_mask(2, 5, &[1, 0], -1e4, d);
+    let p = causal_attention_softmax(&s, &mask, 0.5, 2).unwrap();
+    // Reference: the same with an explicit [Tq, Tk] causal bias.
+    let mut causal = vec![0f64; 15];
+    for i in 0..3 {
+        for j in 0..5 {
+            if j > i + 2 {
+                causal[i * 5 + j] = f64::NEG_INFINITY;
+            }
+        }
+    }
+    let causal = Tensor::from_vec(causal, (1, 1, 3, 5), &Device::Cpu).unwrap();
+    let logits = (s
+        .affine(0.5, 0.0)
+        .unwrap()
+        .broadcast_add(&mask.reshape((2, 1, 1, 5)).unwrap()))
+    .unwrap()
+    .broadcast_add(&causal)
+    .unwrap();
+    assert_close(&p, &ref_softmax(&logits).unwrap(), 1e-12, "causal softmax");
+    let v = p.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    assert_eq!(v[4], 0.0, "query 0 must not see key 3+1");
+    check_fd(
+        &[s, mask],
+        &[0],
+        &|t| causal_attention_softmax(&t[0], &t[1], 0.5, 2),
+        91,
+    );
+}

@@ -137,8 +137,8 @@ pub fn attach(
                     pre.push(if p.layers.as_ref().is_none_or(|l| l.contains(&i)) {
                         let s = Var::from_tensor(&Tensor::zeros(
                             1,
-                            model.word_embeddings().dtype(),
-                            model.word_embeddings().device(),
+                            candle_core::DType::F32,
+                            &candle_core::Device::Cpu,
                         )?)?;
                         out.push(Trainable::new(gate_key(name, i, "logit"), s.clone(), false));
                         Some(s)

@@ -157,7 +157,7 @@ impl PrefixTuningConfig {
     /// `num_layers` and the indices in `layers`.
     pub fn validate_for(&self, model: &dyn HasSites) -> Result<()> {
         self.validate()?;
-        let (hidden, n_layers) = (model.hidden_size(), model.num_layers());
+        let (hidden, n_layers) = (model.kv_width(), model.num_layers());
         if let Some(td) = self.token_dim {
             if td != hidden {
                 return bad(
@@ -192,10 +192,10 @@ impl PrefixTuningConfig {
     /// head count).
     pub fn completed(&self, model: &dyn HasSites) -> Self {
         let mut c = self.clone();
-        c.token_dim = Some(model.hidden_size());
+        c.token_dim = Some(model.kv_width());
         c.num_layers = Some(model.num_layers());
         c.num_transformer_submodules = Some(1);
-        c.encoder_hidden_size = Some(self.encoder_hidden_size.unwrap_or(model.hidden_size()));
+        c.encoder_hidden_size = Some(self.encoder_hidden_size.unwrap_or(model.kv_width()));
         c
     }
 }

@@ -126,7 +126,9 @@ pub fn attach_with(
     for_training: bool,
 ) -> Result<Vec<Trainable>> {
     cfg.validate_for(model)?;
-    let (hidden, n_layers) = (model.hidden_size(), model.num_layers());
+    // Prefix keys and values are as wide as the model's keys: the hidden size, or fewer
+    // columns with grouped-query attention (PEFT's `token_dim`).
+    let (hidden, n_layers) = (model.kv_width(), model.num_layers());
     let p = cfg.num_virtual_tokens;
     let width = n_layers * 2 * hidden;
     let mut out = Vec::new();

@@ -60,7 +60,7 @@ pub fn initial_prompt(
     rng: &Rng,
     init_text_ids: Option<&[u32]>,
 ) -> Result<Tensor> {
-    let words = model.word_embeddings();
+    let words = &model.word_embeddings();
     let (vocab, hidden) = words.dims2()?;
     let p = cfg.num_virtual_tokens;
     let mut r = rng.derive(PROMPT_KEY);

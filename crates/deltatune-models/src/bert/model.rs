@@ -637,8 +637,8 @@ impl HasSites for BertClassifier {
         self.config.hidden_size
     }
 
-    fn word_embeddings(&self) -> &Tensor {
-        &self.embeddings.word
+    fn word_embeddings(&self) -> Tensor {
+        self.embeddings.word.clone()
     }
 
     fn norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {

@@ -1,0 +1,623 @@
+//! The Llama-architecture decoder (RMSNorm, rotary embeddings, SwiGLU, grouped-query causal
+//! attention, tied or untied LM head) with deltas attachable at its named sites.
+//!
+//! Module paths are those of Hugging Face's `LlamaForCausalLM`
+//! (`model.layers.3.self_attn.q_proj`, `model.layers.3.mlp.down_proj`, `lm_head`), so a path in
+//! a checkpoint, in a target pattern and in a PEFT key are the same string. Frozen linear weights
+//! may stay block-quantized (GGUF): their products dequantize block by block, never the whole
+//! matrix ([`deltatune_core::ops::quant_linear`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use deltatune_core::hooks::{SiteDelta, Sublayer};
+use deltatune_core::quant::QuantMatrix;
+use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, SiteInfo, SiteKind, Weights};
+
+use super::config::{LlamaConfig, LlamaConfigFile};
+use super::gguf::GgufTensor;
+
+/// The token-embedding table: a plain tensor or kept quantized.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Quant(QuantMatrix),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => {
+                let idx = Tensor::from_slice(ids, ids.len(), t.device())?;
+                Ok(t.index_select(&idx, 0)?)
+            }
+            Embedding::Quant(q) => q.gather_rows(ids),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.dims()[0],
+            Embedding::Quant(q) => q.rows(),
+        }
+    }
+
+    fn elem_count(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.elem_count(),
+            Embedding::Quant(q) => q.rows() * q.cols(),
+        }
+    }
+
+    /// A plain f32 copy (prompt initialisation reads rows of it).
+    fn dense(&self) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => Ok(t.clone()),
+            Embedding::Quant(q) => q.dequantize(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Keys and values of the positions run so far, per layer, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Per layer: keys and values `[B, kv_heads, T_past, head_dim]` (keys already rotated).
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[B, T_past]` u32: 1 where the cached position is a real token (or a prompt vector).
+    mask: Option<Tensor>,
+    /// Next position id of each row.
+    next_pos: Vec<u32>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.mask.as_ref().map_or(0, |m| m.dims()[1])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `LlamaForCausalLM` with deltas attachable at its sites.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// The LM head, path `lm_head` (the embedding table itself when tied).
+    pub lm_head: Linear,
+    /// Deltas at the non-linear sites (prompts, prefixes, adapters, activation scaling).
+    pub site_deltas: Vec<Arc<dyn SiteDelta>>,
+    device: Device,
+}
+
+fn linear_from(path: &str, t: GgufTensor) -> Result<Linear> {
+    Ok(match t {
+        GgufTensor::Dense(w) => Linear::new(path, w, None),
+        GgufTensor::Quant(q) => Linear::quantized(path, q)?,
+    })
+}
+
+impl LlamaModel {
+    /// Loads a Hugging Face folder (`config.json` + `model.safetensors`) or a GGUF file
+    /// (quantized weights stay quantized).
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            let g = super::gguf::load_llama_gguf(path)?;
+            let mut tensors = g.tensors;
+            return Self::from_tensors(g.config, path, &mut |key, shape| {
+                let t = tensors.remove(key).ok_or_else(|| Error::MissingTensor {
+                    key: key.to_string(),
+                    path: path.to_path_buf(),
+                    nearest: String::new(),
+                })?;
+                check_shape(&t, key, shape, path)?;
+                Ok(t)
+            });
+        }
+        let cfg_path = path.join("config.json");
+        let config = LlamaConfigFile::read(&cfg_path)?.into_config(&cfg_path)?;
+        let weights = Weights::load(&path.join("model.safetensors"), DType::F32)?;
+        Self::from_weights(config, &weights)
+    }
+
+    /// Builds the model from a parsed config and safetensors weights.
+    pub fn from_weights(config: LlamaConfig, weights: &Weights) -> Result<Self> {
+        let hint = "the sizes in config.json";
+        let path = weights.path().to_path_buf();
+        Self::from_tensors(config, &path, &mut |key, shape| {
+            if key == "lm_head.weight" && !weights.contains(key) {
+                return Err(Error::MissingTensor {
+                    key: key.into(),
+                    path: weights.path().to_path_buf(),
+                    nearest: "set tie_word_embeddings in config.json if the head is tied".into(),
+                });
+            }
+            Ok(GgufTensor::Dense(weights.get(key, shape, hint)?))
+        })
+    }
+
+    /// Builds the model from a tensor source keyed by Hugging Face names; `source` names the
+    /// file in errors.
+    pub fn from_tensors(
+        config: LlamaConfig,
+        source: &Path,
+        get: &mut dyn FnMut(&str, &[usize]) -> Result<GgufTensor>,
+    ) -> Result<Self> {
+        config.validate(source)?;
+        let (h, i, kv) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.kv_width(),
+        );
+        let qw = config.num_heads * config.head_dim;
+        let dense = |t: GgufTensor, key: &str| -> Result<Tensor> {
+            match t {
+                GgufTensor::Dense(t) => Ok(t),
+                GgufTensor::Quant(q) => q.dequantize().map_err(|e| {
+                    Error::Msg(format!("dequantizing `{key}` in {}: {e}", source.display()))
+                }),
+            }
+        };
+        let embed = match get("model.embed_tokens.weight", &[config.vocab_size, h])? {
+            GgufTensor::Dense(t) => Embedding::Dense(t),
+            GgufTensor::Quant(q) => Embedding::Quant(q),
+        };
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for l in 0..config.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+                let path = format!("{p}.{name}");
+                linear_from(&path, get(&format!("{path}.weight"), &[out, inp])?)
+            };
+            let q = lin("self_attn.q_proj", qw, h)?;
+            let k = lin("self_attn.k_proj", kv, h)?;
+            let v = lin("self_attn.v_proj", kv, h)?;
+            let o = lin("self_attn.o_proj", h, qw)?;
+            let gate = lin("mlp.gate_proj", i, h)?;
+            let up = lin("mlp.up_proj", i, h)?;
+            let down = lin("mlp.down_proj", h, i)?;
+            let key = format!("{p}.input_layernorm.weight");
+            let input_norm = dense(get(&key, &[h])?, &key)?;
+            let key = format!("{p}.post_attention_layernorm.weight");
+            let post_norm = dense(get(&key, &[h])?, &key)?;
+            layers.push(Layer {
+                input_norm,
+                q,
+                k,
+                v,
+                o,
+                post_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = dense(get("model.norm.weight", &[h])?, "model.norm.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            match &embed {
+                Embedding::Dense(t) => Linear::new("lm_head", t.clone(), None),
+                Embedding::Quant(q) => Linear::quantized("lm_head", q.clone())?,
+            }
+        } else {
+            linear_from("lm_head", get("lm_head.weight", &[config.vocab_size, h])?)?
+        };
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            site_deltas: Vec::new(),
+            device: Device::Cpu,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The last hidden states (after the final norm) of `ids`, continuing `cache` when given
+    /// (and appending to it). `mask` marks real tokens (1) against padding (0); rows may be
+    /// left-padded (generation) or right-padded (training). Prompt vectors of attached deltas
+    /// are prepended on the first pass (an empty or absent cache) and their positions returned
+    /// too: the result has `T + P` positions then.
+    ///
+    /// # Shapes
+    /// `ids`: B rows of T ids, `mask`: B rows of T -> [B, P + T, hidden]
+    pub fn forward_hidden(
+        &self,
+        ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        mut cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let b = ids.len();
+        let t = ids.first().map_or(0, |r| r.len());
+        if b == 0 || t == 0 {
+            return Err(Error::Msg("forward: empty batch".into()));
+        }
+        if ids.iter().any(|r| r.len() != t) || mask.len() != b || mask.iter().any(|r| r.len() != t)
+        {
+            return Err(Error::Msg(
+                "forward: ids and mask must be B rows of the same length".into(),
+            ));
+        }
+        let h = cfg.hidden_size;
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        if let Some(bad) = flat.iter().find(|&&i| i as usize >= self.embed.rows()) {
+            return Err(Error::Msg(format!(
+                "token id {bad} is outside the vocabulary of {} ids",
+                self.embed.rows()
+            )));
+        }
+        let mut x = self.embed.lookup(&flat)?.reshape((b, t, h))?;
+        let mut mask: Vec<Vec<u32>> = mask.to_vec();
+        let first_pass = cache.as_ref().is_none_or(|c| c.is_empty());
+        if first_pass {
+            // Prompt vectors go before everything, as PEFT's prompt tuning does for causal LMs.
+            for d in &self.site_deltas {
+                if let Some(p) = d.prompt(ctx)? {
+                    let n = p.dim(0)?;
+                    let p = p
+                        .unsqueeze(0)?
+                        .broadcast_as((b, n, h))?
+                        .to_dtype(x.dtype())?;
+                    x = Tensor::cat(&[&p, &x], 1)?;
+                    for row in mask.iter_mut() {
+                        let mut m = vec![1u32; n];
+                        m.extend_from_slice(row);
+                        *row = m;
+                    }
+                }
+            }
+        }
+        let t = x.dim(1)?;
+        // Prefix keys count as earlier positions (PEFT passes them as a past cache): the
+        // first real token's position is the prefix length.
+        let mut prefix_len = 0;
+        for li in 0..self.layers.len() {
+            for d in &self.site_deltas {
+                if let Some((pk, _)) = d.prefix(li, ctx)? {
+                    prefix_len = prefix_len.max(pk.dim(0)?);
+                }
+            }
+            if prefix_len > 0 {
+                break;
+            }
+        }
+        // Position ids: the count of real positions before each one (continuing the cache);
+        // padding positions keep their index, as transformers' default positions do.
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let mut positions = Vec::with_capacity(b);
+        let mut next = Vec::with_capacity(b);
+        for (r, row) in mask.iter().enumerate() {
+            let mut p = cache
+                .as_ref()
+                .and_then(|c| c.next_pos.get(r).copied())
+                .unwrap_or(prefix_len as u32);
+            let mut out = Vec::with_capacity(t);
+            for (j, &m) in row.iter().enumerate() {
+                if m == 1 {
+                    out.push(p);
+                    p += 1;
+                } else {
+                    out.push((prefix_len + past + j) as u32);
+                }
+            }
+            next.push(p);
+            positions.push(out);
+        }
+        let max_pos = positions.iter().flatten().copied().max().unwrap_or(0) as usize;
+        if max_pos >= cfg.max_position_embeddings {
+            return Err(Error::Msg(format!(
+                "position {max_pos} is beyond the model's context of {} tokens \
+                 (max_position_embeddings); shorten the input",
+                cfg.max_position_embeddings
+            )));
+        }
+        let (cos, sin) = ops::rope_angles(&positions, cfg.head_dim, cfg.rope_theta, &self.device)?;
+        // Key mask over [cached | current] positions.
+        let cur_mask = Tensor::from_vec(
+            mask.iter().flatten().copied().collect::<Vec<u32>>(),
+            (b, t),
+            &self.device,
+        )?;
+        let key_mask = match cache.as_ref().and_then(|c| c.mask.as_ref()) {
+            Some(m) => Tensor::cat(&[m, &cur_mask], 1)?,
+            None => cur_mask,
+        };
+        let key_bias = ((key_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
+
+        let (nh, nkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let group = nh / nkv;
+        let scale = 1.0 / (dh as f64).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let xn = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
+            let q = layer
+                .q
+                .forward(&xn, ctx)?
+                .reshape((b, t, nh, dh))?
+                .transpose(1, 2)?;
+            let k = layer
+                .k
+                .forward(&xn, ctx)?
+                .reshape((b, t, nkv, dh))?
+                .transpose(1, 2)?;
+            let v = layer
+                .v
+                .forward(&xn, ctx)?
+                .reshape((b, t, nkv, dh))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = ops::rope(&q, &cos, &sin)?;
+            let k = ops::rope(&k, &cos, &sin)?;
+            // Cached keys and values, then this pass's.
+            let (mut k, mut v) = match cache.as_mut() {
+                Some(c) => {
+                    if c.layers.len() < self.layers.len() {
+                        c.layers.resize(self.layers.len(), None);
+                    }
+                    let kv = match &c.layers[li] {
+                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                        None => (k, v),
+                    };
+                    c.layers[li] = Some((kv.0.detach(), kv.1.detach()));
+                    kv
+                }
+                None => (k, v),
+            };
+            let mut bias = key_bias.clone();
+            for d in &self.site_deltas {
+                if let Some((pk, pv)) = d.prefix(li, ctx)? {
+                    let n = pk.dim(0)?;
+                    let dt = k.dtype();
+                    let wide = |p: Tensor| -> candle_core::Result<Tensor> {
+                        p.reshape((n, nkv, dh))?
+                            .transpose(0, 1)?
+                            .unsqueeze(0)?
+                            .broadcast_as((b, nkv, n, dh))?
+                            .to_dtype(dt)
+                    };
+                    k = Tensor::cat(&[&wide(pk)?, &k], 2)?;
+                    v = Tensor::cat(&[&wide(pv)?, &v], 2)?;
+                    bias = Tensor::cat(
+                        &[&Tensor::zeros((b, n), DType::F32, &self.device)?, &bias],
+                        1,
+                    )?;
+                }
+            }
+            let tk = k.dim(2)?;
+            // Grouped-query attention without repeating keys: the `group` query heads that
+            // share a key/value head are stacked along the query axis.
+            let qg = q.contiguous()?.reshape((b, nkv, group * t, dh))?;
+            let scores = qg.matmul(&k.contiguous()?.t()?)?.reshape((b, nh, t, tk))?;
+            let probs = ops::causal_attention_softmax(&scores, &bias, scale, tk - t)?;
+            let attn = probs
+                .reshape((b, nkv, group * t, tk))?
+                .matmul(&v.contiguous()?)?
+                .reshape((b, nh, t, dh))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * dh))?;
+            let mut attn = layer.o.forward(&attn, ctx)?;
+            for d in &self.site_deltas {
+                attn = d.sublayer(li, Sublayer::Attention, &xn, attn, ctx)?;
+            }
+            let x1 = (attn + &x)?;
+            let xn = ops::rms_norm(&x1, &layer.post_norm, cfg.rms_norm_eps)?;
+            let mut a = ops::swiglu(&layer.gate.forward(&xn, ctx)?, &layer.up.forward(&xn, ctx)?)?;
+            for d in &self.site_deltas {
+                a = d.activation(li, a, ctx)?;
+            }
+            let mut out = layer.down.forward(&a, ctx)?;
+            for d in &self.site_deltas {
+                out = d.sublayer(li, Sublayer::FeedForward, &xn, out, ctx)?;
+            }
+            x = (out + x1)?;
+        }
+        if let Some(c) = cache {
+            c.mask = Some(key_mask.detach());
+            c.next_pos = next;
+        }
+        Ok(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+    }
+
+    /// Next-token logits of hidden states.
+    ///
+    /// # Shapes
+    /// `hidden`: [..., hidden] -> [..., vocab]
+    pub fn logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden, ctx)?)
+    }
+
+    /// Logits at every position.
+    ///
+    /// # Shapes
+    /// `ids`: B rows of T -> [B, P + T, vocab]
+    pub fn forward(
+        &self,
+        ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let hdn = self.forward_hidden(ids, mask, cache, ctx)?;
+        self.logits(&hdn, ctx)
+    }
+
+    /// Bytes held by the frozen base (quantized blocks counted as stored).
+    pub fn base_bytes(&self) -> usize {
+        let embed = match &self.embed {
+            Embedding::Dense(t) => t.elem_count() * 4,
+            Embedding::Quant(q) => q.size_in_bytes(),
+        };
+        let lin = |l: &Linear| l.weight_bytes();
+        let mut total = embed + self.norm.elem_count() * 4;
+        for l in &self.layers {
+            total += lin(&l.q)
+                + lin(&l.k)
+                + lin(&l.v)
+                + lin(&l.o)
+                + lin(&l.gate)
+                + lin(&l.up)
+                + lin(&l.down);
+            total += (l.input_norm.elem_count() + l.post_norm.elem_count()) * 4;
+        }
+        if !self.config.tie_word_embeddings {
+            total += lin(&self.lm_head);
+        }
+        total
+    }
+}
+
+fn check_shape(t: &GgufTensor, key: &str, shape: &[usize], path: &Path) -> Result<()> {
+    let actual: Vec<usize> = match t {
+        GgufTensor::Dense(t) => t.dims().to_vec(),
+        GgufTensor::Quant(q) => vec![q.rows(), q.cols()],
+    };
+    if actual != shape {
+        return Err(Error::ShapeMismatch {
+            key: key.into(),
+            path: path.to_path_buf(),
+            expected: shape.to_vec(),
+            actual,
+            hint: " (the GGUF metadata's sizes disagree with its tensors)".into(),
+        });
+    }
+    Ok(())
+}
+
+impl HasSites for LlamaModel {
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v = Vec::new();
+        for l in &self.layers {
+            v.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+        }
+        v.push(&self.lm_head);
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = Vec::new();
+        for l in &mut self.layers {
+            v.extend([
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ]);
+        }
+        v.push(&mut self.lm_head);
+        v
+    }
+
+    fn sites(&self) -> Vec<SiteInfo> {
+        let h = self.config.hidden_size;
+        let mut out = vec![SiteInfo {
+            path: "model.embed_tokens".into(),
+            kind: SiteKind::Embeddings,
+            params: self.embed.elem_count(),
+        }];
+        let lin = |x: &Linear| SiteInfo {
+            path: x.path.clone(),
+            kind: SiteKind::Linear,
+            params: x.param_count(),
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push(SiteInfo {
+                path: format!("{p}.self_attn"),
+                kind: SiteKind::KeyValue,
+                params: 0,
+            });
+            out.extend([lin(&l.q), lin(&l.k), lin(&l.v), lin(&l.o)]);
+            out.push(SiteInfo {
+                path: format!("{p}.post_attention_layernorm"),
+                kind: SiteKind::SublayerOutput,
+                params: h,
+            });
+            out.extend([lin(&l.gate), lin(&l.up)]);
+            out.push(SiteInfo {
+                path: format!("{p}.mlp.act_fn"),
+                kind: SiteKind::Activation,
+                params: 0,
+            });
+            out.push(lin(&l.down));
+            out.push(SiteInfo {
+                path: format!("{p}.mlp"),
+                kind: SiteKind::SublayerOutput,
+                params: 0,
+            });
+        }
+        out.push(lin(&self.lm_head));
+        out
+    }
+
+    fn param_count(&self) -> usize {
+        let h = self.config.hidden_size;
+        let norms = (2 * self.layers.len() + 1) * h;
+        let mut n = self.embed.elem_count() + norms;
+        for l in &self.layers {
+            n += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .iter()
+                .map(|x| x.param_count())
+                .sum::<usize>();
+        }
+        if !self.config.tie_word_embeddings {
+            n += self.lm_head.param_count();
+        }
+        n
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn kv_width(&self) -> usize {
+        self.config.kv_width()
+    }
+
+    fn word_embeddings(&self) -> Tensor {
+        self.embed
+            .dense()
+            .expect("dequantizing the embedding table")
+    }
+
+    fn norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        // RMSNorm has no bias; bias tuning trains the norms' weights instead (norm_weights_mut).
+        Vec::new()
+    }
+
+    fn attach_site_delta(&mut self, delta: Arc<dyn SiteDelta>) {
+        self.site_deltas.push(delta);
+    }
+
+    fn site_deltas_mut(&mut self) -> &mut Vec<Arc<dyn SiteDelta>> {
+        &mut self.site_deltas
+    }
+}
