@@ -34,8 +34,18 @@ pub enum TargetModules {
 }
 
 impl TargetModules {
+    /// PEFT's shorthand for every linear layer but the output layer (`lm_head`).
+    pub const ALL_LINEAR: &'static str = "all-linear";
+
+    fn is_all_linear(&self) -> bool {
+        matches!(self, TargetModules::Regex(r) if r == Self::ALL_LINEAR)
+    }
+
     /// Whether `path` is selected.
     pub fn matches(&self, path: &str) -> Result<bool> {
+        if self.is_all_linear() {
+            return Ok(path != "lm_head" && !path.ends_with(".lm_head"));
+        }
         Ok(match self {
             TargetModules::Suffixes(list) => list
                 .iter()
@@ -48,6 +58,7 @@ impl TargetModules {
     /// (or, for a list, any one entry) selects nothing.
     pub fn select<'a>(&self, paths: &[&'a str]) -> Result<Vec<&'a str>> {
         match self {
+            _ if self.is_all_linear() => {}
             TargetModules::Suffixes(list) => {
                 for s in list {
                     let one = TargetModules::Suffixes(vec![s.clone()]);
@@ -369,6 +380,19 @@ pub trait HasSites {
     fn param_count(&self) -> usize;
     /// Number of transformer layers.
     fn num_layers(&self) -> usize;
+    /// The module path of layer `i` (`bert.encoder.layer.3`, `model.layers.3`).
+    fn layer_path(&self, i: usize) -> String;
+    /// The module path of sub-layer `kind` of layer `i`, where a delta after it is named
+    /// (`bert.encoder.layer.3.output`, `model.layers.3.mlp`).
+    fn sublayer_path(&self, i: usize, kind: crate::hooks::Sublayer) -> String;
+    /// The layer a module path belongs to, if any.
+    fn layer_of(&self, path: &str) -> Option<usize> {
+        (0..self.num_layers()).find(|&i| {
+            let p = self.layer_path(i);
+            path.strip_prefix(p.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+        })
+    }
     /// Width of the hidden states.
     fn hidden_size(&self) -> usize;
     /// Width of one layer's keys and values (prefix tuning's `token_dim`): the hidden size,

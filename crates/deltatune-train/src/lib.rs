@@ -1,13 +1,16 @@
 //! deltatune-train: the training loop, optimiser and schedule, metrics, and the adapter folder.
 
 pub mod artifact;
+pub mod causal_lm;
 pub mod metrics;
 pub mod optim;
 pub mod trainer;
 
+pub use causal_lm::{generate_texts, generation_metrics, CausalLmTask, LmExample};
 pub use metrics::{classification_metrics, ClassificationMetrics};
 pub use trainer::{
-    evaluate, predict_proba, train, Encoded, EpochRecord, StepEval, TrainConfig, TrainReport,
+    evaluate, predict_proba, train, train_task, ClassificationTask, DevScore, Encoded, EpochRecord,
+    StepEval, Task, TrainConfig, TrainReport,
 };
 
 /// Errors of the training crate.

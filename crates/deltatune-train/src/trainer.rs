@@ -121,14 +121,98 @@ impl Encoded {
     }
 }
 
+/// A task's dev metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DevScore {
+    /// The share of examples predicted exactly: the label (classification) or the whole
+    /// completion (generation: exact match). The trainer keeps the epoch where it is highest;
+    /// search and `auto` maximise it.
+    pub accuracy: f64,
+    /// Macro-averaged F1 over the labels (classification only).
+    pub macro_f1: Option<f64>,
+    /// Edit distance between generated and reference completions over their
+    /// whitespace-separated units, divided by the reference length (generation only; for G2P
+    /// the phoneme error rate).
+    pub error_rate: Option<f64>,
+}
+
+impl DevScore {
+    /// `dev accuracy 0.8123, dev macro-F1 0.8012` or `dev exact match ..., dev error rate ...`.
+    pub fn describe(&self) -> String {
+        match (self.macro_f1, self.error_rate) {
+            (Some(f1), _) => format!("dev accuracy {:.4}, dev macro-F1 {f1:.4}", self.accuracy),
+            (None, Some(er)) => format!(
+                "dev exact match {:.4}, dev error rate {er:.4}",
+                self.accuracy
+            ),
+            (None, None) => format!("dev accuracy {:.4}", self.accuracy),
+        }
+    }
+}
+
+/// What the trainer needs from a task: batches of training examples turned into a loss, and a
+/// dev evaluation. The model, the data and the loss all live behind it, so one loop trains
+/// every family and task kind.
+pub trait Task {
+    /// Number of training examples.
+    fn train_len(&self) -> usize;
+    /// Length in tokens of training example `i` (batches of similar lengths pad less).
+    fn train_example_len(&self, i: usize) -> usize;
+    /// The mean loss over the training examples `idx` (a scalar in the autograd graph).
+    fn loss(&self, idx: &[usize], ctx: &Ctx) -> Result<Tensor>;
+    /// Metrics on the dev set.
+    fn evaluate_dev(&self, batch_size: usize) -> Result<DevScore>;
+}
+
+/// Sequence classification with the BERT-family encoder: cross-entropy on the labels.
+pub struct ClassificationTask<'a> {
+    pub model: &'a BertClassifier,
+    pub train: &'a Encoded,
+    pub dev: &'a Encoded,
+}
+
+impl Task for ClassificationTask<'_> {
+    fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn train_example_len(&self, i: usize) -> usize {
+        self.train.ids[i].len()
+    }
+
+    fn loss(&self, idx: &[usize], ctx: &Ctx) -> Result<Tensor> {
+        let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| self.train.ids[i].clone()).collect();
+        let labels: Vec<u32> = idx.iter().map(|&i| self.train.labels[i]).collect();
+        let inputs = self.model.inputs(&seqs)?;
+        let logits = self.model.forward(&inputs, ctx)?;
+        Ok(candle_nn::loss::cross_entropy(
+            &logits,
+            &labels_tensor(&labels)?,
+        )?)
+    }
+
+    fn evaluate_dev(&self, batch_size: usize) -> Result<DevScore> {
+        let (m, _) = evaluate(self.model, self.dev, batch_size)?;
+        Ok(DevScore {
+            accuracy: m.accuracy,
+            macro_f1: Some(m.macro_f1),
+            error_rate: None,
+        })
+    }
+}
+
 /// One line of the metrics log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EpochRecord {
     pub epoch: usize,
     pub step: usize,
     pub train_loss: f64,
+    /// See [`DevScore::accuracy`] (exact match for generation).
     pub dev_accuracy: f64,
-    pub dev_macro_f1: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_macro_f1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_error_rate: Option<f64>,
     pub train_seconds: f64,
     pub examples_per_second: f64,
     pub lr: f64,
@@ -142,7 +226,10 @@ pub struct StepEval {
     pub step: usize,
     pub epoch: usize,
     pub dev_accuracy: f64,
-    pub dev_macro_f1: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_macro_f1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_error_rate: Option<f64>,
 }
 
 /// What a training run produced.
@@ -155,9 +242,9 @@ pub struct TrainReport {
 }
 
 /// Batches of indices for one epoch.
-fn epoch_batches(data: &Encoded, cfg: &TrainConfig, epoch: usize) -> Vec<Vec<usize>> {
+fn epoch_batches(task: &dyn Task, cfg: &TrainConfig, epoch: usize) -> Vec<Vec<usize>> {
     let mut rng = Rng::new(cfg.seed).derive(&format!("shuffle/{epoch}"));
-    let mut order: Vec<usize> = (0..data.len()).collect();
+    let mut order: Vec<usize> = (0..task.train_len()).collect();
     rng.shuffle(&mut order);
     let mut batches: Vec<Vec<usize>> = if cfg.group_by_length {
         // Sort within mega-batches of 50 batches by length, then shuffle the batches.
@@ -165,7 +252,7 @@ fn epoch_batches(data: &Encoded, cfg: &TrainConfig, epoch: usize) -> Vec<Vec<usi
         let mut out = Vec::new();
         for chunk in order.chunks(mega) {
             let mut c = chunk.to_vec();
-            c.sort_by_key(|&i| std::cmp::Reverse(data.ids[i].len()));
+            c.sort_by_key(|&i| std::cmp::Reverse(task.train_example_len(i)));
             out.extend(c.chunks(cfg.batch_size).map(|b| b.to_vec()));
         }
         rng.shuffle(&mut out);
@@ -193,8 +280,22 @@ pub fn train(
     metrics_log: Option<&Path>,
     show_progress: bool,
 ) -> Result<TrainReport> {
+    let task = ClassificationTask { model, train, dev };
+    train_task(&task, trainables, cfg, metrics_log, show_progress)
+}
+
+/// Trains `trainables` (already attached to the task's model) on the task's training set,
+/// evaluating on dev after each epoch; the best epoch's values are restored at the end. Each
+/// epoch's record is appended to `metrics_log` as one JSON line.
+pub fn train_task(
+    task: &dyn Task,
+    trainables: &[Trainable],
+    cfg: &TrainConfig,
+    metrics_log: Option<&Path>,
+    show_progress: bool,
+) -> Result<TrainReport> {
     cfg.validate()?;
-    if train.is_empty() {
+    if task.train_len() == 0 {
         return Err(TrainError::Data("the training set is empty".into()));
     }
     if trainables.is_empty() {
@@ -211,7 +312,7 @@ pub fn train(
         cfg.weight_decay,
     )?;
     opt.set_lr_scales(trainables.iter().map(|t| t.lr_scale).collect());
-    let micro_per_epoch = train.len().div_ceil(cfg.batch_size);
+    let micro_per_epoch = task.train_len().div_ceil(cfg.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
     let total_steps = steps_per_epoch * cfg.epochs;
     let warmup = (cfg.warmup_ratio * total_steps as f64).ceil() as usize;
@@ -232,19 +333,15 @@ pub fn train(
     let mut step = 0usize;
     let mut stopped_early = false;
     'epochs: for epoch in 1..=cfg.epochs {
-        let batches = epoch_batches(train, cfg, epoch);
+        let batches = epoch_batches(task, cfg, epoch);
         let bar = progress_bar(batches.len() as u64, epoch, cfg.epochs, show_progress);
         let t0 = Instant::now();
         let (mut loss_sum, mut n_loss, mut seen) = (0.0f64, 0usize, 0usize);
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut micro = 0usize;
         for (bi, idx) in batches.iter().enumerate() {
-            let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| train.ids[i].clone()).collect();
-            let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
-            let inputs = model.inputs(&seqs)?;
             let ctx = Ctx::train(Rng::new(cfg.seed).derive(&format!("dropout/{epoch}/{bi}")));
-            let logits = model.forward(&inputs, &ctx)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels_tensor(&labels)?)?;
+            let loss = task.loss(idx, &ctx)?;
             let loss_v = loss.to_scalar::<f32>()? as f64;
             if !loss_v.is_finite() {
                 return Err(TrainError::NonFinite(format!(
@@ -284,18 +381,16 @@ pub fn train(
                 micro = 0;
                 step += 1;
                 if let Some(n) = cfg.eval_every_steps.filter(|&n| step.is_multiple_of(n)) {
-                    let (m, _) = evaluate(model, dev, cfg.eval_batch_size)?;
+                    let m = task.evaluate_dev(cfg.eval_batch_size)?;
                     let rec = StepEval {
                         eval: step / n,
                         step,
                         epoch,
                         dev_accuracy: m.accuracy,
                         dev_macro_f1: m.macro_f1,
+                        dev_error_rate: m.error_rate,
                     };
-                    let msg = format!(
-                        "step {step}: dev accuracy {:.4}, dev macro-F1 {:.4}",
-                        m.accuracy, m.macro_f1
-                    );
+                    let msg = format!("step {step}: {}", m.describe());
                     if bar.is_hidden() {
                         eprintln!("{msg}");
                     } else {
@@ -321,21 +416,26 @@ pub fn train(
         }
         bar.finish_and_clear();
         let train_seconds = t0.elapsed().as_secs_f64();
-        let (m, _) = evaluate(model, dev, cfg.eval_batch_size)?;
+        let m = task.evaluate_dev(cfg.eval_batch_size)?;
         let rec = EpochRecord {
             epoch,
             step,
             train_loss: loss_sum / n_loss.max(1) as f64,
             dev_accuracy: m.accuracy,
             dev_macro_f1: m.macro_f1,
+            dev_error_rate: m.error_rate,
             train_seconds,
             examples_per_second: seen as f64 / train_seconds.max(1e-9),
             lr: linear_schedule(step, warmup, total_steps, cfg.lr),
         };
         {
             eprintln!(
-                "epoch {epoch}/{}: train loss {:.4}, dev accuracy {:.4}, dev macro-F1 {:.4}, {:.0} s ({:.1} ex/s)",
-                cfg.epochs, rec.train_loss, rec.dev_accuracy, rec.dev_macro_f1, train_seconds, rec.examples_per_second
+                "epoch {epoch}/{}: train loss {:.4}, {}, {:.0} s ({:.1} ex/s)",
+                cfg.epochs,
+                rec.train_loss,
+                m.describe(),
+                train_seconds,
+                rec.examples_per_second
             );
         }
         if let Some(f) = log.as_mut() {

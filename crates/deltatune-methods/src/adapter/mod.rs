@@ -2,9 +2,10 @@
 //! He et al. 2022) at the attention and feed-forward sub-layer outputs.
 //!
 //! Keys in `adapter_model.safetensors`:
-//! `base_model.model.<enc>.encoder.layer.<i>.{attention.output|output}.adapter.{down,up}.{weight,bias}`
-//! where `<enc>` is the model's encoder prefix (`bert`) and `attention.output` holds the adapter at
-//! the attention sub-layer, `output` the one at the feed-forward sub-layer.
+//! `base_model.model.<sub-layer>.adapter.{down,up}.{weight,bias}` where `<sub-layer>` is the
+//! model's path of the sub-layer the adapter follows: for BERT
+//! `bert.encoder.layer.<i>.attention.output` (attention) and `bert.encoder.layer.<i>.output`
+//! (feed-forward), for Llama `model.layers.<i>.self_attn` and `model.layers.<i>.mlp`.
 
 mod config;
 
@@ -12,7 +13,7 @@ use std::sync::Arc;
 
 use candle_core::{Tensor, Var};
 use deltatune_core::hooks::{SiteDelta, Sublayer};
-use deltatune_core::{ops, Ctx, Error, HasSites, Result, Rng};
+use deltatune_core::{ops, Ctx, HasSites, Result, Rng};
 
 pub use config::{AdapterSite, BottleneckConfig, NonLinearity, Placement};
 
@@ -95,28 +96,14 @@ impl SiteDelta for AdapterDelta {
     }
 }
 
-/// The path before `.encoder.` of the model's first encoder linear layer (`bert`).
-fn encoder_prefix(model: &dyn HasSites) -> Result<String> {
-    model
-        .linears()
-        .iter()
-        .find_map(|l| l.path.find(".encoder.").map(|i| l.path[..i].to_string()))
-        .ok_or_else(|| {
-            Error::Msg(
-                "bottleneck adapters: the model has no linear layer under `<prefix>.encoder.`, so \
-                 the adapter keys cannot be named"
-                    .into(),
-            )
-        })
-}
-
-/// The module path of the adapter at `site` of layer `layer`.
-pub fn adapter_path(encoder_prefix: &str, layer: usize, site: AdapterSite) -> String {
-    let at = match site {
-        AdapterSite::Attention => "attention.output",
-        AdapterSite::FeedForward => "output",
+/// The module path of the adapter at `site` of layer `layer`: `.adapter` under the
+/// sub-layer's path, as the model names it.
+pub fn adapter_path(model: &dyn HasSites, layer: usize, site: AdapterSite) -> String {
+    let kind = match site {
+        AdapterSite::Attention => Sublayer::Attention,
+        AdapterSite::FeedForward => Sublayer::FeedForward,
     };
-    format!("{encoder_prefix}.encoder.layer.{layer}.{at}.adapter")
+    format!("{}.adapter", model.sublayer_path(layer, kind))
 }
 
 /// Attaches bottleneck adapters where `cfg` places them and makes `modules_to_save` trainable.
@@ -129,7 +116,6 @@ pub fn attach(
     cfg.validate_for(model)?;
     let (hidden, n_layers) = (model.hidden_size(), model.num_layers());
     let b = cfg.bottleneck(hidden);
-    let enc = encoder_prefix(model)?;
     let sites = cfg.sites();
     let mut out = Vec::new();
     let mut adapters = Vec::with_capacity(n_layers);
@@ -137,7 +123,7 @@ pub fn attach(
         let mut slots: [Option<Bottleneck>; 2] = [None, None];
         if cfg.layers.as_ref().is_none_or(|l| l.contains(&i)) {
             for &site in &sites {
-                let path = adapter_path(&enc, i, site);
+                let path = adapter_path(model, i, site);
                 let mut r = rng.derive(&path);
                 let bound = 1.0 / (hidden as f64).sqrt();
                 let down_w = r.uniform_tensor((b, hidden), -bound, bound)?;

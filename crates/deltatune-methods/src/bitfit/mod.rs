@@ -56,7 +56,9 @@ pub fn attach(model: &mut dyn HasSites, cfg: &BitFitConfig, _rng: &Rng) -> Resul
     };
     if selected.is_empty() {
         return Err(Error::Msg(
-            "BitFit selected no bias: the model has none".into(),
+            "BitFit selected no bias: the model has none (Llama-family decoders have no biases); \
+             use lora or ia3 instead"
+                .into(),
         ));
     }
     let mut out = Vec::new();

@@ -21,12 +21,6 @@ use gate::{GatedLinear, GatedSite, TokenGate};
 use crate::delta::{train_modules, Trainable};
 use crate::registry::DeltaConfig;
 
-/// The transformer layer a module path belongs to (`...layer.3.attention...` -> 3).
-pub fn layer_of(path: &str) -> Option<usize> {
-    let i = path.find(".layer.")?;
-    path[i + 7..].split('.').next()?.parse().ok()
-}
-
 /// The key of gate tensor `leaf` of `method` in layer `layer`.
 pub fn gate_key(method: &str, layer: usize, leaf: &str) -> String {
     format!("gates.{method}.layer.{layer}.{leaf}")
@@ -93,11 +87,25 @@ pub fn attach(
         match d {
             DeltaConfig::Lora(_) => {
                 let mut gates: BTreeMap<usize, TokenGate> = BTreeMap::new();
+                let layer_of: Vec<Option<usize>> = model
+                    .linears()
+                    .iter()
+                    .map(|l| model.layer_of(&l.path))
+                    .collect();
                 for (li, lin) in model.linears_mut().into_iter().enumerate() {
                     if lin.deltas.len() == lin_before[li] {
                         continue;
                     }
-                    let layer = layer_of(&lin.path).ok_or_else(|| {
+                    if lin.in_features() != hidden {
+                        return Err(Error::Msg(format!(
+                            "gates: LoRA on `{}` reads {} features but a layer's gate reads the \
+                             hidden size {hidden}; gate LoRA only on layers that read the hidden \
+                             states (e.g. q_proj, v_proj) or turn gates off",
+                            lin.path,
+                            lin.in_features()
+                        )));
+                    }
+                    let layer = layer_of[li].ok_or_else(|| {
                         Error::Msg(format!(
                             "gates: `{}` is not inside a transformer layer, so it has no layer gate; \
                              leave it out of the LoRA targets or turn gates off",

@@ -12,15 +12,6 @@ pub use layer::LoraLinear;
 
 use crate::delta::{peft_key, Trainable};
 
-/// The layer index of a path such as `bert.encoder.layer.3.attention.self.query`.
-pub(crate) fn layer_index(path: &str) -> Option<usize> {
-    let parts: Vec<&str> = path.split('.').collect();
-    parts
-        .windows(2)
-        .find(|w| matches!(w[0], "layer" | "layers" | "h" | "blocks"))
-        .and_then(|w| w[1].parse().ok())
-}
-
 /// Attaches LoRA to the sites `cfg` selects and makes the requested biases and
 /// `modules_to_save` trainable. Returns the trainable tensors under their PEFT keys.
 pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<Vec<Trainable>> {
@@ -33,11 +24,7 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
     let candidates: Vec<&str> = path_refs.iter().copied().filter(|p| !is_saved(p)).collect();
     let mut targets = cfg.target_modules.select(&candidates)?;
     if let Some(layers) = &cfg.layers_to_transform {
-        let n_layers = candidates
-            .iter()
-            .filter_map(|p| layer_index(p))
-            .max()
-            .map_or(0, |m| m + 1);
+        let n_layers = model.num_layers();
         if let Some(bad) = layers.iter().find(|&&l| l >= n_layers) {
             return Err(Error::InvalidConfig {
                 field: "layers_to_transform".into(),
@@ -47,7 +34,7 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
                 ),
             });
         }
-        targets.retain(|p| layer_index(p).is_some_and(|i| layers.contains(&i)));
+        targets.retain(|p| model.layer_of(p).is_some_and(|i| layers.contains(&i)));
     }
     // PEFT ignores `modules_to_save` entries a model lacks (it lists `score` for every
     // classifier); a list of which no entry matches is an error.

@@ -633,6 +633,17 @@ impl HasSites for BertClassifier {
         self.layers.len()
     }
 
+    fn layer_path(&self, i: usize) -> String {
+        format!("{}.encoder.layer.{i}", self.config.family.prefix())
+    }
+
+    fn sublayer_path(&self, i: usize, kind: Sublayer) -> String {
+        match kind {
+            Sublayer::Attention => format!("{}.attention.output", self.layer_path(i)),
+            Sublayer::FeedForward => format!("{}.output", self.layer_path(i)),
+        }
+    }
+
     fn hidden_size(&self) -> usize {
         self.config.hidden_size
     }

@@ -106,7 +106,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 /// `gguf = hf.reshape(n_head, 2, half, in).swapaxes(1, 2).reshape(rows, in)` with
 /// `half = rows / n_head / 2`, i.e. HF row `(h, j, i)` sits at GGUF row `(h, i, j)`.
 pub fn hf_rows_from_gguf(rows: usize, n_head: usize) -> Result<Vec<usize>> {
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         return Err(Error::Msg(format!(
             "cannot undo llama.cpp's rope permutation of {rows} rows over {n_head} heads: the \
              rows must split into heads of an even size"

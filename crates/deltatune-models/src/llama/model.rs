@@ -594,6 +594,17 @@ impl HasSites for LlamaModel {
         self.layers.len()
     }
 
+    fn layer_path(&self, i: usize) -> String {
+        format!("model.layers.{i}")
+    }
+
+    fn sublayer_path(&self, i: usize, kind: Sublayer) -> String {
+        match kind {
+            Sublayer::Attention => format!("model.layers.{i}.self_attn"),
+            Sublayer::FeedForward => format!("model.layers.{i}.mlp"),
+        }
+    }
+
     fn hidden_size(&self) -> usize {
         self.config.hidden_size
     }
