@@ -59,6 +59,45 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+    /// Generate text with a decoder (default SmolLM2-135M-Instruct), with or without an
+    /// adapter trained by `train --task generate` or saved by PEFT; streams to the terminal.
+    Generate {
+        /// An adapter folder (deltatune's or PEFT's save_pretrained output).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The base decoder: a .gguf file, a Llama folder or SmolLM2-135M-Instruct (default: the
+        /// adapter's base, else SmolLM2-135M-Instruct).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// A file with one prompt per line.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Wrap each prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// New tokens at most.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Softmax temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Stop when the continuation contains this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Also write the prompt's logits ([T, vocab], with its input_ids) to this safetensors
+        /// file (for comparisons with PEFT: scripts/check_peft_decoder.py).
+        #[arg(long)]
+        dump_logits: Option<PathBuf>,
+        texts: Vec<String>,
+    },
     /// Show the model's module tree with parameter counts and where the delta would attach.
     Inspect(RunArgs),
     /// Experiments: `methods` trains every delta method with its preset and writes a table.
@@ -220,7 +259,12 @@ pub struct RunArgs {
     /// Print the resolved settings with their sources and exit.
     #[arg(long)]
     show_config: bool,
-    /// Model folder, HF hub id in the local HF cache, or all-MiniLM-L6-v2.
+    /// classify (default) or generate (a decoder trained on prompt/completion pairs; defaults
+    /// to SmolLM2-135M-Instruct on English spelling to pronunciation).
+    #[arg(long)]
+    task: Option<String>,
+    /// Model folder, HF hub id in the local HF cache, or all-MiniLM-L6-v2; for `--task
+    /// generate` a .gguf file, a Llama folder, or SmolLM2-135M-Instruct.
     #[arg(long)]
     model: Option<String>,
     #[arg(long)]
@@ -316,6 +360,7 @@ impl RunArgs {
         let s = |x: &Option<String>| x.clone();
         let n = |x: Option<usize>| x.map(|v| v.to_string());
         let fl = |x: Option<f64>| x.map(|v| v.to_string());
+        put("task", s(&self.task));
         put("model", s(&self.model));
         put("cache", p(&self.cache));
         put("output", p(&self.output));
@@ -416,6 +461,37 @@ fn main() -> ExitCode {
         Command::Train(a) => a
             .resolve()
             .and_then(|s| s.map_or(Ok(()), |s| commands::train(&s))),
+        Command::Generate {
+            adapter,
+            model,
+            cache,
+            file,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            dump_logits,
+            texts,
+        } => commands::lm::generate(&commands::lm::GenerateArgs {
+            adapter,
+            model,
+            cache,
+            file,
+            texts,
+            chat,
+            config: deltatune_models::llama::GenerateConfig {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                stop,
+            },
+            dump_logits,
+        }),
         Command::Eval { adapter, data } => commands::eval(&adapter, data.as_deref()),
         Command::Predict {
             adapter,

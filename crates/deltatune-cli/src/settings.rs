@@ -40,6 +40,19 @@ pub struct DataSettings {
     /// i modulo k (default empty: all). Used to train several prompts on disjoint data, e.g.
     /// as sources for `deltatune subspace fit`.
     pub train_shard: String,
+    /// Generation tasks: the JSONL field holding the prompt (default `prompt`); lines may
+    /// instead hold chat `messages` (the last assistant message is the completion).
+    pub prompt_field: String,
+    /// Generation tasks: the JSONL field holding the completion (default `completion`).
+    pub completion_field: String,
+    /// Train on a seeded random subset of this many examples (0: all; default 0). The
+    /// generation task's default G2P data sets 8000.
+    pub train_limit: usize,
+    /// Evaluate on this many dev examples (0: all). Default 0; G2P sets 500 (dev is evaluated
+    /// by generation every epoch).
+    pub dev_limit: usize,
+    /// Test on this many examples (0: all). Default 0; G2P sets 2000.
+    pub test_limit: usize,
 }
 
 impl Default for DataSettings {
@@ -52,8 +65,61 @@ impl Default for DataSettings {
             label_column: "label".into(),
             max_length: 128,
             train_shard: String::new(),
+            prompt_field: "prompt".into(),
+            completion_field: "completion".into(),
+            train_limit: 0,
+            dev_limit: 0,
+            test_limit: 0,
         }
     }
+}
+
+/// Decoding settings of generation tasks (dev/test evaluation and `generate`'s defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationSettings {
+    /// New tokens at most per example (default 32).
+    pub max_new_tokens: usize,
+    /// Generation of an example stops at these strings (default a newline: one-line answers).
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerationSettings {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 32,
+            stop: vec!["\n".into()],
+        }
+    }
+}
+
+/// What a run trains for.
+pub const TASKS: [&str; 2] = ["classify", "generate"];
+
+/// Defaults that differ for generation tasks (`task = "generate"`), applied to every setting
+/// still at its default: the default decoder and data (G2P from the CMU dictionary), PEFT's
+/// Llama module names, no classification head, and a learning rate, batch and epoch count
+/// sized for the decoder on two cores.
+pub fn generate_defaults() -> Vec<(&'static str, Value)> {
+    use serde_json::json;
+    vec![
+        ("model", json!(deltatune_data::assets::DECODER_NAME)),
+        ("output", json!("runs/lora-g2p")),
+        ("data.max_length", json!(256)),
+        ("data.train_limit", json!(8000)),
+        ("data.dev_limit", json!(500)),
+        ("data.test_limit", json!(2000)),
+        ("lora.target_modules", json!(["q_proj", "v_proj"])),
+        ("lora.lora_dropout", json!(0.05)),
+        (
+            "ia3.target_modules",
+            json!(["k_proj", "v_proj", "down_proj"]),
+        ),
+        ("ia3.feedforward_modules", json!(["down_proj"])),
+        ("train.epochs", json!(1)),
+        ("train.batch_size", json!(16)),
+        ("train.lr", json!(1e-3)),
+    ]
 }
 
 /// `--method compose` (and the presets `unipelt`, `mam`): which methods go on the model together;
@@ -88,6 +154,9 @@ impl Default for ComposeSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
+    /// `classify` (sequence classification with an encoder; default) or `generate` (a decoder
+    /// trained on prompt/completion pairs; defaults to SmolLM2 on G2P).
+    pub task: String,
     /// A model folder (config.json + model.safetensors + tokenizer.json), a Hugging Face hub id
     /// found in the local HF cache, or `all-MiniLM-L6-v2` from deltatune's cache (default).
     pub model: String,
@@ -111,6 +180,7 @@ pub struct Settings {
     pub adapter: BottleneckConfig,
     pub intrinsic: IntrinsicPromptConfig,
     pub compose: ComposeSettings,
+    pub generation: GenerationSettings,
     pub train: TrainConfig,
 }
 
@@ -180,6 +250,7 @@ impl Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            task: "classify".into(),
             model: "all-MiniLM-L6-v2".into(),
             cache: home_cache_dir(),
             output: PathBuf::from("runs/lora-rotten-tomatoes"),
@@ -195,6 +266,7 @@ impl Default for Settings {
             adapter: BottleneckConfig::default(),
             intrinsic: IntrinsicPromptConfig::default(),
             compose: ComposeSettings::default(),
+            generation: GenerationSettings::default(),
             train: TrainConfig::default(),
         }
     }
@@ -326,6 +398,35 @@ pub fn resolve(
         let like = get_mut(&mut root, k).cloned().unwrap_or(Value::Null);
         set(&mut root, k, parse_like(raw, &like), Source::Flag)?;
     }
+    let task = root["task"].as_str().unwrap_or("").to_string();
+    if !TASKS.contains(&task.as_str()) {
+        bail!("unknown task `{task}` (available: {})", TASKS.join(", "));
+    }
+    if task == "generate" {
+        // Modules no decoder has: the classifier head (every method's modules_to_save).
+        for k in &keys {
+            if k.ends_with(".modules_to_save")
+                && sources
+                    .iter()
+                    .any(|(s, src)| s == k && *src == Source::Default)
+            {
+                if let Some(slot) = get_mut(&mut root, k) {
+                    *slot = Value::Null;
+                }
+            }
+        }
+        for (k, v) in generate_defaults() {
+            let at_default = sources
+                .iter()
+                .find(|(s, _)| s == k)
+                .is_none_or(|(_, src)| *src == Source::Default);
+            if at_default {
+                if let Some(slot) = get_mut(&mut root, k) {
+                    *slot = v;
+                }
+            }
+        }
+    }
     let settings: Settings = deserialize_sections(&root)?;
     if !METHODS.contains(&settings.method.as_str()) {
         bail!(
@@ -362,6 +463,7 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
         "adapter",
         "intrinsic",
         "compose",
+        "generation",
         "train",
     ] {
         let v = obj.get(section).cloned().unwrap_or(Value::Null);
@@ -375,6 +477,7 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
             "adapter" => serde_json::from_value::<BottleneckConfig>(v).map(|_| ()),
             "intrinsic" => serde_json::from_value::<IntrinsicPromptConfig>(v).map(|_| ()),
             "compose" => serde_json::from_value::<ComposeSettings>(v).map(|_| ()),
+            "generation" => serde_json::from_value::<GenerationSettings>(v).map(|_| ()),
             _ => serde_json::from_value::<TrainConfig>(v).map(|_| ()),
         };
         r.with_context(|| format!("invalid setting in [{section}]"))?;

@@ -5,6 +5,7 @@ mod bench;
 pub mod experiment;
 mod fetch;
 mod inspect;
+pub mod lm;
 mod merge;
 mod predict;
 pub mod search;

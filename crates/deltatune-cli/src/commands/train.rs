@@ -13,6 +13,9 @@ use crate::settings::Settings;
 
 /// `deltatune train`.
 pub fn train(s: &Settings) -> Result<()> {
+    if s.task == "generate" {
+        return super::lm::train(s);
+    }
     // Fail on an unwritable output before spending any time.
     let staging = Staging::create(&s.output)?;
     let model_dir = session::model_dir(&s.model, &s.cache)?;

@@ -120,22 +120,26 @@ impl LlamaModel {
     /// (quantized weights stay quantized).
     pub fn load(path: &Path) -> Result<Self> {
         if path.extension().is_some_and(|e| e == "gguf") {
-            let g = super::gguf::load_llama_gguf(path)?;
-            let mut tensors = g.tensors;
-            return Self::from_tensors(g.config, path, &mut |key, shape| {
-                let t = tensors.remove(key).ok_or_else(|| Error::MissingTensor {
-                    key: key.to_string(),
-                    path: path.to_path_buf(),
-                    nearest: String::new(),
-                })?;
-                check_shape(&t, key, shape, path)?;
-                Ok(t)
-            });
+            return Self::from_gguf(super::gguf::load_llama_gguf(path)?, path);
         }
         let cfg_path = path.join("config.json");
         let config = LlamaConfigFile::read(&cfg_path)?.into_config(&cfg_path)?;
         let weights = Weights::load(&path.join("model.safetensors"), DType::F32)?;
         Self::from_weights(config, &weights)
+    }
+
+    /// Builds the model from a read GGUF file (its tokenizer is left in `g`'s place unused).
+    pub fn from_gguf(g: super::gguf::LlamaGguf, path: &Path) -> Result<Self> {
+        let mut tensors = g.tensors;
+        Self::from_tensors(g.config, path, &mut |key, shape| {
+            let t = tensors.remove(key).ok_or_else(|| Error::MissingTensor {
+                key: key.to_string(),
+                path: path.to_path_buf(),
+                nearest: String::new(),
+            })?;
+            check_shape(&t, key, shape, path)?;
+            Ok(t)
+        })
     }
 
     /// Builds the model from a parsed config and safetensors weights.

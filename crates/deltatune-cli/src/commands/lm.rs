@@ -1,0 +1,540 @@
+//! Decoder tasks: training a delta on prompt/completion pairs (`train --task generate`) and
+//! generating text with or without an adapter (`generate`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use deltatune_core::{HasSites, Rng};
+use deltatune_data::generation::{load_generation_jsonl, ChatMessage, GenExample};
+use deltatune_methods::{load_state_dict, DeltaConfig, Trainable};
+use deltatune_models::llama::{load_decoder, GenerateConfig, Generator, LoadedDecoder};
+use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, RUN_CONFIG};
+use deltatune_train::{generate_texts, generation_metrics, CausalLmTask, LmExample};
+use serde_json::{json, Value};
+
+use crate::settings::Settings;
+
+/// The decoder file or folder for `spec`, fetching the default decoder on first use.
+pub fn decoder_path(spec: &str, cache: &Path) -> Result<PathBuf> {
+    use deltatune_data::assets;
+    if spec.eq_ignore_ascii_case(assets::DECODER_NAME) && !assets::decoder_gguf_path(cache).exists()
+    {
+        eprintln!(
+            "the default decoder is not in {} yet: fetching it",
+            cache.display()
+        );
+        assets::fetch_decoder(cache, &assets::FetchOptions::from_env(), &mut |m| {
+            eprintln!("  {m}")
+        })?;
+    }
+    Ok(assets::resolve_decoder(spec, cache)?)
+}
+
+/// Loads the decoder of `spec`.
+pub fn load(spec: &str, cache: &Path) -> Result<LoadedDecoder> {
+    let path = decoder_path(spec, cache)?;
+    let t = Instant::now();
+    let d =
+        load_decoder(&path).with_context(|| format!("loading the decoder {}", path.display()))?;
+    eprintln!(
+        "decoder {} ({} parameters, {:.0} MiB as stored) loaded in {:.1} s",
+        path.display(),
+        d.model.param_count(),
+        d.model.base_bytes() as f64 / (1 << 20) as f64,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(d)
+}
+
+/// Renders `messages` with the model's chat template, ending with the assistant's turn.
+pub fn apply_chat_template(
+    template: Option<&str>,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String> {
+    let Some(template) = template else {
+        bail!(
+            "this model has no chat template (tokenizer.chat_template in the GGUF, chat_template \
+             in tokenizer_config.json); use prompt/completion lines instead of messages"
+        );
+    };
+    let mut env = minijinja::Environment::new();
+    env.add_template("chat", template)
+        .context("the model's chat template does not parse")?;
+    let msgs: Vec<Value> = messages
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content}))
+        .collect();
+    Ok(env
+        .get_template("chat")?
+        .render(minijinja::context! {
+            messages => msgs,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => "",
+            eos_token => "",
+        })
+        .context("rendering the chat template")?)
+}
+
+/// Token ids of prompt and completion (the completion ends with the end-of-sequence id).
+fn tokenize(d: &LoadedDecoder, ex: &GenExample, max_length: usize, eos: u32) -> Result<LmExample> {
+    let (prompt, completion) = match ex {
+        GenExample::PromptCompletion { prompt, completion } => (prompt.clone(), completion.clone()),
+        GenExample::Chat { messages } => {
+            let (last, ctx) = messages.split_last().expect("a chat has messages");
+            (
+                apply_chat_template(d.chat_template.as_deref(), ctx, true)?,
+                last.content.clone(),
+            )
+        }
+    };
+    let p = d.encode(&prompt, true)?;
+    let mut c = d.encode(&completion, false)?;
+    c.push(eos);
+    if p.len() + c.len() > max_length {
+        bail!(
+            "an example has {} prompt and {} completion tokens, more than data.max_length {max_length}: \
+             raise data.max_length or shorten it (prompt starts {:?})",
+            p.len(),
+            c.len(),
+            prompt.chars().take(40).collect::<String>()
+        );
+    }
+    Ok(LmExample {
+        prompt: p,
+        completion: c,
+    })
+}
+
+/// The reference text of an example (its completion).
+fn reference(ex: &GenExample) -> String {
+    match ex {
+        GenExample::PromptCompletion { completion, .. } => completion.trim().to_string(),
+        GenExample::Chat { messages } => messages
+            .last()
+            .map_or(String::new(), |m| m.content.trim().to_string()),
+    }
+}
+
+/// Train/dev/test files of a generation run: the settings' or the G2P splits.
+fn data_files(s: &Settings) -> Result<(PathBuf, PathBuf, Option<PathBuf>)> {
+    use deltatune_data::assets;
+    let d = &s.data;
+    Ok(match (&d.train, &d.dev) {
+        (None, None) => {
+            let dir = match assets::g2p_dir(&s.cache) {
+                Ok(dir) => dir,
+                Err(_) => {
+                    eprintln!(
+                        "the CMU dictionary is not in {} yet: fetching it",
+                        s.cache.display()
+                    );
+                    assets::fetch_cmudict(&s.cache, &assets::FetchOptions::from_env(), &mut |m| {
+                        eprintln!("  {m}")
+                    })?;
+                    assets::g2p_dir(&s.cache)?
+                }
+            };
+            (
+                dir.join("train.jsonl"),
+                dir.join("dev.jsonl"),
+                Some(d.test.clone().unwrap_or(dir.join("test.jsonl"))),
+            )
+        }
+        (Some(t), Some(v)) => (t.clone(), v.clone(), d.test.clone()),
+        (Some(_), None) => bail!("a training file needs a development file too: add --dev-file"),
+        (None, Some(_)) => bail!("a development file needs a training file too: add --train-file"),
+    })
+}
+
+fn limited(v: Vec<GenExample>, limit: usize, seed: u64, what: &str) -> Vec<GenExample> {
+    if limit == 0 || limit >= v.len() {
+        return v;
+    }
+    let out = deltatune_data::g2p::subset(&v, limit, Rng::new(seed).derive(what).next_u64());
+    eprintln!("{what}: a seeded subset of {limit} of {} examples", v.len());
+    out
+}
+
+/// The delta for a decoder: attached for training.
+fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
+    let delta = s.delta();
+    let text_ids = match &delta {
+        DeltaConfig::Prompt(c) => match &c.prompt_tuning_init_text {
+            Some(t) => Some(d.encode(t, false)?),
+            None => None,
+        },
+        _ => None,
+    };
+    let rng = Rng::new(s.train.seed).derive(delta.name());
+    Ok(delta.attach(&mut d.model, &rng, text_ids.as_deref())?)
+}
+
+/// `deltatune train --task generate`.
+pub fn train(s: &Settings) -> Result<()> {
+    let staging = Staging::create(&s.output)?;
+    let (train_file, dev_file, test_file) = data_files(s)?;
+    let read = |p: &Path| -> Result<Vec<GenExample>> {
+        Ok(load_generation_jsonl(
+            p,
+            &s.data.prompt_field,
+            &s.data.completion_field,
+        )?)
+    };
+    let seed = s.train.seed;
+    let train_ex = limited(read(&train_file)?, s.data.train_limit, seed, "train");
+    let dev_ex = limited(read(&dev_file)?, s.data.dev_limit, seed, "dev");
+    let test_ex = match &test_file {
+        Some(p) => Some(limited(read(p)?, s.data.test_limit, seed, "test")),
+        None => None,
+    };
+    let mut d = load(&s.model, &s.cache)?;
+    let eos = *d
+        .model
+        .config
+        .eos_token_ids
+        .first()
+        .context("the model names no end-of-sequence token; it cannot learn where to stop")?;
+    let tok = |v: &[GenExample]| -> Result<Vec<LmExample>> {
+        v.iter()
+            .map(|e| tokenize(&d, e, s.data.max_length, eos))
+            .collect()
+    };
+    let t_tok = Instant::now();
+    let train = tok(&train_ex)?;
+    let dev = tok(&dev_ex)?;
+    let test = match &test_ex {
+        Some(t) => Some(tok(t)?),
+        None => None,
+    };
+    let tok_secs = t_tok.elapsed().as_secs_f64();
+    let trainables = attach(&mut d, s)?;
+    let optimised: Vec<Trainable> = trainables
+        .iter()
+        .filter(|t| !s.train.freeze.iter().any(|f| t.key.contains(f.as_str())))
+        .cloned()
+        .collect();
+    let n_train: usize = optimised.iter().map(|t| t.var.elem_count()).sum();
+    let n_base = d.model.param_count();
+    eprintln!(
+        "delta {}: {} trainable parameters ({:.3}% of the model)",
+        s.method,
+        n_train,
+        100.0 * n_train as f64 / n_base as f64
+    );
+    let tokens: usize = train.iter().map(|e| e.len()).sum();
+    eprintln!(
+        "data: train {} / dev {} / test {} examples ({} training tokens, tokenised in {:.1} s)",
+        train.len(),
+        dev.len(),
+        test.as_ref().map_or(0, |t| t.len()),
+        tokens,
+        tok_secs
+    );
+    // The exact examples used, so a reference run (scripts/peft_g2p.py) sees the same data.
+    let write_split = |name: &str, v: &[GenExample]| -> Result<()> {
+        let mut bytes = Vec::new();
+        for e in v {
+            serde_json::to_writer(&mut bytes, e)?;
+            bytes.push(b'\n');
+        }
+        Ok(staging.write(name, &bytes)?)
+    };
+    write_split("train.jsonl", &train_ex)?;
+    write_split("dev.jsonl", &dev_ex)?;
+    if let Some(t) = &test_ex {
+        write_split("test.jsonl", t)?;
+    }
+    let model_source = d.source.canonicalize().unwrap_or(d.source.clone());
+    staging.write_json(
+        RUN_CONFIG,
+        &json!({
+            "deltatune_version": env!("CARGO_PKG_VERSION"),
+            "settings": s,
+            "model_dir": model_source,
+            "data_files": {"train": train_file, "dev": dev_file, "test": test_file},
+            "base_params": n_base,
+            "trainable_params": n_train,
+        }),
+    )?;
+    let refs = |v: &[GenExample]| v.iter().map(reference).collect::<Vec<_>>();
+    let dev_refs = refs(&dev_ex);
+    let decode = |ids: &[u32]| d.decode(ids);
+    let task = CausalLmTask {
+        model: &d.model,
+        train: &train,
+        dev: &dev,
+        dev_references: &dev_refs,
+        decode: &decode,
+        max_new_tokens: s.generation.max_new_tokens,
+        stop: s.generation.stop.clone(),
+    };
+    let report = deltatune_train::train_task(
+        &task,
+        &optimised,
+        &s.train,
+        Some(&staging.file(METRICS)),
+        s.progress,
+    )?;
+    let eval = |ex: &[LmExample], refs: &[String]| -> Result<(f64, f64, Vec<String>)> {
+        let prompts: Vec<Vec<u32>> = ex.iter().map(|e| e.prompt.clone()).collect();
+        let texts = generate_texts(
+            &d.model,
+            &prompts,
+            &decode,
+            s.generation.max_new_tokens,
+            &s.generation.stop,
+            s.train.eval_batch_size,
+        )?;
+        let (em, er) = generation_metrics(&texts, refs);
+        Ok((em, er, texts))
+    };
+    let t_eval = Instant::now();
+    let test_m = match (&test, &test_ex) {
+        (Some(t), Some(te)) => {
+            let (em, er, texts) = eval(t, &refs(te))?;
+            let mut bytes = Vec::new();
+            for (ex, g) in te.iter().zip(&texts) {
+                serde_json::to_writer(
+                    &mut bytes,
+                    &json!({"reference": reference(ex), "generated": g}),
+                )?;
+                bytes.push(b'\n');
+            }
+            staging.write("test_generations.jsonl", &bytes)?;
+            Some(json!({"exact_match": em, "error_rate": er, "examples": t.len()}))
+        }
+        _ => None,
+    };
+    let eval_secs = t_eval.elapsed().as_secs_f64();
+    let best = report.epochs.iter().find(|e| e.epoch == report.best_epoch);
+    let dev_m = json!({
+        "exact_match": best.map(|e| e.dev_accuracy),
+        "error_rate": best.and_then(|e| e.dev_error_rate),
+        "examples": dev.len(),
+    });
+    let mut delta = s.delta().for_saving(&model_source.display().to_string());
+    if let Some(slot) = delta.subspace_mut() {
+        if let Some(src) = slot.clone() {
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("reading the subspace {src}"))?;
+            staging.write(crate::session::SUBSPACE_FILE, &bytes)?;
+            *slot = Some(crate::session::SUBSPACE_FILE.to_string());
+        }
+    }
+    let mut cfg = delta.to_json(&d.model);
+    cfg["task_type"] = json!("CAUSAL_LM");
+    staging.write_json(ADAPTER_CONFIG, &cfg)?;
+    let tensors = delta.export(&trainables)?;
+    staging.write(
+        ADAPTER_WEIGHTS,
+        &deltatune_core::to_safetensors_bytes(&tensors)?,
+    )?;
+    let secs: Vec<f64> = report.epochs.iter().map(|e| e.train_seconds).collect();
+    let mean_secs = secs.iter().sum::<f64>() / secs.len().max(1) as f64;
+    let results = json!({
+        "task": "generate",
+        "best_epoch": report.best_epoch,
+        "dev": dev_m,
+        "test": test_m,
+        "train_examples": train.len(),
+        "train_tokens": tokens,
+        "train_seconds_per_epoch": secs,
+        "mean_train_seconds_per_epoch": mean_secs,
+        "test_eval_seconds": eval_secs,
+        "peak_rss_mib": super::peak_rss_mib(),
+        "base_bytes": d.model.base_bytes(),
+        "trainable_params": n_train,
+        "base_params": n_base,
+    });
+    staging.write_json("results.json", &results)?;
+    let out = staging.commit()?;
+    println!(
+        "dev exact match:  {:.4} (error rate {:.4}, best epoch {})",
+        dev_m["exact_match"].as_f64().unwrap_or(f64::NAN),
+        dev_m["error_rate"].as_f64().unwrap_or(f64::NAN),
+        report.best_epoch
+    );
+    if let Some(t) = &test_m {
+        println!(
+            "test exact match: {:.4} (error rate {:.4}, {} examples)",
+            t["exact_match"].as_f64().unwrap_or(f64::NAN),
+            t["error_rate"].as_f64().unwrap_or(f64::NAN),
+            t["examples"]
+        );
+    }
+    println!(
+        "seconds per epoch: {mean_secs:.1}; peak memory {:.0} MiB",
+        super::peak_rss_mib().unwrap_or(0.0)
+    );
+    println!("adapter saved to {}", out.display());
+    Ok(())
+}
+
+/// `deltatune generate` arguments.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateArgs {
+    pub adapter: Option<PathBuf>,
+    pub model: Option<String>,
+    pub cache: Option<PathBuf>,
+    pub file: Option<PathBuf>,
+    pub texts: Vec<String>,
+    pub chat: bool,
+    pub config: GenerateConfig,
+    pub dump_logits: Option<PathBuf>,
+}
+
+/// The base model an adapter folder names: `run_config.json`'s model (deltatune) or
+/// `adapter_config.json`'s `base_model_name_or_path` (PEFT).
+fn adapter_base(dir: &Path, cfg: &Value) -> Option<String> {
+    let run: Option<Value> = std::fs::read_to_string(dir.join(RUN_CONFIG))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(m) = run.as_ref().and_then(|r| r["model_dir"].as_str()) {
+        return Some(m.to_string());
+    }
+    cfg["base_model_name_or_path"].as_str().map(String::from)
+}
+
+/// Loads a decoder with the adapter in `dir` attached (PEFT's or deltatune's folder).
+pub fn load_with_adapter(dir: &Path, model: Option<&str>, cache: &Path) -> Result<LoadedDecoder> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+        format!(
+            "reading {} (is {} an adapter folder?)",
+            cfg_path.display(),
+            dir.display()
+        )
+    })?;
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    if let Some(t) = v["task_type"].as_str() {
+        if t != "CAUSAL_LM" {
+            bail!(
+                "{} is a {t} adapter, not a decoder's (task_type CAUSAL_LM): use `deltatune predict` \
+                 for classification adapters",
+                cfg_path.display()
+            );
+        }
+    }
+    let base = match model {
+        Some(m) => m.to_string(),
+        None => adapter_base(dir, &v).with_context(|| {
+            format!(
+                "{} names no base model (base_model_name_or_path); pass --model",
+                cfg_path.display()
+            )
+        })?,
+    };
+    let mut d = load(&base, cache)?;
+    let delta = DeltaConfig::from_json(v).with_context(|| format!("in {}", cfg_path.display()))?;
+    let tr = delta.attach_saved(&mut d.model, &Rng::new(0))?;
+    let w = dir.join(ADAPTER_WEIGHTS);
+    let tensors = deltatune_core::Weights::load(&w, candle_core::DType::F32)?;
+    let map = tensors
+        .tensors()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect();
+    load_state_dict(&tr, &map, &w).with_context(|| {
+        format!(
+            "the adapter in {} does not fit the base model {base}",
+            dir.display()
+        )
+    })?;
+    Ok(d)
+}
+
+/// `deltatune generate`.
+pub fn generate(a: &GenerateArgs) -> Result<()> {
+    let cache = a
+        .cache
+        .clone()
+        .unwrap_or_else(deltatune_data::assets::default_cache_dir);
+    let d = match &a.adapter {
+        Some(dir) => load_with_adapter(dir, a.model.as_deref(), &cache)?,
+        None => load(
+            a.model
+                .as_deref()
+                .unwrap_or(deltatune_data::assets::DECODER_NAME),
+            &cache,
+        )?,
+    };
+    let mut texts = a.texts.clone();
+    if let Some(f) = &a.file {
+        let body =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        texts.extend(
+            body.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
+    }
+    if texts.is_empty() {
+        bail!("nothing to generate from: give a text or --file");
+    }
+    a.config.validate()?;
+    for text in &texts {
+        let prompt = if a.chat {
+            let msgs = [ChatMessage {
+                role: "user".into(),
+                content: text.clone(),
+            }];
+            apply_chat_template(d.chat_template.as_deref(), &msgs, true)?
+        } else {
+            text.clone()
+        };
+        let ids = d.encode(&prompt, true)?;
+        if let Some(out) = &a.dump_logits {
+            let n = ids.len();
+            let logits = d.model.forward(
+                &[ids.clone()],
+                &[vec![1; n]],
+                None,
+                &deltatune_core::Ctx::eval(),
+            )?;
+            let t = logits.dim(1)?;
+            let logits = logits.narrow(1, t - n, n)?.squeeze(0)?;
+            let idt = candle_core::Tensor::from_vec(
+                ids.iter().map(|&i| i as i64).collect::<Vec<i64>>(),
+                n,
+                &candle_core::Device::Cpu,
+            )?;
+            let map = [
+                ("logits".to_string(), logits),
+                ("input_ids".to_string(), idt),
+            ]
+            .into_iter()
+            .collect();
+            deltatune_core::write_atomic(out, &deltatune_core::to_safetensors_bytes(&map)?)?;
+            eprintln!("wrote the prompt's logits to {}", out.display());
+        }
+        let g = Generator {
+            model: &d.model,
+            decode: Some(&|ids: &[u32]| d.decode(ids)),
+        };
+        let mut so_far: Vec<u32> = Vec::new();
+        let mut printed = 0usize;
+        let mut out = std::io::stdout().lock();
+        let res = g.generate(&[ids], &a.config, &mut |_, tok| {
+            so_far.push(tok);
+            let text = d.decode(&so_far);
+            // Print only complete characters; the rest waits for the next token.
+            if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{FFFD}')
+            {
+                let _ = write!(out, "{}", &text[printed..]);
+                let _ = out.flush();
+                printed = text.len();
+            }
+            true
+        })?;
+        let text = d.decode(&res[0].ids);
+        if text.len() > printed && text.is_char_boundary(printed) {
+            write!(out, "{}", &text[printed..])?;
+        }
+        writeln!(out)?;
+        eprintln!("[{} tokens, stopped: {:?}]", res[0].ids.len(), res[0].stop);
+    }
+    Ok(())
+}
