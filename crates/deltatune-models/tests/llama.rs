@@ -97,7 +97,7 @@ fn left_padding_does_not_change_a_rows_logits() {
     // Row 1's five real tokens, alone and left-padded by two.
     let real = ids[1][..5].to_vec();
     let alone = m
-        .forward(&[real.clone()], &[vec![1; 5]], None, &ctx)
+        .forward(std::slice::from_ref(&real), &[vec![1; 5]], None, &ctx)
         .unwrap();
     let mut padded = vec![0u32, 0];
     padded.extend(&real);

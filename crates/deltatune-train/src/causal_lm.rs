@@ -112,10 +112,21 @@ pub fn generate_texts(
     Ok(out)
 }
 
+/// A right-padded training batch and its loss targets.
+struct LmBatch {
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<u32>>,
+    /// Flat indices in `[B * T]` of the positions whose next token is a completion token.
+    at: Vec<u32>,
+    /// Those next tokens.
+    targets: Vec<u32>,
+    /// The padded length T.
+    t: usize,
+}
+
 impl CausalLmTask<'_> {
-    /// Padded ids, mask and the loss targets of a batch: for each position whose next token is
-    /// a completion token, its flat index in `[B * T]` and that token.
-    fn batch(&self, idx: &[usize]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<u32>, Vec<u32>, usize) {
+    /// Padded ids, mask and the loss targets of a batch.
+    fn batch(&self, idx: &[usize]) -> LmBatch {
         let t = idx.iter().map(|&i| self.train[i].len()).max().unwrap_or(1);
         let pad = self.model.config.pad_token_id.unwrap_or(0);
         let (mut ids, mut mask, mut at, mut targets) = (vec![], vec![], vec![], vec![]);
@@ -134,7 +145,13 @@ impl CausalLmTask<'_> {
             ids.push(row);
             mask.push(m);
         }
-        (ids, mask, at, targets, t)
+        LmBatch {
+            ids,
+            mask,
+            at,
+            targets,
+            t,
+        }
     }
 }
 
@@ -148,7 +165,13 @@ impl Task for CausalLmTask<'_> {
     }
 
     fn loss(&self, idx: &[usize], ctx: &Ctx) -> Result<Tensor> {
-        let (ids, mask, at, targets, t) = self.batch(idx);
+        let LmBatch {
+            ids,
+            mask,
+            at,
+            targets,
+            t,
+        } = self.batch(idx);
         if targets.is_empty() {
             return Err(TrainError::Data(
                 "a batch has no completion tokens to learn from".into(),

@@ -67,15 +67,14 @@ pub fn apply_chat_template(
         .iter()
         .map(|m| json!({"role": m.role, "content": m.content}))
         .collect();
-    Ok(env
-        .get_template("chat")?
+    env.get_template("chat")?
         .render(minijinja::context! {
             messages => msgs,
             add_generation_prompt => add_generation_prompt,
             bos_token => "",
             eos_token => "",
         })
-        .context("rendering the chat template")?)
+        .context("rendering the chat template")
 }
 
 /// Token ids of prompt and completion (the completion ends with the end-of-sequence id).
@@ -489,7 +488,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         if let Some(out) = &a.dump_logits {
             let n = ids.len();
             let logits = d.model.forward(
-                &[ids.clone()],
+                std::slice::from_ref(&ids),
                 &[vec![1; n]],
                 None,
                 &deltatune_core::Ctx::eval(),

@@ -43,7 +43,9 @@ impl CustomOp1 for CrossEntropy {
         let out = match s {
             CpuStorage::F32(x) => CpuStorage::F32(vec![ce_fwd(x, l, &self.targets)]),
             CpuStorage::F64(x) => CpuStorage::F64(vec![ce_fwd(x, l, &self.targets)]),
-            _ => return Err(candle_core::Error::UnsupportedDTypeForOp(s.dtype(), self.name()).bt()),
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(s.dtype(), self.name()).bt())
+            }
         };
         Ok((out, Shape::from(())))
     }
@@ -88,7 +90,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     check_float(logits, "cross_entropy")?;
     let (n, v) = logits.dims2()?;
     if targets.len() != n {
-        bail!("cross_entropy: {} targets for {n} rows of logits", targets.len());
+        bail!(
+            "cross_entropy: {} targets for {n} rows of logits",
+            targets.len()
+        );
     }
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
         bail!("cross_entropy: target {bad} is outside the {v} classes");

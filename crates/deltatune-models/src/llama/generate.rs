@@ -85,11 +85,14 @@ pub struct Generated {
     pub stop: StopReason,
 }
 
+/// Turns token ids into text.
+pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
+
 /// Runs generation for a batch of prompts.
 pub struct Generator<'a> {
     pub model: &'a LlamaModel,
     /// Decodes ids to text, for stop strings (required when `stop` is not empty).
-    pub decode: Option<&'a dyn Fn(&[u32]) -> String>,
+    pub decode: Option<Decode<'a>>,
 }
 
 /// Index of the largest value (the first one among equals, as `torch.argmax`).
