@@ -199,10 +199,18 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterRun> {
         std::fs::read_to_string(dir.join(name))
             .with_context(|| format!("reading {}", dir.join(name).display()))
     };
-    let run: RunConfig = serde_json::from_str(&read(RUN_CONFIG)?)
-        .with_context(|| format!("parsing {}", dir.join(RUN_CONFIG).display()))?;
     let cfg_json: serde_json::Value = serde_json::from_str(&read(ADAPTER_CONFIG)?)
         .with_context(|| format!("parsing {}", dir.join(ADAPTER_CONFIG).display()))?;
+    if cfg_json["task_type"].as_str() == Some("CAUSAL_LM") {
+        bail!(
+            "{} is a decoder's adapter (task_type CAUSAL_LM), not a classifier's: run it with \
+             `deltatune generate --adapter {}`",
+            dir.join(ADAPTER_CONFIG).display(),
+            dir.display()
+        );
+    }
+    let run: RunConfig = serde_json::from_str(&read(RUN_CONFIG)?)
+        .with_context(|| format!("parsing {}", dir.join(RUN_CONFIG).display()))?;
     let mut delta = DeltaConfig::from_json(cfg_json)
         .with_context(|| format!("reading {}", dir.join(ADAPTER_CONFIG).display()))?;
     // A relative subspace path is relative to the adapter folder.

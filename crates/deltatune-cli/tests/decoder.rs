@@ -1,0 +1,243 @@
+//! End-to-end runs of `deltatune` on the real SmolLM2 GGUF (skipped with a message when it is
+//! not fetched; required under `DELTATUNE_REQUIRE_ASSETS=1`): a short decoder training run on a
+//! few prompt/completion pairs and generation with its adapter, every method's adapter saved and
+//! reloaded with the same greedy output, and bad input (clear message, non-zero exit, no
+//! partial output).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Tmp(PathBuf);
+impl Tmp {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("dt-dec-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Tmp(p)
+    }
+}
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("DELTATUNE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deltatune"))
+}
+
+/// The fetched GGUF, or `None` (with a message) when absent and not required.
+fn gguf() -> Option<PathBuf> {
+    let p = cache().join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("DELTATUNE_REQUIRE_ASSETS").as_deref() != Ok("1"),
+        "{} missing: run `deltatune fetch`",
+        p.display()
+    );
+    eprintln!(
+        "NOTE: skipping: {} not found (run `deltatune fetch`)",
+        p.display()
+    );
+    None
+}
+
+fn run(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args(args)
+        .current_dir(dir)
+        .env("DELTATUNE_CACHE", cache())
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Six prompt/completion pairs (a made-up task: a colour's word to its code).
+fn write_jsonl(path: &Path) {
+    let pairs = [
+        ("red", "R1"),
+        ("green", "G2"),
+        ("blue", "B3"),
+        ("black", "K4"),
+        ("white", "W5"),
+        ("grey", "Y6"),
+    ];
+    let mut s = String::new();
+    for (w, c) in pairs {
+        s.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": format!("Colour: {w}\nCode:"), "completion": format!(" {c}")})
+        ));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn train_args<'a>(gguf: &'a str, out: &'a str, method: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--task",
+        "generate",
+        "--model",
+        gguf,
+        "--method",
+        method,
+        "--train-file",
+        "d.jsonl",
+        "--dev-file",
+        "d.jsonl",
+        "--test-file",
+        "d.jsonl",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "3",
+        "--no-progress",
+        "-o",
+        out,
+        "--set",
+        "generation.max_new_tokens=4",
+        "--set",
+        "prefix.num_virtual_tokens=4",
+        "--set",
+        "prompt.num_virtual_tokens=4",
+    ]
+}
+
+#[test]
+fn every_method_trains_on_the_decoder_and_its_adapter_generates_the_same_after_reload() {
+    let Some(g) = gguf() else { return };
+    let g = g.display().to_string();
+    let tmp = Tmp::new("methods");
+    write_jsonl(&tmp.0.join("d.jsonl"));
+    for method in ["lora", "ia3", "prefix", "prompt", "adapter", "intrinsic"] {
+        let out = format!("run-{method}");
+        let o = run(&train_args(&g, &out, method), &tmp.0);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        assert!(
+            stdout(&o).contains("test exact match"),
+            "{method}: {}",
+            stdout(&o)
+        );
+        let dir = tmp.0.join(&out);
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "results.json",
+            "train.jsonl",
+        ] {
+            assert!(dir.join(f).exists(), "{method}: {f} missing");
+        }
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["task_type"], "CAUSAL_LM", "{method}");
+        // The saved adapter reloads: generation from it equals the test generations written
+        // at the end of training (greedy).
+        let first: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(dir.join("test_generations.jsonl"))
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        let o = run(
+            &[
+                "generate",
+                "--adapter",
+                &out,
+                "--max-new-tokens",
+                "4",
+                "--stop",
+                "\n",
+                "Colour: red\nCode:",
+            ],
+            &tmp.0,
+        );
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let text = stdout(&o);
+        let text = text.split('\n').next().unwrap().trim();
+        assert_eq!(text, first["generated"].as_str().unwrap(), "{method}");
+    }
+    // BitFit: Llama has no biases, refused by name before training.
+    let o = run(&train_args(&g, "run-bitfit", "bitfit"), &tmp.0);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no bias"), "{}", stderr(&o));
+    assert!(!tmp.0.join("run-bitfit").exists(), "no partial output");
+}
+
+#[test]
+fn bad_decoder_input_is_a_clear_error() {
+    let Some(g) = gguf() else { return };
+    let g = g.display().to_string();
+    let tmp = Tmp::new("bad");
+    let check = |args: &[&str], needle: &str| {
+        let o = run(args, &tmp.0);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = stderr(&o);
+        assert!(e.contains(needle), "{args:?}: expected `{needle}` in: {e}");
+    };
+    check(
+        &["generate", "--model", &g, "--max-new-tokens", "0", "hi"],
+        "max_new_tokens",
+    );
+    let long = "word ".repeat(9000);
+    check(&["generate", "--model", &g, &long], "context");
+    // JSONL without the named fields.
+    std::fs::write(
+        tmp.0.join("bad.jsonl"),
+        "{\"text\": \"a\", \"label\": \"b\"}\n",
+    )
+    .unwrap();
+    check(
+        &[
+            "train",
+            "--task",
+            "generate",
+            "--model",
+            &g,
+            "--train-file",
+            "bad.jsonl",
+            "--dev-file",
+            "bad.jsonl",
+            "-o",
+            "out",
+        ],
+        "prompt",
+    );
+    assert!(!tmp.0.join("out").exists(), "no partial output");
+    // A truncated GGUF.
+    let bytes = std::fs::read(&g).unwrap();
+    std::fs::write(tmp.0.join("cut.gguf"), &bytes[..100_000]).unwrap();
+    check(&["generate", "--model", "cut.gguf", "hi"], "cut.gguf");
+    // A decoder adapter given to the classifier, and a classifier adapter to the decoder.
+    write_jsonl(&tmp.0.join("d.jsonl"));
+    let o = run(&train_args(&g, "dec", "lora"), &tmp.0);
+    assert!(o.status.success(), "{}", stderr(&o));
+    check(
+        &["predict", "--adapter", "dec", "a fine film"],
+        "deltatune generate",
+    );
+    std::fs::create_dir_all(tmp.0.join("cls")).unwrap();
+    std::fs::write(
+        tmp.0.join("cls/adapter_config.json"),
+        r#"{"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 8, "target_modules": ["query"]}"#,
+    )
+    .unwrap();
+    check(
+        &["generate", "--adapter", "cls", "--model", &g, "hi"],
+        "deltatune predict",
+    );
+}
