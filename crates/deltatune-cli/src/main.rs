@@ -113,6 +113,9 @@ enum Command {
         /// Markdown table to write (a .json with the full results is written beside it).
         #[arg(long)]
         table: Option<PathBuf>,
+        /// `generate`: the decoder rows (SmolLM2 on G2P) into docs/methods-decoder.md.
+        #[arg(long, default_value = "classify")]
+        task: String,
         /// Folder for the runs' adapter folders.
         #[arg(long)]
         runs: Option<PathBuf>,
@@ -508,19 +511,26 @@ fn main() -> ExitCode {
             methods,
             epochs,
             table,
+            task,
             runs,
         } => {
             if which != "methods" {
                 Err(anyhow::anyhow!(
                     "unknown experiment `{which}` (available: methods)"
                 ))
+            } else if task != "classify" && task != "generate" {
+                Err(anyhow::anyhow!(
+                    "unknown task `{task}` (available: classify, generate)"
+                ))
             } else {
-                let (r, t) = commands::experiment::default_paths();
+                let decoder = task == "generate";
+                let (r, t) = commands::experiment::default_paths(decoder);
                 commands::experiment::methods(
                     &methods,
                     epochs,
                     &runs.unwrap_or(r),
                     &table.unwrap_or(t),
+                    decoder,
                 )
             }
         }
@@ -616,9 +626,15 @@ fn main() -> ExitCode {
             run,
             steps,
             reference,
-        } => run
-            .resolve()
-            .and_then(|s| s.map_or(Ok(()), |s| commands::bench(&s, steps, reference.as_deref()))),
+        } => run.resolve().and_then(|s| {
+            s.map_or(Ok(()), |s| {
+                if s.task == "generate" {
+                    commands::bench_decoder(&s, steps)
+                } else {
+                    commands::bench(&s, steps, reference.as_deref())
+                }
+            })
+        }),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -45,6 +45,10 @@ pub struct DataSettings {
     pub prompt_field: String,
     /// Generation tasks: the JSONL field holding the completion (default `completion`).
     pub completion_field: String,
+    /// Generation tasks: the text the model sees for a prompt field, `{prompt}` standing for
+    /// it (default `{prompt}`: the field as it is), e.g. `"### Question: {prompt}\n### Answer:"`.
+    /// Chat lines use the model's chat template instead.
+    pub prompt_template: String,
     /// Train on a seeded random subset of this many examples (0: all; default 0). The
     /// generation task's default G2P data sets 8000.
     pub train_limit: usize,
@@ -67,6 +71,7 @@ impl Default for DataSettings {
             train_shard: String::new(),
             prompt_field: "prompt".into(),
             completion_field: "completion".into(),
+            prompt_template: "{prompt}".into(),
             train_limit: 0,
             dev_limit: 0,
             test_limit: 0,

@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use deltatune_core::{Ctx, Rng};
+use deltatune_core::{Ctx, HasSites, Rng};
 use deltatune_train::optim::{collect_grads, AdamW};
 
 use crate::session;
@@ -119,5 +119,116 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
         "peak memory: {:.0} MiB",
         super::peak_rss_mib().unwrap_or(0.0)
     );
+    Ok(())
+}
+
+/// `deltatune bench --task generate`: the decoder's LoRA training step on a G2P-sized batch
+/// (16 examples, 10 prompt + 14 completion tokens) with the base kept quantized and with an f32
+/// copy of it (time, loss on the same batch, peak memory), and greedy generation at batch 1 and 8.
+pub fn bench_decoder(s: &Settings, steps: usize) -> Result<()> {
+    use deltatune_train::{CausalLmTask, LmExample, Task};
+    let mut d = super::lm::load(&s.model, &s.cache)?;
+    let mut rng = Rng::new(0);
+    let vocab = d.model.config.vocab_size;
+    let mut tok = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| (100 + rng.below(vocab - 100)) as u32)
+            .collect()
+    };
+    let examples: Vec<LmExample> = (0..BATCH)
+        .map(|_| LmExample {
+            prompt: tok(10),
+            completion: tok(14),
+        })
+        .collect();
+    let idx: Vec<usize> = (0..BATCH).collect();
+    let prompts: Vec<Vec<u32>> = (0..8).map(|_| tok(16)).collect();
+    let decode = |_: &[u32]| String::new();
+    let mut rows = Vec::new();
+    for base in ["quantized (GGUF blocks)", "f32 (dequantized copy)"] {
+        if base.starts_with("f32") {
+            d.model.dequantize_base()?;
+        }
+        let trainables = super::lm::attach(&mut d, s)?;
+        let vars: Vec<_> = trainables.iter().map(|t| t.var.clone()).collect();
+        let mut opt = AdamW::new(
+            trainables
+                .iter()
+                .map(|t| (t.var.clone(), t.decay))
+                .collect(),
+            0.0,
+        )?;
+        let task = CausalLmTask {
+            model: &d.model,
+            train: &examples,
+            dev: &[],
+            dev_references: &[],
+            decode: &decode,
+            max_new_tokens: 1,
+            stop: Vec::new(),
+        };
+        let loss0 = task.loss(&idx, &Ctx::eval())?.to_scalar::<f32>()?;
+        let mut step = |i: usize| -> Result<f64> {
+            let t = Instant::now();
+            let loss = task.loss(&idx, &Ctx::train(Rng::new(i as u64)))?;
+            let grads = collect_grads(&loss.backward()?, &vars);
+            opt.step(&grads, 1e-4, 1.0)?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        };
+        for i in 0..WARMUP {
+            step(i)?;
+        }
+        let mut ms: Vec<f64> = (0..steps)
+            .map(|i| step(WARMUP + i))
+            .collect::<Result<_>>()?;
+        let (m, lo, hi) = stats(&mut ms);
+        let tokens = (BATCH * 24) as f64;
+        rows.push(format!(
+            "| train step, base {base} | {m:.0} ({lo:.0}-{hi:.0}) | {:.0} | {loss0:.6} | {:.0} |",
+            tokens / (m / 1e3),
+            super::peak_rss_mib().unwrap_or(0.0)
+        ));
+        // Remove this pass's delta before the next base.
+        d.model.site_deltas.clear();
+        for lin in d.model.linears_mut() {
+            lin.deltas.clear();
+        }
+    }
+    println!(
+        "decoder {} , LoRA r={} on {:?}, batch {BATCH} x 24 tokens (loss on 14 completion tokens each), {WARMUP} warm-up + {steps} timed",
+        d.source.display(),
+        s.lora.r,
+        s.lora.target_modules
+    );
+    println!("| workload | median ms (min-max) | tokens/s | loss on the batch (before training) | peak RSS so far MiB |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!("{r}");
+    }
+    // Generation on the f32 base is not the default; reload the quantized one.
+    let d = super::lm::load(&s.model, &s.cache)?;
+    println!("| generation | median ms per token (min-max) | tokens/s | | |");
+    for b in [1usize, 8] {
+        let g = deltatune_models::llama::Generator {
+            model: &d.model,
+            decode: None,
+        };
+        let cfg = deltatune_models::llama::GenerateConfig {
+            max_new_tokens: 64,
+            ..Default::default()
+        };
+        let mut per_token = Vec::new();
+        for _ in 0..3.max(steps / 3) {
+            let t = Instant::now();
+            let out = g.generate(&prompts[..b], &cfg, &mut |_, _| true)?;
+            let n: usize = out.iter().map(|o| o.ids.len()).sum::<usize>().max(1);
+            per_token.push(t.elapsed().as_secs_f64() * 1e3 / n as f64);
+        }
+        let (m, lo, hi) = stats(&mut per_token);
+        println!(
+            "| greedy generation, batch {b}, 16-token prompt, 64 new | {m:.2} ({lo:.2}-{hi:.2}) | {:.0} | | |",
+            1e3 / m
+        );
+    }
     Ok(())
 }

@@ -24,6 +24,59 @@ const fn p(name: &'static str, settings: &'static str, args: &'static [&'static 
     }
 }
 
+/// The decoder rows (`--task generate`): SmolLM2-135M-Instruct on G2P, each method with a
+/// learning rate for a one-epoch run on a 2,000-word subset (scored on 500 dev and 1,000 test
+/// words by greedy generation).
+pub const DECODER_PRESETS: &[Preset] = &[
+    p(
+        "lora",
+        "r 8, alpha 16, dropout 0.05, q_proj+v_proj, lr 1e-3",
+        &["--method", "lora", "--lr", "1e-3"],
+    ),
+    p(
+        "lora-all-linear",
+        "r 8, alpha 16, dropout 0.05, every linear layer but lm_head, lr 1e-3",
+        &["--method", "lora", "--lr", "1e-3", "--set", "lora.target_modules=\"all-linear\""],
+    ),
+    p(
+        "ia3",
+        "k_proj, v_proj, down_proj (feed-forward: down_proj), lr 1e-2",
+        &["--method", "ia3", "--lr", "1e-2"],
+    ),
+    p(
+        "prefix",
+        "20 virtual tokens per key/value head, no projection, lr 1e-2",
+        &["--method", "prefix", "--lr", "1e-2"],
+    ),
+    p(
+        "prompt",
+        "20 virtual tokens prepended, random init, lr 3e-2",
+        &["--method", "prompt", "--lr", "3e-2"],
+    ),
+    p(
+        "adapter",
+        "Houlsby (after attention and feed-forward), reduction factor 16, relu, lr 1e-3",
+        &["--method", "adapter", "--lr", "1e-3"],
+    ),
+    p(
+        "intrinsic",
+        "z of d = 64 through a dense random subspace around a sampled-vocabulary prompt, 20 tokens, lr 5e-2",
+        &["--method", "intrinsic", "--lr", "5e-2", "--set", "intrinsic.intrinsic_dim=64"],
+    ),
+];
+
+/// Data settings every decoder row shares.
+const DECODER_DATA: &[&str] = &[
+    "--task",
+    "generate",
+    "--set",
+    "data.train_limit=2000",
+    "--set",
+    "data.dev_limit=500",
+    "--set",
+    "data.test_limit=1000",
+];
+
 /// The rows, in table order. `{subspace}` in an argument is replaced by the learned-subspace
 /// artifact of `deltatune subspace fit` (see `intrinsic-learned`).
 pub const PRESETS: &[Preset] = &[
@@ -274,12 +327,19 @@ fn learned_subspace(exe: &Path, runs: &Path, epochs: Option<usize>) -> Result<Pa
 
 /// Runs the listed rows (all when empty) and updates `table` (Markdown) and the JSON beside it:
 /// rows run now replace rows of the same name, other rows are kept as they were.
-pub fn methods(only: &[String], epochs: Option<usize>, runs: &Path, table: &Path) -> Result<()> {
+pub fn methods(
+    only: &[String],
+    epochs: Option<usize>,
+    runs: &Path,
+    table: &Path,
+    decoder: bool,
+) -> Result<()> {
+    let presets = if decoder { DECODER_PRESETS } else { PRESETS };
     for m in only {
-        if !PRESETS.iter().any(|p| p.name == m) {
+        if !presets.iter().any(|p| p.name == m) {
             bail!(
                 "unknown experiment row `{m}` (available: {})",
-                PRESETS
+                presets
                     .iter()
                     .map(|p| p.name)
                     .collect::<Vec<_>>()
@@ -294,7 +354,7 @@ pub fn methods(only: &[String], epochs: Option<usize>, runs: &Path, table: &Path
             .with_context(|| format!("{} is not a results file", json_path.display()))?,
         Err(_) => Vec::new(),
     };
-    for preset in PRESETS {
+    for preset in presets {
         if !only.is_empty() && !only.iter().any(|m| m == preset.name) {
             continue;
         }
@@ -321,6 +381,9 @@ pub fn methods(only: &[String], epochs: Option<usize>, runs: &Path, table: &Path
             .arg(&out)
             .arg("--no-progress")
             .args(&args);
+        if decoder {
+            cmd.args(DECODER_DATA);
+        }
         if let Some(e) = epochs {
             cmd.arg("--epochs").arg(e.to_string());
         }
@@ -337,14 +400,68 @@ pub fn methods(only: &[String], epochs: Option<usize>, runs: &Path, table: &Path
         let row = Row {
             method: preset.name.to_string(),
             settings: preset.settings.to_string(),
-            epochs: epochs.unwrap_or(3),
+            epochs: epochs.unwrap_or(if decoder { 1 } else { 3 }),
             results: res,
         };
         rows.retain(|r| r.method != row.method);
         rows.push(row);
         // Written after every row, so an interrupted experiment keeps the rows it finished.
-        write_table(&rows, table)?;
+        if decoder {
+            write_decoder_table(&rows, table)?;
+        } else {
+            write_table(&rows, table)?;
+        }
     }
+    Ok(())
+}
+
+fn write_decoder_table(rows: &[Row], table: &Path) -> Result<()> {
+    let mut rows = rows.to_vec();
+    let order = |name: &str| {
+        DECODER_PRESETS
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap_or(usize::MAX)
+    };
+    rows.sort_by_key(|r| order(&r.method));
+    let mut md = String::from(
+        "| method | settings | trainable params | % of model | dev exact match | test exact match | test PER | s / epoch | peak RSS |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for row in &rows {
+        let r = &row.results;
+        let tp = r["trainable_params"].as_u64().unwrap_or(0);
+        let base = r["base_params"].as_u64().unwrap_or(1).max(1);
+        let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        md.push_str(&format!(
+            "| {} | {} | {tp} | {:.3}% | {:.3} | {:.3} | {:.3} | {:.0} | {:.2} GB |\n",
+            row.method,
+            row.settings,
+            100.0 * tp as f64 / base as f64,
+            f(&r["dev"]["exact_match"]),
+            f(&r["test"]["exact_match"]),
+            f(&r["test"]["error_rate"]),
+            f(&r["mean_train_seconds_per_epoch"]),
+            f(&r["peak_rss_mib"]) * 1.048_576 / 1000.0,
+        ));
+    }
+    md.push_str(
+        "\nSmolLM2-135M-Instruct (GGUF Q4_1, the base kept quantized) on G2P from the CMU \
+         dictionary: a seeded subset of 2,000 training words, 500 dev and 1,000 test words, \
+         one epoch, batch 16, seed 42, linear decay with 6% warm-up, 2 threads; exact match and \
+         phoneme error rate (PER) of greedy generations; written by `deltatune experiment \
+         methods --task generate` (rows are updated in place, one run per row).\n",
+    );
+    if let Some(dir) = table.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    deltatune_core::write_atomic(table, md.as_bytes())?;
+    deltatune_core::write_atomic(
+        &table.with_extension("json"),
+        serde_json::to_string_pretty(&rows)?.as_bytes(),
+    )?;
+    println!("{md}");
+    println!("table written to {}", table.display());
     Ok(())
 }
 
@@ -415,10 +532,17 @@ fn write_table(rows: &[Row], table: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Default locations.
-pub fn default_paths() -> (PathBuf, PathBuf) {
-    (
-        PathBuf::from("runs/experiment-methods"),
-        PathBuf::from("docs/methods.md"),
-    )
+/// Default locations (runs folder, table) of the encoder or the decoder experiment.
+pub fn default_paths(decoder: bool) -> (PathBuf, PathBuf) {
+    if decoder {
+        (
+            PathBuf::from("runs/experiment-methods-decoder"),
+            PathBuf::from("docs/methods-decoder.md"),
+        )
+    } else {
+        (
+            PathBuf::from("runs/experiment-methods"),
+            PathBuf::from("docs/methods.md"),
+        )
+    }
 }

@@ -32,19 +32,53 @@ fn member_of<'a>(t: &'a Trainable, delta: &DeltaConfig) -> (String, &'a str) {
 
 /// `deltatune inspect`: the module tree with parameter counts, and where each delta attaches.
 pub fn inspect(s: &Settings) -> Result<()> {
+    if s.task == "generate" {
+        let mut d = super::lm::load(&s.model, &s.cache)?;
+        let sites = d.model.sites();
+        let trainables = super::lm::attach(&mut d, s)?;
+        return report(
+            s,
+            &d.source.display().to_string(),
+            &d.model,
+            &sites,
+            &trainables,
+        );
+    }
     let dir = session::model_dir(&s.model, &s.cache)?;
     let mut loaded = session::load_model(&dir, 2, s.pooling, s.data.max_length, s.train.seed)?;
     let sites = loaded.model.sites();
-    let delta = s.delta();
     let trainables = session::attach(&mut loaded, s)?;
-    println!("model {} ({})", dir.display(), loaded.model.param_count());
+    report(
+        s,
+        &dir.display().to_string(),
+        &loaded.model,
+        &sites,
+        &trainables,
+    )
+}
+
+/// Prints the sites of `model` with what `trainables` attach there, and the counts.
+fn report(
+    s: &Settings,
+    source: &str,
+    model: &dyn HasSites,
+    sites: &[deltatune_core::SiteInfo],
+    trainables: &[Trainable],
+) -> Result<()> {
+    let delta = s.delta();
+    println!("model {source} ({})", model.param_count());
     println!("{:<58} {:<16} {:>10}  delta", "site", "kind", "params");
     let mut placed = vec![false; trainables.len()];
-    for site in &sites {
+    for site in sites {
         let mut attached: Vec<String> = Vec::new();
         // A sub-layer output site (`...output.LayerNorm`) holds the adapters of that sub-layer
         // (`...output.adapter.*`).
-        let adapter_base = site.path.strip_suffix(".LayerNorm");
+        // A decoder's sub-layer site (`model.layers.3.mlp`) holds its adapter directly.
+        let adapter_base = if site.kind == deltatune_core::SiteKind::SublayerOutput {
+            Some(site.path.strip_suffix(".LayerNorm").unwrap_or(&site.path))
+        } else {
+            None
+        };
         for (i, t) in trainables.iter().enumerate() {
             let (member, key) = member_of(t, &delta);
             let Some(k) = key.strip_prefix(PEFT_PREFIX) else {
@@ -88,13 +122,13 @@ pub fn inspect(s: &Settings) -> Result<()> {
         }
     }
     let mut per_member: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for t in &trainables {
+    for t in trainables {
         let e = per_member.entry(member_of(t, &delta).0).or_default();
         e.0 += t.var.elem_count();
         e.1 += 1;
     }
     let n_train: usize = trainables.iter().map(|t| t.var.elem_count()).sum();
-    let n_base: usize = loaded.model.param_count();
+    let n_base: usize = model.param_count();
     println!("\ntrainable parameters by delta:");
     for (m, (n, k)) in &per_member {
         println!("  {m:<16} {n:>10} in {k} tensors");

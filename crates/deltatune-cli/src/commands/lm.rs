@@ -78,9 +78,17 @@ pub fn apply_chat_template(
 }
 
 /// Token ids of prompt and completion (the completion ends with the end-of-sequence id).
-fn tokenize(d: &LoadedDecoder, ex: &GenExample, max_length: usize, eos: u32) -> Result<LmExample> {
+fn tokenize(
+    d: &LoadedDecoder,
+    ex: &GenExample,
+    template: &str,
+    max_length: usize,
+    eos: u32,
+) -> Result<LmExample> {
     let (prompt, completion) = match ex {
-        GenExample::PromptCompletion { prompt, completion } => (prompt.clone(), completion.clone()),
+        GenExample::PromptCompletion { prompt, completion } => {
+            (template.replace("{prompt}", prompt), completion.clone())
+        }
         GenExample::Chat { messages } => {
             let (last, ctx) = messages.split_last().expect("a chat has messages");
             (
@@ -121,6 +129,12 @@ fn reference(ex: &GenExample) -> String {
 fn data_files(s: &Settings) -> Result<(PathBuf, PathBuf, Option<PathBuf>)> {
     use deltatune_data::assets;
     let d = &s.data;
+    if !d.prompt_template.contains("{prompt}") {
+        bail!(
+            "data.prompt_template {:?} has no `{{prompt}}` placeholder for the prompt field",
+            d.prompt_template
+        );
+    }
     Ok(match (&d.train, &d.dev) {
         (None, None) => {
             let dir = match assets::g2p_dir(&s.cache) {
@@ -158,7 +172,7 @@ fn limited(v: Vec<GenExample>, limit: usize, seed: u64, what: &str) -> Vec<GenEx
 }
 
 /// The delta for a decoder: attached for training.
-fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
+pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
     let delta = s.delta();
     let text_ids = match &delta {
         DeltaConfig::Prompt(c) => match &c.prompt_tuning_init_text {
@@ -198,7 +212,7 @@ pub fn train(s: &Settings) -> Result<()> {
         .context("the model names no end-of-sequence token; it cannot learn where to stop")?;
     let tok = |v: &[GenExample]| -> Result<Vec<LmExample>> {
         v.iter()
-            .map(|e| tokenize(&d, e, s.data.max_length, eos))
+            .map(|e| tokenize(&d, e, &s.data.prompt_template, s.data.max_length, eos))
             .collect()
     };
     let t_tok = Instant::now();

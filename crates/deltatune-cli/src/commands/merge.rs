@@ -29,6 +29,10 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
             adapter.display()
         );
     }
+    let v: serde_json::Value = serde_json::from_str(&cfg_text)?;
+    if v["task_type"].as_str() == Some("CAUSAL_LM") {
+        return merge_decoder(adapter, out, delta.name());
+    }
     let mut run = session::load_adapter(adapter)?;
     let refs: Vec<&str> = CHECK_TEXTS.to_vec();
     let ids = run.loaded.tokenizer.encode_batch(&refs)?;
@@ -118,6 +122,73 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
         delta.name(),
         dir.display(),
         CHECK_TEXTS.len()
+    );
+    Ok(())
+}
+
+/// Folds a decoder adapter into its (dequantized) base and writes a Hugging Face Llama folder
+/// (`config.json`, `model.safetensors` in f32, `tokenizer.json`), then reloads it and checks its
+/// logits against the adapter's.
+fn merge_decoder(adapter: &Path, out: &Path, name: &str) -> Result<()> {
+    let cache = deltatune_data::assets::default_cache_dir();
+    let mut d = super::lm::load_with_adapter(adapter, None, &cache)?;
+    let prompt = "Pronounce: deltatune\nPhonemes:";
+    let ids = d.encode(prompt, true)?;
+    let mask = vec![vec![1u32; ids.len()]];
+    let before = d
+        .model
+        .forward(std::slice::from_ref(&ids), &mask, None, &Ctx::eval())?;
+    for lin in d.model.linears_mut() {
+        lin.merge()?;
+    }
+    let tensors: BTreeMap<String, candle_core::Tensor> = d
+        .model
+        .named_tensors()?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.detach().contiguous()?)))
+        .collect::<Result<_>>()?;
+    let mut config = d.model.config.to_hf_json();
+    if !tensors.contains_key("lm_head.weight") {
+        config["tie_word_embeddings"] = true.into();
+    } else {
+        config["tie_word_embeddings"] = false.into();
+    }
+    let staging = deltatune_train::artifact::Staging::create(out)?;
+    staging.write(
+        "model.safetensors",
+        &deltatune_core::to_safetensors_bytes(&tensors)?,
+    )?;
+    staging.write_json("config.json", &config)?;
+    let tok = d
+        .tokenizer
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
+    staging.write("tokenizer.json", tok.as_bytes())?;
+    if let Some(t) = &d.chat_template {
+        staging.write_json(
+            "tokenizer_config.json",
+            &serde_json::json!({"chat_template": t}),
+        )?;
+    }
+    let dir = staging.commit()?;
+    let plain = deltatune_models::LlamaModel::load(&dir)?;
+    let after = plain.forward(std::slice::from_ref(&ids), &mask, None, &Ctx::eval())?;
+    let diff: f32 = (before - after)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar()?;
+    if diff > 1e-3 {
+        bail!(
+            "the merged model in {} differs from the adapter by {diff:.2e} in logits; please \
+             report this",
+            dir.display()
+        );
+    }
+    println!(
+        "merged `{name}` into the dequantized weights: {} written (max logit difference to the \
+         adapter {diff:.1e})",
+        dir.display()
     );
     Ok(())
 }

@@ -13,7 +13,7 @@ pub mod study;
 pub mod subspace;
 mod train;
 
-pub use bench::bench;
+pub use bench::{bench, bench_decoder};
 pub use fetch::fetch;
 pub use inspect::inspect;
 pub use merge::merge;

@@ -467,6 +467,51 @@ impl LlamaModel {
         self.logits(&hdn, ctx)
     }
 
+    /// Replaces every quantized weight by its f32 dequantization (the f32 base that QLoRA-style
+    /// training avoids; for comparisons).
+    pub fn dequantize_base(&mut self) -> Result<()> {
+        if let Embedding::Quant(q) = &self.embed {
+            self.embed = Embedding::Dense(q.dequantize()?);
+        }
+        let tied = self.config.tie_word_embeddings;
+        for lin in self.linears_mut() {
+            if let Some(q) = lin.quant.take() {
+                lin.weight = q.dequantize()?;
+            }
+        }
+        if tied {
+            if let Embedding::Dense(t) = &self.embed {
+                self.lm_head.weight = t.clone();
+            }
+        }
+        Ok(())
+    }
+
+    /// Every base tensor under its Hugging Face key, as plain f32 (quantized ones dequantized;
+    /// merged deltas included): what a `model.safetensors` of this model holds.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.dense()?)];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            v.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
+            v.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_norm.clone(),
+            ));
+        }
+        v.push(("model.norm.weight".to_string(), self.norm.clone()));
+        for lin in self.linears() {
+            if lin.path == "lm_head" && self.config.tie_word_embeddings && lin.deltas.is_empty() {
+                continue;
+            }
+            v.push((format!("{}.weight", lin.path), lin.dense_weight()?));
+            if let Some(b) = &lin.bias {
+                v.push((format!("{}.bias", lin.path), b.clone()));
+            }
+        }
+        Ok(v)
+    }
+
     /// Bytes held by the frozen base (quantized blocks counted as stored).
     pub fn base_bytes(&self) -> usize {
         let embed = match &self.embed {
@@ -537,7 +582,6 @@ impl HasSites for LlamaModel {
     }
 
     fn sites(&self) -> Vec<SiteInfo> {
-        let h = self.config.hidden_size;
         let mut out = vec![SiteInfo {
             path: "model.embed_tokens".into(),
             kind: SiteKind::Embeddings,
@@ -551,15 +595,15 @@ impl HasSites for LlamaModel {
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push(SiteInfo {
-                path: format!("{p}.self_attn"),
+                path: format!("{p}.self_attn.past_key_value"),
                 kind: SiteKind::KeyValue,
                 params: 0,
             });
             out.extend([lin(&l.q), lin(&l.k), lin(&l.v), lin(&l.o)]);
             out.push(SiteInfo {
-                path: format!("{p}.post_attention_layernorm"),
+                path: format!("{p}.self_attn"),
                 kind: SiteKind::SublayerOutput,
-                params: h,
+                params: 0,
             });
             out.extend([lin(&l.gate), lin(&l.up)]);
             out.push(SiteInfo {
