@@ -2,6 +2,7 @@
 //! checkpoint keys, exposing named sites where deltas attach.
 
 pub mod bert;
+pub mod layers;
 pub mod gguf_tokenizer;
 pub mod llama;
 pub mod tokenizer;

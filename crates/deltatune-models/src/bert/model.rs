@@ -13,6 +13,7 @@ use deltatune_core::hooks::{SiteDelta, Sublayer};
 use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, Rng, SiteInfo, SiteKind, Weights};
 
 use super::config::{BertConfig, BertConfigFile, Family};
+use crate::layers;
 
 /// How the sequence is reduced to one vector for classification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -332,8 +333,8 @@ impl BertClassifier {
         let mut mask = inputs.attention_mask.clone();
         // Prompt vectors go right after the first token, so CLS pooling still reads CLS.
         let mut parts = vec![words.narrow(1, 0, 1.min(t))?];
-        for d in &self.site_deltas {
-            if let Some(p) = d.prompt(ctx)? {
+        for p in layers::prompts(&self.site_deltas, ctx)? {
+            {
                 let n = p.dim(0)?;
                 parts.push(
                     p.unsqueeze(0)?
@@ -387,7 +388,6 @@ impl BertClassifier {
         let key_bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
         let nh = cfg.num_heads;
         let dh = h / nh;
-        let scale = 1.0 / (dh as f64).sqrt();
         let n_layers = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
             let heads = |y: Tensor, tq: usize| -> candle_core::Result<Tensor> {
@@ -401,42 +401,31 @@ impl BertClassifier {
             };
             let tq = xq.dim(1)?;
             let q = heads(layer.query.forward(&xq, ctx)?, tq)?;
-            let mut k = layer.key.forward(&x, ctx)?;
-            let mut v = layer.value.forward(&x, ctx)?;
-            let mut bias = key_bias.clone();
-            for d in &self.site_deltas {
-                if let Some((pk, pv)) = d.prefix(i, ctx)? {
-                    let n = pk.dim(0)?;
-                    let dt = k.dtype();
-                    let wide = |p: Tensor| p.unsqueeze(0)?.broadcast_as((b, n, h))?.to_dtype(dt);
-                    k = Tensor::cat(&[&wide(pk)?, &k], 1)?;
-                    v = Tensor::cat(&[&wide(pv)?, &v], 1)?;
-                    bias = Tensor::cat(
-                        &[&Tensor::zeros((b, n), DType::F32, &Device::Cpu)?, &bias],
-                        1,
-                    )?;
-                }
-            }
-            let tk = k.dim(1)?;
-            let k = heads(k, tk)?;
-            let v = heads(v, tk)?;
-            let scores = q.matmul(&k.t()?)?;
-            let probs = ops::attention_softmax(&scores, &bias, scale)?;
-            let probs = ctx.dropout(&probs, cfg.attention_dropout)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, h))?;
-            let mut attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, cfg.hidden_dropout)?;
-            for d in &self.site_deltas {
-                attn = d.sublayer(i, Sublayer::Attention, &xq, attn, ctx)?;
-            }
+            let k = heads(layer.key.forward(&x, ctx)?, t)?;
+            let v = heads(layer.value.forward(&x, ctx)?, t)?;
+            let attn = layers::attention(
+                &q,
+                k,
+                v,
+                &key_bias,
+                layers::Heads {
+                    heads: nh,
+                    kv_heads: nh,
+                    head_dim: dh,
+                },
+                i,
+                &self.site_deltas,
+                false,
+                cfg.attention_dropout,
+                ctx,
+            )?;
+            let attn = ctx.dropout(&layer.attn_out.forward(&attn, ctx)?, cfg.hidden_dropout)?;
+            let attn = layers::sublayer(&self.site_deltas, i, Sublayer::Attention, &xq, attn, ctx)?;
             let x1 = layer.attn_norm.forward(&(attn + &xq)?)?;
-            let mut inter = ops::gelu_erf(&layer.intermediate.forward(&x1, ctx)?)?;
-            for d in &self.site_deltas {
-                inter = d.activation(i, inter, ctx)?;
-            }
-            let mut out = ctx.dropout(&layer.output.forward(&inter, ctx)?, cfg.hidden_dropout)?;
-            for d in &self.site_deltas {
-                out = d.sublayer(i, Sublayer::FeedForward, &x1, out, ctx)?;
-            }
+            let inter = ops::gelu_erf(&layer.intermediate.forward(&x1, ctx)?)?;
+            let inter = layers::activation(&self.site_deltas, i, inter, ctx)?;
+            let out = ctx.dropout(&layer.output.forward(&inter, ctx)?, cfg.hidden_dropout)?;
+            let out = layers::sublayer(&self.site_deltas, i, Sublayer::FeedForward, &x1, out, ctx)?;
             x = layer.out_norm.forward(&(out + x1)?)?;
         }
         Ok((x, mask))

@@ -17,6 +17,7 @@ use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, SiteInfo, SiteKi
 
 use super::config::{LlamaConfig, LlamaConfigFile};
 use super::gguf::GgufTensor;
+use crate::layers;
 
 /// The token-embedding table: a plain tensor or kept quantized.
 #[derive(Debug, Clone)]
@@ -278,8 +279,8 @@ impl LlamaModel {
         let first_pass = cache.as_ref().is_none_or(|c| c.is_empty());
         if first_pass {
             // Prompt vectors go before everything, as PEFT's prompt tuning does for causal LMs.
-            for d in &self.site_deltas {
-                if let Some(p) = d.prompt(ctx)? {
+            for p in layers::prompts(&self.site_deltas, ctx)? {
+                {
                     let n = p.dim(0)?;
                     let p = p
                         .unsqueeze(0)?
@@ -299,14 +300,7 @@ impl LlamaModel {
         // first real token's position is the prefix length.
         let mut prefix_len = 0;
         for li in 0..self.layers.len() {
-            for d in &self.site_deltas {
-                if let Some((pk, _)) = d.prefix(li, ctx)? {
-                    prefix_len = prefix_len.max(pk.dim(0)?);
-                }
-            }
-            if prefix_len > 0 {
-                break;
-            }
+            prefix_len = prefix_len.max(layers::prefix_len(&self.site_deltas, li, ctx)?);
         }
         // Position ids: the count of real positions before each one (continuing the cache);
         // padding positions keep their index, as transformers' default positions do.
@@ -352,8 +346,6 @@ impl LlamaModel {
         let key_bias = ((key_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
 
         let (nh, nkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let group = nh / nkv;
-        let scale = 1.0 / (dh as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
             let q = layer
@@ -375,7 +367,7 @@ impl LlamaModel {
             let q = ops::rope(&q, &cos, &sin)?;
             let k = ops::rope(&k, &cos, &sin)?;
             // Cached keys and values, then this pass's.
-            let (mut k, mut v) = match cache.as_mut() {
+            let (k, v) = match cache.as_mut() {
                 Some(c) => {
                     if c.layers.len() < self.layers.len() {
                         c.layers.resize(self.layers.len(), None);
@@ -389,52 +381,30 @@ impl LlamaModel {
                 }
                 None => (k, v),
             };
-            let mut bias = key_bias.clone();
-            for d in &self.site_deltas {
-                if let Some((pk, pv)) = d.prefix(li, ctx)? {
-                    let n = pk.dim(0)?;
-                    let dt = k.dtype();
-                    let wide = |p: Tensor| -> candle_core::Result<Tensor> {
-                        p.reshape((n, nkv, dh))?
-                            .transpose(0, 1)?
-                            .unsqueeze(0)?
-                            .broadcast_as((b, nkv, n, dh))?
-                            .to_dtype(dt)
-                    };
-                    k = Tensor::cat(&[&wide(pk)?, &k], 2)?;
-                    v = Tensor::cat(&[&wide(pv)?, &v], 2)?;
-                    bias = Tensor::cat(
-                        &[&Tensor::zeros((b, n), DType::F32, &self.device)?, &bias],
-                        1,
-                    )?;
-                }
-            }
-            let tk = k.dim(2)?;
-            // Grouped-query attention without repeating keys: the `group` query heads that
-            // share a key/value head are stacked along the query axis.
-            let qg = q.contiguous()?.reshape((b, nkv, group * t, dh))?;
-            let scores = qg.matmul(&k.contiguous()?.t()?)?.reshape((b, nh, t, tk))?;
-            let probs = ops::causal_attention_softmax(&scores, &bias, scale, tk - t)?;
-            let attn = probs
-                .reshape((b, nkv, group * t, tk))?
-                .matmul(&v.contiguous()?)?
-                .reshape((b, nh, t, dh))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * dh))?;
-            let mut attn = layer.o.forward(&attn, ctx)?;
-            for d in &self.site_deltas {
-                attn = d.sublayer(li, Sublayer::Attention, &xn, attn, ctx)?;
-            }
+            let attn = layers::attention(
+                &q,
+                k,
+                v,
+                &key_bias,
+                layers::Heads {
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: dh,
+                },
+                li,
+                &self.site_deltas,
+                true,
+                0.0,
+                ctx,
+            )?;
+            let attn = layer.o.forward(&attn, ctx)?;
+            let attn = layers::sublayer(&self.site_deltas, li, Sublayer::Attention, &xn, attn, ctx)?;
             let x1 = (attn + &x)?;
             let xn = ops::rms_norm(&x1, &layer.post_norm, cfg.rms_norm_eps)?;
-            let mut a = ops::swiglu(&layer.gate.forward(&xn, ctx)?, &layer.up.forward(&xn, ctx)?)?;
-            for d in &self.site_deltas {
-                a = d.activation(li, a, ctx)?;
-            }
-            let mut out = layer.down.forward(&a, ctx)?;
-            for d in &self.site_deltas {
-                out = d.sublayer(li, Sublayer::FeedForward, &xn, out, ctx)?;
-            }
+            let a = ops::swiglu(&layer.gate.forward(&xn, ctx)?, &layer.up.forward(&xn, ctx)?)?;
+            let a = layers::activation(&self.site_deltas, li, a, ctx)?;
+            let out = layer.down.forward(&a, ctx)?;
+            let out = layers::sublayer(&self.site_deltas, li, Sublayer::FeedForward, &xn, out, ctx)?;
             x = (out + x1)?;
         }
         if let Some(c) = cache {

@@ -1,0 +1,143 @@
+//! Building blocks every model family shares, and where the non-linear site hooks are called:
+//! attention with prefix keys and values (any head grouping, causal or not), the sub-layer and
+//! activation hooks, and prompt vectors. A model written with these gets every method that acts
+//! at those sites without method code knowing the model.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use deltatune_core::hooks::{SiteDelta, Sublayer};
+use deltatune_core::{ops, Ctx, Result};
+
+/// Head layout of one attention layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (equal to `heads` without grouping; a divisor of it with grouped-query
+    /// attention).
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Scaled dot-product attention of layer `layer`, with the prefixes of `deltas` prepended to
+/// the keys and values (visible to every query). Grouped-query attention runs without
+/// repeating keys: the query heads sharing a key/value head are stacked along the query axis.
+/// `causal`: query `i` sees the keys before it and itself (prefixes and cached positions
+/// count as before). `dropout` applies to the probabilities when training.
+///
+/// # Shapes
+/// `q`: [B, H, Tq, D], `k`, `v`: [B, KVH, Tk, D], `key_bias`: [B, Tk] (0 or a large negative
+/// number) -> [B, Tq, H * D]
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_bias: &Tensor,
+    heads: Heads,
+    layer: usize,
+    deltas: &[Arc<dyn SiteDelta>],
+    causal: bool,
+    dropout: f64,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let Heads {
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: dh,
+    } = heads;
+    let (b, _, tq, _) = q.dims4()?;
+    let (mut k, mut v, mut bias) = (k, v, key_bias.clone());
+    for d in deltas {
+        if let Some((pk, pv)) = d.prefix(layer, ctx)? {
+            let n = pk.dim(0)?;
+            let dt = k.dtype();
+            let wide = |p: Tensor| -> candle_core::Result<Tensor> {
+                p.reshape((n, nkv, dh))?
+                    .transpose(0, 1)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, nkv, n, dh))?
+                    .to_dtype(dt)
+            };
+            k = Tensor::cat(&[&wide(pk)?, &k], 2)?;
+            v = Tensor::cat(&[&wide(pv)?, &v], 2)?;
+            let zeros = Tensor::zeros((b, n), DType::F32, bias.device())?;
+            bias = Tensor::cat(&[&zeros, &bias.to_dtype(DType::F32)?], 1)?;
+        }
+    }
+    let tk = k.dim(2)?;
+    let group = nh / nkv;
+    let scale = 1.0 / (dh as f64).sqrt();
+    let qg = q.contiguous()?.reshape((b, nkv, group * tq, dh))?;
+    let scores = qg
+        .matmul(&k.contiguous()?.t()?)?
+        .reshape((b, nh, tq, tk))?;
+    let probs = if causal {
+        ops::causal_attention_softmax(&scores, &bias, scale, tk - tq)?
+    } else {
+        ops::attention_softmax(&scores, &bias, scale)?
+    };
+    let probs = ctx.dropout(&probs, dropout)?;
+    Ok(probs
+        .reshape((b, nkv, group * tq, tk))?
+        .matmul(&v.contiguous()?)?
+        .reshape((b, nh, tq, dh))?
+        .transpose(1, 2)?
+        .reshape((b, tq, nh * dh))?)
+}
+
+/// The output of sub-layer `kind` of layer `layer` through every delta's hook.
+///
+/// # Shapes
+/// `input`, `output`: [B, T, hidden] -> [B, T, hidden]
+pub fn sublayer(
+    deltas: &[Arc<dyn SiteDelta>],
+    layer: usize,
+    kind: Sublayer,
+    input: &Tensor,
+    output: Tensor,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let mut out = output;
+    for d in deltas {
+        out = d.sublayer(layer, kind, input, out, ctx)?;
+    }
+    Ok(out)
+}
+
+/// The feed-forward activation of layer `layer` through every delta's hook.
+pub fn activation(
+    deltas: &[Arc<dyn SiteDelta>],
+    layer: usize,
+    a: Tensor,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let mut a = a;
+    for d in deltas {
+        a = d.activation(layer, a, ctx)?;
+    }
+    Ok(a)
+}
+
+/// The prompt vectors of every delta, in order (each `[P, hidden]`).
+pub fn prompts(deltas: &[Arc<dyn SiteDelta>], ctx: &Ctx) -> Result<Vec<Tensor>> {
+    let mut out = Vec::new();
+    for d in deltas {
+        if let Some(p) = d.prompt(ctx)? {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// The number of prefix positions the deltas add to layer `layer`'s keys.
+pub fn prefix_len(deltas: &[Arc<dyn SiteDelta>], layer: usize, ctx: &Ctx) -> Result<usize> {
+    let mut n = 0;
+    for d in deltas {
+        if let Some((pk, _)) = d.prefix(layer, ctx)? {
+            n += pk.dim(0)?;
+        }
+    }
+    Ok(n)
+}
