@@ -2,8 +2,8 @@
 //! checkpoint keys, exposing named sites where deltas attach.
 
 pub mod bert;
-pub mod layers;
 pub mod gguf_tokenizer;
+pub mod layers;
 pub mod llama;
 pub mod tokenizer;
 

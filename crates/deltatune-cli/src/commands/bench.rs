@@ -13,6 +13,21 @@ const BATCH: usize = 16;
 const SEQ: usize = 128;
 const WARMUP: usize = 3;
 
+/// The delta's variables and an AdamW over them (no weight decay).
+fn optimiser(
+    trainables: &[deltatune_methods::Trainable],
+) -> Result<(Vec<candle_core::Var>, AdamW)> {
+    let vars = trainables.iter().map(|t| t.var.clone()).collect();
+    let opt = AdamW::new(
+        trainables
+            .iter()
+            .map(|t| (t.var.clone(), t.decay))
+            .collect(),
+        0.0,
+    )?;
+    Ok((vars, opt))
+}
+
 fn stats(ms: &mut [f64]) -> (f64, f64, f64) {
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
@@ -38,14 +53,7 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
     let labels: Vec<u32> = (0..BATCH).map(|_| rng.below(2) as u32).collect();
     let inputs = model.inputs(&seqs)?;
     let labels_t = Tensor::from_slice(&labels, BATCH, &candle_core::Device::Cpu)?;
-    let vars: Vec<_> = trainables.iter().map(|t| t.var.clone()).collect();
-    let mut opt = AdamW::new(
-        trainables
-            .iter()
-            .map(|t| (t.var.clone(), t.decay))
-            .collect(),
-        0.0,
-    )?;
+    let (vars, mut opt) = optimiser(&trainables)?;
     let mut step = |i: usize| -> Result<f64> {
         let t = Instant::now();
         let ctx = Ctx::train(Rng::new(i as u64));
@@ -150,14 +158,7 @@ pub fn bench_decoder(s: &Settings, steps: usize) -> Result<()> {
             d.model.dequantize_base()?;
         }
         let trainables = super::lm::attach(&mut d, s)?;
-        let vars: Vec<_> = trainables.iter().map(|t| t.var.clone()).collect();
-        let mut opt = AdamW::new(
-            trainables
-                .iter()
-                .map(|t| (t.var.clone(), t.decay))
-                .collect(),
-            0.0,
-        )?;
+        let (vars, mut opt) = optimiser(&trainables)?;
         let task = CausalLmTask {
             model: &d.model,
             train: &examples,

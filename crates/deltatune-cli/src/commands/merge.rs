@@ -109,13 +109,7 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
         .zip(after.iter().flatten())
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    if diff > 1e-4 {
-        bail!(
-            "the merged model in {} differs from the adapter by {diff:.2e} in probability; please \
-             report this",
-            dir.display()
-        );
-    }
+    check_merged(&dir, diff, 1e-4, "probability")?;
     println!(
         "merged `{}` into the weights: {} written (max probability difference to the adapter \
          {diff:.1e} on {} check texts)",
@@ -178,17 +172,23 @@ fn merge_decoder(adapter: &Path, out: &Path, name: &str) -> Result<()> {
         .flatten_all()?
         .max(0)?
         .to_scalar()?;
-    if diff > 1e-3 {
-        bail!(
-            "the merged model in {} differs from the adapter by {diff:.2e} in logits; please \
-             report this",
-            dir.display()
-        );
-    }
+    check_merged(&dir, diff, 1e-3, "logits")?;
     println!(
         "merged `{name}` into the dequantized weights: {} written (max logit difference to the \
          adapter {diff:.1e})",
         dir.display()
     );
+    Ok(())
+}
+
+/// Fails when the written model in `dir` differs from the adapter by more than `limit`.
+fn check_merged(dir: &Path, diff: f32, limit: f32, what: &str) -> Result<()> {
+    if diff > limit {
+        bail!(
+            "the merged model in {} differs from the adapter by {diff:.2e} in {what}; please \
+             report this",
+            dir.display()
+        );
+    }
     Ok(())
 }

@@ -49,8 +49,17 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    /// Pads `seqs` to the longest with `pad_id`.
+    /// Pads `seqs` to the longest with `pad_id` (on the CPU).
     pub fn from_ids(seqs: &[Vec<u32>], pad_id: u32) -> candle_core::Result<Self> {
+        Self::from_ids_on(seqs, pad_id, &Device::Cpu)
+    }
+
+    /// Pads `seqs` to the longest with `pad_id`, on `device`.
+    pub fn from_ids_on(
+        seqs: &[Vec<u32>],
+        pad_id: u32,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let b = seqs.len();
         let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
         let mut ids = vec![pad_id; b * t];
@@ -60,8 +69,8 @@ impl Inputs {
             mask[i * t..i * t + s.len()].iter_mut().for_each(|m| *m = 1);
         }
         Ok(Self {
-            input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
-            attention_mask: Tensor::from_vec(mask, (b, t), &Device::Cpu)?,
+            input_ids: Tensor::from_vec(ids, (b, t), device)?,
+            attention_mask: Tensor::from_vec(mask, (b, t), device)?,
             token_type_ids: None,
         })
     }
@@ -122,6 +131,8 @@ pub struct BertClassifier {
     pub classifier: Linear,
     /// Deltas at the non-linear sites (prompts, prefixes, adapters, activation scaling).
     pub site_deltas: Vec<Arc<dyn SiteDelta>>,
+    /// Where the weights live (every tensor the model makes goes there).
+    device: Device,
 }
 
 /// Maps model paths to checkpoint keys: the checkpoint may or may not carry the `bert.` prefix.
@@ -263,10 +274,16 @@ impl BertClassifier {
             Linear::new(
                 "classifier",
                 rng.normal_tensor((num_labels, h), config.initializer_range)?,
-                Some(Tensor::zeros(num_labels, DType::F32, &Device::Cpu)?),
+                Some(Tensor::zeros(
+                    num_labels,
+                    DType::F32,
+                    embeddings.word.device(),
+                )?),
             )
         };
+        let device = embeddings.word.device().clone();
         Ok(Self {
+            device,
             config,
             pooling,
             num_labels,
@@ -281,7 +298,7 @@ impl BertClassifier {
     fn position_ids(&self, inputs: &Inputs) -> candle_core::Result<Tensor> {
         let (b, t) = inputs.input_ids.dims2()?;
         match self.config.family {
-            Family::Bert => Tensor::arange(0u32, t as u32, &Device::Cpu)?
+            Family::Bert => Tensor::arange(0u32, t as u32, &self.device)?
                 .unsqueeze(0)?
                 .broadcast_as((b, t))?
                 .contiguous(),
@@ -297,7 +314,7 @@ impl BertClassifier {
                         out.push(if m == 1 { pad + c } else { pad });
                     }
                 }
-                Tensor::from_vec(out, (b, t), &Device::Cpu)
+                Tensor::from_vec(out, (b, t), &self.device)
             }
         }
     }
@@ -328,7 +345,7 @@ impl BertClassifier {
             .reshape((b, t, h))?;
         let mut types = match &inputs.token_type_ids {
             Some(tt) => tt.clone(),
-            None => Tensor::zeros((b, t), DType::U32, &Device::Cpu)?,
+            None => Tensor::zeros((b, t), DType::U32, &self.device)?,
         };
         let mut mask = inputs.attention_mask.clone();
         // Prompt vectors go right after the first token, so CLS pooling still reads CLS.
@@ -342,7 +359,7 @@ impl BertClassifier {
                         .to_dtype(words.dtype())?,
                 );
                 let at = |x: &Tensor, fill: u32| -> candle_core::Result<Tensor> {
-                    let ins = Tensor::full(fill, (b, n), &Device::Cpu)?;
+                    let ins = Tensor::full(fill, (b, n), &self.device)?;
                     Tensor::cat(
                         &[&x.narrow(1, 0, 1)?, &ins, &x.narrow(1, 1, x.dim(1)? - 1)?],
                         1,
@@ -506,7 +523,11 @@ impl BertClassifier {
 
     /// Pads `seqs` and builds the inputs with this model's padding id.
     pub fn inputs(&self, seqs: &[Vec<u32>]) -> Result<Inputs> {
-        Ok(Inputs::from_ids(seqs, self.config.pad_token_id)?)
+        Ok(Inputs::from_ids_on(
+            seqs,
+            self.config.pad_token_id,
+            &self.device,
+        )?)
     }
 }
 

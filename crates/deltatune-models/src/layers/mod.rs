@@ -70,9 +70,7 @@ pub fn attention(
     let group = nh / nkv;
     let scale = 1.0 / (dh as f64).sqrt();
     let qg = q.contiguous()?.reshape((b, nkv, group * tq, dh))?;
-    let scores = qg
-        .matmul(&k.contiguous()?.t()?)?
-        .reshape((b, nh, tq, tk))?;
+    let scores = qg.matmul(&k.contiguous()?.t()?)?.reshape((b, nh, tq, tk))?;
     let probs = if causal {
         ops::causal_attention_softmax(&scores, &bias, scale, tk - tq)?
     } else {

@@ -224,6 +224,8 @@ impl LlamaModel {
         } else {
             linear_from("lm_head", get("lm_head.weight", &[config.vocab_size, h])?)?
         };
+        // Where the weights live; every tensor the model makes goes there.
+        let device = norm.device().clone();
         Ok(Self {
             config,
             embed,
@@ -231,7 +233,7 @@ impl LlamaModel {
             norm,
             lm_head,
             site_deltas: Vec::new(),
-            device: Device::Cpu,
+            device,
         })
     }
 
@@ -398,13 +400,15 @@ impl LlamaModel {
                 ctx,
             )?;
             let attn = layer.o.forward(&attn, ctx)?;
-            let attn = layers::sublayer(&self.site_deltas, li, Sublayer::Attention, &xn, attn, ctx)?;
+            let attn =
+                layers::sublayer(&self.site_deltas, li, Sublayer::Attention, &xn, attn, ctx)?;
             let x1 = (attn + &x)?;
             let xn = ops::rms_norm(&x1, &layer.post_norm, cfg.rms_norm_eps)?;
             let a = ops::swiglu(&layer.gate.forward(&xn, ctx)?, &layer.up.forward(&xn, ctx)?)?;
             let a = layers::activation(&self.site_deltas, li, a, ctx)?;
             let out = layer.down.forward(&a, ctx)?;
-            let out = layers::sublayer(&self.site_deltas, li, Sublayer::FeedForward, &xn, out, ctx)?;
+            let out =
+                layers::sublayer(&self.site_deltas, li, Sublayer::FeedForward, &xn, out, ctx)?;
             x = (out + x1)?;
         }
         if let Some(c) = cache {
