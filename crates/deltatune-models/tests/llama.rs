@@ -219,3 +219,24 @@ fn smollm2_greedy_tokens_equal_transformers() {
         assert_eq!(got, want, "prompt {:?}", p["prompt"]);
     }
 }
+
+#[test]
+fn smollm2_tokenizer_from_gguf_equals_transformers() {
+    let Some(path) = smollm2() else { return };
+    let d = deltatune_models::llama::load_decoder(&path).unwrap();
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("smollm2/tokens.json")).unwrap(),
+    )
+    .unwrap();
+    for s in fx["strings"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        let want: Vec<u32> = s["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(d.encode(text, true).unwrap(), want, "{text:?}");
+        assert_eq!(d.decode(&want), s["decoded"].as_str().unwrap(), "{text:?}");
+    }
+}

@@ -7,6 +7,12 @@ use serde::{Deserialize, Serialize};
 /// What is known about the task before training.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskFeatures {
+    /// `classify` or `generate` (studies recorded before this field are classification).
+    #[serde(default = "classify")]
+    pub task: String,
+    /// Generation: mean completion length in tokens (0 for classification).
+    #[serde(default)]
+    pub mean_output_tokens: f64,
     pub train_examples: usize,
     pub labels: usize,
     pub mean_tokens: f64,
@@ -46,7 +52,49 @@ pub struct Candidate {
 /// - Imbalanced labels (rarest < half its balanced share): no method change, but the report
 ///   warns that accuracy hides the rare class (macro-F1 is printed beside it).
 /// - Small models (< 50M parameters): prompt tuning -0.2 (it needs scale: Lester et al. 2021).
+fn classify() -> String {
+    "classify".into()
+}
+
+/// The prior of a generation task on a decoder: base scores and learning rates from the
+/// decoder's method table (docs/methods-decoder.md: SmolLM2-135M on G2P); BitFit is left out
+/// (Llama-family decoders have no biases).
+fn decoder_prior(f: &TaskFeatures) -> Vec<Candidate> {
+    let mut c: Vec<Candidate> = [
+        ("lora", 1.0, "1e-3"),
+        ("adapter", 0.9, "1e-3"),
+        ("ia3", 0.8, "1e-2"),
+        ("prefix", 0.6, "1e-2"),
+        ("prompt", 0.5, "3e-2"),
+    ]
+    .iter()
+    .map(|(m, s, lr)| Candidate {
+        method: m.to_string(),
+        score: *s,
+        settings: vec![("train.lr".into(), lr.to_string())],
+        reasons: vec![format!("base score {s} from the decoder's method table")],
+    })
+    .collect();
+    if f.mean_output_tokens > 8.0 {
+        for x in c
+            .iter_mut()
+            .filter(|x| x.method == "prompt" || x.method == "prefix")
+        {
+            x.score -= 0.2;
+            x.reasons.push(format!(
+                "-0.2: long completions (mean {:.0} tokens): the output needs more than a steer",
+                f.mean_output_tokens
+            ));
+        }
+    }
+    c.sort_by(|a, b| b.score.total_cmp(&a.score));
+    c
+}
+
 pub fn prior(f: &TaskFeatures) -> Vec<Candidate> {
+    if f.task == "generate" {
+        return decoder_prior(f);
+    }
     let mut c: Vec<Candidate> = [
         ("adapter", 1.0, "1e-3"),
         ("lora", 1.0, "5e-4"),
@@ -145,8 +193,10 @@ impl TaskFeatures {
     /// the number of labels and of the mean length in tokens, the label balance (rarest share
     /// times the number of labels: 1 when balanced) and log10 of the model size. One unit is
     /// 10x the data, 2x the labels or the length, a fully skewed label set, or a 10x model.
-    fn coords(&self) -> [f64; 5] {
+    fn coords(&self) -> [f64; 6] {
         [
+            // A different kind of task is far away.
+            if self.task == "generate" { 3.0 } else { 0.0 },
             (self.train_examples.max(1) as f64).log10(),
             (self.labels.max(1) as f64).log2(),
             self.mean_tokens.max(1.0).log2(),
@@ -328,6 +378,8 @@ mod tests {
 
     fn features(n: usize, tokens: f64) -> TaskFeatures {
         TaskFeatures {
+            task: "classify".into(),
+            mean_output_tokens: 0.0,
             train_examples: n,
             labels: 2,
             mean_tokens: tokens,
@@ -337,6 +389,23 @@ mod tests {
             model_layers: 6,
             hidden: 384,
         }
+    }
+
+    #[test]
+    fn a_generation_task_gets_the_decoder_prior_without_bitfit() {
+        let mut f = features(8_000, 22.0);
+        f.task = "generate".into();
+        f.mean_output_tokens = 12.0;
+        let p = prior(&f);
+        assert_eq!(p[0].method, "lora");
+        assert!(p.iter().all(|c| c.method != "bitfit"));
+        let prompt = p.iter().find(|c| c.method == "prompt").unwrap();
+        assert!(prompt
+            .reasons
+            .iter()
+            .any(|r| r.contains("long completions")));
+        // A classification study says little about a generation task.
+        assert!(f.similarity(&features(8_000, 22.0)) < 0.05);
     }
 
     #[test]

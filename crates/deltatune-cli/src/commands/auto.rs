@@ -98,20 +98,10 @@ fn train_run(
     Ok((res, t.elapsed().as_secs_f64()))
 }
 
-/// `deltatune auto`. `base` are the flags given for data and model (passed to every run).
-pub fn auto(
+/// The task features of a classification run, and its data files.
+fn classification_features(
     s: &Settings,
-    base: &[String],
-    budget: f64,
-    report: Option<&Path>,
-    storage_url: &str,
-    max_candidates: Option<usize>,
-) -> Result<()> {
-    let started = Instant::now();
-    if max_candidates == Some(0) {
-        bail!("--candidates 0: auto needs at least one method to train (e.g. --candidates 3)");
-    }
-    let exe = std::env::current_exe().context("finding the deltatune binary")?;
+) -> Result<(TaskFeatures, std::collections::BTreeMap<String, PathBuf>)> {
     let model_dir = session::model_dir(&s.model, &s.cache)?;
     let splits = session::load_splits(s)?;
     let labels = LabelMap::from_train(&splits.train);
@@ -131,6 +121,8 @@ pub fn auto(
     }
     let n = splits.train.len();
     let features = TaskFeatures {
+        task: "classify".into(),
+        mean_output_tokens: 0.0,
         train_examples: n,
         labels: labels.len(),
         mean_tokens: lens.iter().sum::<usize>() as f64 / n.max(1) as f64,
@@ -141,6 +133,29 @@ pub fn auto(
         hidden: loaded.model.hidden_size(),
     };
     drop(loaded);
+    Ok((features, splits.files))
+}
+
+/// `deltatune auto`. `base` are the flags given for data and model (passed to every run).
+pub fn auto(
+    s: &Settings,
+    base: &[String],
+    budget: f64,
+    report: Option<&Path>,
+    storage_url: &str,
+    max_candidates: Option<usize>,
+) -> Result<()> {
+    let started = Instant::now();
+    if max_candidates == Some(0) {
+        bail!("--candidates 0: auto needs at least one method to train (e.g. --candidates 3)");
+    }
+    let exe = std::env::current_exe().context("finding the deltatune binary")?;
+    let (features, data_files) = if s.task == "generate" {
+        super::lm::task_features(s)?
+    } else {
+        classification_features(s)?
+    };
+    let n = features.train_examples;
     let mut candidates = prior(&features);
     // Past auto runs in the store refine the prior.
     let mut store = storage::open(storage_url)?;
@@ -222,7 +237,7 @@ pub fn auto(
     let mut rung_data = Vec::new();
     if s.data.train.is_none() && s.data.test.is_none() {
         for split in ["train", "dev"] {
-            if let Some(f) = splits.files.get(split) {
+            if let Some(f) = data_files.get(split) {
                 rung_data.push((format!("data.{split}"), f.display().to_string()));
             }
         }

@@ -171,6 +171,51 @@ fn limited(v: Vec<GenExample>, limit: usize, seed: u64, what: &str) -> Vec<GenEx
     out
 }
 
+/// The task features `auto` reads for a generation run, and its train/dev files.
+pub fn task_features(
+    s: &Settings,
+) -> Result<(
+    deltatune_search::auto::TaskFeatures,
+    std::collections::BTreeMap<String, PathBuf>,
+)> {
+    let (train_file, dev_file, _) = data_files(s)?;
+    let train = limited(
+        load_generation_jsonl(&train_file, &s.data.prompt_field, &s.data.completion_field)?,
+        s.data.train_limit,
+        s.train.seed,
+        "train",
+    );
+    let d = load(&s.model, &s.cache)?;
+    let eos = d.model.config.eos_token_ids.first().copied().unwrap_or(0);
+    let mut lens = Vec::with_capacity(train.len());
+    let mut out_tokens = 0usize;
+    for e in &train {
+        let ex = tokenize(&d, e, &s.data.prompt_template, s.data.max_length, eos)?;
+        out_tokens += ex.completion.len();
+        lens.push(ex.len());
+    }
+    let n = train.len();
+    let features = deltatune_search::auto::TaskFeatures {
+        task: "generate".into(),
+        mean_output_tokens: out_tokens as f64 / n.max(1) as f64,
+        train_examples: n,
+        labels: 0,
+        mean_tokens: lens.iter().sum::<usize>() as f64 / n.max(1) as f64,
+        max_tokens: lens.iter().copied().max().unwrap_or(0),
+        min_label_share: 0.0,
+        model_params: d.model.param_count(),
+        model_layers: d.model.num_layers(),
+        hidden: d.model.hidden_size(),
+    };
+    let files = [
+        ("train".to_string(), train_file),
+        ("dev".to_string(), dev_file),
+    ]
+    .into_iter()
+    .collect();
+    Ok((features, files))
+}
+
 /// The delta for a decoder: attached for training.
 pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
     let delta = s.delta();
@@ -317,13 +362,15 @@ pub fn train(s: &Settings) -> Result<()> {
                 bytes.push(b'\n');
             }
             staging.write("test_generations.jsonl", &bytes)?;
-            Some(json!({"exact_match": em, "error_rate": er, "examples": t.len()}))
+            Some(json!({"accuracy": em, "exact_match": em, "error_rate": er, "examples": t.len()}))
         }
         _ => None,
     };
     let eval_secs = t_eval.elapsed().as_secs_f64();
     let best = report.epochs.iter().find(|e| e.epoch == report.best_epoch);
+    // `accuracy` is the exact match too: what search, auto and the experiment tables rank by.
     let dev_m = json!({
+        "accuracy": best.map(|e| e.dev_accuracy),
         "exact_match": best.map(|e| e.dev_accuracy),
         "error_rate": best.and_then(|e| e.dev_error_rate),
         "examples": dev.len(),
@@ -550,4 +597,24 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         eprintln!("[{} tokens, stopped: {:?}]", res[0].ids.len(), res[0].stop);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GGUF's chat template rendered here equals transformers' rendering (fixture).
+    #[test]
+    fn chat_template_renders_as_transformers_does() {
+        let p =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/chat.json");
+        let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let msgs: Vec<ChatMessage> = serde_json::from_value(fx["messages"].clone()).unwrap();
+        let got = apply_chat_template(fx["chat_template"].as_str(), &msgs, true).unwrap();
+        assert_eq!(got, fx["rendered"].as_str().unwrap());
+        let err = apply_chat_template(None, &msgs, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no chat template"), "{err}");
+    }
 }
