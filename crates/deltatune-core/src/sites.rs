@@ -38,7 +38,10 @@ impl TargetModules {
     pub const ALL_LINEAR: &'static str = "all-linear";
 
     fn is_all_linear(&self) -> bool {
-        matches!(self, TargetModules::Regex(r) if r == Self::ALL_LINEAR)
+        match self {
+            TargetModules::Regex(r) => r == Self::ALL_LINEAR,
+            TargetModules::Suffixes(l) => l.len() == 1 && l[0] == Self::ALL_LINEAR,
+        }
     }
 
     /// Whether `path` is selected.
@@ -415,6 +418,20 @@ pub trait HasSites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_linear_selects_every_linear_but_the_output_layer() {
+        let paths = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"];
+        for t in [
+            TargetModules::Regex("all-linear".into()),
+            TargetModules::Suffixes(vec!["all-linear".into()]),
+        ] {
+            assert_eq!(t.select(&paths).unwrap(), &paths[..2]);
+        }
+        // Anything else is still a suffix list.
+        let q = TargetModules::Suffixes(vec!["q_proj".into()]);
+        assert_eq!(q.select(&paths).unwrap(), &paths[..1]);
+    }
 
     #[test]
     fn dropout_is_seeded_scaled_and_off_in_eval() {
