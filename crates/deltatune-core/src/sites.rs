@@ -421,7 +421,11 @@ mod tests {
 
     #[test]
     fn all_linear_selects_every_linear_but_the_output_layer() {
-        let paths = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"];
+        let paths = [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.mlp.down_proj",
+            "lm_head",
+        ];
         for t in [
             TargetModules::Regex("all-linear".into()),
             TargetModules::Suffixes(vec!["all-linear".into()]),

@@ -60,19 +60,29 @@ fn classify() -> String {
 /// decoder's method table (docs/methods-decoder.md: SmolLM2-135M on G2P); BitFit is left out
 /// (Llama-family decoders have no biases).
 fn decoder_prior(f: &TaskFeatures) -> Vec<Candidate> {
+    // Measured (docs/methods-decoder.md, test exact match on 1,000 words after one epoch on
+    // 2,000): adapter 0.062, LoRA on every linear layer 0.050, IA3 0.020, prompt 0.009,
+    // prefix 0.002.
     let mut c: Vec<Candidate> = [
+        ("adapter", 1.0, "1e-3"),
         ("lora", 1.0, "1e-3"),
-        ("adapter", 0.9, "1e-3"),
         ("ia3", 0.8, "1e-2"),
-        ("prefix", 0.6, "1e-2"),
         ("prompt", 0.5, "3e-2"),
+        ("prefix", 0.5, "1e-2"),
     ]
     .iter()
-    .map(|(m, s, lr)| Candidate {
-        method: m.to_string(),
-        score: *s,
-        settings: vec![("train.lr".into(), lr.to_string())],
-        reasons: vec![format!("base score {s} from the decoder's method table")],
+    .map(|(m, s, lr)| {
+        let mut settings = vec![("train.lr".to_string(), lr.to_string())];
+        if *m == "lora" {
+            // LoRA on q/v only reached 0.011 in the same table.
+            settings.push(("lora.target_modules".into(), "all-linear".into()));
+        }
+        Candidate {
+            method: m.to_string(),
+            score: *s,
+            settings,
+            reasons: vec![format!("base score {s} from the decoder's method table")],
+        }
     })
     .collect();
     if f.mean_output_tokens > 8.0 {
@@ -397,7 +407,7 @@ mod tests {
         f.task = "generate".into();
         f.mean_output_tokens = 12.0;
         let p = prior(&f);
-        assert_eq!(p[0].method, "lora");
+        assert!(p[0].method == "adapter" || p[0].method == "lora");
         assert!(p.iter().all(|c| c.method != "bitfit"));
         let prompt = p.iter().find(|c| c.method == "prompt").unwrap();
         assert!(prompt
