@@ -95,10 +95,32 @@ pub fn open(url: &str) -> Result<Store> {
                 path.display()
             ))
         })?;
-        conn.busy_timeout(std::time::Duration::from_secs(60))
-            .and_then(|_| conn.pragma_update(None, "journal_mode", "WAL"))
-            .and_then(|_| conn.pragma_update(None, "synchronous", "NORMAL"))
-            .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
+        // Switching a new file to WAL while other workers open it can fail with SQLITE_BUSY at
+        // once: SQLite does not call the busy handler where waiting could deadlock. Several
+        // workers starting together on a fresh store hit this (seen in the multi-worker kill
+        // test), so the set-up is retried for as long as the busy timeout.
+        let setup = || {
+            conn.busy_timeout(std::time::Duration::from_secs(60))
+                .and_then(|_| conn.pragma_update(None, "journal_mode", "WAL"))
+                .and_then(|_| conn.pragma_update(None, "synchronous", "NORMAL"))
+        };
+        let started = std::time::Instant::now();
+        let mut wait_ms = 5;
+        loop {
+            match setup() {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && started.elapsed() < std::time::Duration::from_secs(60) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                    wait_ms = (wait_ms * 2).min(200);
+                }
+                Err(e) => return Err(Error::Store(format!("{}: {e}", path.display()))),
+            }
+        }
         Store::Sqlite { conn, path }
     };
     let what = store.describe();
