@@ -202,12 +202,12 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// Attached deltas, applied in order.
     pub deltas: Vec<Arc<dyn LinearDelta>>,
-    /// The unmerged weight and bias while the deltas are folded into `weight` and `bias`.
-    unmerged: Option<(Tensor, Option<Tensor>)>,
+    /// The unmerged weight, bias and quantized weight while the deltas are folded into
+    /// `weight` and `bias` (a merged layer runs on the plain merged weight).
+    unmerged: Option<(Tensor, Option<Tensor>, Option<QuantMatrix>)>,
     /// The frozen weight kept block-quantized (GGUF); `weight` is then a zero-stride
     /// placeholder of the right shape holding no memory. Products dequantize block by block.
     pub quant: Option<QuantMatrix>,
-    quantized_while_merged: Option<QuantMatrix>,
 }
 
 impl Linear {
@@ -219,7 +219,6 @@ impl Linear {
             deltas: Vec::new(),
             unmerged: None,
             quant: None,
-            quantized_while_merged: None,
         }
     }
 
@@ -235,7 +234,6 @@ impl Linear {
             deltas: Vec::new(),
             unmerged: None,
             quant: Some(q),
-            quantized_while_merged: None,
         })
     }
 
@@ -309,7 +307,6 @@ impl Linear {
         if self.is_merged() || self.deltas.is_empty() {
             return Ok(());
         }
-        let orig = (self.weight.clone(), self.bias.clone());
         let (mut w, mut b) = (
             self.dense_weight()?.detach(),
             self.bias.as_ref().map(|b| b.detach()),
@@ -325,24 +322,18 @@ impl Linear {
             w = w2.detach();
             b = b2.map(|b| b.detach());
         }
-        self.weight = w;
-        self.bias = b;
-        self.unmerged = Some(orig);
-        // A merged layer runs on the plain merged weight; the quantized one comes back on unmerge.
-        if let Some(q) = self.quant.take() {
-            self.quantized_while_merged = Some(q);
-        }
+        let old_w = std::mem::replace(&mut self.weight, w);
+        let old_b = std::mem::replace(&mut self.bias, b);
+        self.unmerged = Some((old_w, old_b, self.quant.take()));
         Ok(())
     }
 
     /// Restores the weights saved by [`Linear::merge`].
     pub fn unmerge(&mut self) -> Result<()> {
-        if let Some((w, b)) = self.unmerged.take() {
+        if let Some((w, b, q)) = self.unmerged.take() {
             self.weight = w;
             self.bias = b;
-            if let Some(q) = self.quantized_while_merged.take() {
-                self.quant = Some(q);
-            }
+            self.quant = q;
         }
         Ok(())
     }

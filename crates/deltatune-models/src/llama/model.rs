@@ -300,9 +300,14 @@ impl LlamaModel {
         let t = x.dim(1)?;
         // Prefix keys count as earlier positions (PEFT passes them as a past cache): the
         // first real token's position is the prefix length.
+        // Every layer with a prefix has the same number of prefix positions: the first such
+        // layer tells (each call may run a prefix's reparameterisation MLP, so stop there).
         let mut prefix_len = 0;
         for li in 0..self.layers.len() {
-            prefix_len = prefix_len.max(layers::prefix_len(&self.site_deltas, li, ctx)?);
+            prefix_len = layers::prefix_len(&self.site_deltas, li, ctx)?;
+            if prefix_len > 0 {
+                break;
+            }
         }
         // Position ids: the count of real positions before each one (continuing the cache);
         // padding positions keep their index, as transformers' default positions do.
