@@ -52,23 +52,12 @@ pub fn load_model(
 pub fn attach(loaded: &mut Loaded, settings: &Settings) -> Result<Vec<Trainable>> {
     let delta = settings.delta();
     // A prompt initialised from text needs that text's token ids (without [CLS]/[SEP]).
-    let prompt = match &delta {
-        DeltaConfig::Prompt(c) => Some(c),
-        DeltaConfig::Compose(c) => c.deltas.iter().find_map(|d| match d {
-            DeltaConfig::Prompt(p) => Some(p),
-            _ => None,
-        }),
-        _ => None,
-    };
-    let text_ids = match prompt {
-        Some(c) => match &c.prompt_tuning_init_text {
-            Some(text) => {
-                let ids = loaded.tokenizer.encode_batch(&[text.as_str()])?.remove(0);
-                Some(ids[1..ids.len().saturating_sub(1).max(1)].to_vec())
-            }
-            None => None,
-        },
-        _ => None,
+    let text_ids = match delta.init_text() {
+        Some(text) => {
+            let ids = loaded.tokenizer.encode_batch(&[text])?.remove(0);
+            Some(ids[1..ids.len().saturating_sub(1).max(1)].to_vec())
+        }
+        None => None,
     };
     let rng = Rng::new(settings.train.seed).derive(delta.name());
     Ok(delta.attach(&mut loaded.model, &rng, text_ids.as_deref())?)

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use deltatune_models::Backbone;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,7 +35,7 @@ fn check_gradients(m: &BertClassifier, inp: &Inputs, trainables: &[Trainable]) {
         assert!(n > 0.0, "zero gradient for {}", t.key);
     }
     let mut frozen = 0;
-    for (name, t) in m.named_tensors() {
+    for (name, t) in m.named_tensors().unwrap() {
         if trainables
             .iter()
             .any(|tr| tr.var.as_tensor().id() == t.id())

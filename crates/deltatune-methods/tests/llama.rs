@@ -111,8 +111,8 @@ fn unipelt() -> DeltaConfig {
         })
         .collect();
     let mut c = ComposeConfig::new(members, true);
-    c.modules_to_save = None;
-    c.task_type = Some("CAUSAL_LM".into());
+    c.common.modules_to_save = None;
+    c.common.task_type = Some("CAUSAL_LM".into());
     DeltaConfig::Compose(c)
 }
 

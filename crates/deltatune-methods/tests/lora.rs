@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use deltatune_models::Backbone;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -92,7 +93,7 @@ fn only_delta_params_get_gradients_and_all_of_them_do() {
         let n: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
         assert!(n > 0.0, "zero gradient for {}", t.key);
     }
-    for (name, t) in m.named_tensors() {
+    for (name, t) in m.named_tensors().unwrap() {
         if trainables
             .iter()
             .any(|tr| tr.var.as_tensor().id() == t.id())

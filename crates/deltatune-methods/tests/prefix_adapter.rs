@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use deltatune_models::Backbone;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -76,7 +77,7 @@ fn check_gradients(m: &BertClassifier, trainables: &[Trainable], what: &str) {
             .unwrap_or_else(|| panic!("{what}: no gradient for {}", t.key));
         assert!(abs_sum(g) > 0.0, "{what}: zero gradient for {}", t.key);
     }
-    for (name, t) in m.named_tensors() {
+    for (name, t) in m.named_tensors().unwrap() {
         if trainables
             .iter()
             .any(|tr| tr.var.as_tensor().id() == t.id())
@@ -350,10 +351,13 @@ fn bad_values_are_rejected_by_name() {
 #[test]
 fn configs_have_documented_defaults_and_serialise() {
     let p = PrefixTuningConfig::default();
-    assert_eq!(p.peft_type, "PREFIX_TUNING");
+    assert_eq!(deltatune_methods::Method::peft_type(&p), "PREFIX_TUNING");
     assert_eq!(p.num_virtual_tokens, 20);
     assert!(!p.prefix_projection);
-    assert_eq!(p.modules_to_save, Some(vec!["classifier".to_string()]));
+    assert_eq!(
+        p.common.modules_to_save,
+        Some(vec!["classifier".to_string()])
+    );
     let done = p.completed(&tiny());
     assert_eq!(
         (
@@ -372,7 +376,10 @@ fn configs_have_documented_defaults_and_serialise() {
     );
 
     let a = BottleneckConfig::default();
-    assert_eq!(a.peft_type, "BOTTLENECK_ADAPTER");
+    assert_eq!(
+        deltatune_methods::Method::peft_type(&a),
+        "BOTTLENECK_ADAPTER"
+    );
     assert_eq!(a.placement, adapter::Placement::Houlsby);
     assert_eq!((a.reduction_factor, a.scaling, a.residual), (16, 4.0, true));
     assert_eq!(a.non_linearity, adapter::NonLinearity::Relu);

@@ -1,12 +1,14 @@
 //! deltatune-models: model families written once, with module paths equal to the Hugging Face
 //! checkpoint keys, exposing named sites where deltas attach.
 
+pub mod backbone;
 pub mod bert;
 pub mod gguf_tokenizer;
 pub mod layers;
 pub mod llama;
 pub mod tokenizer;
 
+pub use backbone::{Backbone, CausalLm, SequenceClassifier, TextBackbone};
 pub use bert::{BertClassifier, Inputs, Pooling};
-pub use llama::{KvCache, LlamaConfig, LlamaModel};
+pub use llama::{KvCache, LlamaConfig, LlamaModel, TokenRows};
 pub use tokenizer::TextTokenizer;

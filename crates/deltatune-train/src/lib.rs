@@ -10,7 +10,7 @@ pub use causal_lm::{generate_texts, generation_metrics, CausalLmTask, LmExample}
 pub use metrics::{classification_metrics, ClassificationMetrics};
 pub use trainer::{
     evaluate, predict_proba, train, train_task, ClassificationTask, DevScore, Encoded, EpochRecord,
-    StepEval, Task, TrainConfig, TrainReport,
+    Examples, Labelled, StepEval, Task, TrainConfig, TrainReport,
 };
 
 /// Errors of the training crate.

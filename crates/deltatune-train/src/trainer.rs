@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use deltatune_core::{Ctx, Rng};
 use deltatune_methods::Trainable;
-use deltatune_models::BertClassifier;
+use deltatune_models::{SequenceClassifier, TextBackbone};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -164,30 +164,96 @@ pub trait Task {
     fn evaluate_dev(&self, batch_size: usize) -> Result<DevScore>;
 }
 
-/// Sequence classification with the BERT-family encoder: cross-entropy on the labels.
-pub struct ClassificationTask<'a> {
-    pub model: &'a BertClassifier,
-    pub train: &'a Encoded,
-    pub dev: &'a Encoded,
+/// Examples a model reads in batches: tokenised texts for a text backbone, images for a vision
+/// one. `idx` picks the examples of a batch.
+pub trait Examples<M: deltatune_models::Backbone + ?Sized> {
+    /// Number of examples.
+    fn count(&self) -> usize;
+    /// The cost of example `i` in positions (batches of similar lengths pad less).
+    fn example_len(&self, i: usize) -> usize;
+    /// The batch of examples `idx`.
+    fn batch(&self, model: &M, idx: &[usize]) -> Result<M::Batch>;
 }
 
-impl Task for ClassificationTask<'_> {
+/// Examples with a class label each.
+pub trait Labelled<M: deltatune_models::Backbone + ?Sized>: Examples<M> {
+    /// The class of example `i`.
+    fn label(&self, i: usize) -> u32;
+}
+
+impl<M: TextBackbone + ?Sized> Examples<M> for [Vec<u32>] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn example_len(&self, i: usize) -> usize {
+        self[i].len()
+    }
+
+    fn batch(&self, model: &M, idx: &[usize]) -> Result<M::Batch> {
+        let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| self[i].clone()).collect();
+        Ok(model.token_batch(&seqs)?)
+    }
+}
+
+impl<M: TextBackbone + ?Sized> Examples<M> for Vec<Vec<u32>> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn example_len(&self, i: usize) -> usize {
+        self[i].len()
+    }
+
+    fn batch(&self, model: &M, idx: &[usize]) -> Result<M::Batch> {
+        self.as_slice().batch(model, idx)
+    }
+}
+
+impl<M: TextBackbone + ?Sized> Examples<M> for Encoded {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn example_len(&self, i: usize) -> usize {
+        self.ids[i].len()
+    }
+
+    fn batch(&self, model: &M, idx: &[usize]) -> Result<M::Batch> {
+        self.ids.as_slice().batch(model, idx)
+    }
+}
+
+impl<M: TextBackbone + ?Sized> Labelled<M> for Encoded {
+    fn label(&self, i: usize) -> u32 {
+        self.labels[i]
+    }
+}
+
+/// Sequence classification with any classifier (the BERT-family encoder today): cross-entropy
+/// on the labels; dev scored by accuracy and macro-F1.
+pub struct ClassificationTask<'a, M: SequenceClassifier, D: Labelled<M>> {
+    pub model: &'a M,
+    pub train: &'a D,
+    pub dev: &'a D,
+}
+
+impl<M: SequenceClassifier, D: Labelled<M>> Task for ClassificationTask<'_, M, D> {
     fn train_len(&self) -> usize {
-        self.train.len()
+        self.train.count()
     }
 
     fn train_example_len(&self, i: usize) -> usize {
-        self.train.ids[i].len()
+        self.train.example_len(i)
     }
 
     fn loss(&self, idx: &[usize], ctx: &Ctx) -> Result<Tensor> {
-        let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| self.train.ids[i].clone()).collect();
-        let labels: Vec<u32> = idx.iter().map(|&i| self.train.labels[i]).collect();
-        let inputs = self.model.inputs(&seqs)?;
-        let logits = self.model.forward(&inputs, ctx)?;
+        let labels: Vec<u32> = idx.iter().map(|&i| self.train.label(i)).collect();
+        let batch = self.train.batch(self.model, idx)?;
+        let logits = self.model.classify(&batch, ctx)?;
         Ok(candle_nn::loss::cross_entropy(
             &logits,
-            &labels_tensor(&labels)?,
+            &labels_tensor(&labels, self.model.device())?,
         )?)
     }
 
@@ -264,18 +330,18 @@ fn epoch_batches(task: &dyn Task, cfg: &TrainConfig, epoch: usize) -> Vec<Vec<us
     batches
 }
 
-fn labels_tensor(labels: &[u32]) -> candle_core::Result<Tensor> {
-    Tensor::from_slice(labels, labels.len(), &candle_core::Device::Cpu)
+fn labels_tensor(labels: &[u32], device: &candle_core::Device) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(labels, labels.len(), device)
 }
 
 /// Trains `trainables` (already attached to `model`) on `train`, evaluating on `dev` after each
 /// epoch. The best epoch's values are restored at the end. Each epoch's record is appended to
 /// `metrics_log` as one JSON line.
-pub fn train(
-    model: &BertClassifier,
+pub fn train<M: SequenceClassifier, D: Labelled<M>>(
+    model: &M,
     trainables: &[Trainable],
-    train: &Encoded,
-    dev: &Encoded,
+    train: &D,
+    dev: &D,
     cfg: &TrainConfig,
     metrics_log: Option<&Path>,
     show_progress: bool,
@@ -491,18 +557,17 @@ fn progress_bar(len: u64, epoch: usize, epochs: usize, show: bool) -> ProgressBa
 }
 
 /// Class probabilities of every example, batched by similar length.
-pub fn predict_proba(
-    model: &BertClassifier,
-    ids: &[Vec<u32>],
+pub fn predict_proba<M: SequenceClassifier, D: Examples<M> + ?Sized>(
+    model: &M,
+    data: &D,
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let mut order: Vec<usize> = (0..ids.len()).collect();
-    order.sort_by_key(|&i| ids[i].len());
-    let mut out = vec![Vec::new(); ids.len()];
+    let mut order: Vec<usize> = (0..data.count()).collect();
+    order.sort_by_key(|&i| data.example_len(i));
+    let mut out = vec![Vec::new(); data.count()];
     let ctx = Ctx::eval();
     for chunk in order.chunks(batch_size.max(1)) {
-        let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-        let logits = model.forward(&model.inputs(&seqs)?, &ctx)?;
+        let logits = model.classify(&data.batch(model, chunk)?, &ctx)?;
         let probs =
             candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
         for (&i, p) in chunk.iter().zip(probs) {
@@ -513,12 +578,12 @@ pub fn predict_proba(
 }
 
 /// Accuracy and macro-F1 on `data`, and the predicted label of each example.
-pub fn evaluate(
-    model: &BertClassifier,
-    data: &Encoded,
+pub fn evaluate<M: SequenceClassifier, D: Labelled<M> + ?Sized>(
+    model: &M,
+    data: &D,
     batch_size: usize,
 ) -> Result<(ClassificationMetrics, Vec<u32>)> {
-    let probs = predict_proba(model, &data.ids, batch_size)?;
+    let probs = predict_proba(model, data, batch_size)?;
     let pred: Vec<u32> = probs
         .iter()
         .map(|p| {
@@ -531,8 +596,9 @@ pub fn evaluate(
                 .0 as u32
         })
         .collect();
+    let labels: Vec<u32> = (0..data.count()).map(|i| data.label(i)).collect();
     Ok((
-        classification_metrics(&pred, &data.labels, model.num_labels),
+        classification_metrics(&pred, &labels, model.num_labels()),
         pred,
     ))
 }

@@ -9,25 +9,23 @@ use crate::settings::Settings;
 
 /// The member a trainable belongs to and its key without the member's namespace.
 fn member_of<'a>(t: &'a Trainable, delta: &DeltaConfig) -> (String, &'a str) {
-    match delta {
-        DeltaConfig::Compose(c) => {
-            if let Some(rest) = t.key.strip_prefix("gates.") {
-                let m = rest.split('.').next().unwrap_or("");
-                return (format!("gate({m})"), &t.key);
-            }
-            for d in &c.deltas {
-                if let Some(rest) = t
-                    .key
-                    .strip_prefix(d.name())
-                    .and_then(|r| r.strip_prefix('.'))
-                {
-                    return (d.name().to_string(), rest);
-                }
-            }
-            ("head".to_string(), &t.key)
-        }
-        d => (d.name().to_string(), &t.key),
+    if delta.members().is_empty() {
+        return (delta.name().to_string(), &t.key);
     }
+    if let Some(rest) = t.key.strip_prefix("gates.") {
+        let m = rest.split('.').next().unwrap_or("");
+        return (format!("gate({m})"), &t.key);
+    }
+    for d in delta.members() {
+        if let Some(rest) = t
+            .key
+            .strip_prefix(d.name())
+            .and_then(|r| r.strip_prefix('.'))
+        {
+            return (d.name().to_string(), rest);
+        }
+    }
+    ("head".to_string(), &t.key)
 }
 
 /// `deltatune inspect`: the module tree with parameter counts, and where each delta attaches.

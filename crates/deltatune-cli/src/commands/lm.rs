@@ -219,12 +219,9 @@ pub fn task_features(
 /// The delta for a decoder: attached for training.
 pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
     let delta = s.delta();
-    let text_ids = match &delta {
-        DeltaConfig::Prompt(c) => match &c.prompt_tuning_init_text {
-            Some(t) => Some(d.encode(t, false)?),
-            None => None,
-        },
-        _ => None,
+    let text_ids = match delta.init_text() {
+        Some(t) => Some(d.encode(t, false)?),
+        None => None,
     };
     let rng = Rng::new(s.train.seed).derive(delta.name());
     Ok(delta.attach(&mut d.model, &rng, text_ids.as_deref())?)

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use deltatune_core::{Ctx, HasSites};
-use deltatune_models::BertClassifier;
+use deltatune_models::{Backbone, BertClassifier};
 
 use crate::session;
 
@@ -43,7 +43,7 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
     let tensors: BTreeMap<String, candle_core::Tensor> = run
         .loaded
         .model
-        .named_tensors()
+        .named_tensors()?
         .into_iter()
         .map(|(k, t)| Ok((k, t.detach().contiguous()?)))
         .collect::<Result<_>>()?;

@@ -34,7 +34,7 @@ fn prompt_of(dir: &Path) -> Result<(Tensor, Option<String>)> {
         .find(|(k, _)| *k == "prompt_embeddings")
         .map(|(_, t)| t.clone())
         .with_context(|| format!("{} has no `prompt_embeddings` tensor", wpath.display()))?;
-    Ok((t, p.base_model_name_or_path))
+    Ok((t, p.common.base_model_name_or_path))
 }
 
 /// Fits a `dim`-dimensional subspace (PCA) to the prompts of `adapters` and writes it to `out`;

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use deltatune_core::{HasSites, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::common::{check_other, PeftCommon};
+
 use crate::prompt::bad;
 
 /// Where the adapters sit.
@@ -53,12 +55,6 @@ pub enum AdapterSite {
 /// unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BottleneckConfig {
-    /// Always `"BOTTLENECK_ADAPTER"`.
-    #[serde(default = "peft_type")]
-    pub peft_type: String,
-    /// Task type; `"SEQ_CLS"` for classification (default).
-    #[serde(default = "task_type")]
-    pub task_type: Option<String>,
     /// Where the adapters sit (default `houlsby`).
     #[serde(default)]
     pub placement: Placement,
@@ -89,26 +85,14 @@ pub struct BottleneckConfig {
     /// Dropout on the adapter's input while training, in [0, 1) (default 0).
     #[serde(default)]
     pub adapter_dropout: f64,
-    /// Modules trained in full and saved with the adapter (default `["classifier"]`).
-    #[serde(default = "default_modules_to_save")]
-    pub modules_to_save: Option<Vec<String>>,
-    /// The base model this adapter was trained on (default unset).
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// Written as PEFT writes it; not used (default false).
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`task_type`, `modules_to_save`, ...).
+    #[serde(flatten)]
+    pub common: PeftCommon,
     /// Unknown fields: rejected by name.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
-fn peft_type() -> String {
-    "BOTTLENECK_ADAPTER".into()
-}
-fn task_type() -> Option<String> {
-    Some("SEQ_CLS".into())
-}
 fn default_reduction() -> usize {
     16
 }
@@ -117,9 +101,6 @@ fn default_scaling() -> f64 {
 }
 fn default_parallel_sites() -> Vec<AdapterSite> {
     vec![AdapterSite::FeedForward]
-}
-fn default_modules_to_save() -> Option<Vec<String>> {
-    Some(vec!["classifier".into()])
 }
 fn yes() -> bool {
     true
@@ -154,12 +135,6 @@ impl BottleneckConfig {
 
     /// Rejects values outside their range that do not depend on the model.
     pub fn validate(&self) -> Result<()> {
-        if self.peft_type != "BOTTLENECK_ADAPTER" {
-            return bad(
-                "peft_type",
-                format!("`{}` is not BOTTLENECK_ADAPTER", self.peft_type),
-            );
-        }
         if self.reduction_factor == 0 {
             return bad(
                 "reduction_factor",
@@ -199,18 +174,12 @@ impl BottleneckConfig {
                 );
             }
         }
-        if let Some(k) = self.other.keys().next() {
-            return bad(
-                k,
-                format!(
-                    "unknown bottleneck-adapter option `{k}`; the options are peft_type, \
-                     task_type, placement, reduction_factor, bottleneck_size, non_linearity, \
-                     residual, scaling, parallel_sites, layers, adapter_dropout, \
-                     modules_to_save, base_model_name_or_path, inference_mode"
-                ),
-            );
-        }
-        Ok(())
+        check_other(
+            &self.other,
+            "BOTTLENECK_ADAPTER",
+            &[],
+            "bottleneck adapters",
+        )
     }
 
     /// [`BottleneckConfig::validate`] plus the ranges that depend on `model`.

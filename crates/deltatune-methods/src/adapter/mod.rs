@@ -18,6 +18,7 @@ use deltatune_core::{ops, Ctx, HasSites, Result, Rng};
 pub use config::{AdapterSite, BottleneckConfig, NonLinearity, Placement};
 
 use crate::delta::{peft_key, train_modules, Trainable};
+use crate::method::{method_basics, to_value, unmergeable, GatePlacement, Method};
 
 /// One bottleneck `up(act(down(x)))`.
 #[derive(Debug, Clone)]
@@ -151,7 +152,7 @@ pub fn attach(
     }
     out.extend(train_modules(
         model,
-        &cfg.modules_to_save.clone().unwrap_or_default(),
+        &cfg.common.modules_to_save.clone().unwrap_or_default(),
     )?);
     model.attach_site_delta(Arc::new(AdapterDelta {
         adapters,
@@ -162,4 +163,31 @@ pub fn attach(
         act: cfg.non_linearity,
     }));
     Ok(out)
+}
+
+impl Method for BottleneckConfig {
+    method_basics!("adapter", "BOTTLENECK_ADAPTER");
+
+    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
+        to_value(self)
+    }
+
+    fn attach(
+        &self,
+        model: &mut dyn HasSites,
+        rng: &Rng,
+        _init: Option<&[u32]>,
+    ) -> Result<Vec<Trainable>> {
+        attach(model, self, rng)
+    }
+
+    fn merge_blocker(&self) -> Option<String> {
+        unmergeable("bottleneck adapters add a non-linear module after the sub-layers; no weight change reproduces it")
+    }
+
+    fn gate(&self) -> Option<GatePlacement<'_>> {
+        Some(GatePlacement::Sublayers {
+            layers: self.layers.as_deref(),
+        })
+    }
 }

@@ -13,6 +13,7 @@ use deltatune_core::{Error, HasSites, Result, Rng};
 pub use config::BitFitConfig;
 
 use crate::delta::{peft_key, train_modules, Trainable, PEFT_PREFIX};
+use crate::method::{method_basics, to_value, Method};
 
 /// Why a BitFit adapter is never merged.
 pub const MERGE_NOTE: &str = "BitFit has nothing to merge: it adds no delta, the trained biases \
@@ -28,7 +29,7 @@ fn norm_module(path: &str) -> &str {
 /// biases) and kept for the common `attach` signature.
 pub fn attach(model: &mut dyn HasSites, cfg: &BitFitConfig, _rng: &Rng) -> Result<Vec<Trainable>> {
     cfg.validate()?;
-    let save = cfg.modules_to_save.clone().unwrap_or_default();
+    let save = cfg.common.modules_to_save.clone().unwrap_or_default();
     let is_saved = |p: &str| save.iter().any(|m| p == m || p.ends_with(&format!(".{m}")));
     // Linear layers with a bias that are not trained in full, then norm modules.
     let mut modules: Vec<String> = model
@@ -79,4 +80,25 @@ pub fn attach(model: &mut dyn HasSites, cfg: &BitFitConfig, _rng: &Rng) -> Resul
     }
     out.extend(train_modules(model, &save)?);
     Ok(out)
+}
+
+impl Method for BitFitConfig {
+    method_basics!("bitfit", "BITFIT");
+
+    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
+        to_value(self)
+    }
+
+    fn attach(
+        &self,
+        model: &mut dyn HasSites,
+        rng: &Rng,
+        _init: Option<&[u32]>,
+    ) -> Result<Vec<Trainable>> {
+        attach(model, self, rng)
+    }
+
+    fn merge_blocker(&self) -> Option<String> {
+        None
+    }
 }

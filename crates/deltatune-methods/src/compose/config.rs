@@ -7,6 +7,7 @@ use deltatune_core::{Error, HasSites, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::common::PeftCommon;
 use crate::registry::DeltaConfig;
 
 /// Several deltas on one model, e.g. LoRA + a prefix + a bottleneck adapter (UniPELT).
@@ -17,8 +18,6 @@ use crate::registry::DeltaConfig;
 /// `gates.<method>.layer.<i>.*`, the head under its PEFT key.
 #[derive(Debug, Clone)]
 pub struct ComposeConfig {
-    /// Task type; `"SEQ_CLS"` for classification (default).
-    pub task_type: Option<String>,
     /// The members, applied in this order (each method at most once).
     pub deltas: Vec<DeltaConfig>,
     /// UniPELT gates on the members that support them: LoRA (per token, per layer), bottleneck
@@ -28,32 +27,22 @@ pub struct ComposeConfig {
     /// Learning-rate multiplier per member method name, e.g. `{"prefix": 10.0}` (default: 1
     /// for every member); the head and the gates use the run's learning rate.
     pub lr_scale: BTreeMap<String, f64>,
-    /// Modules trained in full and saved with the composition (default `["classifier"]`).
-    pub modules_to_save: Option<Vec<String>>,
-    /// The base model this adapter was trained on (default unset).
-    pub base_model_name_or_path: Option<String>,
-    /// Written as PEFT writes it; not used (default false).
-    pub inference_mode: bool,
+    /// PEFT's shared fields; its `modules_to_save` (default `["classifier"]`) trains the head
+    /// once for all members.
+    pub common: PeftCommon,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Raw {
-    #[allow(dead_code)]
-    peft_type: String,
-    #[serde(default)]
-    task_type: Option<String>,
     deltas: Vec<Value>,
     #[serde(default)]
     gates: bool,
     #[serde(default)]
     lr_scale: BTreeMap<String, f64>,
-    #[serde(default)]
-    modules_to_save: Option<Vec<String>>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    inference_mode: bool,
+    #[serde(flatten)]
+    common: PeftCommon,
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
 }
 
 fn bad(field: &str, msg: String) -> Error {
@@ -68,16 +57,13 @@ impl ComposeConfig {
     /// own `modules_to_save` are dropped.
     pub fn new(deltas: Vec<DeltaConfig>, gates: bool) -> Self {
         Self {
-            task_type: Some("SEQ_CLS".into()),
             deltas: deltas
                 .into_iter()
                 .map(|d| d.with_modules_to_save(None))
                 .collect(),
             gates,
             lr_scale: BTreeMap::new(),
-            modules_to_save: Some(vec!["classifier".into()]),
-            base_model_name_or_path: None,
-            inference_mode: false,
+            common: PeftCommon::default(),
         }
     }
 
@@ -85,6 +71,16 @@ impl ComposeConfig {
     pub fn from_json(v: Value) -> Result<Self> {
         let raw: Raw =
             serde_json::from_value(v).map_err(|e| bad("ComposeConfig", e.to_string()))?;
+        // Every field is known: a composition is deltatune's own format.
+        if let Some(k) = raw.other.keys().find(|k| *k != "peft_type") {
+            return Err(bad(
+                k,
+                format!(
+                    "unknown composition option `{k}`; the options are deltas, gates, lr_scale, \
+                     task_type, modules_to_save, base_model_name_or_path, inference_mode"
+                ),
+            ));
+        }
         let deltas = raw
             .deltas
             .into_iter()
@@ -94,30 +90,28 @@ impl ComposeConfig {
             })
             .collect::<Result<Vec<_>>>()?;
         let c = Self {
-            task_type: raw.task_type,
             deltas,
             gates: raw.gates,
             lr_scale: raw.lr_scale,
-            modules_to_save: raw.modules_to_save,
-            base_model_name_or_path: raw.base_model_name_or_path,
-            inference_mode: raw.inference_mode,
+            common: raw.common,
         };
         c.validate()?;
         Ok(c)
     }
 
-    /// The `adapter_config.json` value.
-    pub fn to_json(&self, model: &dyn HasSites) -> Value {
-        json!({
-            "peft_type": "COMPOSITION",
-            "task_type": self.task_type,
+    /// The `adapter_config.json` fields (without `peft_type`).
+    pub fn fields_json(&self, model: &dyn HasSites) -> Value {
+        let mut v = json!({
             "deltas": self.deltas.iter().map(|d| d.to_json(model)).collect::<Vec<_>>(),
             "gates": self.gates,
             "lr_scale": self.lr_scale,
-            "modules_to_save": self.modules_to_save,
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "inference_mode": self.inference_mode,
-        })
+        });
+        if let (Value::Object(m), Value::Object(c)) =
+            (&mut v, crate::method::to_value(&self.common))
+        {
+            m.extend(c);
+        }
+        v
     }
 
     /// Rejects an empty or nested composition, a method listed twice, a member with its own

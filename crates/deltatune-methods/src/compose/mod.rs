@@ -18,8 +18,11 @@ use deltatune_core::{Error, HasSites, Result, Rng};
 pub use config::ComposeConfig;
 use gate::{GatedLinear, GatedSite, TokenGate};
 
+use crate::common::PeftCommon;
 use crate::delta::{train_modules, Trainable};
+use crate::method::{unmergeable, GatePlacement, Method};
 use crate::registry::DeltaConfig;
+use serde_json::Value;
 
 /// The key of gate tensor `leaf` of `method` in layer `layer`.
 pub fn gate_key(method: &str, layer: usize, leaf: &str) -> String {
@@ -84,8 +87,8 @@ pub fn attach(
             continue;
         }
         let gate_rng = rng.derive("gates");
-        match d {
-            DeltaConfig::Lora(_) => {
+        match d.gate() {
+            Some(GatePlacement::LinearOutputs) => {
                 let mut gates: BTreeMap<usize, TokenGate> = BTreeMap::new();
                 let layer_of: Vec<Option<usize>> = model
                     .linears()
@@ -128,10 +131,10 @@ pub fn attach(
                     }
                 }
             }
-            DeltaConfig::Adapter(a) => {
+            Some(GatePlacement::Sublayers { layers }) => {
                 let mut sub = Vec::with_capacity(n_layers);
                 for i in 0..n_layers {
-                    sub.push(if a.layers.as_ref().is_none_or(|l| l.contains(&i)) {
+                    sub.push(if layers.is_none_or(|l| l.contains(&i)) {
                         Some(token_gate(name, i, hidden, &gate_rng, &mut out)?)
                     } else {
                         None
@@ -139,10 +142,10 @@ pub fn attach(
                 }
                 wrap_sites(model, site_before, sub, vec![None; n_layers]);
             }
-            DeltaConfig::Prefix(p) => {
+            Some(GatePlacement::Prefix { layers }) => {
                 let mut pre = Vec::with_capacity(n_layers);
                 for i in 0..n_layers {
-                    pre.push(if p.layers.as_ref().is_none_or(|l| l.contains(&i)) {
+                    pre.push(if layers.is_none_or(|l| l.contains(&i)) {
                         let s = Var::from_tensor(&Tensor::zeros(
                             1,
                             candle_core::DType::F32,
@@ -156,12 +159,12 @@ pub fn attach(
                 }
                 wrap_sites(model, site_before, vec![None; n_layers], pre);
             }
-            _ => {}
+            None => {}
         }
     }
     out.extend(train_modules(
         model,
-        &cfg.modules_to_save.clone().unwrap_or_default(),
+        &cfg.common.modules_to_save.clone().unwrap_or_default(),
     )?);
     Ok(out)
 }
@@ -210,4 +213,68 @@ pub fn export(cfg: &ComposeConfig, trainables: &[Trainable]) -> Result<BTreeMap<
         }
     }
     Ok(out)
+}
+
+impl Method for ComposeConfig {
+    fn name(&self) -> &'static str {
+        "compose"
+    }
+
+    fn peft_type(&self) -> &'static str {
+        "COMPOSITION"
+    }
+
+    fn common(&self) -> &PeftCommon {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut PeftCommon {
+        &mut self.common
+    }
+
+    fn validate(&self) -> Result<()> {
+        ComposeConfig::validate(self)
+    }
+
+    fn fields_json(&self, model: &dyn HasSites) -> Value {
+        ComposeConfig::fields_json(self, model)
+    }
+
+    fn attach(
+        &self,
+        model: &mut dyn HasSites,
+        rng: &Rng,
+        init_text_ids: Option<&[u32]>,
+    ) -> Result<Vec<Trainable>> {
+        attach(model, self, rng, init_text_ids, false)
+    }
+
+    fn attach_saved(&self, model: &mut dyn HasSites, rng: &Rng) -> Result<Vec<Trainable>> {
+        attach(model, self, rng, None, true)
+    }
+
+    fn export(&self, trainables: &[Trainable]) -> Result<BTreeMap<String, Tensor>> {
+        export(self, trainables)
+    }
+
+    fn merge_blocker(&self) -> Option<String> {
+        if self.gates {
+            return unmergeable(
+                "gated compositions cannot be merged: each gate depends on the input",
+            );
+        }
+        self.deltas.iter().find_map(|d| d.merge_blocker())
+    }
+
+    fn init_text(&self) -> Option<&str> {
+        self.deltas.iter().find_map(|d| d.init_text())
+    }
+
+    fn subspace_mut(&mut self) -> Option<&mut Option<String>> {
+        self.deltas.iter_mut().find_map(|d| d.subspace_mut())
+    }
+
+    fn members(&self) -> &[DeltaConfig] {
+        &self.deltas
+    }
 }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use deltatune_core::{Error, Result, TargetModules};
 use serde::{Deserialize, Serialize};
 
+use crate::common::{check_other, PeftCommon};
+
 /// (IA)^3 (Liu et al. 2022): a trainable vector `l` rescales each targeted linear layer.
 /// For ordinary targets `l` [out] scales the output, bias included: `y = (x W^T + b) * l`.
 /// For feed-forward targets `l` [in] scales the input: `y = (x * l) W^T + b`.
@@ -15,12 +17,6 @@ use serde::{Deserialize, Serialize};
 /// `attention.output.dense` feed-forward; `target_modules` uses the usual `.` boundary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IA3Config {
-    /// Always `"IA3"`.
-    #[serde(default = "peft_type")]
-    pub peft_type: String,
-    /// PEFT task type; `"SEQ_CLS"` for classification (default).
-    #[serde(default = "task_type")]
-    pub task_type: Option<String>,
     /// Modules that get a scaling vector: a list of name suffixes or a full-match regex
     /// (default `["key", "value", "output.dense"]`, PEFT's choice for BERT).
     #[serde(default = "default_targets")]
@@ -30,9 +26,6 @@ pub struct IA3Config {
     /// default too (PEFT fills it from its BERT table); `[]` means no feed-forward module.
     #[serde(default = "default_feedforward")]
     pub feedforward_modules: Option<TargetModules>,
-    /// Modules trained in full and saved with the adapter (default `["classifier"]`).
-    #[serde(default = "default_modules_to_save")]
-    pub modules_to_save: Option<Vec<String>>,
     /// `true`: every vector starts at ones (default). `false`: N(0, 1) entries, as PEFT
     /// (tests only).
     #[serde(default = "yes")]
@@ -40,31 +33,19 @@ pub struct IA3Config {
     /// Must be false: weights are stored `[out, in]`.
     #[serde(default)]
     pub fan_in_fan_out: bool,
-    /// The base model this adapter was trained on.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// Written as PEFT writes it; not used.
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`task_type`, `modules_to_save`, ...).
+    #[serde(flatten)]
+    pub common: PeftCommon,
     /// Any other field PEFT writes: accepted only at PEFT's neutral value.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
-fn peft_type() -> String {
-    "IA3".into()
-}
-fn task_type() -> Option<String> {
-    Some("SEQ_CLS".into())
-}
 fn default_targets() -> TargetModules {
     TargetModules::Suffixes(vec!["key".into(), "value".into(), "output.dense".into()])
 }
 fn default_feedforward() -> Option<TargetModules> {
     Some(TargetModules::Suffixes(vec!["output.dense".into()]))
-}
-fn default_modules_to_save() -> Option<Vec<String>> {
-    Some(vec!["classifier".into()])
 }
 fn yes() -> bool {
     true
@@ -102,9 +83,6 @@ impl IA3Config {
                 msg,
             })
         };
-        if self.peft_type != "IA3" {
-            return bad("peft_type", format!("`{}` is not IA3", self.peft_type));
-        }
         if self.fan_in_fan_out {
             return bad(
                 "fan_in_fan_out",
@@ -153,25 +131,7 @@ impl IA3Config {
                 );
             }
         }
-        for (k, v) in &self.other {
-            let neutral = match v {
-                serde_json::Value::Null => true,
-                serde_json::Value::Bool(b) => !b,
-                serde_json::Value::Object(m) => m.is_empty(),
-                serde_json::Value::Array(a) => a.is_empty(),
-                _ => false,
-            };
-            let known_harmless = matches!(
-                k.as_str(),
-                "revision" | "auto_mapping" | "peft_version" | "exclude_modules"
-            );
-            if !neutral && !known_harmless {
-                return bad(
-                    k,
-                    format!("PEFT option `{k}` = {v} is not supported by deltatune's IA3"),
-                );
-            }
-        }
+        check_other(&self.other, "IA3", &["exclude_modules"], "IA3")?;
         if let Some(v) = self.other.get("exclude_modules") {
             let empty = v.is_null() || v.as_array().is_some_and(|a| a.is_empty());
             if !empty {

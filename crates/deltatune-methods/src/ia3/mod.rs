@@ -20,6 +20,7 @@ pub use config::IA3Config;
 pub use layer::Ia3Linear;
 
 use crate::delta::{peft_key, train_modules, Trainable};
+use crate::method::{method_basics, to_value, Method};
 
 /// Attaches a scaling vector to every site `cfg` selects and makes `modules_to_save` trainable.
 /// Returns the trainable tensors under their PEFT keys (the vectors without weight decay).
@@ -27,7 +28,7 @@ pub fn attach(model: &mut dyn HasSites, cfg: &IA3Config, rng: &Rng) -> Result<Ve
     cfg.validate()?;
     let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     let path_refs: Vec<&str> = paths.iter().map(|s| s.as_str()).collect();
-    let save = cfg.modules_to_save.clone().unwrap_or_default();
+    let save = cfg.common.modules_to_save.clone().unwrap_or_default();
     let is_saved = |p: &str| save.iter().any(|m| p == m || p.ends_with(&format!(".{m}")));
     // Heads that train in full are not IA3 targets.
     let candidates: Vec<&str> = path_refs.iter().copied().filter(|p| !is_saved(p)).collect();
@@ -67,4 +68,25 @@ pub fn attach(model: &mut dyn HasSites, cfg: &IA3Config, rng: &Rng) -> Result<Ve
     }
     out.extend(train_modules(model, &save)?);
     Ok(out)
+}
+
+impl Method for IA3Config {
+    method_basics!("ia3", "IA3");
+
+    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
+        to_value(self)
+    }
+
+    fn attach(
+        &self,
+        model: &mut dyn HasSites,
+        rng: &Rng,
+        _init: Option<&[u32]>,
+    ) -> Result<Vec<Trainable>> {
+        attach(model, self, rng)
+    }
+
+    fn merge_blocker(&self) -> Option<String> {
+        None
+    }
 }

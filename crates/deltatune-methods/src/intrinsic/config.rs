@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use deltatune_core::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::prompt::{bad, check_other};
+use crate::common::{check_other, PeftCommon};
+use crate::prompt::bad;
 
 /// The fixed random map from `z` [d] to the flattened prompt [P * hidden].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -40,12 +41,6 @@ pub enum BasePromptInit {
 /// [`super::fit_subspace`]) and `projection`, `projection_seed` and `base_prompt_init` are unused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IntrinsicPromptConfig {
-    /// Always `"INTRINSIC_PROMPT"`.
-    #[serde(default = "peft_type")]
-    pub peft_type: String,
-    /// Task type; `"SEQ_CLS"` for classification (default).
-    #[serde(default = "task_type")]
-    pub task_type: Option<String>,
     /// Number of prompt vectors P (default 20). Must be at least 1.
     #[serde(default = "default_tokens")]
     pub num_virtual_tokens: usize,
@@ -61,38 +56,23 @@ pub struct IntrinsicPromptConfig {
     /// The base prompt `P0` (default `SAMPLE_VOCAB`).
     #[serde(default)]
     pub base_prompt_init: BasePromptInit,
-    /// Modules trained in full and saved with the adapter (default `["classifier"]`).
-    #[serde(default = "default_modules_to_save")]
-    pub modules_to_save: Option<Vec<String>>,
     /// A learned-subspace artifact (safetensors with `subspace.p0` and `subspace.basis`) that
     /// supplies `P0` and `D` (default unset: random `D`).
     #[serde(default)]
     pub subspace: Option<String>,
-    /// The base model this adapter was trained on (default unset).
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// Written as PEFT writes it; not used (default false).
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`task_type`, `modules_to_save`, ...).
+    #[serde(flatten)]
+    pub common: PeftCommon,
     /// Any other field: accepted only at a neutral value (null, false, empty).
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
-fn peft_type() -> String {
-    "INTRINSIC_PROMPT".into()
-}
-fn task_type() -> Option<String> {
-    Some("SEQ_CLS".into())
-}
 fn default_tokens() -> usize {
     20
 }
 fn default_dim() -> usize {
     32
-}
-fn default_modules_to_save() -> Option<Vec<String>> {
-    Some(vec!["classifier".into()])
 }
 
 impl Default for IntrinsicPromptConfig {
@@ -105,12 +85,6 @@ impl IntrinsicPromptConfig {
     /// Rejects values outside their range (the bound of `intrinsic_dim` that depends on the
     /// model is checked by [`IntrinsicPromptConfig::validate_for`]).
     pub fn validate(&self) -> Result<()> {
-        if self.peft_type != "INTRINSIC_PROMPT" {
-            return bad(
-                "peft_type",
-                format!("`{}` is not INTRINSIC_PROMPT", self.peft_type),
-            );
-        }
         if self.num_virtual_tokens == 0 {
             return bad(
                 "num_virtual_tokens",
@@ -125,7 +99,8 @@ impl IntrinsicPromptConfig {
         }
         check_other(
             &self.other,
-            &["revision", "auto_mapping", "peft_version"],
+            "INTRINSIC_PROMPT",
+            &[],
             "intrinsic prompt tuning",
         )
     }

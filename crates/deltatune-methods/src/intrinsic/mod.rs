@@ -31,6 +31,7 @@ pub use projection::{fwht, Fastfood, Projection};
 pub use subspace::{fit_subspace, Subspace, BASIS_KEY, P0_KEY};
 
 use crate::delta::{train_modules, Trainable};
+use crate::method::{method_basics, to_value, unmergeable, Method};
 use crate::prompt::{bad, rms, sample_vocab};
 
 /// The key of `z` in `adapter_model.safetensors`.
@@ -133,11 +134,36 @@ pub fn attach(
     let mut out = vec![Trainable::new(Z_KEY.into(), z.clone(), false)];
     out.extend(train_modules(
         model,
-        &cfg.modules_to_save.clone().unwrap_or_default(),
+        &cfg.common.modules_to_save.clone().unwrap_or_default(),
     )?);
     model.attach_site_delta(Arc::new(IntrinsicPromptDelta {
         z: z.as_tensor().clone(),
         decoder: dec,
     }));
     Ok(out)
+}
+
+impl Method for IntrinsicPromptConfig {
+    method_basics!("intrinsic", "INTRINSIC_PROMPT");
+
+    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
+        to_value(self)
+    }
+
+    fn attach(
+        &self,
+        model: &mut dyn HasSites,
+        rng: &Rng,
+        _init: Option<&[u32]>,
+    ) -> Result<Vec<Trainable>> {
+        attach(model, self, rng)
+    }
+
+    fn merge_blocker(&self) -> Option<String> {
+        unmergeable("intrinsic prompt tuning adds input vectors (the sequence gets longer); no weight change reproduces them")
+    }
+
+    fn subspace_mut(&mut self) -> Option<&mut Option<String>> {
+        Some(&mut self.subspace)
+    }
 }

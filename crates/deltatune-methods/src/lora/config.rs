@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use deltatune_core::{Error, Result, TargetModules};
 use serde::{Deserialize, Serialize};
 
+use crate::common::{check_other, PeftCommon};
+
 /// Which biases train beside the LoRA matrices (PEFT's `bias`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -23,12 +25,6 @@ pub enum LoraBias {
 /// `scale = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
-    /// Always `"LORA"`.
-    #[serde(default = "peft_type")]
-    pub peft_type: String,
-    /// PEFT task type; `"SEQ_CLS"` for classification (default).
-    #[serde(default = "task_type")]
-    pub task_type: Option<String>,
     /// Rank of the update (default 8). Must be at least 1.
     #[serde(default = "default_r")]
     pub r: usize,
@@ -48,9 +44,6 @@ pub struct LoraConfig {
     /// Which biases train (default `none`).
     #[serde(default)]
     pub bias: LoraBias,
-    /// Modules trained in full and saved with the adapter (default `["classifier"]`).
-    #[serde(default = "default_modules_to_save")]
-    pub modules_to_save: Option<Vec<String>>,
     /// Only these layer indices get LoRA (default: all layers).
     #[serde(default)]
     pub layers_to_transform: Option<Vec<usize>>,
@@ -60,23 +53,14 @@ pub struct LoraConfig {
     /// `true`: A Kaiming-uniform, B zero (default). `false`: both random (tests only).
     #[serde(default = "yes")]
     pub init_lora_weights: bool,
-    /// The base model this adapter was trained on.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// Written as PEFT writes it; not used.
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`task_type`, `modules_to_save`, ...).
+    #[serde(flatten)]
+    pub common: PeftCommon,
     /// Any other field PEFT writes: accepted only at PEFT's neutral value.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
-fn peft_type() -> String {
-    "LORA".into()
-}
-fn task_type() -> Option<String> {
-    Some("SEQ_CLS".into())
-}
 fn default_r() -> usize {
     8
 }
@@ -88,9 +72,6 @@ fn default_dropout() -> f64 {
 }
 fn default_targets() -> TargetModules {
     TargetModules::Suffixes(vec!["query".into(), "value".into()])
-}
-fn default_modules_to_save() -> Option<Vec<String>> {
-    Some(vec!["classifier".into()])
 }
 fn yes() -> bool {
     true
@@ -120,9 +101,6 @@ impl LoraConfig {
                 msg,
             })
         };
-        if self.peft_type != "LORA" {
-            return bad("peft_type", format!("`{}` is not LORA", self.peft_type));
-        }
         if self.r == 0 {
             return bad("r", "rank 0 is not allowed; use r >= 1 (e.g. 8)".into());
         }
@@ -152,45 +130,31 @@ impl LoraConfig {
                 );
             }
         }
-        for (k, v) in &self.other {
-            let neutral = match v {
-                serde_json::Value::Null => true,
-                serde_json::Value::Bool(b) => !b,
-                serde_json::Value::Object(m) => m.is_empty(),
-                serde_json::Value::Array(a) => a.is_empty(),
-                _ => false,
-            };
-            let known_harmless = matches!(
-                k.as_str(),
-                "revision"
-                    | "auto_mapping"
-                    | "peft_version"
-                    | "init_lora_weights"
-                    | "layers_pattern"
-                    | "megatron_core"
-                    | "runtime_config"
-                    | "exclude_modules"
-                    | "layer_replication"
-                    | "corda_config"
-                    | "eva_config"
-                    | "loftq_config"
-                    | "target_parameters"
-                    | "trainable_token_indices"
-                    | "qalora_group_size"
-                    | "alora_invocation_tokens"
-                    | "arrow_config"
-                    | "ensure_weight_tying"
-                    | "lora_bias"
-                    | "use_qalora"
-                    | "megatron_config"
-            );
-            if !neutral && !known_harmless {
-                return bad(
-                    k,
-                    format!("PEFT option `{k}` = {v} is not supported by deltatune's LoRA"),
-                );
-            }
-        }
+        check_other(
+            &self.other,
+            "LORA",
+            &[
+                "init_lora_weights",
+                "layers_pattern",
+                "megatron_core",
+                "runtime_config",
+                "exclude_modules",
+                "layer_replication",
+                "corda_config",
+                "eva_config",
+                "loftq_config",
+                "target_parameters",
+                "trainable_token_indices",
+                "qalora_group_size",
+                "alora_invocation_tokens",
+                "arrow_config",
+                "ensure_weight_tying",
+                "lora_bias",
+                "use_qalora",
+                "megatron_config",
+            ],
+            "LoRA",
+        )?;
         Ok(())
     }
 }

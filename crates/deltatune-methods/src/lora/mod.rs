@@ -11,6 +11,7 @@ pub use config::{LoraBias, LoraConfig};
 pub use layer::LoraLinear;
 
 use crate::delta::{peft_key, Trainable};
+use crate::method::{method_basics, to_value, GatePlacement, Method};
 
 /// Attaches LoRA to the sites `cfg` selects and makes the requested biases and
 /// `modules_to_save` trainable. Returns the trainable tensors under their PEFT keys.
@@ -18,7 +19,7 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
     cfg.validate()?;
     let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     let path_refs: Vec<&str> = paths.iter().map(|s| s.as_str()).collect();
-    let save = cfg.modules_to_save.clone().unwrap_or_default();
+    let save = cfg.common.modules_to_save.clone().unwrap_or_default();
     let is_saved = |p: &str| save.iter().any(|m| p == m || p.ends_with(&format!(".{m}")));
     // Heads that train in full are not LoRA targets.
     let candidates: Vec<&str> = path_refs.iter().copied().filter(|p| !is_saved(p)).collect();
@@ -106,4 +107,29 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
         }
     }
     Ok(out)
+}
+
+impl Method for LoraConfig {
+    method_basics!("lora", "LORA");
+
+    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
+        to_value(self)
+    }
+
+    fn attach(
+        &self,
+        model: &mut dyn HasSites,
+        rng: &Rng,
+        _init: Option<&[u32]>,
+    ) -> Result<Vec<Trainable>> {
+        attach(model, self, rng)
+    }
+
+    fn merge_blocker(&self) -> Option<String> {
+        None
+    }
+
+    fn gate(&self) -> Option<GatePlacement<'_>> {
+        Some(GatePlacement::LinearOutputs)
+    }
 }

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use deltatune_core::{HasSites, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::prompt::{bad, check_other};
+use crate::common::{check_other, PeftCommon};
+use crate::prompt::bad;
 
 /// The default standard deviation of the prefix table without projection (see
 /// [`PrefixTuningConfig::prefix_init_std`]).
@@ -21,12 +22,6 @@ pub const DEFAULT_PREFIX_INIT_STD: f64 = 0.02;
 /// which [`crate::prefix::export`] folds into that table for saving.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrefixTuningConfig {
-    /// Always `"PREFIX_TUNING"`.
-    #[serde(default = "peft_type")]
-    pub peft_type: String,
-    /// PEFT task type; `"SEQ_CLS"` for classification (default).
-    #[serde(default = "task_type")]
-    pub task_type: Option<String>,
     /// Number of prefix positions per layer (default 20). Must be at least 1.
     #[serde(default = "default_tokens")]
     pub num_virtual_tokens: usize,
@@ -51,15 +46,6 @@ pub struct PrefixTuningConfig {
     /// size). Must be at least 1.
     #[serde(default)]
     pub encoder_hidden_size: Option<usize>,
-    /// Modules trained in full and saved with the adapter (default `["classifier"]`).
-    #[serde(default = "default_modules_to_save")]
-    pub modules_to_save: Option<Vec<String>>,
-    /// The base model this adapter was trained on (default unset).
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// Written as PEFT writes it; not used (default false).
-    #[serde(default)]
-    pub inference_mode: bool,
     /// deltatune: only these layer indices get a prefix (default: every layer). The table keeps
     /// PEFT's shape `[P, L * 2 * hidden]`; the columns of the other layers are unused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,22 +58,16 @@ pub struct PrefixTuningConfig {
     /// PyTorch's default uniform init, since the MLP itself sets the scale of the prefixes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_init_std: Option<f64>,
+    /// PEFT's shared fields (`task_type`, `modules_to_save`, ...).
+    #[serde(flatten)]
+    pub common: PeftCommon,
     /// Any other field PEFT writes: accepted only at PEFT's neutral value.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
-fn peft_type() -> String {
-    "PREFIX_TUNING".into()
-}
-fn task_type() -> Option<String> {
-    Some("SEQ_CLS".into())
-}
 fn default_tokens() -> usize {
     20
-}
-fn default_modules_to_save() -> Option<Vec<String>> {
-    Some(vec!["classifier".into()])
 }
 
 impl Default for PrefixTuningConfig {
@@ -104,12 +84,6 @@ impl PrefixTuningConfig {
 
     /// Rejects values outside their range and PEFT options deltatune does not implement.
     pub fn validate(&self) -> Result<()> {
-        if self.peft_type != "PREFIX_TUNING" {
-            return bad(
-                "peft_type",
-                format!("`{}` is not PREFIX_TUNING", self.peft_type),
-            );
-        }
         if self.num_virtual_tokens == 0 {
             return bad(
                 "num_virtual_tokens",
@@ -146,11 +120,7 @@ impl PrefixTuningConfig {
                 );
             }
         }
-        check_other(
-            &self.other,
-            &["revision", "auto_mapping", "peft_version"],
-            "prefix tuning",
-        )
+        check_other(&self.other, "PREFIX_TUNING", &[], "prefix tuning")
     }
 
     /// [`PrefixTuningConfig::validate`] plus the checks against `model`: `token_dim`,

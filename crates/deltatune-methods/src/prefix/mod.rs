@@ -14,6 +14,7 @@ use deltatune_core::{Ctx, Error, HasSites, Result, Rng};
 pub use config::{PrefixTuningConfig, DEFAULT_PREFIX_INIT_STD};
 
 use crate::delta::{state_dict, train_modules, Trainable};
+use crate::method::{method_basics, to_value, unmergeable, GatePlacement, Method};
 
 /// The key of the (folded) prefix table in `adapter_model.safetensors` (PEFT's).
 pub const PREFIX_KEY: &str = "prompt_embeddings";
@@ -165,7 +166,7 @@ pub fn attach_with(
     };
     out.extend(train_modules(
         model,
-        &cfg.modules_to_save.clone().unwrap_or_default(),
+        &cfg.common.modules_to_save.clone().unwrap_or_default(),
     )?);
     model.attach_site_delta(Arc::new(PrefixDelta {
         source,
@@ -211,4 +212,43 @@ pub fn export(trainables: &[Trainable]) -> Result<BTreeMap<String, Tensor>> {
     let table = affine(&z, &w2, &b2)?.detach();
     sd.insert(PREFIX_KEY.into(), table);
     Ok(sd)
+}
+
+impl Method for PrefixTuningConfig {
+    method_basics!("prefix", "PREFIX_TUNING");
+
+    fn fields_json(&self, model: &dyn HasSites) -> serde_json::Value {
+        to_value(&self.completed(model))
+    }
+
+    fn attach(
+        &self,
+        model: &mut dyn HasSites,
+        rng: &Rng,
+        _init: Option<&[u32]>,
+    ) -> Result<Vec<Trainable>> {
+        attach(model, self, rng)
+    }
+
+    fn attach_saved(&self, model: &mut dyn HasSites, rng: &Rng) -> Result<Vec<Trainable>> {
+        attach_folded(model, self, rng)
+    }
+
+    fn export(&self, trainables: &[Trainable]) -> Result<BTreeMap<String, Tensor>> {
+        if self.prefix_projection {
+            export(trainables)
+        } else {
+            Ok(state_dict(trainables))
+        }
+    }
+
+    fn merge_blocker(&self) -> Option<String> {
+        unmergeable("prefix tuning adds keys and values to every attention layer; no weight change reproduces them")
+    }
+
+    fn gate(&self) -> Option<GatePlacement<'_>> {
+        Some(GatePlacement::Prefix {
+            layers: self.layers.as_deref(),
+        })
+    }
 }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use deltatune_core::{Error, HasSites, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::common::{check_other, PeftCommon};
+
 /// How the soft prompt starts (PEFT's `prompt_tuning_init`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -29,12 +31,6 @@ pub enum PromptTuningInit {
 /// pooling still reads CLS; PEFT puts them before CLS.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptTuningConfig {
-    /// Always `"PROMPT_TUNING"`.
-    #[serde(default = "peft_type")]
-    pub peft_type: String,
-    /// PEFT task type; `"SEQ_CLS"` for classification (default).
-    #[serde(default = "task_type")]
-    pub task_type: Option<String>,
     /// Number of prompt vectors (default 20). Must be at least 1.
     #[serde(default = "default_tokens")]
     pub num_virtual_tokens: usize,
@@ -60,31 +56,16 @@ pub struct PromptTuningConfig {
     /// The tokenizer that turned the init text into ids (default unset; informational).
     #[serde(default)]
     pub tokenizer_name_or_path: Option<String>,
-    /// Modules trained in full and saved with the adapter (default `["classifier"]`).
-    #[serde(default = "default_modules_to_save")]
-    pub modules_to_save: Option<Vec<String>>,
-    /// The base model this adapter was trained on (default unset).
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// Written as PEFT writes it; not used (default false).
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`task_type`, `modules_to_save`, ...).
+    #[serde(flatten)]
+    pub common: PeftCommon,
     /// Any other field PEFT writes: accepted only at PEFT's neutral value.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
-fn peft_type() -> String {
-    "PROMPT_TUNING".into()
-}
-fn task_type() -> Option<String> {
-    Some("SEQ_CLS".into())
-}
 fn default_tokens() -> usize {
     20
-}
-fn default_modules_to_save() -> Option<Vec<String>> {
-    Some(vec!["classifier".into()])
 }
 
 impl Default for PromptTuningConfig {
@@ -100,41 +81,9 @@ pub(crate) fn bad<T>(field: &str, msg: String) -> Result<T> {
     })
 }
 
-/// Rejects PEFT fields deltatune does not know unless they hold a neutral value (null, false,
-/// empty) or are listed in `harmless`.
-pub(crate) fn check_other(
-    other: &BTreeMap<String, serde_json::Value>,
-    harmless: &[&str],
-    method: &str,
-) -> Result<()> {
-    for (k, v) in other {
-        let neutral = match v {
-            serde_json::Value::Null => true,
-            serde_json::Value::Bool(b) => !b,
-            serde_json::Value::Object(m) => m.is_empty(),
-            serde_json::Value::Array(a) => a.is_empty(),
-            serde_json::Value::String(s) => s.is_empty(),
-            _ => false,
-        };
-        if !neutral && !harmless.contains(&k.as_str()) {
-            return bad(
-                k,
-                format!("PEFT option `{k}` = {v} is not supported by deltatune's {method}"),
-            );
-        }
-    }
-    Ok(())
-}
-
 impl PromptTuningConfig {
     /// Rejects values outside their range and PEFT options deltatune does not implement.
     pub fn validate(&self) -> Result<()> {
-        if self.peft_type != "PROMPT_TUNING" {
-            return bad(
-                "peft_type",
-                format!("`{}` is not PROMPT_TUNING", self.peft_type),
-            );
-        }
         if self.num_virtual_tokens == 0 {
             return bad(
                 "num_virtual_tokens",
@@ -160,11 +109,7 @@ impl PromptTuningConfig {
                 "prompt_tuning_init TEXT needs a non-empty prompt_tuning_init_text".into(),
             );
         }
-        check_other(
-            &self.other,
-            &["revision", "auto_mapping", "peft_version"],
-            "prompt tuning",
-        )
+        check_other(&self.other, "PROMPT_TUNING", &[], "prompt tuning")
     }
 
     /// The config as it is saved next to an adapter trained on `model`: `token_dim`,

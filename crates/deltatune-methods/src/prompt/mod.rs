@@ -9,10 +9,11 @@ use candle_core::{Tensor, Var};
 use deltatune_core::hooks::SiteDelta;
 use deltatune_core::{Ctx, HasSites, Result, Rng};
 
-pub(crate) use config::{bad, check_other};
+pub(crate) use config::bad;
 pub use config::{PromptTuningConfig, PromptTuningInit};
 
 use crate::delta::{train_modules, Trainable};
+use crate::method::{method_basics, to_value, unmergeable, Method};
 
 /// The key of the soft prompt in `adapter_model.safetensors` (PEFT's).
 pub const PROMPT_KEY: &str = "prompt_embeddings";
@@ -123,8 +124,33 @@ pub fn attach(
     let mut out = vec![Trainable::new(PROMPT_KEY.into(), var.clone(), false)];
     out.extend(train_modules(
         model,
-        &cfg.modules_to_save.clone().unwrap_or_default(),
+        &cfg.common.modules_to_save.clone().unwrap_or_default(),
     )?);
     model.attach_site_delta(Arc::new(PromptDelta::new(var.as_tensor().clone())));
     Ok(out)
+}
+
+impl Method for PromptTuningConfig {
+    method_basics!("prompt", "PROMPT_TUNING");
+
+    fn fields_json(&self, model: &dyn HasSites) -> serde_json::Value {
+        to_value(&self.completed(model))
+    }
+
+    fn attach(
+        &self,
+        model: &mut dyn HasSites,
+        rng: &Rng,
+        init_text_ids: Option<&[u32]>,
+    ) -> Result<Vec<Trainable>> {
+        attach(model, self, rng, init_text_ids)
+    }
+
+    fn merge_blocker(&self) -> Option<String> {
+        unmergeable("prompt tuning adds input vectors (the sequence gets longer); no weight change reproduces them")
+    }
+
+    fn init_text(&self) -> Option<&str> {
+        self.prompt_tuning_init_text.as_deref()
+    }
 }

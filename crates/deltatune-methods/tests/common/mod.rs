@@ -2,6 +2,7 @@
 //! 2 layers, 4 heads), its saved inputs, tensor comparisons and a gradient check.
 #![allow(dead_code)]
 
+use deltatune_models::Backbone;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -108,7 +109,7 @@ pub fn check_gradients(m: &BertClassifier, trainables: &[Trainable], what: &str)
             .unwrap_or_else(|| panic!("{what}: no gradient for {}", t.key));
         assert!(abs_sum(g) > 0.0, "{what}: zero gradient for {}", t.key);
     }
-    for (name, t) in m.named_tensors() {
+    for (name, t) in m.named_tensors().unwrap() {
         if trainables
             .iter()
             .any(|tr| tr.var.as_tensor().id() == t.id())

@@ -13,6 +13,7 @@ use deltatune_core::hooks::{SiteDelta, Sublayer};
 use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, Rng, SiteInfo, SiteKind, Weights};
 
 use super::config::{BertConfig, BertConfigFile, Family};
+use crate::backbone::{Backbone, SequenceClassifier, TextBackbone};
 use crate::layers;
 
 /// How the sequence is reduced to one vector for classification.
@@ -476,8 +477,39 @@ impl BertClassifier {
         Ok(self.classifier.forward(&pooled, ctx)?)
     }
 
-    /// Every base tensor with its checkpoint-style path (embeddings, norms, linear layers).
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Pads `seqs` and builds the inputs with this model's padding id.
+    pub fn inputs(&self, seqs: &[Vec<u32>]) -> Result<Inputs> {
+        Ok(Inputs::from_ids_on(
+            seqs,
+            self.config.pad_token_id,
+            &self.device,
+        )?)
+    }
+}
+
+/// Mean of the unmasked positions.
+///
+/// # Shapes
+/// `hidden`: [B, T, H], `mask`: [B, T] -> [B, H]
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    sum.broadcast_div(&count)
+}
+
+impl Backbone for BertClassifier {
+    type Batch = Inputs;
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn hidden_states(&self, batch: &Inputs, ctx: &Ctx) -> Result<Tensor> {
+        self.encode(batch, ctx)
+    }
+
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let prefix = self.config.family.prefix();
         let e = &self.embeddings;
         let mut v = vec![
@@ -518,28 +550,24 @@ impl BertClassifier {
                 v.push((format!("{}.bias", l.path), b.clone()));
             }
         }
-        v
-    }
-
-    /// Pads `seqs` and builds the inputs with this model's padding id.
-    pub fn inputs(&self, seqs: &[Vec<u32>]) -> Result<Inputs> {
-        Ok(Inputs::from_ids_on(
-            seqs,
-            self.config.pad_token_id,
-            &self.device,
-        )?)
+        Ok(v)
     }
 }
 
-/// Mean of the unmasked positions.
-///
-/// # Shapes
-/// `hidden`: [B, T, H], `mask`: [B, T] -> [B, H]
-pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
-    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
-    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
-    sum.broadcast_div(&count)
+impl TextBackbone for BertClassifier {
+    fn token_batch(&self, seqs: &[Vec<u32>]) -> Result<Inputs> {
+        self.inputs(seqs)
+    }
+}
+
+impl SequenceClassifier for BertClassifier {
+    fn num_labels(&self) -> usize {
+        self.num_labels
+    }
+
+    fn classify(&self, batch: &Inputs, ctx: &Ctx) -> Result<Tensor> {
+        self.forward(batch, ctx)
+    }
 }
 
 impl HasSites for BertClassifier {

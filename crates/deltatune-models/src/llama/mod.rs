@@ -11,4 +11,4 @@ pub use config::{LlamaConfig, LlamaConfigFile};
 pub use generate::{GenerateConfig, Generated, Generator, StopReason};
 pub use gguf::{load_llama_gguf, GgufTensor, LlamaGguf};
 pub use loader::{load_decoder, LoadedDecoder};
-pub use model::{KvCache, LlamaModel};
+pub use model::{KvCache, LlamaModel, TokenRows};

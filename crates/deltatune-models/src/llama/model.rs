@@ -17,6 +17,7 @@ use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, SiteInfo, SiteKi
 
 use super::config::{LlamaConfig, LlamaConfigFile};
 use super::gguf::GgufTensor;
+use crate::backbone::{Backbone, CausalLm, TextBackbone};
 use crate::layers;
 
 /// The token-embedding table: a plain tensor or kept quantized.
@@ -235,10 +236,6 @@ impl LlamaModel {
             site_deltas: Vec::new(),
             device,
         })
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     /// The last hidden states (after the final norm) of `ids`, continuing `cache` when given
@@ -466,31 +463,6 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Every base tensor under its Hugging Face key, as plain f32 (quantized ones dequantized;
-    /// merged deltas included): what a `model.safetensors` of this model holds.
-    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.dense()?)];
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            v.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
-            v.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                l.post_norm.clone(),
-            ));
-        }
-        v.push(("model.norm.weight".to_string(), self.norm.clone()));
-        for lin in self.linears() {
-            if lin.path == "lm_head" && self.config.tie_word_embeddings && lin.deltas.is_empty() {
-                continue;
-            }
-            v.push((format!("{}.weight", lin.path), lin.dense_weight()?));
-            if let Some(b) = &lin.bias {
-                v.push((format!("{}.bias", lin.path), b.clone()));
-            }
-        }
-        Ok(v)
-    }
-
     /// Bytes held by the frozen base (quantized blocks counted as stored).
     pub fn base_bytes(&self) -> usize {
         let embed = match &self.embed {
@@ -531,6 +503,75 @@ fn check_shape(t: &GgufTensor, key: &str, shape: &[usize], path: &Path) -> Resul
         });
     }
     Ok(())
+}
+
+/// Rows of token ids with their masks (1 real, 0 padding), as [`LlamaModel::forward_hidden`]
+/// reads them; rows may be padded on either side.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRows {
+    pub ids: Vec<Vec<u32>>,
+    pub mask: Vec<Vec<u32>>,
+}
+
+impl Backbone for LlamaModel {
+    type Batch = TokenRows;
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn hidden_states(&self, batch: &TokenRows, ctx: &Ctx) -> Result<Tensor> {
+        self.forward_hidden(&batch.ids, &batch.mask, None, ctx)
+    }
+
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.dense()?)];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            v.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
+            v.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_norm.clone(),
+            ));
+        }
+        v.push(("model.norm.weight".to_string(), self.norm.clone()));
+        for lin in self.linears() {
+            if lin.path == "lm_head" && self.config.tie_word_embeddings && lin.deltas.is_empty() {
+                continue;
+            }
+            v.push((format!("{}.weight", lin.path), lin.dense_weight()?));
+            if let Some(b) = &lin.bias {
+                v.push((format!("{}.bias", lin.path), b.clone()));
+            }
+        }
+        Ok(v)
+    }
+}
+
+impl TextBackbone for LlamaModel {
+    fn token_batch(&self, seqs: &[Vec<u32>]) -> Result<TokenRows> {
+        let pad = self.config.pad_token_id.unwrap_or(0);
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let padded = |s: &[u32], fill: u32| {
+            let mut r = s.to_vec();
+            r.resize(t, fill);
+            r
+        };
+        Ok(TokenRows {
+            ids: seqs.iter().map(|s| padded(s, pad)).collect(),
+            mask: seqs.iter().map(|s| padded(&vec![1; s.len()], 0)).collect(),
+        })
+    }
+}
+
+impl CausalLm for LlamaModel {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn lm_logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        self.logits(hidden, ctx)
+    }
 }
 
 impl HasSites for LlamaModel {
