@@ -17,5 +17,5 @@ pub mod registry;
 pub use common::PeftCommon;
 pub use delta::{load_state_dict, peft_key, state_dict, train_modules, Trainable, PEFT_PREFIX};
 pub use lora::LoraConfig;
-pub use method::{GatePlacement, Method};
+pub use method::{GatePlacement, Method, ToFields};
 pub use registry::{DeltaConfig, METHODS};

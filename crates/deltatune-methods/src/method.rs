@@ -25,8 +25,20 @@ pub enum GatePlacement<'a> {
     Prefix { layers: Option<&'a [usize]> },
 }
 
+/// A config as JSON: every serde config has it.
+pub trait ToFields {
+    /// `serde_json::to_value` of the config.
+    fn to_fields(&self) -> Value;
+}
+
+impl<T: serde::Serialize> ToFields for T {
+    fn to_fields(&self) -> Value {
+        serde_json::to_value(self).expect("configs serialise")
+    }
+}
+
 /// One delta method's configuration and behaviour.
-pub trait Method: std::fmt::Debug + Send + Sync {
+pub trait Method: ToFields + std::fmt::Debug + Send + Sync {
     /// The `--method` name (`lora`, `prefix`, ...).
     fn name(&self) -> &'static str;
 
@@ -43,8 +55,10 @@ pub trait Method: std::fmt::Debug + Send + Sync {
     fn validate(&self) -> Result<()>;
 
     /// The method's fields as `adapter_config.json` holds them (without `peft_type`), completed
-    /// with what `model` tells (e.g. a prompt's `token_dim`).
-    fn fields_json(&self, model: &dyn HasSites) -> Value;
+    /// with what `model` tells (e.g. a prompt's `token_dim`); by default the config as it is.
+    fn fields_json(&self, _model: &dyn HasSites) -> Value {
+        self.to_fields()
+    }
 
     /// Attaches the method for training; `init_text_ids` are the token ids of a
     /// prompt-initialisation text, when [`Method::init_text`] gave one.
@@ -91,11 +105,6 @@ pub trait Method: std::fmt::Debug + Send + Sync {
     }
 }
 
-/// `serde_json::to_value` of a method's config, for [`Method::fields_json`].
-pub(crate) fn to_value<T: serde::Serialize>(c: &T) -> Value {
-    serde_json::to_value(c).expect("configs serialise")
-}
-
 /// The sentence every non-mergeable method ends its [`Method::merge_blocker`] with.
 pub(crate) fn unmergeable(why: &str) -> Option<String> {
     Some(format!(
@@ -104,8 +113,21 @@ pub(crate) fn unmergeable(why: &str) -> Option<String> {
 }
 
 /// The [`Method`] functions every single method writes the same way: its names, its
-/// [`PeftCommon`] field `common`, and `validate` by its inherent `validate`.
+/// [`PeftCommon`] field `common`, `validate` by its inherent `validate`, and (with `attach`)
+/// `attach` by the module's `attach(model, cfg, rng)`.
 macro_rules! method_basics {
+    ($name:literal, $peft_type:literal, attach) => {
+        $crate::method::method_basics!($name, $peft_type);
+
+        fn attach(
+            &self,
+            model: &mut dyn deltatune_core::HasSites,
+            rng: &deltatune_core::Rng,
+            _init_text_ids: Option<&[u32]>,
+        ) -> deltatune_core::Result<Vec<$crate::Trainable>> {
+            attach(model, self, rng)
+        }
+    };
     ($name:literal, $peft_type:literal) => {
         fn name(&self) -> &'static str {
             $name

@@ -18,7 +18,7 @@ use deltatune_core::{ops, Ctx, HasSites, Result, Rng};
 pub use config::{AdapterSite, BottleneckConfig, NonLinearity, Placement};
 
 use crate::delta::{peft_key, train_modules, Trainable};
-use crate::method::{method_basics, to_value, unmergeable, GatePlacement, Method};
+use crate::method::{method_basics, unmergeable, GatePlacement, Method};
 
 /// One bottleneck `up(act(down(x)))`.
 #[derive(Debug, Clone)]
@@ -166,20 +166,7 @@ pub fn attach(
 }
 
 impl Method for BottleneckConfig {
-    method_basics!("adapter", "BOTTLENECK_ADAPTER");
-
-    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
-        to_value(self)
-    }
-
-    fn attach(
-        &self,
-        model: &mut dyn HasSites,
-        rng: &Rng,
-        _init: Option<&[u32]>,
-    ) -> Result<Vec<Trainable>> {
-        attach(model, self, rng)
-    }
+    method_basics!("adapter", "BOTTLENECK_ADAPTER", attach);
 
     fn merge_blocker(&self) -> Option<String> {
         unmergeable("bottleneck adapters add a non-linear module after the sub-layers; no weight change reproduces it")

@@ -13,7 +13,7 @@ use deltatune_core::{Error, HasSites, Result, Rng};
 pub use config::BitFitConfig;
 
 use crate::delta::{peft_key, train_modules, Trainable, PEFT_PREFIX};
-use crate::method::{method_basics, to_value, Method};
+use crate::method::{method_basics, Method};
 
 /// Why a BitFit adapter is never merged.
 pub const MERGE_NOTE: &str = "BitFit has nothing to merge: it adds no delta, the trained biases \
@@ -83,20 +83,7 @@ pub fn attach(model: &mut dyn HasSites, cfg: &BitFitConfig, _rng: &Rng) -> Resul
 }
 
 impl Method for BitFitConfig {
-    method_basics!("bitfit", "BITFIT");
-
-    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
-        to_value(self)
-    }
-
-    fn attach(
-        &self,
-        model: &mut dyn HasSites,
-        rng: &Rng,
-        _init: Option<&[u32]>,
-    ) -> Result<Vec<Trainable>> {
-        attach(model, self, rng)
-    }
+    method_basics!("bitfit", "BITFIT", attach);
 
     fn merge_blocker(&self) -> Option<String> {
         None

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::common::PeftCommon;
+use crate::method::ToFields;
 use crate::registry::DeltaConfig;
 
 /// Several deltas on one model, e.g. LoRA + a prefix + a bottleneck adapter (UniPELT).
@@ -101,14 +102,17 @@ impl ComposeConfig {
 
     /// The `adapter_config.json` fields (without `peft_type`).
     pub fn fields_json(&self, model: &dyn HasSites) -> Value {
+        self.fields(|d| d.to_json(model))
+    }
+
+    /// The fields with each member written by `member`.
+    fn fields(&self, member: impl Fn(&DeltaConfig) -> Value) -> Value {
         let mut v = json!({
-            "deltas": self.deltas.iter().map(|d| d.to_json(model)).collect::<Vec<_>>(),
+            "deltas": self.deltas.iter().map(member).collect::<Vec<_>>(),
             "gates": self.gates,
             "lr_scale": self.lr_scale,
         });
-        if let (Value::Object(m), Value::Object(c)) =
-            (&mut v, crate::method::to_value(&self.common))
-        {
+        if let (Value::Object(m), Value::Object(c)) = (&mut v, self.common.to_fields()) {
             m.extend(c);
         }
         v
@@ -167,5 +171,19 @@ impl ComposeConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The composition's fields as configured (members not completed by a model).
+impl serde::Serialize for ComposeConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.fields(|d| {
+            let mut v = d.to_fields();
+            if let Value::Object(m) = &mut v {
+                m.insert("peft_type".into(), Value::from(d.peft_type()));
+            }
+            v
+        })
+        .serialize(s)
     }
 }

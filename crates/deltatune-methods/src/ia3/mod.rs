@@ -20,7 +20,7 @@ pub use config::IA3Config;
 pub use layer::Ia3Linear;
 
 use crate::delta::{peft_key, train_modules, Trainable};
-use crate::method::{method_basics, to_value, Method};
+use crate::method::{method_basics, Method};
 
 /// Attaches a scaling vector to every site `cfg` selects and makes `modules_to_save` trainable.
 /// Returns the trainable tensors under their PEFT keys (the vectors without weight decay).
@@ -71,20 +71,7 @@ pub fn attach(model: &mut dyn HasSites, cfg: &IA3Config, rng: &Rng) -> Result<Ve
 }
 
 impl Method for IA3Config {
-    method_basics!("ia3", "IA3");
-
-    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
-        to_value(self)
-    }
-
-    fn attach(
-        &self,
-        model: &mut dyn HasSites,
-        rng: &Rng,
-        _init: Option<&[u32]>,
-    ) -> Result<Vec<Trainable>> {
-        attach(model, self, rng)
-    }
+    method_basics!("ia3", "IA3", attach);
 
     fn merge_blocker(&self) -> Option<String> {
         None

@@ -31,7 +31,7 @@ pub use projection::{fwht, Fastfood, Projection};
 pub use subspace::{fit_subspace, Subspace, BASIS_KEY, P0_KEY};
 
 use crate::delta::{train_modules, Trainable};
-use crate::method::{method_basics, to_value, unmergeable, Method};
+use crate::method::{method_basics, unmergeable, Method};
 use crate::prompt::{bad, rms, sample_vocab};
 
 /// The key of `z` in `adapter_model.safetensors`.
@@ -144,20 +144,7 @@ pub fn attach(
 }
 
 impl Method for IntrinsicPromptConfig {
-    method_basics!("intrinsic", "INTRINSIC_PROMPT");
-
-    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
-        to_value(self)
-    }
-
-    fn attach(
-        &self,
-        model: &mut dyn HasSites,
-        rng: &Rng,
-        _init: Option<&[u32]>,
-    ) -> Result<Vec<Trainable>> {
-        attach(model, self, rng)
-    }
+    method_basics!("intrinsic", "INTRINSIC_PROMPT", attach);
 
     fn merge_blocker(&self) -> Option<String> {
         unmergeable("intrinsic prompt tuning adds input vectors (the sequence gets longer); no weight change reproduces them")

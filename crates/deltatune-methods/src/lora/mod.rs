@@ -11,7 +11,7 @@ pub use config::{LoraBias, LoraConfig};
 pub use layer::LoraLinear;
 
 use crate::delta::{peft_key, Trainable};
-use crate::method::{method_basics, to_value, GatePlacement, Method};
+use crate::method::{method_basics, GatePlacement, Method};
 
 /// Attaches LoRA to the sites `cfg` selects and makes the requested biases and
 /// `modules_to_save` trainable. Returns the trainable tensors under their PEFT keys.
@@ -110,20 +110,7 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
 }
 
 impl Method for LoraConfig {
-    method_basics!("lora", "LORA");
-
-    fn fields_json(&self, _model: &dyn HasSites) -> serde_json::Value {
-        to_value(self)
-    }
-
-    fn attach(
-        &self,
-        model: &mut dyn HasSites,
-        rng: &Rng,
-        _init: Option<&[u32]>,
-    ) -> Result<Vec<Trainable>> {
-        attach(model, self, rng)
-    }
+    method_basics!("lora", "LORA", attach);
 
     fn merge_blocker(&self) -> Option<String> {
         None

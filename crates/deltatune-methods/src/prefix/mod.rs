@@ -14,7 +14,7 @@ use deltatune_core::{Ctx, Error, HasSites, Result, Rng};
 pub use config::{PrefixTuningConfig, DEFAULT_PREFIX_INIT_STD};
 
 use crate::delta::{state_dict, train_modules, Trainable};
-use crate::method::{method_basics, to_value, unmergeable, GatePlacement, Method};
+use crate::method::{method_basics, unmergeable, GatePlacement, Method, ToFields};
 
 /// The key of the (folded) prefix table in `adapter_model.safetensors` (PEFT's).
 pub const PREFIX_KEY: &str = "prompt_embeddings";
@@ -215,19 +215,10 @@ pub fn export(trainables: &[Trainable]) -> Result<BTreeMap<String, Tensor>> {
 }
 
 impl Method for PrefixTuningConfig {
-    method_basics!("prefix", "PREFIX_TUNING");
+    method_basics!("prefix", "PREFIX_TUNING", attach);
 
     fn fields_json(&self, model: &dyn HasSites) -> serde_json::Value {
-        to_value(&self.completed(model))
-    }
-
-    fn attach(
-        &self,
-        model: &mut dyn HasSites,
-        rng: &Rng,
-        _init: Option<&[u32]>,
-    ) -> Result<Vec<Trainable>> {
-        attach(model, self, rng)
+        self.completed(model).to_fields()
     }
 
     fn attach_saved(&self, model: &mut dyn HasSites, rng: &Rng) -> Result<Vec<Trainable>> {

@@ -13,7 +13,7 @@ pub(crate) use config::bad;
 pub use config::{PromptTuningConfig, PromptTuningInit};
 
 use crate::delta::{train_modules, Trainable};
-use crate::method::{method_basics, to_value, unmergeable, Method};
+use crate::method::{method_basics, unmergeable, Method, ToFields};
 
 /// The key of the soft prompt in `adapter_model.safetensors` (PEFT's).
 pub const PROMPT_KEY: &str = "prompt_embeddings";
@@ -134,7 +134,7 @@ impl Method for PromptTuningConfig {
     method_basics!("prompt", "PROMPT_TUNING");
 
     fn fields_json(&self, model: &dyn HasSites) -> serde_json::Value {
-        to_value(&self.completed(model))
+        self.completed(model).to_fields()
     }
 
     fn attach(
