@@ -344,6 +344,10 @@ pub struct RunArgs {
     /// Stop after this many optimiser steps (smoke runs).
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Continue the interrupted run that writes this output folder from its newest checkpoint,
+    /// with its saved settings (`train` only; only settings such as --epochs may change).
+    #[arg(long, value_name = "OUTPUT")]
+    resume: Option<PathBuf>,
     /// Any setting by its dotted key, e.g. `--set prompt.num_virtual_tokens=40` (repeatable;
     /// see --show-config for the keys). Applied after the other flags.
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -432,6 +436,13 @@ impl RunArgs {
 
     /// Resolves settings; with `--show-config`, prints them and returns `None`.
     fn resolve(&self) -> anyhow::Result<Option<settings::Settings>> {
+        if let Some(out) = &self.resume {
+            anyhow::bail!(
+                "--resume is for `deltatune train` (to continue {}); search studies and auto \
+                 runs resume by running the same command again",
+                out.display()
+            );
+        }
         let env = |k: &str| std::env::var(k).ok();
         let (s, sources) = settings::resolve(self.config.as_deref(), &env, &self.flags()?)?;
         if self.show_config {
@@ -439,6 +450,35 @@ impl RunArgs {
             return Ok(None);
         }
         Ok(Some(s))
+    }
+}
+
+/// `deltatune train [--resume OUTPUT]`; a run stopped by a signal says how to resume it.
+fn train(a: &RunArgs) -> anyhow::Result<()> {
+    let env = |k: &str| std::env::var(k).ok();
+    let (given, sources) = settings::resolve(a.config.as_deref(), &env, &a.flags()?)?;
+    let (s, resume) = match &a.resume {
+        Some(out) => (
+            commands::resume::resumed_settings(out, &given, &sources)?,
+            true,
+        ),
+        None => (given, false),
+    };
+    if a.show_config {
+        print!("{}", settings::show(&s, &sources)?);
+        return Ok(());
+    }
+    match commands::train(&s, resume) {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<deltatune_train::TrainError>(),
+                Some(deltatune_train::TrainError::Interrupted { .. })
+            ) =>
+        {
+            eprintln!("{}", commands::resume::resume_hint(&s.output));
+            std::process::exit(130);
+        }
+        r => r,
     }
 }
 
@@ -461,9 +501,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Fetch { cache } => commands::fetch(cache),
-        Command::Train(a) => a
-            .resolve()
-            .and_then(|s| s.map_or(Ok(()), |s| commands::train(&s))),
+        Command::Train(a) => train(&a),
         Command::Generate {
             adapter,
             model,

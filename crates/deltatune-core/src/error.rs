@@ -11,6 +11,17 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    /// The disk filled up while writing `path`; whatever was there before is unchanged.
+    #[error(
+        "no space left on the device writing {path} ({bytes} bytes needed, {free} free); \
+         the previous file is intact: free some space (or point the output elsewhere) and run again"
+    )]
+    DiskFull {
+        path: PathBuf,
+        bytes: u64,
+        free: String,
+    },
+
     /// A file could not be read or written.
     #[error("{action} {path}: {source}")]
     Io {

@@ -152,7 +152,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
+        if is_disk_full(&e) {
+            return Err(Error::DiskFull {
+                path: path.to_path_buf(),
+                bytes: bytes.len() as u64,
+                free: free_bytes(dir).map_or("unknown".into(), |b| b.to_string()),
+            });
+        }
         return Err(Error::io("writing", path, e));
     }
     Ok(())
+}
+
+/// Whether `e` says the device is full (ENOSPC) or the quota is exhausted (EDQUOT).
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(28) | Some(122))
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir` (`df`'s "Avail").
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let out = std::process::Command::new("df")
+        .args(["-P", "-B1"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().nth(1)?.split_whitespace().nth(3)?.parse().ok()
 }

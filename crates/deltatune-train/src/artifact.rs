@@ -45,6 +45,7 @@ impl Staging {
             })?
             .to_string_lossy()
             .to_string();
+        remove_dead_partials(parent, &name);
         let dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
         if dir.exists() {
             let _ = std::fs::remove_dir_all(&dir);
@@ -121,6 +122,27 @@ impl Staging {
         }
         self.committed = true;
         Ok(self.target.clone())
+    }
+}
+
+/// Removes the staging folders of `name` left by processes that no longer run (a run killed
+/// with SIGKILL cannot clean up after itself).
+fn remove_dead_partials(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = file_name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive && Path::new("/proc/self").exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

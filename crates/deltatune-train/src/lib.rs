@@ -2,15 +2,18 @@
 
 pub mod artifact;
 pub mod causal_lm;
+pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
 pub mod trainer;
 
 pub use causal_lm::{generate_texts, generation_metrics, CausalLmTask, LmExample};
+pub use checkpoint::Checkpointing;
 pub use metrics::{classification_metrics, ClassificationMetrics};
 pub use trainer::{
-    evaluate, predict_proba, train, train_task, ClassificationTask, DevScore, Encoded, EpochRecord,
-    Examples, Labelled, StepEval, Task, TrainConfig, TrainReport,
+    evaluate, predict_proba, train, train_task, train_task_with, ClassificationTask, DevScore,
+    Encoded, EpochRecord, Examples, Labelled, StepEval, Task, TrainConfig, TrainOptions,
+    TrainReport,
 };
 
 /// Errors of the training crate.
@@ -29,6 +32,11 @@ pub enum TrainError {
     NonFinite(String),
     #[error("{0}")]
     Io(String),
+    /// A stop was requested (SIGINT/SIGTERM); the run's state is in `checkpoint`.
+    #[error("training stopped on request{}", match .checkpoint { Some(p) => format!("; its state is saved in {}", p.display()), None => String::new() })]
+    Interrupted {
+        checkpoint: Option<std::path::PathBuf>,
+    },
 }
 
 /// The result alias of this crate.

@@ -46,6 +46,36 @@ impl AdamW {
         self.lr_scales = scales;
     }
 
+    /// The optimiser's state: steps taken and the first and second moments, one per parameter.
+    pub fn state(&self) -> (usize, &[Tensor], &[Tensor]) {
+        (self.step, &self.m, &self.v)
+    }
+
+    /// Restores a state from [`AdamW::state`] (a resumed run continues exactly).
+    pub fn set_state(&mut self, step: usize, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<()> {
+        for (i, (a, b)) in m.iter().zip(&v).enumerate() {
+            let want = self.params[i].0.dims();
+            if a.dims() != want || b.dims() != want {
+                candle_core::bail!(
+                    "optimiser state {i}: moments {:?}/{:?}, parameter {want:?}",
+                    a.dims(),
+                    b.dims()
+                );
+            }
+        }
+        if m.len() != self.params.len() || v.len() != self.params.len() {
+            candle_core::bail!(
+                "optimiser state has {} moments for {} parameters",
+                m.len(),
+                self.params.len()
+            );
+        }
+        self.step = step;
+        self.m = m;
+        self.v = v;
+        Ok(())
+    }
+
     /// One update with learning rate `lr` from the gradients in `grads` (summed over
     /// accumulation steps and multiplied by `grad_scale`).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {

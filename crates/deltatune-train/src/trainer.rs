@@ -1,8 +1,9 @@
 //! The training loop: AdamW, linear warm-up then decay, clipping, accumulation, evaluation on
 //! dev each epoch, best checkpoint kept, early stopping, a JSONL metrics log and a progress bar.
 
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -12,6 +13,7 @@ use deltatune_models::{SequenceClassifier, TextBackbone};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, Checkpointing, TrainState};
 use crate::metrics::{classification_metrics, ClassificationMetrics};
 use crate::optim::{collect_grads, global_norm, linear_schedule, AdamW};
 use crate::{Result, TrainError};
@@ -53,6 +55,12 @@ pub struct TrainConfig {
     /// after each epoch). These evaluations are reported only; the best epoch is still chosen
     /// from the epoch-end evaluations.
     pub eval_every_steps: Option<usize>,
+    /// Write a checkpoint every this many optimiser steps, besides each epoch's end (default
+    /// 100; unset: at epoch ends only). `deltatune train --resume OUTPUT` continues from the
+    /// newest.
+    pub checkpoint_every: Option<usize>,
+    /// How many of the newest checkpoints to keep (default 2, at least 1).
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainConfig {
@@ -72,6 +80,8 @@ impl Default for TrainConfig {
             max_steps: None,
             freeze: Vec::new(),
             eval_every_steps: None,
+            checkpoint_every: Some(100),
+            keep_checkpoints: 2,
         }
     }
 }
@@ -91,6 +101,15 @@ impl TrainConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", "must be a positive number");
+        }
+        if self.checkpoint_every == Some(0) {
+            return bad(
+                "checkpoint_every",
+                "must be at least 1 (or unset: checkpoint at epoch ends only)",
+            );
+        }
+        if self.keep_checkpoints == 0 {
+            return bad("keep_checkpoints", "must be at least 1");
         }
         if self.eval_every_steps == Some(0) {
             return bad(
@@ -360,6 +379,48 @@ pub fn train_task(
     metrics_log: Option<&Path>,
     show_progress: bool,
 ) -> Result<TrainReport> {
+    train_task_with(
+        task,
+        trainables,
+        cfg,
+        &TrainOptions {
+            metrics_log,
+            show_progress,
+            checkpoints: None,
+        },
+    )
+}
+
+/// How a run reports and checkpoints.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions<'a> {
+    /// Each epoch's record (and step evaluations) appended as JSON lines.
+    pub metrics_log: Option<&'a Path>,
+    /// Progress bars on the terminal.
+    pub show_progress: bool,
+    /// Checkpoint (and resume from the newest checkpoint in the folder, if any).
+    pub checkpoints: Option<&'a Checkpointing>,
+}
+
+/// The running sums of the epoch in progress.
+#[derive(Debug, Clone, Copy, Default)]
+struct EpochSums {
+    loss_sum: f64,
+    n_loss: usize,
+    seen: usize,
+    seconds_before: f64,
+}
+
+/// [`train_task`] with checkpoints: when `opts.checkpoints` names a folder that holds one, the
+/// run continues from the newest (delta, optimiser, counters, metrics log restored exactly);
+/// it writes one at each epoch end and every `every_steps` optimiser steps, and on a stop
+/// request writes one and returns [`TrainError::Interrupted`].
+pub fn train_task_with(
+    task: &dyn Task,
+    trainables: &[Trainable],
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+) -> Result<TrainReport> {
     cfg.validate()?;
     if task.train_len() == 0 {
         return Err(TrainError::Data("the training set is empty".into()));
@@ -370,6 +431,7 @@ pub fn train_task(
         ));
     }
     let vars: Vec<_> = trainables.iter().map(|t| t.var.clone()).collect();
+    let keys: Vec<String> = trainables.iter().map(|t| t.key.clone()).collect();
     let mut opt = AdamW::new(
         trainables
             .iter()
@@ -383,29 +445,160 @@ pub fn train_task(
     let total_steps = steps_per_epoch * cfg.epochs;
     let warmup = (cfg.warmup_ratio * total_steps as f64).ceil() as usize;
 
-    let mut log = match metrics_log {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| TrainError::Io(format!("opening {}: {e}", p.display())))?,
-        ),
-        None => None,
-    };
     let mut records = Vec::new();
     let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
     let mut since_best = 0;
     let mut step = 0usize;
     let mut stopped_early = false;
-    'epochs: for epoch in 1..=cfg.epochs {
+    let (mut start_epoch, mut start_batch) = (1usize, 0usize);
+    let mut resumed_sums = EpochSums::default();
+    let mut log_len = None;
+    if let Some(ck) = opts
+        .checkpoints
+        .and_then(|c| checkpoint::latest(&c.dir).transpose())
+    {
+        let ck = ck?;
+        let st = &ck.state;
+        if st.keys != keys {
+            return Err(TrainError::Config(format!(
+                "checkpoint {} holds the delta tensors [{}], this run has [{}]: it was written \
+                 by another method or model (delete the checkpoint folder to start over)",
+                ck.path.display(),
+                st.keys.join(", "),
+                keys.join(", ")
+            )));
+        }
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for (var, k) in vars.iter().zip(&keys) {
+            var.set(&ck.tensor("delta", k)?)?;
+            m.push(ck.tensor("adam_m", k)?);
+            v.push(ck.tensor("adam_v", k)?);
+        }
+        opt.set_state(st.adam_step, m, v)?;
+        if let Some((acc, epoch)) = st.best {
+            let snap = keys
+                .iter()
+                .map(|k| ck.tensor("best", k))
+                .collect::<Result<Vec<_>>>()?;
+            best = Some((acc, epoch, snap));
+        }
+        records = st.records.clone();
+        since_best = st.since_best;
+        step = st.step;
+        (start_epoch, start_batch) = (st.epoch, st.batch);
+        resumed_sums = EpochSums {
+            loss_sum: st.loss_sum,
+            n_loss: st.n_loss,
+            seen: st.seen,
+            seconds_before: st.epoch_seconds,
+        };
+        log_len = st.metrics_log_bytes;
+        eprintln!(
+            "resuming from {} (epoch {}, batch {}, step {step})",
+            ck.path.display(),
+            st.epoch,
+            st.batch
+        );
+    }
+
+    let mut log = match opts.metrics_log {
+        Some(p) => {
+            if let Some(n) = log_len {
+                // Lines written after the checkpoint are written again by the resumed run.
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(p)
+                    .map_err(|e| TrainError::Io(format!("opening {}: {e}", p.display())))?;
+                f.set_len(n)
+                    .map_err(|e| TrainError::Io(format!("truncating {}: {e}", p.display())))?;
+            }
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| TrainError::Io(format!("opening {}: {e}", p.display())))?,
+            )
+        }
+        None => None,
+    };
+    let stop_requested = || {
+        opts.checkpoints
+            .and_then(|c| c.stop.as_ref())
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+    };
+    // Writes a checkpoint of the state at a batch boundary.
+    let save = |epoch: usize,
+                batch: usize,
+                step: usize,
+                sums: EpochSums,
+                records: &Vec<EpochRecord>,
+                best: &Option<(f64, usize, Vec<Tensor>)>,
+                since_best: usize,
+                opt: &AdamW,
+                log: &mut Option<std::fs::File>|
+     -> Result<Option<PathBuf>> {
+        let Some(ck) = opts.checkpoints else {
+            return Ok(None);
+        };
+        let log_bytes = match log.as_mut() {
+            Some(f) => {
+                f.flush()
+                    .map_err(|e| TrainError::Io(format!("writing metrics log: {e}")))?;
+                Some(
+                    f.metadata()
+                        .map_err(|e| TrainError::Io(format!("metrics log: {e}")))?
+                        .len(),
+                )
+            }
+            None => None,
+        };
+        let (adam_step, m, v) = opt.state();
+        let mut tensors = BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            tensors.insert(format!("delta/{k}"), vars[i].as_tensor().detach());
+            tensors.insert(format!("adam_m/{k}"), m[i].clone());
+            tensors.insert(format!("adam_v/{k}"), v[i].clone());
+            if let Some((_, _, snap)) = best {
+                tensors.insert(format!("best/{k}"), snap[i].clone());
+            }
+        }
+        let state = TrainState {
+            format: checkpoint::FORMAT,
+            epoch,
+            batch,
+            step,
+            loss_sum: sums.loss_sum,
+            n_loss: sums.n_loss,
+            seen: sums.seen,
+            epoch_seconds: sums.seconds_before,
+            records: records.clone(),
+            best: best.as_ref().map(|(a, e, _)| (*a, *e)),
+            since_best,
+            adam_step,
+            metrics_log_bytes: log_bytes,
+            keys: keys.clone(),
+        };
+        Ok(Some(checkpoint::write(ck, &state, &tensors)?))
+    };
+    let every = opts.checkpoints.and_then(|c| c.every_steps);
+    'epochs: for epoch in start_epoch..=cfg.epochs {
         let batches = epoch_batches(task, cfg, epoch);
-        let bar = progress_bar(batches.len() as u64, epoch, cfg.epochs, show_progress);
+        let first = if epoch == start_epoch { start_batch } else { 0 };
+        let sums0 = if epoch == start_epoch {
+            resumed_sums
+        } else {
+            EpochSums::default()
+        };
+        let bar = progress_bar(batches.len() as u64, epoch, cfg.epochs, opts.show_progress);
+        bar.set_position(first as u64);
         let t0 = Instant::now();
-        let (mut loss_sum, mut n_loss, mut seen) = (0.0f64, 0usize, 0usize);
+        let (mut loss_sum, mut n_loss, mut seen) = (sums0.loss_sum, sums0.n_loss, sums0.seen);
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut micro = 0usize;
-        for (bi, idx) in batches.iter().enumerate() {
+        for (bi, idx) in batches.iter().enumerate().skip(first) {
             let ctx = Ctx::train(Rng::new(cfg.seed).derive(&format!("dropout/{epoch}/{bi}")));
             let loss = task.loss(idx, &ctx)?;
             let loss_v = loss.to_scalar::<f32>()? as f64;
@@ -468,12 +661,36 @@ pub fn train_task(
                             .map_err(|e| TrainError::Io(format!("writing metrics log: {e}")))?;
                     }
                 }
+                let stop = stop_requested();
+                if stop || every.is_some_and(|n| step.is_multiple_of(n)) {
+                    let sums = EpochSums {
+                        loss_sum,
+                        n_loss,
+                        seen,
+                        seconds_before: sums0.seconds_before + t0.elapsed().as_secs_f64(),
+                    };
+                    let path = save(
+                        epoch,
+                        bi + 1,
+                        step,
+                        sums,
+                        &records,
+                        &best,
+                        since_best,
+                        &opt,
+                        &mut log,
+                    )?;
+                    if stop {
+                        bar.finish_and_clear();
+                        return Err(TrainError::Interrupted { checkpoint: path });
+                    }
+                }
             }
             let secs = t0.elapsed().as_secs_f64();
             bar.set_message(format!(
                 "loss {:.4} | {:.1} ex/s",
-                loss_sum / n_loss as f64,
-                seen as f64 / secs.max(1e-9)
+                loss_sum / n_loss.max(1) as f64,
+                (seen - sums0.seen) as f64 / secs.max(1e-9)
             ));
             bar.inc(1);
             if cfg.max_steps.is_some_and(|m| step >= m) {
@@ -481,7 +698,7 @@ pub fn train_task(
             }
         }
         bar.finish_and_clear();
-        let train_seconds = t0.elapsed().as_secs_f64();
+        let train_seconds = sums0.seconds_before + t0.elapsed().as_secs_f64();
         let m = task.evaluate_dev(cfg.eval_batch_size)?;
         let rec = EpochRecord {
             epoch,
@@ -524,11 +741,33 @@ pub fn train_task(
                 break 'epochs;
             }
         }
+        let done = cfg.max_steps.is_some_and(|m| step >= m) || epoch == cfg.epochs;
+        if !done {
+            let path = save(
+                epoch + 1,
+                0,
+                step,
+                EpochSums::default(),
+                &records,
+                &best,
+                since_best,
+                &opt,
+                &mut log,
+            )?;
+            if stop_requested() {
+                return Err(TrainError::Interrupted { checkpoint: path });
+            }
+        }
         if cfg.max_steps.is_some_and(|m| step >= m) {
             break;
         }
     }
-    let (best_acc, best_epoch, snapshot) = best.expect("at least one epoch ran");
+    let (best_acc, best_epoch, snapshot) = best.ok_or_else(|| {
+        TrainError::Config(format!(
+            "nothing left to train: the checkpoint is past the last of {} epochs",
+            cfg.epochs
+        ))
+    })?;
     for (v, t) in vars.iter().zip(&snapshot) {
         v.set(t)?;
     }

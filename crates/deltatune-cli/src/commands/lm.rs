@@ -10,7 +10,7 @@ use deltatune_core::{HasSites, Rng};
 use deltatune_data::generation::{load_generation_jsonl, ChatMessage, GenExample};
 use deltatune_methods::{load_state_dict, DeltaConfig, Trainable};
 use deltatune_models::llama::{load_decoder, GenerateConfig, Generator, LoadedDecoder};
-use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, RUN_CONFIG};
+use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG};
 use deltatune_train::{generate_texts, generation_metrics, CausalLmTask, LmExample};
 use serde_json::{json, Value};
 
@@ -228,8 +228,9 @@ pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
 }
 
 /// `deltatune train --task generate`.
-pub fn train(s: &Settings) -> Result<()> {
+pub fn train(s: &Settings, resume: bool) -> Result<()> {
     let staging = Staging::create(&s.output)?;
+    let ckpt = super::resume::RunCheckpoints::prepare(s, resume)?;
     let (train_file, dev_file, test_file) = data_files(s)?;
     let read = |p: &Path| -> Result<Vec<GenExample>> {
         Ok(load_generation_jsonl(
@@ -326,13 +327,17 @@ pub fn train(s: &Settings) -> Result<()> {
         max_new_tokens: s.generation.max_new_tokens,
         stop: s.generation.stop.clone(),
     };
-    let report = deltatune_train::train_task(
+    let report = deltatune_train::train_task_with(
         &task,
         &optimised,
         &s.train,
-        Some(&staging.file(METRICS)),
-        s.progress,
+        &deltatune_train::TrainOptions {
+            metrics_log: Some(&ckpt.metrics_log()),
+            show_progress: s.progress,
+            checkpoints: Some(&ckpt.checkpointing),
+        },
     )?;
+    ckpt.copy_metrics(&staging)?;
     let eval = |ex: &[LmExample], refs: &[String]| -> Result<(f64, f64, Vec<String>)> {
         let prompts: Vec<Vec<u32>> = ex.iter().map(|e| e.prompt.clone()).collect();
         let texts = generate_texts(
@@ -408,6 +413,7 @@ pub fn train(s: &Settings) -> Result<()> {
     });
     staging.write_json("results.json", &results)?;
     let out = staging.commit()?;
+    ckpt.finish();
     println!(
         "dev exact match:  {:.4} (error rate {:.4}, best epoch {})",
         dev_m["exact_match"].as_f64().unwrap_or(f64::NAN),

@@ -8,6 +8,7 @@ mod inspect;
 pub mod lm;
 mod merge;
 mod predict;
+pub mod resume;
 pub mod search;
 pub mod study;
 pub mod subspace;

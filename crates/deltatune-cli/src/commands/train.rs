@@ -3,21 +3,23 @@ use std::time::Instant;
 use anyhow::Result;
 use deltatune_core::HasSites;
 use deltatune_data::text::LabelMap;
-use deltatune_train::artifact::{
-    Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, METRICS, RUN_CONFIG,
-};
+use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, RUN_CONFIG};
+use deltatune_train::{train_task_with, ClassificationTask, TrainOptions};
 use serde_json::json;
 
+use super::resume::RunCheckpoints;
 use crate::session::{self, RunConfig, SUBSPACE_FILE};
 use crate::settings::Settings;
 
-/// `deltatune train`.
-pub fn train(s: &Settings) -> Result<()> {
+/// `deltatune train`; with `resume`, continues the run writing `s.output` from its newest
+/// checkpoint.
+pub fn train(s: &Settings, resume: bool) -> Result<()> {
     if s.task == "generate" {
-        return super::lm::train(s);
+        return super::lm::train(s, resume);
     }
-    // Fail on an unwritable output before spending any time.
+    // Fail on an unwritable output or checkpoint folder before spending any time.
     let staging = Staging::create(&s.output)?;
+    let ckpt = RunCheckpoints::prepare(s, resume)?;
     let model_dir = session::model_dir(&s.model, &s.cache)?;
     let splits = session::load_splits(s)?;
     let labels = LabelMap::from_train(&splits.train);
@@ -88,15 +90,22 @@ pub fn train(s: &Settings) -> Result<()> {
     };
     staging.write_json(RUN_CONFIG, &run)?;
     labels.save(&staging.file(LABELS))?;
-    let report = deltatune_train::train(
-        &loaded.model,
+    let task = ClassificationTask {
+        model: &loaded.model,
+        train: &train,
+        dev: &dev,
+    };
+    let report = train_task_with(
+        &task,
         &optimised,
-        &train,
-        &dev,
         &s.train,
-        Some(&staging.file(METRICS)),
-        s.progress,
+        &TrainOptions {
+            metrics_log: Some(&ckpt.metrics_log()),
+            show_progress: s.progress,
+            checkpoints: Some(&ckpt.checkpointing),
+        },
     )?;
+    ckpt.copy_metrics(&staging)?;
     let (dev_m, _) = deltatune_train::evaluate(&loaded.model, &dev, s.train.eval_batch_size)?;
     let test_m = match &test {
         Some(t) => Some(deltatune_train::evaluate(&loaded.model, t, s.train.eval_batch_size)?.0),
@@ -132,6 +141,7 @@ pub fn train(s: &Settings) -> Result<()> {
     });
     staging.write_json("results.json", &results)?;
     let out = staging.commit()?;
+    ckpt.finish();
     println!(
         "dev accuracy:  {:.4} (macro-F1 {:.4}, best epoch {})",
         dev_m.accuracy, dev_m.macro_f1, report.best_epoch

@@ -1,0 +1,227 @@
+//! Checkpoints of `train` runs and `train --resume OUTPUT`.
+//!
+//! A run with output `runs/x` keeps its checkpoints in `runs/x.checkpoints/`: the resolved
+//! settings (`settings.json`, written before the first step), the metrics log so far, and the
+//! newest checkpoint folders (see `deltatune_train::checkpoint`). A finished run removes the
+//! folder once its output is in place. SIGINT or SIGTERM makes the trainer finish its step,
+//! write a checkpoint and stop; `train --resume runs/x` continues from the newest checkpoint
+//! with the saved settings.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{bail, Context, Result};
+use deltatune_train::artifact::{Staging, METRICS};
+use deltatune_train::Checkpointing;
+use serde_json::Value;
+
+use crate::settings::{Settings, Source};
+
+/// The resolved settings of the run, in its checkpoint folder.
+pub const SETTINGS_FILE: &str = "settings.json";
+
+/// Settings a resumed run may change: they do not change what the finished steps computed.
+pub const MAY_CHANGE: &[&str] = &[
+    "train.epochs",
+    "train.early_stopping_patience",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.eval_batch_size",
+    "train.max_steps",
+    "progress",
+    "cache",
+];
+
+/// The checkpoint folder of a run writing `output`: `output` with `.checkpoints` appended.
+pub fn checkpoint_dir(output: &Path) -> PathBuf {
+    let mut name = output
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "run".into());
+    name.push(".checkpoints");
+    output.with_file_name(name)
+}
+
+static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    if let Some(flag) = STOP.get() {
+        if flag.swap(true, Ordering::SeqCst) {
+            // A second signal: stop now (the newest checkpoint stays as it was).
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) };
+        }
+    }
+}
+
+/// The flag SIGINT and SIGTERM set (the handlers are installed on the first call).
+fn stop_flag() -> Arc<AtomicBool> {
+    STOP.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        // SAFETY: the handler only touches an atomic through an initialised OnceLock, and
+        // calls _exit; both are async-signal-safe.
+        unsafe {
+            let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::signal(libc::SIGINT, handler);
+            libc::signal(libc::SIGTERM, handler);
+        }
+        flag
+    })
+    .clone()
+}
+
+/// A run's checkpointing: the folder, prepared before training starts.
+pub struct RunCheckpoints {
+    pub dir: PathBuf,
+    pub checkpointing: Checkpointing,
+}
+
+impl RunCheckpoints {
+    /// Prepares the checkpoint folder of `s.output`. A fresh run refuses a folder that holds an
+    /// interrupted run (so it is never overwritten by accident) and records the settings; a
+    /// resumed run needs the folder. Fails before any training when the folder is not writable.
+    pub fn prepare(s: &Settings, resume: bool) -> Result<Self> {
+        let dir = checkpoint_dir(&s.output);
+        if dir.exists() && !dir.is_dir() {
+            bail!(
+                "{} exists and is not a folder; deltatune keeps the run's checkpoints there: \
+                 move it away",
+                dir.display()
+            );
+        }
+        let held = deltatune_train::checkpoint::list(&dir)?;
+        if !resume && !held.is_empty() {
+            bail!(
+                "{} holds an interrupted run (newest checkpoint {}); continue it with \
+                 `deltatune train --resume {}`, or delete that folder to start over",
+                dir.display(),
+                held.last().unwrap().display(),
+                s.output.display()
+            );
+        }
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "cannot create the checkpoint folder {}; choose a writable --output",
+                dir.display()
+            )
+        })?;
+        if !resume {
+            let mut text = serde_json::to_string_pretty(s)?;
+            text.push('\n');
+            deltatune_core::write_atomic(&dir.join(SETTINGS_FILE), text.as_bytes())?;
+            // A fresh run's log starts empty.
+            let _ = std::fs::remove_file(dir.join(METRICS));
+        }
+        let checkpointing = Checkpointing {
+            dir: dir.clone(),
+            every_steps: s.train.checkpoint_every,
+            keep: s.train.keep_checkpoints,
+            stop: Some(stop_flag()),
+        };
+        Ok(Self { dir, checkpointing })
+    }
+
+    /// Where the metrics log grows while the run trains.
+    pub fn metrics_log(&self) -> PathBuf {
+        self.dir.join(METRICS)
+    }
+
+    /// Copies the metrics log into the output being staged.
+    pub fn copy_metrics(&self, staging: &Staging) -> Result<()> {
+        let log = self.metrics_log();
+        if log.exists() {
+            let bytes =
+                std::fs::read(&log).with_context(|| format!("reading {}", log.display()))?;
+            staging.write(METRICS, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the folder once the run's output is in place.
+    pub fn finish(self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The settings of the run writing `output`, with the given settings (`given`, each key with
+/// its source) checked against them: a key given explicitly (not a default) with another
+/// value is refused by name unless it is in [`MAY_CHANGE`], in which case it applies.
+pub fn resumed_settings(
+    output: &Path,
+    given: &Settings,
+    sources: &[(String, Source)],
+) -> Result<Settings> {
+    let dir = checkpoint_dir(output);
+    let file = dir.join(SETTINGS_FILE);
+    if !file.exists() {
+        if output
+            .join(deltatune_train::artifact::ADAPTER_CONFIG)
+            .exists()
+        {
+            bail!(
+                "{} is a finished run: there is nothing to resume (its checkpoints are removed \
+                 when it completes)",
+                output.display()
+            );
+        }
+        bail!(
+            "no run to resume at {}: {} is missing (start it with `deltatune train --output {}`)",
+            output.display(),
+            file.display(),
+            output.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let mut saved: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not the settings JSON of a run", file.display()))?;
+    let now = serde_json::to_value(given)?;
+    let mut refused = Vec::new();
+    for (key, src) in sources {
+        if *src == Source::Default || key == "output" {
+            continue;
+        }
+        let (Some(a), Some(b)) = (lookup(&saved, key).cloned(), lookup(&now, key).cloned()) else {
+            continue;
+        };
+        if a == b {
+            continue;
+        }
+        if MAY_CHANGE.contains(&key.as_str()) {
+            if let Some(slot) = lookup_mut(&mut saved, key) {
+                *slot = b;
+            }
+        } else {
+            refused.push(format!("`{key}` is {a} in the run and {b} here"));
+        }
+    }
+    if !refused.is_empty() {
+        bail!(
+            "a resumed run keeps its settings, and these differ: {}. Drop them (only {} may \
+             change), or start a new run with another --output",
+            refused.join("; "),
+            MAY_CHANGE.join(", ")
+        );
+    }
+    let mut s: Settings = serde_json::from_value(saved)
+        .with_context(|| format!("{} does not hold settings this build reads", file.display()))?;
+    s.output = output.to_path_buf();
+    Ok(s)
+}
+
+fn lookup<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    key.split('.').try_fold(v, |v, k| v.get(k))
+}
+
+fn lookup_mut<'a>(v: &'a mut Value, key: &str) -> Option<&'a mut Value> {
+    key.split('.').try_fold(v, |v, k| v.get_mut(k))
+}
+
+/// What to tell the user when a run stopped on a signal.
+pub fn resume_hint(output: &Path) -> String {
+    format!(
+        "training stopped; its state is saved. Continue with:\n  deltatune train --resume {}",
+        output.display()
+    )
+}
