@@ -365,3 +365,133 @@ fn disk_full_while_checkpointing_names_the_path_and_keeps_the_previous_checkpoin
         adapter_bytes(&t.0.join("whole"))
     );
 }
+
+#[test]
+fn a_search_trial_whose_worker_dies_resumes_from_its_checkpoint() {
+    let t = setup("search");
+    std::fs::write(
+        t.0.join("space.toml"),
+        "[methods.lora]\nr = { int = [4, 8], step = 4 }\n",
+    )
+    .unwrap();
+    let model = fixtures().join("tiny-bert").canonicalize().unwrap();
+    let model_set = format!("model={}", model.display());
+    let args: Vec<String> = [
+        "search",
+        "--space",
+        "space.toml",
+        "--study",
+        "s",
+        "--storage",
+        "s.db",
+        "--trials",
+        "1",
+        "--pruner",
+        "none",
+        "--runs",
+        "runs",
+        "--heartbeat",
+        "0.2",
+        "--stale-timeout",
+        "1",
+        "--set",
+        &model_set,
+        "--set",
+        "data.train=train.csv",
+        "--set",
+        "data.dev=dev.csv",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.checkpoint_every=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut worker = spawn(&args, &t.0);
+    let ck = t.0.join("runs/s/trial-0000.checkpoints");
+    assert!(wait_for_step(&mut worker, &ck, 30), "the trial ended early");
+    worker.kill().unwrap(); // SIGKILL: the trial gets SIGTERM from the kernel and checkpoints
+    worker.wait().unwrap();
+    // The trial stops within a step; its heartbeat goes stale after a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let o = run(&args, &t.0);
+    assert!(o.status.success(), "{}", text(&o));
+    let log = std::fs::read_to_string(t.0.join("runs/s/trial-0001.log")).unwrap();
+    assert!(
+        log.contains("resuming from"),
+        "the retry continued the dead worker's trial: {log}"
+    );
+    let res: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.0.join("runs/s/trial-0001/results.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(res["dev"]["accuracy"].as_f64().is_some());
+    assert!(!t.0.join("runs/s/trial-0001.checkpoints").exists());
+    assert!(!ck.exists(), "the checkpoints moved to the retry");
+}
+
+/// Commands that run for long check every path they will write before they start: a path
+/// under a file is refused at once, naming the flag.
+#[test]
+fn long_commands_check_where_they_write_before_starting() {
+    let t = setup("paths");
+    let model = fixtures().join("tiny-bert").canonicalize().unwrap();
+    let model = model.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "auto",
+                "--model",
+                model,
+                "--train-file",
+                "train.csv",
+                "--dev-file",
+                "dev.csv",
+                "--report",
+                "train.csv/report.html",
+                "--budget",
+                "1m",
+            ],
+            "--report",
+        ),
+        (
+            vec![
+                "experiment",
+                "methods",
+                "--table",
+                "train.csv/table.md",
+                "--runs",
+                "runs",
+            ],
+            "--table",
+        ),
+        (
+            vec![
+                "train",
+                "--model",
+                model,
+                "--train-file",
+                "train.csv",
+                "--dev-file",
+                "dev.csv",
+                "--output",
+                "train.csv/out",
+            ],
+            "train.csv",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let t0 = Instant::now();
+        let o = run(&args, &t.0);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(text(&o).contains(needle), "{args:?}: {}", text(&o));
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{args:?} started work first"
+        );
+    }
+}

@@ -70,20 +70,40 @@ fn train_run(
     extra: &[(String, String)],
 ) -> Result<(serde_json::Value, f64)> {
     let t = Instant::now();
-    let mut cmd = Command::new(exe);
-    cmd.arg("train")
-        .args(base)
-        .arg("--no-progress")
-        .arg("--method")
-        .arg(&c.method)
-        .arg("--output")
-        .arg(out);
-    for (k, v) in c.settings.iter().chain(extra) {
-        cmd.arg("--set").arg(format!("{k}={v}"));
+    let command = |resume: bool| {
+        let mut cmd = Command::new(exe);
+        cmd.arg("train").args(base).arg("--no-progress");
+        if resume {
+            cmd.arg("--resume").arg(out);
+        } else {
+            cmd.arg("--output").arg(out);
+        }
+        cmd.arg("--method").arg(&c.method);
+        for (k, v) in c.settings.iter().chain(extra) {
+            cmd.arg("--set").arg(format!("{k}={v}"));
+        }
+        cmd
+    };
+    let ck = super::resume::checkpoint_dir(out);
+    let mut o = None;
+    if ck.join(super::resume::SETTINGS_FILE).exists() {
+        // An earlier auto run was stopped during this rung: continue it when its settings are
+        // the same (a resumed run refuses any other), else start it over.
+        let r = command(true)
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if r.status.success() {
+            o = Some(r);
+        } else {
+            let _ = std::fs::remove_dir_all(&ck);
+        }
     }
-    let o = cmd
-        .output()
-        .with_context(|| format!("running {}", exe.display()))?;
+    let o = match o {
+        Some(o) => o,
+        None => command(false)
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?,
+    };
     if !o.status.success() {
         bail!(
             "training {} failed:\n{}",
@@ -149,6 +169,17 @@ pub fn auto(
     if max_candidates == Some(0) {
         bail!("--candidates 0: auto needs at least one method to train (e.g. --candidates 3)");
     }
+    // Every path auto writes, checked before the budget is spent.
+    let report_path = report
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| s.output.join("auto-report.html"));
+    super::check_writable(&report_path, "the report (--report)", false)?;
+    super::check_writable(&s.output, "the output folder (--output)", true)?;
+    super::check_writable(
+        &s.output.with_extension("auto-runs"),
+        "the rungs' folder",
+        true,
+    )?;
     let exe = std::env::current_exe().context("finding the deltatune binary")?;
     let (features, data_files) = if s.task == "generate" {
         super::lm::task_features(s)?
@@ -436,9 +467,6 @@ pub fn auto(
         &json_path,
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
-    let report_path = report
-        .map(PathBuf::from)
-        .unwrap_or_else(|| s.output.join("auto-report.html"));
     write_report(&report_path, &summary)?;
     println!(
         "chosen: {} (dev accuracy {:.4}{}); {}",

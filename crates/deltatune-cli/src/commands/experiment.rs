@@ -347,6 +347,8 @@ pub fn methods(
             );
         }
     }
+    super::check_writable(table, "the table (--table)", false)?;
+    super::check_writable(runs, "the runs folder (--runs)", true)?;
     let exe = std::env::current_exe().context("finding the deltatune binary")?;
     let json_path = table.with_extension("json");
     let mut rows: Vec<Row> = match std::fs::read_to_string(&json_path) {

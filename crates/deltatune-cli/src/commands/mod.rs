@@ -28,3 +28,46 @@ pub fn peak_rss_mib() -> Option<f64> {
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
+
+/// Checks, before any long work, that `path` can be written later: a folder (`folder`) that
+/// exists or can be created, or a file whose folder can be created and is writable, and that is
+/// not a folder itself. `what` names it in the error (`--report`, `the output folder`).
+pub fn check_writable(path: &std::path::Path, what: &str, folder: bool) -> anyhow::Result<()> {
+    use anyhow::{bail, Context};
+    let dir = if folder {
+        if path.exists() && !path.is_dir() {
+            bail!("{what} {} exists and is not a folder", path.display());
+        }
+        path.to_path_buf()
+    } else {
+        if path.is_dir() {
+            bail!(
+                "{what} {} is a folder; give a file name (e.g. {}/report.html)",
+                path.display(),
+                path.display()
+            );
+        }
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf()
+    };
+    if dir.exists() && !dir.is_dir() {
+        bail!("{what}: {} is a file, not a folder", dir.display());
+    }
+    let existed = dir.exists();
+    std::fs::create_dir_all(&dir).with_context(|| {
+        format!(
+            "{what}: cannot create the folder {}; choose a writable path",
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(format!(".deltatune-write-probe-{}", std::process::id()));
+    let res = std::fs::write(&probe, b"");
+    let _ = std::fs::remove_file(&probe);
+    if !existed {
+        // Leave no empty folder behind: the command creates it again when it writes.
+        let _ = std::fs::remove_dir(&dir);
+    }
+    res.with_context(|| format!("{what}: {} is not writable", dir.display()))
+}

@@ -137,9 +137,48 @@ impl Objective for TrainObjective {
         let out = self.dir.join(format!("trial-{:04}", t.number));
         let log_path = self.dir.join(format!("trial-{:04}.log", t.number));
         std::fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
-        let log = std::fs::File::create(&log_path).map_err(|e| err(e.to_string()))?;
-        let mut child: Child = Command::new(&self.exe)
-            .args(self.args(t, &out))
+        let ck = super::resume::checkpoint_dir(&out);
+        // A retry of a trial whose worker died continues from that attempt's checkpoints.
+        let resumed = match t.retry_of {
+            Some(prev) => {
+                adopt_checkpoints(&self.dir, prev, &ck).map_err(|e| err(e.to_string()))?
+            }
+            None => false,
+        };
+        std::fs::create_dir_all(&ck).map_err(|e| err(format!("{}: {e}", ck.display())))?;
+        deltatune_core::write_atomic(&ck.join(ATTEMPT_FILE), t.id.to_string().as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+        let args = if resumed {
+            vec![
+                "train".to_string(),
+                "--no-progress".into(),
+                "--resume".into(),
+                out.display().to_string(),
+            ]
+        } else {
+            self.args(t, &out)
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| err(e.to_string()))?;
+        let mut cmd = Command::new(&self.exe);
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; it runs in the child before exec. When the
+            // worker dies (even by SIGKILL), its trial gets SIGTERM: it writes a checkpoint and
+            // stops, instead of training on as an orphan beside the retry.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+        }
+        let mut child: Child = cmd
+            .args(args)
             .stdout(Stdio::from(
                 log.try_clone().map_err(|e| err(e.to_string()))?,
             ))
@@ -166,6 +205,8 @@ impl Objective for TrainObjective {
                             if report(index, acc)? == Verdict::Stop {
                                 let _ = child.kill();
                                 let _ = child.wait();
+                                // A pruned trial never resumes.
+                                let _ = std::fs::remove_dir_all(&ck);
                                 return Err(err("stopped".into()));
                             }
                         }
@@ -174,6 +215,11 @@ impl Objective for TrainObjective {
             }
             if let Some(s) = status {
                 if !s.success() {
+                    // A run stopped by a signal (exit 130) keeps its checkpoints for the retry;
+                    // a failed one would fail again.
+                    if s.code() != Some(130) {
+                        let _ = std::fs::remove_dir_all(&ck);
+                    }
                     return Err(err(format!(
                         "deltatune train failed ({s}); see {}",
                         log_path.display()
@@ -193,11 +239,41 @@ impl Objective for TrainObjective {
     }
 }
 
-/// `metrics.jsonl` of a run in progress (in its staging folder) or finished.
+/// The file in a trial's checkpoint folder naming the attempt (trial id) that wrote it.
+const ATTEMPT_FILE: &str = "attempt";
+
+/// Moves the checkpoint folder written by attempt `prev` (a trial id) to `ck`, when one exists
+/// in `dir` and holds a run to resume; true when it did.
+fn adopt_checkpoints(dir: &Path, prev: i64, ck: &Path) -> std::io::Result<bool> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let p = e.path();
+        let is_ck = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".checkpoints"));
+        if !is_ck || p == ck {
+            continue;
+        }
+        let owner = std::fs::read_to_string(p.join(ATTEMPT_FILE)).unwrap_or_default();
+        if owner.trim() == prev.to_string() && p.join(super::resume::SETTINGS_FILE).exists() {
+            if ck.exists() {
+                std::fs::remove_dir_all(ck)?;
+            }
+            std::fs::rename(&p, ck)?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `metrics.jsonl` of a run in progress (in its checkpoint folder) or finished.
 fn find_metrics(out: &Path) -> Option<PathBuf> {
     let done = out.join("metrics.jsonl");
     if done.exists() {
         return Some(done);
+    }
+    let live = super::resume::checkpoint_dir(out).join("metrics.jsonl");
+    if live.exists() {
+        return Some(live);
     }
     let parent = out.parent()?;
     let name = out.file_name()?.to_string_lossy().to_string();
@@ -346,6 +422,9 @@ pub fn search(a: &SearchArgs) -> Result<()> {
     }
     if a.objective == "train" {
         check_space_settings(&space, &a.space, &a.set)?;
+    }
+    if a.objective == "train" {
+        super::check_writable(&a.runs, "the trials' folder (--runs)", true)?;
     }
     let mut store = storage::open(&a.storage)?;
     let (study, created) = store.create_or_resume(&StudyRow {
