@@ -585,6 +585,9 @@ pub fn train_task_with(
     };
     let every = opts.checkpoints.and_then(|c| c.every_steps);
     'epochs: for epoch in start_epoch..=cfg.epochs {
+        if cfg.max_steps.is_some_and(|m| step >= m) {
+            break;
+        }
         let batches = epoch_batches(task, cfg, epoch);
         let first = if epoch == start_epoch { start_batch } else { 0 };
         let sums0 = if epoch == start_epoch {
@@ -741,8 +744,9 @@ pub fn train_task_with(
                 break 'epochs;
             }
         }
-        let done = cfg.max_steps.is_some_and(|m| step >= m) || epoch == cfg.epochs;
-        if !done {
+        {
+            // Also after the last epoch: a run that fails while testing or saving resumes
+            // straight to that.
             let path = save(
                 epoch + 1,
                 0,
