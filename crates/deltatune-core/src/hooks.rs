@@ -31,6 +31,13 @@ pub trait SiteDelta: Debug + Send + Sync {
         Ok(None)
     }
 
+    /// Deep prompts (VPT-deep): the vectors that replace this delta's prompt vectors at the
+    /// input of layer `layer` (1 and up; layer 0 reads [`SiteDelta::prompt`]'s), `[P, hidden]`
+    /// with the same P. The outputs of the previous layer at those positions are discarded.
+    fn deep_prompt(&self, _layer: usize, _ctx: &Ctx) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Extra keys and values for attention layer `layer`: each `[P, hidden]`, shared by the
     /// batch; every query attends to them.
     fn prefix(&self, _layer: usize, _ctx: &Ctx) -> Result<Option<(Tensor, Tensor)>> {

@@ -7,8 +7,10 @@ pub mod gguf_tokenizer;
 pub mod layers;
 pub mod llama;
 pub mod tokenizer;
+pub mod vit;
 
 pub use backbone::{Backbone, CausalLm, SequenceClassifier, TextBackbone};
 pub use bert::{BertClassifier, Inputs, Pooling};
 pub use llama::{KvCache, LlamaConfig, LlamaModel, TokenRows};
 pub use tokenizer::TextTokenizer;
+pub use vit::{VitClassifier, VitConfig};

@@ -129,6 +129,44 @@ pub fn prompts(deltas: &[Arc<dyn SiteDelta>], ctx: &Ctx) -> Result<Vec<Tensor>> 
     Ok(out)
 }
 
+/// The hidden states entering layer `layer` with each delta's deep prompts in place of its
+/// prompt vectors. Prompts sit after the first `first` positions (1 behind CLS, 0 at the
+/// start), in delta order, each delta's block as long as its [`SiteDelta::prompt`].
+///
+/// # Shapes
+/// `x`: [B, T, hidden] -> [B, T, hidden]
+pub fn deep_prompts(
+    deltas: &[Arc<dyn SiteDelta>],
+    layer: usize,
+    x: Tensor,
+    first: usize,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let mut x = x;
+    let mut at = first;
+    for d in deltas {
+        let Some(p) = d.prompt(ctx)? else { continue };
+        let n = p.dim(0)?;
+        if let Some(deep) = d.deep_prompt(layer, ctx)? {
+            let (b, t, h) = x.dims3()?;
+            let deep = deep
+                .unsqueeze(0)?
+                .broadcast_as((b, n, h))?
+                .to_dtype(x.dtype())?;
+            x = Tensor::cat(
+                &[
+                    &x.narrow(1, 0, at)?,
+                    &deep,
+                    &x.narrow(1, at + n, t - at - n)?,
+                ],
+                1,
+            )?;
+        }
+        at += n;
+    }
+    Ok(x)
+}
+
 /// The number of prefix positions the deltas add to layer `layer`'s keys.
 pub fn prefix_len(deltas: &[Arc<dyn SiteDelta>], layer: usize, ctx: &Ctx) -> Result<usize> {
     let mut n = 0;
