@@ -13,6 +13,7 @@ use deltatune_methods::ia3::IA3Config;
 use deltatune_methods::intrinsic::IntrinsicPromptConfig;
 use deltatune_methods::prefix::PrefixTuningConfig;
 use deltatune_methods::prompt::PromptTuningConfig;
+use deltatune_methods::vpt::VptConfig;
 use deltatune_methods::{DeltaConfig, LoraConfig, METHODS};
 use deltatune_models::Pooling;
 use deltatune_train::TrainConfig;
@@ -184,6 +185,8 @@ pub struct Settings {
     pub prefix: PrefixTuningConfig,
     pub adapter: BottleneckConfig,
     pub intrinsic: IntrinsicPromptConfig,
+    /// Visual prompt tuning (`--method vpt`; `vpt.deep = true` for deep prompts).
+    pub vpt: VptConfig,
     pub compose: ComposeSettings,
     pub generation: GenerationSettings,
     pub train: TrainConfig,
@@ -247,6 +250,7 @@ impl Settings {
             "prefix" => DeltaConfig::Prefix(self.prefix.clone()),
             "adapter" => DeltaConfig::Adapter(self.adapter.clone()),
             "intrinsic" => DeltaConfig::Intrinsic(self.intrinsic.clone()),
+            "vpt" => DeltaConfig::Vpt(self.vpt.clone()),
             _ => DeltaConfig::Lora(self.lora.clone()),
         }
     }
@@ -270,6 +274,7 @@ impl Default for Settings {
             prefix: PrefixTuningConfig::default(),
             adapter: BottleneckConfig::default(),
             intrinsic: IntrinsicPromptConfig::default(),
+            vpt: VptConfig::default(),
             compose: ComposeSettings::default(),
             generation: GenerationSettings::default(),
             train: TrainConfig::default(),
@@ -467,6 +472,7 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
         "prefix",
         "adapter",
         "intrinsic",
+        "vpt",
         "compose",
         "generation",
         "train",
@@ -481,6 +487,7 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
             "prefix" => serde_json::from_value::<PrefixTuningConfig>(v).map(|_| ()),
             "adapter" => serde_json::from_value::<BottleneckConfig>(v).map(|_| ()),
             "intrinsic" => serde_json::from_value::<IntrinsicPromptConfig>(v).map(|_| ()),
+            "vpt" => serde_json::from_value::<VptConfig>(v).map(|_| ()),
             "compose" => serde_json::from_value::<ComposeSettings>(v).map(|_| ()),
             "generation" => serde_json::from_value::<GenerationSettings>(v).map(|_| ()),
             _ => serde_json::from_value::<TrainConfig>(v).map(|_| ()),

@@ -13,6 +13,7 @@ pub mod method;
 pub mod prefix;
 pub mod prompt;
 pub mod registry;
+pub mod vpt;
 
 pub use common::PeftCommon;
 pub use delta::{load_state_dict, peft_key, state_dict, train_modules, Trainable, PEFT_PREFIX};

@@ -15,6 +15,7 @@ use crate::lora::LoraConfig;
 use crate::method::Method;
 use crate::prefix::PrefixTuningConfig;
 use crate::prompt::PromptTuningConfig;
+use crate::vpt::VptConfig;
 
 /// The method names `--method` accepts (`unipelt` and `mam` are compositions with fixed
 /// members).
@@ -26,6 +27,7 @@ pub const METHODS: &[&str] = &[
     "prefix",
     "adapter",
     "intrinsic",
+    "vpt",
     "compose",
     "unipelt",
     "mam",
@@ -42,6 +44,7 @@ pub enum DeltaConfig {
     Intrinsic(IntrinsicPromptConfig),
     Prefix(PrefixTuningConfig),
     Adapter(BottleneckConfig),
+    Vpt(VptConfig),
     /// Several of the above on one model.
     Compose(ComposeConfig),
 }
@@ -74,6 +77,9 @@ const REGISTRY: &[(&str, Reader)] = &[
     ("BOTTLENECK_ADAPTER", |v| {
         Ok(DeltaConfig::Adapter(parse(v, "BottleneckConfig")?))
     }),
+    ("VISUAL_PROMPT_TUNING", |v| {
+        Ok(DeltaConfig::Vpt(parse(v, "VptConfig")?))
+    }),
     ("COMPOSITION", |v| {
         Ok(DeltaConfig::Compose(ComposeConfig::from_json(v)?))
     }),
@@ -91,6 +97,7 @@ impl Deref for DeltaConfig {
             Self::Intrinsic(c) => c,
             Self::Prefix(c) => c,
             Self::Adapter(c) => c,
+            Self::Vpt(c) => c,
             Self::Compose(c) => c,
         }
     }
@@ -106,6 +113,7 @@ impl DerefMut for DeltaConfig {
             Self::Intrinsic(c) => c,
             Self::Prefix(c) => c,
             Self::Adapter(c) => c,
+            Self::Vpt(c) => c,
             Self::Compose(c) => c,
         }
     }

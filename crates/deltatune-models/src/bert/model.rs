@@ -408,6 +408,9 @@ impl BertClassifier {
         let dh = h / nh;
         let n_layers = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
+            if i > 0 {
+                x = layers::deep_prompts(&self.site_deltas, i, x, 1, ctx)?;
+            }
             let heads = |y: Tensor, tq: usize| -> candle_core::Result<Tensor> {
                 y.reshape((b, tq, nh, dh))?.transpose(1, 2)?.contiguous()
             };

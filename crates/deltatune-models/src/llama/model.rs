@@ -277,21 +277,25 @@ impl LlamaModel {
         let mut mask: Vec<Vec<u32>> = mask.to_vec();
         let first_pass = cache.as_ref().is_none_or(|c| c.is_empty());
         if first_pass {
-            // Prompt vectors go before everything, as PEFT's prompt tuning does for causal LMs.
+            // Prompt vectors go before everything, as PEFT's prompt tuning does for causal LMs
+            // (several deltas' prompts in delta order).
+            let mut parts = Vec::new();
             for p in layers::prompts(&self.site_deltas, ctx)? {
-                {
-                    let n = p.dim(0)?;
-                    let p = p
-                        .unsqueeze(0)?
+                let n = p.dim(0)?;
+                parts.push(
+                    p.unsqueeze(0)?
                         .broadcast_as((b, n, h))?
-                        .to_dtype(x.dtype())?;
-                    x = Tensor::cat(&[&p, &x], 1)?;
-                    for row in mask.iter_mut() {
-                        let mut m = vec![1u32; n];
-                        m.extend_from_slice(row);
-                        *row = m;
-                    }
+                        .to_dtype(x.dtype())?,
+                );
+                for row in mask.iter_mut() {
+                    let mut m = vec![1u32; n];
+                    m.extend_from_slice(row);
+                    *row = m;
                 }
+            }
+            if !parts.is_empty() {
+                parts.push(x);
+                x = Tensor::cat(&parts, 1)?;
             }
         }
         let t = x.dim(1)?;
@@ -351,6 +355,9 @@ impl LlamaModel {
 
         let (nh, nkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         for (li, layer) in self.layers.iter().enumerate() {
+            if first_pass && li > 0 {
+                x = layers::deep_prompts(&self.site_deltas, li, x, 0, ctx)?;
+            }
             let xn = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
             let q = layer
                 .q
