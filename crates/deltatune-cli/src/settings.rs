@@ -9,6 +9,7 @@ use deltatune_methods::adapter::BottleneckConfig;
 use deltatune_methods::adapter::{AdapterSite, Placement};
 use deltatune_methods::bitfit::BitFitConfig;
 use deltatune_methods::compose::ComposeConfig;
+use deltatune_methods::full::{FullFinetuneConfig, LinearProbeConfig};
 use deltatune_methods::ia3::IA3Config;
 use deltatune_methods::intrinsic::IntrinsicPromptConfig;
 use deltatune_methods::prefix::PrefixTuningConfig;
@@ -187,6 +188,10 @@ pub struct Settings {
     pub intrinsic: IntrinsicPromptConfig,
     /// Visual prompt tuning (`--method vpt`; `vpt.deep = true` for deep prompts).
     pub vpt: VptConfig,
+    /// The linear probe (`--method probe`: only the head trains).
+    pub probe: LinearProbeConfig,
+    /// Full fine-tuning (`--method full`: every base tensor trains; image models).
+    pub full: FullFinetuneConfig,
     pub compose: ComposeSettings,
     pub generation: GenerationSettings,
     pub train: TrainConfig,
@@ -251,6 +256,8 @@ impl Settings {
             "adapter" => DeltaConfig::Adapter(self.adapter.clone()),
             "intrinsic" => DeltaConfig::Intrinsic(self.intrinsic.clone()),
             "vpt" => DeltaConfig::Vpt(self.vpt.clone()),
+            "probe" => DeltaConfig::Probe(self.probe.clone()),
+            "full" => DeltaConfig::Full(self.full.clone()),
             _ => DeltaConfig::Lora(self.lora.clone()),
         }
     }
@@ -275,6 +282,8 @@ impl Default for Settings {
             adapter: BottleneckConfig::default(),
             intrinsic: IntrinsicPromptConfig::default(),
             vpt: VptConfig::default(),
+            probe: LinearProbeConfig::default(),
+            full: FullFinetuneConfig::default(),
             compose: ComposeSettings::default(),
             generation: GenerationSettings::default(),
             train: TrainConfig::default(),
@@ -473,6 +482,8 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
         "adapter",
         "intrinsic",
         "vpt",
+        "probe",
+        "full",
         "compose",
         "generation",
         "train",
@@ -488,6 +499,8 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
             "adapter" => serde_json::from_value::<BottleneckConfig>(v).map(|_| ()),
             "intrinsic" => serde_json::from_value::<IntrinsicPromptConfig>(v).map(|_| ()),
             "vpt" => serde_json::from_value::<VptConfig>(v).map(|_| ()),
+            "probe" => serde_json::from_value::<LinearProbeConfig>(v).map(|_| ()),
+            "full" => serde_json::from_value::<FullFinetuneConfig>(v).map(|_| ()),
             "compose" => serde_json::from_value::<ComposeSettings>(v).map(|_| ()),
             "generation" => serde_json::from_value::<GenerationSettings>(v).map(|_| ()),
             _ => serde_json::from_value::<TrainConfig>(v).map(|_| ()),

@@ -400,6 +400,12 @@ pub trait HasSites {
     /// The bias of every normalisation layer with its path (`...LayerNorm.bias`), mutable, so
     /// that bias tuning can make them trainable.
     fn norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+    /// Every base tensor outside the linear layers of [`HasSites::linears`] (norms, embeddings,
+    /// layer scales, a patch projection), under its key, mutable: what full fine-tuning trains
+    /// besides the linear layers. Empty where the model does not offer it.
+    fn dense_parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        Vec::new()
+    }
     /// Attaches a delta acting at the non-linear sites (see [`crate::hooks::SiteDelta`]).
     fn attach_site_delta(&mut self, delta: Arc<dyn crate::hooks::SiteDelta>);
     /// The attached site deltas in order, mutable (a composition wraps them in gates).

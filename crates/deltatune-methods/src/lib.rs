@@ -6,6 +6,7 @@ pub mod bitfit;
 pub mod common;
 pub mod compose;
 pub mod delta;
+pub mod full;
 pub mod ia3;
 pub mod intrinsic;
 pub mod lora;

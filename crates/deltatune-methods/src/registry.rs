@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::adapter::BottleneckConfig;
 use crate::bitfit::BitFitConfig;
 use crate::compose::ComposeConfig;
+use crate::full::{FullFinetuneConfig, LinearProbeConfig};
 use crate::ia3::IA3Config;
 use crate::intrinsic::IntrinsicPromptConfig;
 use crate::lora::LoraConfig;
@@ -28,6 +29,8 @@ pub const METHODS: &[&str] = &[
     "adapter",
     "intrinsic",
     "vpt",
+    "probe",
+    "full",
     "compose",
     "unipelt",
     "mam",
@@ -45,6 +48,10 @@ pub enum DeltaConfig {
     Prefix(PrefixTuningConfig),
     Adapter(BottleneckConfig),
     Vpt(VptConfig),
+    /// The head only (the linear probe).
+    Probe(LinearProbeConfig),
+    /// Every base tensor (full fine-tuning).
+    Full(FullFinetuneConfig),
     /// Several of the above on one model.
     Compose(ComposeConfig),
 }
@@ -80,6 +87,12 @@ const REGISTRY: &[(&str, Reader)] = &[
     ("VISUAL_PROMPT_TUNING", |v| {
         Ok(DeltaConfig::Vpt(parse(v, "VptConfig")?))
     }),
+    ("LINEAR_PROBE", |v| {
+        Ok(DeltaConfig::Probe(parse(v, "LinearProbeConfig")?))
+    }),
+    ("FULL_FINETUNE", |v| {
+        Ok(DeltaConfig::Full(parse(v, "FullFinetuneConfig")?))
+    }),
     ("COMPOSITION", |v| {
         Ok(DeltaConfig::Compose(ComposeConfig::from_json(v)?))
     }),
@@ -98,6 +111,8 @@ impl Deref for DeltaConfig {
             Self::Prefix(c) => c,
             Self::Adapter(c) => c,
             Self::Vpt(c) => c,
+            Self::Probe(c) => c,
+            Self::Full(c) => c,
             Self::Compose(c) => c,
         }
     }
@@ -114,6 +129,8 @@ impl DerefMut for DeltaConfig {
             Self::Prefix(c) => c,
             Self::Adapter(c) => c,
             Self::Vpt(c) => c,
+            Self::Probe(c) => c,
+            Self::Full(c) => c,
             Self::Compose(c) => c,
         }
     }

@@ -166,3 +166,44 @@ fn deep_prompts_enter_every_layer() {
     let (_, nb) = deep.encode(&pixels(), &ctx).unwrap();
     assert_eq!((na, nb), (2, 2));
 }
+
+/// The two references: the linear probe trains only the head; full fine-tuning trains every
+/// base tensor (each gets a gradient), and the saved keys cover the whole checkpoint.
+#[test]
+fn linear_probe_and_full_finetuning_train_what_they_say() {
+    use deltatune_models::Backbone;
+    let base = tiny_vit();
+    let mut m = base.clone();
+    let probe = DeltaConfig::from_json(json!({"peft_type": "LINEAR_PROBE"})).unwrap();
+    let tr = probe.attach(&mut m, &Rng::new(1), None).unwrap();
+    let keys: Vec<&str> = tr.iter().map(|t| t.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "base_model.model.classifier.weight",
+            "base_model.model.classifier.bias"
+        ]
+    );
+
+    let mut m = base.clone();
+    let full = DeltaConfig::from_json(json!({"peft_type": "FULL_FINETUNE"})).unwrap();
+    let tr = full.attach(&mut m, &Rng::new(1), None).unwrap();
+    let grads = loss(&m).backward().unwrap();
+    for t in &tr {
+        let g = grads
+            .get(t.var.as_tensor())
+            .unwrap_or_else(|| panic!("full: no gradient for {}", t.key));
+        assert!(abs_sum(g) > 0.0, "full: zero gradient for {}", t.key);
+    }
+    // Every tensor of the checkpoint trains (the unused mask token aside).
+    let trained: std::collections::BTreeSet<String> = tr
+        .iter()
+        .map(|t| t.key.trim_start_matches("base_model.model.").to_string())
+        .collect();
+    for (k, _) in base.named_tensors().unwrap() {
+        assert!(
+            trained.contains(&k) || k.ends_with("mask_token"),
+            "full fine-tuning leaves {k} frozen"
+        );
+    }
+}

@@ -624,6 +624,40 @@ impl HasSites for VitClassifier {
         v
     }
 
+    fn dense_parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let prefix = self.config.family.prefix();
+        let (n1, n2) = match self.config.family {
+            VitFamily::Dinov2 => ("norm1", "norm2"),
+            VitFamily::Vit => ("layernorm_before", "layernorm_after"),
+        };
+        let e = |name: &str| format!("{prefix}.embeddings.{name}");
+        let patch = self.patch.path.clone();
+        let mut v = vec![
+            (e("cls_token"), &mut self.cls_token),
+            (e("position_embeddings"), &mut self.position),
+            (format!("{patch}.weight"), &mut self.patch.weight),
+        ];
+        if let Some(b) = self.patch.bias.as_mut() {
+            v.push((format!("{patch}.bias"), b));
+        }
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let l = format!("{prefix}.encoder.layer.{i}");
+            v.push((format!("{l}.{n1}.weight"), &mut b.norm1.weight));
+            v.push((format!("{l}.{n1}.bias"), &mut b.norm1.bias));
+            v.push((format!("{l}.{n2}.weight"), &mut b.norm2.weight));
+            v.push((format!("{l}.{n2}.bias"), &mut b.norm2.bias));
+            if let Some(s) = b.scale1.as_mut() {
+                v.push((format!("{l}.layer_scale1.lambda1"), s));
+            }
+            if let Some(s) = b.scale2.as_mut() {
+                v.push((format!("{l}.layer_scale2.lambda1"), s));
+            }
+        }
+        v.push((format!("{prefix}.layernorm.weight"), &mut self.norm.weight));
+        v.push((format!("{prefix}.layernorm.bias"), &mut self.norm.bias));
+        v
+    }
+
     fn attach_site_delta(&mut self, delta: Arc<dyn SiteDelta>) {
         self.site_deltas.push(delta);
     }
