@@ -924,9 +924,19 @@ impl Preprocess {
                 }
             }
         }
-        // Vertical pass, flip, rescale and normalise into CHW planes.
+        // Vertical pass, flip, rescale and normalise (a table per channel) into CHW planes.
         let plane = n * n;
+        let luts: Vec<[f32; 256]> = (0..self.channels)
+            .map(|och| {
+                let mut t = [0.0f32; 256];
+                for (v, x) in t.iter_mut().enumerate() {
+                    *x = (v as f32 * self.rescale - self.mean[och]) / self.std[och];
+                }
+                t
+            })
+            .collect();
         let mut col = vec![0.0f32; n * c];
+        let mut bytes = vec![0u8; n * c];
         for oy in 0..n {
             let (start, ws) = yw.taps(oy);
             col.iter_mut().for_each(|v| *v = 0.0);
@@ -936,12 +946,21 @@ impl Preprocess {
                     *acc += wt * f32::from(v);
                 }
             }
-            for ox in 0..n {
-                let tx = if flip { n - 1 - ox } else { ox };
-                for och in 0..self.channels {
-                    let ich = if c == 1 { 0 } else { och };
-                    let v = f32::from(to_u8(col[ox * c + ich])) * self.rescale;
-                    out[och * plane + oy * n + tx] = (v - self.mean[och]) / self.std[och];
+            for (b, &v) in bytes.iter_mut().zip(&col) {
+                *b = to_u8(v);
+            }
+            for (och, lut) in luts.iter().enumerate() {
+                let ich = if c == 1 { 0 } else { och };
+                let dst = &mut out[och * plane + oy * n..och * plane + (oy + 1) * n];
+                let src = bytes.iter().skip(ich).step_by(c);
+                if flip {
+                    for (d, &v) in dst.iter_mut().rev().zip(src) {
+                        *d = lut[usize::from(v)];
+                    }
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = lut[usize::from(v)];
+                    }
                 }
             }
         }
@@ -957,8 +976,9 @@ fn kind(channels: usize) -> &'static str {
     }
 }
 
+/// Rounds (halves up) and clamps to a byte, as Pillow stores each pass.
 fn to_u8(x: f32) -> u8 {
-    x.round().clamp(0.0, 255.0) as u8
+    (x + 0.5).clamp(0.0, 255.0) as u8
 }
 
 /// Dimensions after resizing the shorter side to `s` (transformers'
