@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use crate::{DataError, Result};
 
 /// The largest payload (product of the dimensions) an IDX file may claim:
-/// 4 GiB. Fashion-MNIST's training images are 47 MB.
-pub const MAX_IDX_BYTES: u64 = 1 << 32;
+/// 1 GiB (a gzip bomb can at most make this much). Fashion-MNIST's training images are 47 MB.
+pub const MAX_IDX_BYTES: u64 = 1 << 30;
 /// The most dimensions an IDX header may have.
 pub const MAX_IDX_DIMS: usize = 4;
 

@@ -90,8 +90,13 @@ fn idx_hostile_headers_are_errors() {
     let mut short = encode_idx(&[60_000, 28, 28], &[]);
     short.extend_from_slice(&[7; 10]);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("huge.idx", huge.to_vec(), "more than 4294967296 bytes"),
-        ("huge.idx.gz", gz(&huge), "more than 4294967296 bytes"),
+        ("huge.idx", huge.to_vec(), "more than 1073741824 bytes"),
+        ("huge.idx.gz", gz(&huge), "more than 1073741824 bytes"),
+        (
+            "big.idx.gz",
+            gz(&encode_idx(&[32_768, 32_768, 2], &[])),
+            "[32768, 32768, 2], more than 1073741824 bytes",
+        ),
         ("short.idx", short.clone(), "the file is 26 bytes long"),
         ("short.idx.gz", gz(&short), "only 10 data bytes follow"),
         (
