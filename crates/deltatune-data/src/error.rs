@@ -294,6 +294,100 @@ pub enum DataError {
         /// What is wrong (names the paths and files involved).
         problem: String,
     },
+
+    /// An IDX file (the MNIST format) is malformed, truncated or hostile.
+    #[error("IDX file `{path}`: {problem}; an IDX file holds 0x00 0x00, a type byte (0x08: unsigned bytes), the number of dimensions, each dimension as a big-endian u32, then exactly the product of the dimensions in bytes (gzip-compressed or not): the file is damaged or not an IDX file, fetch it again (`deltatune fetch`) or re-export it")]
+    Idx {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the header values and lengths involved).
+        problem: String,
+    },
+
+    /// The image and label IDX files of a split hold different numbers of items.
+    #[error("IDX files disagree: `{images}` holds {n_images} images but `{labels}` holds {n_labels} labels; the two files must come from the same split and release: pair the right files (e.g. train-images with train-labels) or fetch them again (`deltatune fetch`)")]
+    IdxCountMismatch {
+        /// The images file.
+        images: PathBuf,
+        /// Number of images it holds.
+        n_images: usize,
+        /// The labels file.
+        labels: PathBuf,
+        /// Number of labels it holds.
+        n_labels: usize,
+    },
+
+    /// An image file could not be read or decoded.
+    #[error("image `{path}` does not decode: {message}; the file is damaged or is not a PNG/JPEG image: re-export it as .png or .jpg, or remove it from the folder")]
+    ImageDecode {
+        /// The image file.
+        path: PathBuf,
+        /// The decoder's message.
+        message: String,
+    },
+
+    /// An image folder (`root/train/<class>/*.png`) has the wrong layout.
+    #[error("image folder `{path}`: {problem}; {fix}")]
+    ImageFolder {
+        /// The folder involved (root, split or class folder).
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+        /// How to fix it.
+        fix: String,
+    },
+
+    /// The images' channels and the model's channels disagree.
+    #[error("{source_desc} has {image_channels}-channel ({image_kind}) images but the model takes {model_channels} channel(s) ({model_kind}); {fix}")]
+    ChannelMismatch {
+        /// The image set, folder or file.
+        source_desc: String,
+        /// Channels of the images (1 or 3).
+        image_channels: usize,
+        /// "greyscale" or "RGB".
+        image_kind: &'static str,
+        /// Channels the model takes.
+        model_channels: usize,
+        /// "greyscale" or "RGB".
+        model_kind: &'static str,
+        /// How to fix it.
+        fix: String,
+    },
+
+    /// Preprocessing settings are invalid or disagree with the model.
+    #[error("image preprocessing from {origin}: {problem}; {fix}")]
+    Preprocess {
+        /// Where the settings came from (a file and key, or "settings").
+        origin: String,
+        /// What is wrong.
+        problem: String,
+        /// How to fix it.
+        fix: String,
+    },
+
+    /// `apt-get download` could not get a Debian package.
+    #[error(
+        "could not download the Debian package `{package}` with apt-get: {attempts}. \
+         The Debian archive must be reachable and the package known to apt (run `apt-get update` first), \
+         or download the .deb elsewhere (`apt-get download {package}`) and set DELTATUNE_DEB_DIR=<folder containing the .deb>"
+    )]
+    AptDownload {
+        /// `name=version` that was requested.
+        package: String,
+        /// One entry per command tried: the command line and the tail of its output.
+        attempts: String,
+    },
+
+    /// A Debian package could not be unpacked, or lacks a file.
+    #[error("could not unpack the Debian package `{deb}`: {problem}; {fix}")]
+    DebUnpack {
+        /// The .deb file.
+        deb: PathBuf,
+        /// What went wrong.
+        problem: String,
+        /// How to fix it.
+        fix: String,
+    },
 }
 
 impl DataError {

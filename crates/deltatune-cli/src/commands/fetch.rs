@@ -12,5 +12,6 @@ pub fn fetch(cache: Option<PathBuf>) -> Result<()> {
     println!("data:    {}", f.data_dir.display());
     println!("decoder: {}", f.decoder_gguf.display());
     println!("g2p:     {}", f.g2p_dir.display());
+    println!("images:  {}", f.fashion_mnist_dir.display());
     Ok(())
 }
