@@ -3,6 +3,7 @@
 pub mod artifact;
 pub mod causal_lm;
 pub mod checkpoint;
+pub mod image;
 pub mod metrics;
 pub mod optim;
 pub mod trainer;

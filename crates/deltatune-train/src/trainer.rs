@@ -181,6 +181,8 @@ pub trait Task {
     fn loss(&self, idx: &[usize], ctx: &Ctx) -> Result<Tensor>;
     /// Metrics on the dev set.
     fn evaluate_dev(&self, batch_size: usize) -> Result<DevScore>;
+    /// The batches the trainer will ask [`Task::loss`] for in (the rest of) epoch `epoch`.
+    fn begin_epoch(&self, _epoch: usize, _batches: &[Vec<usize>]) {}
 }
 
 /// Examples a model reads in batches: tokenised texts for a text backbone, images for a vision
@@ -192,6 +194,9 @@ pub trait Examples<M: deltatune_models::Backbone + ?Sized> {
     fn example_len(&self, i: usize) -> usize;
     /// The batch of examples `idx`.
     fn batch(&self, model: &M, idx: &[usize]) -> Result<M::Batch>;
+    /// The trainer's plan for (the rest of) an epoch: the batches it will ask for, in order
+    /// (data that is slow to prepare starts on them now; augmentation reads the epoch).
+    fn begin_epoch(&self, _epoch: usize, _batches: &[Vec<usize>]) {}
 }
 
 /// Examples with a class label each.
@@ -274,6 +279,10 @@ impl<M: SequenceClassifier, D: Labelled<M>> Task for ClassificationTask<'_, M, D
             &logits,
             &labels_tensor(&labels, self.model.device())?,
         )?)
+    }
+
+    fn begin_epoch(&self, epoch: usize, batches: &[Vec<usize>]) {
+        self.train.begin_epoch(epoch, batches);
     }
 
     fn evaluate_dev(&self, batch_size: usize) -> Result<DevScore> {
@@ -595,6 +604,7 @@ pub fn train_task_with(
         } else {
             EpochSums::default()
         };
+        task.begin_epoch(epoch, &batches[first.min(batches.len())..]);
         let bar = progress_bar(batches.len() as u64, epoch, cfg.epochs, opts.show_progress);
         bar.set_position(first as u64);
         let t0 = Instant::now();
