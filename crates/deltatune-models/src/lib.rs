@@ -7,6 +7,7 @@ pub mod gguf_tokenizer;
 pub mod layers;
 pub mod llama;
 pub mod tokenizer;
+pub mod vit;
 
 pub use backbone::{Backbone, CausalLm, SequenceClassifier, TextBackbone};
 pub use bert::{BertClassifier, Inputs, Pooling};
