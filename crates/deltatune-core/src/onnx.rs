@@ -151,6 +151,9 @@ pub enum OnnxDim {
     Unknown,
 }
 
+/// Occurrences of a repeated field: wire type and byte range of each.
+type Chunks = Vec<(u8, Range<usize>)>;
+
 /// Where a tensor's elements are: `raw_data` or one of the typed repeated fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum TensorData {
@@ -160,10 +163,7 @@ enum TensorData {
     Raw(Range<usize>),
     /// A typed repeated field: its field number and each occurrence (packed chunks or single
     /// unpacked values) with its wire type.
-    Typed {
-        field: u32,
-        chunks: Vec<(u8, Range<usize>)>,
-    },
+    Typed { field: u32, chunks: Chunks },
 }
 
 /// A tensor's description and the place of its data in the file; no element is read yet.
@@ -412,7 +412,7 @@ fn push_floats(buf: &[u8], v: &Value, at: usize, what: &str, out: &mut Vec<f32>)
     match v {
         Value::Fixed32(x) => out.push(f32::from_bits(*x)),
         Value::Bytes(r) => {
-            if r.len() % 4 != 0 {
+            if !r.len().is_multiple_of(4) {
                 return wire_err(
                     r.start,
                     format!(
@@ -454,7 +454,7 @@ fn parse_tensor(buf: &[u8], range: Range<usize>) -> Wire<OnnxTensorInfo> {
         offset,
     };
     let mut c = Cursor::new(buf, range);
-    let mut typed: Option<(u32, Vec<(u8, Range<usize>)>)> = None;
+    let mut typed: Option<(u32, Chunks)> = None;
     let mut raw: Option<Range<usize>> = None;
     loop {
         let at = c.pos;
@@ -493,11 +493,7 @@ fn parse_tensor(buf: &[u8], range: Range<usize>) -> Wire<OnnxTensorInfo> {
                 bytes_of(&v, at, "TensorProto.external_data")?;
                 t.external = true;
             }
-            14 => {
-                if varint_of(&v, at, "TensorProto.data_location")? == 1 {
-                    t.external = true;
-                }
-            }
+            14 => t.external |= varint_of(&v, at, "TensorProto.data_location")? == 1,
             _ => {}
         }
     }
@@ -1067,7 +1063,7 @@ impl OnnxModel {
     ) -> Result<()> {
         let data = &self.bytes[r.clone()];
         match wire {
-            2 if data.len() % size == 0 => data.chunks_exact(size).for_each(f),
+            2 if data.len().is_multiple_of(size) => data.chunks_exact(size).for_each(f),
             2 => {
                 return Err(self.tensor_err(
                     t,

@@ -60,7 +60,8 @@ fn tiny_export_maps_back_to_the_saved_tensors() {
     }
     assert!(!cfg.mask_token_from_file);
     assert_eq!(cfg.prefix, "");
-    assert_eq!(cfg.last_hidden_state.is_empty(), false);
+    // The export named the final layernorm's output after transformers' field.
+    assert_eq!(cfg.last_hidden_state, "last_hidden_state");
     // The config agrees with the one transformers wrote.
     let hf: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
