@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the reference Python environment used by scripts/gen_fixtures.py.
+# Create (or reuse) the reference Python environment used by scripts/gen_fixtures.py (and the
+# other scripts/gen_*_fixtures.py; gen_vit_fixtures.py also needs onnx and onnxruntime).
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 
@@ -12,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 
-if "$VENV/bin/python" -c "import torch, transformers, peft, safetensors, tokenizers, numpy, gguf" 2>/dev/null; then
+if "$VENV/bin/python" -c "import torch, transformers, peft, safetensors, tokenizers, numpy, gguf, onnx, onnxruntime" 2>/dev/null; then
     echo "reference venv already complete"
 else
     "$VENV/bin/python" -m pip install --upgrade pip
@@ -21,7 +22,7 @@ else
         echo "CPU torch index unreachable; installing torch from PyPI"
         "$VENV/bin/python" -m pip install torch
     fi
-    "$VENV/bin/python" -m pip install transformers peft safetensors tokenizers numpy gguf
+    "$VENV/bin/python" -m pip install transformers peft safetensors tokenizers numpy gguf onnx onnxruntime
 fi
 
 "$VENV/bin/python" -c "import torch, transformers, peft, safetensors, tokenizers; print('torch', torch.__version__); print('transformers', transformers.__version__); print('peft', peft.__version__); print('safetensors', safetensors.__version__); print('tokenizers', tokenizers.__version__)"

@@ -26,6 +26,16 @@ enum Command {
         #[arg(long)]
         cache: Option<PathBuf>,
     },
+    /// Convert a DINOv2 backbone exported to ONNX into a Hugging Face folder (config.json,
+    /// model.safetensors) that transformers' Dinov2Model loads.
+    Convert {
+        /// The ONNX file.
+        #[arg(long)]
+        onnx: PathBuf,
+        /// The folder to write.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Train a delta; prints dev and test accuracy and where the adapter was saved.
     Train(RunArgs),
     /// Evaluate a saved adapter on a labelled file (default: the run's test file).
@@ -501,6 +511,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Fetch { cache } => commands::fetch(cache),
+        Command::Convert { onnx, output } => commands::convert(&onnx, &output),
         Command::Train(a) => train(&a),
         Command::Generate {
             adapter,

@@ -925,3 +925,47 @@ fn inspect_shows_every_member_of_a_composition() {
     let o = run(&["inspect", "--model", &model, "--method", "lora"], &t.0);
     assert!(text(&o).contains("merge: possible"), "{}", text(&o));
 }
+
+#[test]
+fn convert_writes_a_dinov2_folder_and_refuses_other_graphs() {
+    let t = Tmp::new("convert");
+    let onnx = fixtures().join("tiny-dinov2/model.onnx");
+    let o = run(
+        &["convert", "--onnx", onnx.to_str().unwrap(), "-o", "out"],
+        &t.0,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("2 layers, width 32, 2 heads"),
+        "{}",
+        text(&o)
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.0.join("out/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["model_type"], "dinov2");
+    assert_eq!(cfg["num_attention_heads"], 2);
+    let tensors = candle_core::safetensors::load(
+        t.0.join("out/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(tensors.len(), 43);
+    assert_eq!(
+        tensors["encoder.layer.1.attention.attention.query.weight"].dims(),
+        [32, 32]
+    );
+    assert_eq!(tensors["encoder.layer.0.mlp.fc1.weight"].dims(), [128, 32]);
+    std::fs::remove_dir_all(t.0.join("out")).unwrap();
+    let small = fixtures().join("onnx/small.onnx");
+    assert_fails(
+        &t,
+        &["convert", "--onnx", small.to_str().unwrap(), "-o", "out"],
+        &["small.onnx", "embeddings.cls_token"],
+    );
+    assert_fails(
+        &t,
+        &["convert", "--onnx", "missing.onnx", "-o", "out"],
+        &["missing.onnx"],
+    );
+}

