@@ -97,3 +97,54 @@ fn wrong_channel_count_is_a_clear_error() {
     assert!(e.contains("1 channel(s), the model reads 3"), "{e}");
     assert!(e.contains("repeat the grey channel"), "{e}");
 }
+
+/// The tiny random Dinov2 of `scripts/gen_vit_fixtures.py`: square, non-square (20 x 16) and
+/// upsampled (24 x 24) inputs against transformers' `last_hidden_state`.
+#[test]
+fn tiny_dinov2_matches_transformers() {
+    let dir = fixtures().join("tiny-dinov2");
+    let m = VitClassifier::load(&dir, 3, &mut Rng::new(0)).unwrap();
+    let exp = load_map(&dir.join("expected.safetensors"));
+    let ctx = Ctx::eval();
+    for (px, want) in [
+        ("pixel_values", "last_hidden_state"),
+        ("pixel_values_nonsquare", "last_hidden_state_nonsquare"),
+        ("pixel_values_big", "last_hidden_state_big"),
+    ] {
+        let (h, _) = m.encode(&exp[px], &ctx).unwrap();
+        let d = max_abs(&h, &exp[want]);
+        assert!(d < 1e-4, "{px}: hidden states differ by {d}");
+    }
+}
+
+/// The real DINOv2 ViT-S/14 converted from the ONNX file (`deltatune fetch`) against
+/// onnxruntime's last hidden state of the graph on the fixture image (7 rows and the means).
+/// Skipped with a message when the asset is not fetched; required with
+/// `DELTATUNE_REQUIRE_ASSETS=1`.
+#[test]
+fn real_dinov2_matches_onnxruntime() {
+    let cache = std::env::var_os("DELTATUNE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deltatune"));
+    let dir = cache.join("models/dinov2-vits14");
+    if !dir.join("model.safetensors").exists() {
+        assert!(
+            std::env::var("DELTATUNE_REQUIRE_ASSETS").is_err(),
+            "{} is missing: run `deltatune fetch`",
+            dir.display()
+        );
+        eprintln!("NOTE: skipped: no converted DINOv2 in {}", dir.display());
+        return;
+    }
+    let m = VitClassifier::load(&dir, 10, &mut Rng::new(0)).unwrap();
+    let exp = load_map(&fixtures().join("dinov2-vits14/expected.safetensors"));
+    let (h, _) = m.encode(&exp["pixel_values"], &Ctx::eval()).unwrap();
+    let rows: Vec<u32> = exp["rows"].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+    let idx = Tensor::new(rows.as_slice(), h.device()).unwrap();
+    let got = h.squeeze(0).unwrap().index_select(&idx, 0).unwrap();
+    let d = max_abs(&got, &exp["last_hidden_state_rows"]);
+    assert!(d < 1e-4, "rows differ from onnxruntime by {d}");
+    let mean = h.squeeze(0).unwrap().mean(0).unwrap();
+    let d = max_abs(&mean, &exp["token_mean"]);
+    assert!(d < 1e-4, "the token mean differs by {d}");
+}
