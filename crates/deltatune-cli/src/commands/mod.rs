@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 pub mod experiment;
 mod fetch;
+pub mod image;
 mod inspect;
 pub mod lm;
 mod merge;

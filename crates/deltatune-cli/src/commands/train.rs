@@ -17,6 +17,9 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     if s.task == "generate" {
         return super::lm::train(s, resume);
     }
+    if s.task == "image" {
+        return super::image::train(s, resume);
+    }
     // Fail on an unwritable output or checkpoint folder before spending any time.
     let staging = Staging::create(&s.output)?;
     let ckpt = RunCheckpoints::prepare(s, resume)?;
