@@ -57,6 +57,9 @@ enum Command {
         /// Print JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+        /// Image files to classify (with an adapter from `train --task image`).
+        #[arg(long, num_args = 1..)]
+        image: Vec<PathBuf>,
         texts: Vec<String>,
     },
     /// Fold a mergeable adapter (LoRA, IA3, BitFit) into the base weights and write a plain
@@ -544,13 +547,38 @@ fn main() -> ExitCode {
             },
             dump_logits,
         }),
-        Command::Eval { adapter, data } => commands::eval(&adapter, data.as_deref()),
+        Command::Eval { adapter, data } => {
+            if commands::image::is_image_adapter(&adapter) {
+                commands::image::eval(&adapter, data.as_deref())
+            } else {
+                commands::eval(&adapter, data.as_deref())
+            }
+        }
         Command::Predict {
             adapter,
             file,
             json,
+            image,
             texts,
-        } => commands::predict(&adapter, file.as_deref(), &texts, json),
+        } => {
+            if !image.is_empty() || commands::image::is_image_adapter(&adapter) {
+                if image.is_empty() {
+                    Err(anyhow::anyhow!(
+                        "{} is an image classifier's adapter: give images with --image FILE...",
+                        adapter.display()
+                    ))
+                } else if !texts.is_empty() || file.is_some() {
+                    Err(anyhow::anyhow!(
+                        "give either texts (a text classifier's adapter) or --image files (an \
+                         image classifier's), not both"
+                    ))
+                } else {
+                    commands::image::predict(&adapter, &image, json)
+                }
+            } else {
+                commands::predict(&adapter, file.as_deref(), &texts, json)
+            }
+        }
         Command::Merge { adapter, output } => commands::merge(&adapter, &output),
         Command::Inspect(a) => a
             .resolve()

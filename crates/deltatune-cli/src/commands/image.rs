@@ -209,3 +209,150 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     println!("adapter saved to {}", out.display());
     Ok(())
 }
+
+/// Whether the adapter folder `dir` was trained by `train --task image`.
+pub fn is_image_adapter(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(RUN_CONFIG))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["task"] == "image")
+}
+
+/// A saved image adapter on its base model, with its labels, settings and preprocessing.
+pub struct ImageRun {
+    pub model: VitClassifier,
+    pub labels: LabelMap,
+    pub settings: Settings,
+    pub preprocess: Preprocess,
+}
+
+/// Loads an adapter folder written by `train --task image`.
+pub fn load_image_adapter(dir: &Path) -> Result<ImageRun> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .with_context(|| format!("reading {}", dir.join(name).display()))
+    };
+    let run: serde_json::Value = serde_json::from_str(&read(RUN_CONFIG)?)
+        .with_context(|| format!("parsing {}", dir.join(RUN_CONFIG).display()))?;
+    if run["task"] != "image" {
+        bail!(
+            "{} is not an image classifier's adapter (its run_config.json has task {}): \
+             predict texts with it (`deltatune predict --adapter {} TEXT`)",
+            dir.display(),
+            run["task"],
+            dir.display()
+        );
+    }
+    let settings: Settings = serde_json::from_value(run["settings"].clone())
+        .with_context(|| format!("settings in {}", dir.join(RUN_CONFIG).display()))?;
+    let model_dir = PathBuf::from(run["model_dir"].as_str().unwrap_or_default());
+    let labels = LabelMap::load(&dir.join(LABELS))?;
+    let mut model = VitClassifier::load(&model_dir, labels.len(), &mut Rng::new(0))
+        .with_context(|| format!("loading the image model in {}", model_dir.display()))?;
+    let delta =
+        deltatune_methods::DeltaConfig::from_json(serde_json::from_str(&read(ADAPTER_CONFIG)?)?)
+            .with_context(|| format!("reading {}", dir.join(ADAPTER_CONFIG).display()))?;
+    let trainables = delta.attach_saved(&mut model, &Rng::new(0))?;
+    let wpath = dir.join(ADAPTER_WEIGHTS);
+    let weights = deltatune_core::Weights::load(&wpath, candle_core::DType::F32)?;
+    let map = weights
+        .tensors()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect();
+    deltatune_methods::load_state_dict(&trainables, &map, &wpath)?;
+    let preprocess = preprocess(
+        &model_dir,
+        model.config.num_channels,
+        settings.data.image_size,
+    )?;
+    Ok(ImageRun {
+        model,
+        labels,
+        settings,
+        preprocess,
+    })
+}
+
+/// `deltatune predict --adapter DIR --image FILE...`: label and probability per image.
+pub fn predict(adapter: &Path, images: &[PathBuf], json_out: bool) -> Result<()> {
+    let run = load_image_adapter(adapter)?;
+    let set = ImageSet {
+        split: "predict".into(),
+        origin: PathBuf::from("--image"),
+        classes: run.labels_arc(),
+        channels: 3,
+        examples: images
+            .iter()
+            .map(|p| ImageExample {
+                source: deltatune_data::images::ImageSource::File(p.clone()),
+                label: 0,
+            })
+            .collect(),
+    };
+    let ex = ImageExamples::new(Arc::new(set), run.preprocess.clone(), None)?;
+    let probs = deltatune_train::predict_proba(&run.model, &ex, 32)?;
+    for (path, p) in images.iter().zip(probs) {
+        let (best, prob) =
+            p.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+        let label = run.labels.label(best as u32).unwrap_or("?");
+        if json_out {
+            println!(
+                "{}",
+                json!({"image": path, "label": label, "probability": prob, "probabilities": p})
+            );
+        } else {
+            println!("{label}\t{prob:.4}\t{}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `deltatune eval --adapter DIR [--data FOLDER]` for an image adapter: accuracy on the
+/// folder's test split (else dev), or on the run's own test images.
+pub fn eval(adapter: &Path, data: Option<&Path>) -> Result<()> {
+    let run = load_image_adapter(adapter)?;
+    let (set, what) = match data {
+        Some(root) => {
+            let splits = load_image_folder(root)?;
+            let set = splits
+                .test
+                .or(splits.dev)
+                .context("the folder has no test/ or dev/ split to evaluate")?;
+            (set, root.display().to_string())
+        }
+        None => {
+            let s = &run.settings;
+            let splits = load_splits(s)?;
+            let t = splits
+                .test
+                .context("the run's data has no test split: give --data")?;
+            let set = subset(&t, s.data.test_limit, s.train.seed, "test");
+            (set, "the run's test images".to_string())
+        }
+    };
+    if set.classes.as_ref() != run.labels_arc().as_ref() {
+        bail!(
+            "{what} has the classes [{}], the adapter was trained on [{}]",
+            set.classes.join(", "),
+            run.labels_arc().join(", ")
+        );
+    }
+    let ex = ImageExamples::new(Arc::new(set), run.preprocess.clone(), None)?;
+    let (m, _) = evaluate(&run.model, &ex, 32)?;
+    println!(
+        "{what}: {} images, accuracy {:.4}, macro-F1 {:.4}",
+        m.n, m.accuracy, m.macro_f1
+    );
+    Ok(())
+}
+
+impl ImageRun {
+    /// The class names, in id order.
+    pub fn labels_arc(&self) -> Arc<[String]> {
+        (0..self.labels.len())
+            .map(|i| self.labels.label(i as u32).unwrap_or("?").to_string())
+            .collect()
+    }
+}

@@ -232,7 +232,11 @@ impl VitClassifier {
             VitFamily::Vit => h,
         };
         let device = pw.device().clone();
-        let head_w = weights.get_opt("classifier.weight", &[num_labels, head_in], "")?;
+        // A head of another size (another label set) is replaced by a fresh one.
+        let head_w = weights
+            .get_opt("classifier.weight", &[num_labels, head_in], "")
+            .ok()
+            .flatten();
         let classifier = match head_w {
             Some(w) => {
                 let b = weights.get_opt("classifier.bias", &[num_labels], "")?;
