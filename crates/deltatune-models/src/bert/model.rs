@@ -14,7 +14,7 @@ use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, Rng, SiteInfo, S
 
 use super::config::{BertConfig, BertConfigFile, Family};
 use crate::backbone::{Backbone, SequenceClassifier, TextBackbone};
-use crate::layers;
+use crate::layers::{self, LayerNorm};
 
 /// How the sequence is reduced to one vector for classification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -74,28 +74,6 @@ impl Inputs {
             attention_mask: Tensor::from_vec(mask, (b, t), device)?,
             token_type_ids: None,
         })
-    }
-}
-
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn load(w: &Weights, key: &str, size: usize, eps: f64) -> Result<Self> {
-        let hint = "hidden_size in config.json";
-        Ok(Self {
-            weight: w.get(&format!("{key}.weight"), &[size], hint)?,
-            bias: w.get(&format!("{key}.bias"), &[size], hint)?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 

@@ -9,6 +9,32 @@ use candle_core::{DType, Tensor};
 use deltatune_core::hooks::{SiteDelta, Sublayer};
 use deltatune_core::{ops, Ctx, Result};
 
+/// A layer norm with weight and bias (the encoders' and the ViT's).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// `{key}.weight` and `{key}.bias`, each `[size]`.
+    pub fn load(w: &deltatune_core::Weights, key: &str, size: usize, eps: f64) -> Result<Self> {
+        let hint = "hidden_size in config.json";
+        Ok(Self {
+            weight: w.get(&format!("{key}.weight"), &[size], hint)?,
+            bias: w.get(&format!("{key}.bias"), &[size], hint)?,
+            eps,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: [..., size] -> [..., size]
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
 /// Head layout of one attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heads {

@@ -14,20 +14,7 @@ use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, Rng, SiteInfo, S
 
 use super::config::{VitConfig, VitConfigFile, VitFamily};
 use crate::backbone::{Backbone, SequenceClassifier};
-use crate::layers;
-
-#[derive(Debug, Clone)]
-struct Norm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl Norm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
-    }
-}
+use crate::layers::{self, LayerNorm as Norm};
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -103,12 +90,7 @@ impl KeyMap<'_> {
     }
 
     fn norm(&self, path: &str, size: usize, eps: f64) -> Result<Norm> {
-        let hint = "hidden_size in config.json";
-        Ok(Norm {
-            weight: self.get(&format!("{path}.weight"), &[size], hint)?,
-            bias: self.get(&format!("{path}.bias"), &[size], hint)?,
-            eps,
-        })
+        Norm::load(self.weights, &self.key(path), size, eps)
     }
 }
 
