@@ -162,7 +162,14 @@ fn parse_dist(name: &str, v: &toml::Value) -> Result<Dist> {
                 .filter(|s| *s >= 1)
                 .ok_or_else(|| bad(name, "`step` must be an integer >= 1".into()))?,
         };
-        let (lo, hi) = (lo as i64, hi as i64);
+        // The bounds as written (through f64 they would round above 2^53).
+        let exact = |i: usize, f: f64| {
+            t["int"]
+                .as_array()
+                .and_then(|a| a[i].as_integer())
+                .unwrap_or(f as i64)
+        };
+        let (lo, hi) = (exact(0, lo), exact(1, hi));
         let log = flag("log")?;
         if lo > hi {
             return Err(bad(
@@ -330,9 +337,12 @@ impl Dist {
                 log,
             } => {
                 let v = if *log { x.exp() } else { x };
-                let k = ((v - *low as f64) / *step as f64).round() as i64;
-                let max_k = (high - low) / step;
-                Value::from(low + k.clamp(0, max_k) * step)
+                // In i128: `high - low` overflows i64 for a range like [i64::MIN, i64::MAX]
+                // (a negative `max_k` then made `clamp` panic).
+                let k = ((v - *low as f64) / *step as f64).round() as i128;
+                let max_k = (i128::from(*high) - i128::from(*low)) / i128::from(*step);
+                let x = i128::from(*low) + k.clamp(0, max_k) * i128::from(*step);
+                Value::from(x as i64)
             }
             Dist::Choice(c) => c[(x.max(0.0) as usize).min(c.len() - 1)].clone(),
         }
