@@ -127,13 +127,9 @@ fn case_input(t: &Target, seeds: &targets::Seeds, seed: u64, case: u64) -> Vec<u
         .derive(t.name)
         .derive(&case.to_string());
     let mut input = (t.mutate)(&mut rng, seeds);
-    // Stacked duplications can grow a text file to hundreds of MiB; past 4 MiB a case only
-    // costs time (every loader here is linear in the file length, see the heap/in column).
-    input.truncate(MAX_INPUT);
+    input.truncate(mutate::MAX_LEN);
     input
 }
-
-const MAX_INPUT: usize = 4 * MIB;
 
 /// What one case did.
 #[derive(Debug)]
@@ -222,6 +218,10 @@ fn work_dir(out: &Path, target: &str) -> PathBuf {
 }
 
 fn save_crash(a: &Args, t: &Target, case: u64, input: &[u8], why: &str) -> PathBuf {
+    save_input(a, t, case, input, why, "FAIL")
+}
+
+fn save_input(a: &Args, t: &Target, case: u64, input: &[u8], why: &str, label: &str) -> PathBuf {
     let p = a.out.join(format!("{}-{case}.bin", t.name));
     let _ = std::fs::create_dir_all(&a.out);
     let _ = std::fs::write(&p, input);
@@ -229,7 +229,7 @@ fn save_crash(a: &Args, t: &Target, case: u64, input: &[u8], why: &str) -> PathB
         .map(|e| e.display().to_string())
         .unwrap_or_else(|_| "deltatune-fuzz".into());
     eprintln!(
-        "\nFAIL {} case {case}: {why}\n  input saved: {}\n  replay:      {exe} {} --input {}\n  regenerate:  {exe} {} --seed {} --start {case} --cases 1",
+        "\n{label} {} case {case}: {why}\n  input saved: {}\n  replay:      {exe} {} --input {}\n  regenerate:  {exe} {} --seed {} --start {case} --cases 1",
         t.name,
         p.display(),
         t.name,
@@ -339,12 +339,13 @@ fn child(a: &Args, t: &Target) -> ExitCode {
             row.inner_panics += 1;
             if first_inner.is_none() {
                 first_inner = Some(p.clone());
-                save_crash(
+                save_input(
                     a,
                     t,
                     case,
                     &input,
-                    &format!("the loader caught a panic and returned an error: {p}"),
+                    &format!("(not a failure) the loader caught a panic and returned an error: {p}"),
+                    "NOTE",
                 );
             }
         }
@@ -463,6 +464,7 @@ fn supervise(a: &Args, selected: &[Target]) -> ExitCode {
             "== {} ({}): {} cases from case {}, seed {}",
             t.name, t.about, a.cases, a.start, a.seed
         );
+        let t0 = Instant::now();
         let status = Command::new(&exe)
             .arg(t.name)
             .arg("--child")
@@ -498,6 +500,7 @@ fn supervise(a: &Args, selected: &[Target]) -> ExitCode {
                     target: t.name.to_string(),
                     cases: case.saturating_sub(a.start) + 1,
                     aborts: 1,
+                    seconds: t0.elapsed().as_secs_f64(),
                     ..Row::default()
                 });
             }

@@ -155,7 +155,8 @@ pub fn bytes_once(rng: &mut Rng, data: &mut Vec<u8>, seeds: &[Vec<u8>], header: 
             let (a, b) = range(rng, len);
             let chunk = data[a..b].to_vec();
             let at = rng.below(len + 1);
-            let times = if chance(rng, 0.1) { 1 + rng.below(64) } else { 1 };
+            let most = (MAX_LEN / (b - a + 1)).clamp(1, 64);
+            let times = if chance(rng, 0.1) { 1 + rng.below(most) } else { 1 };
             for _ in 0..times {
                 data.splice(at..at, chunk.iter().copied());
             }
@@ -272,8 +273,9 @@ pub fn text_once(rng: &mut Rng, data: &mut Vec<u8>, seeds: &[Vec<u8>]) {
             match rng.below(5) {
                 0 => {
                     let i = rng.below(n);
-                    let times = if chance(rng, 0.1) { 1 + rng.below(2000) } else { 1 };
                     let l = lines[i].clone();
+                    let most = (MAX_LEN / (l.len() + 1)).clamp(1, 2000);
+                    let times = if chance(rng, 0.1) { 1 + rng.below(most) } else { 1 };
                     for _ in 0..times {
                         lines.insert(i, l.clone());
                     }
@@ -421,7 +423,10 @@ pub fn json_once(rng: &mut Rng, v: &mut Value, keys: &[&str]) {
             }
             Value::Array(a) if !a.is_empty() => {
                 let x = a[rng.below(a.len())].clone();
-                let times = if chance(rng, 0.1) { 1 + rng.below(5000) } else { 1 };
+                // Bounded so stacked duplications stay within MAX_LEN once serialised.
+                let size = serde_json::to_vec(&x).map_or(1, |v| v.len() + 1);
+                let most = (MAX_LEN / 4 / size).clamp(1, 5000);
+                let times = if chance(rng, 0.1) { 1 + rng.below(most) } else { 1 };
                 for _ in 0..times {
                     a.push(x.clone());
                 }
@@ -500,6 +505,7 @@ pub fn json_case(rng: &mut Rng, seeds: &[Vec<u8>], keys: &[&str]) -> Vec<u8> {
         }
         for _ in 0..stack_depth(rng) {
             text_once(rng, &mut out, seeds);
+            out.truncate(MAX_LEN);
         }
     }
     out
@@ -617,6 +623,7 @@ pub fn toml_case(rng: &mut Rng, seeds: &[Vec<u8>], keys: &[&str]) -> Vec<u8> {
         }
         for _ in 0..stack_depth(rng) {
             text_once(rng, &mut out, seeds);
+            out.truncate(MAX_LEN);
         }
     }
     out
@@ -627,15 +634,21 @@ pub fn text_case(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
     let mut out = pick(rng, seeds).clone();
     for _ in 0..stack_depth(rng) {
         text_once(rng, &mut out, seeds);
+        out.truncate(MAX_LEN);
     }
     out
 }
+
+/// Inputs are cut here after each mutation (stacked duplications would otherwise reach
+/// hundreds of MiB; every loader is linear in the length, so bigger adds time, not coverage).
+pub const MAX_LEN: usize = 4 << 20;
 
 /// A mutated binary file: byte mutations, integer overwrites within the first `header` bytes.
 pub fn binary_case(rng: &mut Rng, seeds: &[Vec<u8>], header: usize) -> Vec<u8> {
     let mut out = pick(rng, seeds).clone();
     for _ in 0..stack_depth(rng) {
         bytes_once(rng, &mut out, seeds, header);
+        out.truncate(MAX_LEN);
     }
     out
 }

@@ -129,6 +129,22 @@ pub fn all() -> Vec<Target> {
             run: run_settings,
         },
         Target {
+            name: "bert-config",
+            about: "config.json of a BERT folder: BertClassifier::load (tiny-bert weights)",
+            file: "config.json",
+            seeds: bert_config_seeds,
+            mutate: |rng, s| json_case(rng, s, MODEL_CONFIG_KEYS),
+            run: run_bert_config,
+        },
+        Target {
+            name: "llama-config",
+            about: "config.json of a Llama folder: LlamaModel::load (tiny-llama weights)",
+            file: "config.json",
+            seeds: llama_config_seeds,
+            mutate: |rng, s| json_case(rng, s, MODEL_CONFIG_KEYS),
+            run: run_llama_config,
+        },
+        Target {
             name: "tokenizer",
             about: "tokenizer.json: TextTokenizer::load + encode_batch",
             file: "tokenizer.json",
@@ -474,6 +490,70 @@ fn tokenizer_seeds() -> anyhow::Result<Seeds> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(v)
+}
+
+const MODEL_CONFIG_KEYS: &[&str] = &[
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "tie_word_embeddings",
+    "hidden_act",
+    "model_type",
+    "eos_token_id",
+    "bos_token_id",
+    "pad_token_id",
+    "id2label",
+    "torch_dtype",
+];
+
+fn bert_config_seeds() -> anyhow::Result<Seeds> {
+    let mut v = vec![fixture("tiny-bert/config.json")?];
+    if let Ok(b) = std::fs::read(cache_dir().join("models/all-MiniLM-L6-v2/config.json")) {
+        v.push(b);
+    }
+    Ok(v)
+}
+
+fn llama_config_seeds() -> anyhow::Result<Seeds> {
+    Ok(vec![fixture("tiny-llama/config.json")?])
+}
+
+/// Puts fixture files next to the case's config.json (once per process).
+fn siblings(p: &Path, fixture_dir: &str, names: &[&str]) -> Result<PathBuf, String> {
+    let dir = p.parent().unwrap_or(Path::new(".")).to_path_buf();
+    for n in names {
+        let to = dir.join(n);
+        if !to.exists() {
+            let from = repo_root().join("tests/fixtures").join(fixture_dir).join(n);
+            std::fs::copy(&from, &to).map_err(|e| format!("fuzz set-up: {}: {e}", from.display()))?;
+        }
+    }
+    Ok(dir)
+}
+
+fn run_bert_config(p: &Path) -> Result<(), String> {
+    let dir = siblings(p, "tiny-bert", &["model.safetensors", "tokenizer.json"])?;
+    let mut rng = Rng::new(0);
+    deltatune_models::BertClassifier::load(&dir, 3, deltatune_models::Pooling::Cls, &mut rng)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn run_llama_config(p: &Path) -> Result<(), String> {
+    let dir = siblings(p, "tiny-llama", &["model.safetensors"])?;
+    deltatune_models::LlamaModel::load(&dir)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// JSON lines: a line parsed and structurally mutated, lines duplicated or dropped.

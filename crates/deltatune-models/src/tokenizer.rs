@@ -1,10 +1,19 @@
 //! Loading `tokenizer.json` with padding off (batches are padded by the model to their longest
 //! sequence) and truncation at a chosen length.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use deltatune_core::{Error, Result};
 use tokenizers::{Tokenizer, TruncationParams};
+
+/// The text of a caught panic.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
 
 /// A Hugging Face tokenizer set up for deltatune's batching.
 #[derive(Clone)]
@@ -29,10 +38,33 @@ impl TextTokenizer {
                     .into(),
             });
         }
-        let mut inner = Tokenizer::from_file(path).map_err(|e| Error::MalformedConfig {
+        // The tokenizers crate panics on some malformed files (an undeserialisable decoder; a
+        // post-processor template naming a special token it does not define, on first use):
+        // both become an error naming the file, the second found by a probe encoding.
+        let malformed = |msg: String| Error::MalformedConfig {
             path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+            msg,
+        };
+        let mut inner = match catch_unwind(AssertUnwindSafe(|| Tokenizer::from_file(path))) {
+            Ok(r) => r.map_err(|e| malformed(e.to_string()))?,
+            Err(p) => {
+                return Err(malformed(format!(
+                    "the tokenizers library could not read it ({}): a malformed tokenizer.json",
+                    panic_text(&*p)
+                )))
+            }
+        };
+        match catch_unwind(AssertUnwindSafe(|| inner.encode("a", true))) {
+            Ok(_) => {}
+            Err(p) => {
+                return Err(malformed(format!(
+                    "encoding a test text failed inside the tokenizers library ({}): check \
+                     its post_processor (every special token a template names must be \
+                     listed in its special_tokens)",
+                    panic_text(&*p)
+                )))
+            }
+        }
         inner.with_padding(None);
         inner
             .with_truncation(Some(TruncationParams {
