@@ -487,7 +487,19 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
         };
         r.with_context(|| format!("invalid setting in [{section}]"))?;
     }
-    serde_json::from_value(root.clone()).context("invalid setting")
+    serde_json::from_value(root.clone()).or_else(|e| {
+        // Name the top-level key at fault (`pooling`, `progress`, ...): each one alone on the
+        // defaults.
+        let defaults = serde_json::to_value(Settings::default())?;
+        for (k, v) in obj {
+            let mut one = defaults.clone();
+            one[k.as_str()] = v.clone();
+            if let Err(e) = serde_json::from_value::<Settings>(one) {
+                bail!("invalid setting `{k}` = {v}: {e}");
+            }
+        }
+        Err(e).context("invalid setting")
+    })
 }
 
 /// The resolved settings as TOML, each line annotated with its source.

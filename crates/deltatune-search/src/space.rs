@@ -269,8 +269,12 @@ impl Space {
     /// Reads and parses a space file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Space(format!("reading search space {}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| Error::Space(format!("{}: {e}", path.display())))
+            .map_err(|e| Error::Space(format!("reading {}: {e}", path.display())))?;
+        // The file name goes in front of the message, not of a second "search space:".
+        Self::parse(&text).map_err(|e| match e {
+            Error::Space(m) => Error::Space(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// The method names, in file order.
