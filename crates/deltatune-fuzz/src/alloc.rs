@@ -29,9 +29,8 @@ fn grew(size: usize) -> bool {
         CURRENT.fetch_sub(size, Relaxed);
         // No allocation here: a fixed message, then the allocation fails (Rust aborts and the
         // supervising process saves the input).
-        let _ = std::io::stderr().write_all(
-            b"\ndeltatune-fuzz: a case allocated past the hard memory cap; aborting\n",
-        );
+        let _ = std::io::stderr()
+            .write_all(b"\ndeltatune-fuzz: a case allocated past the hard memory cap; aborting\n");
         return false;
     }
     true

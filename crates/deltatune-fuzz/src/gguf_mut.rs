@@ -268,9 +268,18 @@ pub fn seed(o: &SeedOpts) -> anyhow::Result<Vec<u8>> {
         ("llama.embedding_length".into(), Value::U32(h as u32)),
         ("llama.block_count".into(), Value::U32(o.layers as u32)),
         ("llama.feed_forward_length".into(), Value::U32(ffn as u32)),
-        ("llama.attention.head_count".into(), Value::U32(heads as u32)),
-        ("llama.attention.head_count_kv".into(), Value::U32(kv as u32)),
-        ("llama.rope.dimension_count".into(), Value::U32(head_dim as u32)),
+        (
+            "llama.attention.head_count".into(),
+            Value::U32(heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(kv as u32),
+        ),
+        (
+            "llama.rope.dimension_count".into(),
+            Value::U32(head_dim as u32),
+        ),
         ("llama.rope.freq_base".into(), Value::F32(10000.0)),
         (
             "llama.attention.layer_norm_rms_epsilon".into(),
@@ -290,7 +299,12 @@ pub fn seed(o: &SeedOpts) -> anyhow::Result<Vec<u8>> {
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
         (
             "tokenizer.ggml.merges".into(),
-            Value::Array(merges.iter().map(|m| Value::String(m.to_string())).collect()),
+            Value::Array(
+                merges
+                    .iter()
+                    .map(|m| Value::String(m.to_string()))
+                    .collect(),
+            ),
         ),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
@@ -307,11 +321,7 @@ pub fn seed(o: &SeedOpts) -> anyhow::Result<Vec<u8>> {
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut add = |name: String, shape: &[usize], dtype: GgmlDType| -> anyhow::Result<()> {
         let t: Tensor = rng.normal_tensor(shape, 0.02)?;
-        let t = if shape.len() == 1 {
-            (t + 1.0)?
-        } else {
-            t
-        };
+        let t = if shape.len() == 1 { (t + 1.0)? } else { t };
         let q = QTensor::quantize(&t, dtype)?;
         tensors.push((name, q));
         Ok(())

@@ -123,9 +123,7 @@ fn parse_args() -> Result<Args, String> {
 
 /// The input of case `case`: a function of the seed, the target and the case number only.
 fn case_input(t: &Target, seeds: &targets::Seeds, seed: u64, case: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed)
-        .derive(t.name)
-        .derive(&case.to_string());
+    let mut rng = Rng::new(seed).derive(t.name).derive(&case.to_string());
     let mut input = (t.mutate)(&mut rng, seeds);
     input.truncate(mutate::MAX_LEN);
     input
@@ -344,7 +342,9 @@ fn child(a: &Args, t: &Target) -> ExitCode {
                     t,
                     case,
                     &input,
-                    &format!("(not a failure) the loader caught a panic and returned an error: {p}"),
+                    &format!(
+                        "(not a failure) the loader caught a panic and returned an error: {p}"
+                    ),
                     "NOTE",
                 );
             }
@@ -386,7 +386,7 @@ fn child(a: &Args, t: &Target) -> ExitCode {
             }
         }
         let n = case - a.start + 1;
-        if n % progress_every == 0 && a.cases >= 1000 {
+        if n.is_multiple_of(progress_every) && a.cases >= 1000 {
             eprintln!(
                 "  {} {n}/{} cases, {:.0}/s, {} failures",
                 t.name,
@@ -416,7 +416,9 @@ fn write_row(work: &Path, row: &Row) {
 /// Runs one saved input in this process and reports what happened.
 fn replay(t: &Target, input: &Path) -> ExitCode {
     install_panic_hook();
-    let len = std::fs::metadata(input).map(|m| m.len() as usize).unwrap_or(0);
+    let len = std::fs::metadata(input)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
     // The loader sees the same file name as during fuzzing (extensions pick formats).
     let dir = std::env::temp_dir().join(format!("deltatune-fuzz-replay-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
@@ -488,7 +490,10 @@ fn supervise(a: &Args, selected: &[Target]) -> ExitCode {
                 failed = true;
                 let case = std::fs::read(work.join("case"))
                     .ok()
-                    .and_then(|b| b.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap())))
+                    .and_then(|b| {
+                        b.get(..8)
+                            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                    })
                     .unwrap_or(u64::MAX);
                 let input = std::fs::read(work.join(t.file)).unwrap_or_default();
                 let why = match status {
@@ -509,7 +514,10 @@ fn supervise(a: &Args, selected: &[Target]) -> ExitCode {
     print_table(&rows);
     let _ = std::fs::remove_dir_all(a.out.join(".work"));
     if failed {
-        eprintln!("\nFAILED: see the FAIL lines above (inputs saved under {})", a.out.display());
+        eprintln!(
+            "\nFAILED: see the FAIL lines above (inputs saved under {})",
+            a.out.display()
+        );
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

@@ -156,7 +156,11 @@ pub fn bytes_once(rng: &mut Rng, data: &mut Vec<u8>, seeds: &[Vec<u8>], header: 
             let chunk = data[a..b].to_vec();
             let at = rng.below(len + 1);
             let most = (MAX_LEN / (b - a + 1)).clamp(1, 64);
-            let times = if chance(rng, 0.1) { 1 + rng.below(most) } else { 1 };
+            let times = if chance(rng, 0.1) {
+                1 + rng.below(most)
+            } else {
+                1
+            };
             for _ in 0..times {
                 data.splice(at..at, chunk.iter().copied());
             }
@@ -275,7 +279,11 @@ pub fn text_once(rng: &mut Rng, data: &mut Vec<u8>, seeds: &[Vec<u8>]) {
                     let i = rng.below(n);
                     let l = lines[i].clone();
                     let most = (MAX_LEN / (l.len() + 1)).clamp(1, 2000);
-                    let times = if chance(rng, 0.1) { 1 + rng.below(most) } else { 1 };
+                    let times = if chance(rng, 0.1) {
+                        1 + rng.below(most)
+                    } else {
+                        1
+                    };
                     for _ in 0..times {
                         lines.insert(i, l.clone());
                     }
@@ -426,7 +434,11 @@ pub fn json_once(rng: &mut Rng, v: &mut Value, keys: &[&str]) {
                 // Bounded so stacked duplications stay within MAX_LEN once serialised.
                 let size = serde_json::to_vec(&x).map_or(1, |v| v.len() + 1);
                 let most = (MAX_LEN / 4 / size).clamp(1, 5000);
-                let times = if chance(rng, 0.1) { 1 + rng.below(most) } else { 1 };
+                let times = if chance(rng, 0.1) {
+                    1 + rng.below(most)
+                } else {
+                    1
+                };
                 for _ in 0..times {
                     a.push(x.clone());
                 }
@@ -613,7 +625,9 @@ pub fn toml_case(rng: &mut Rng, seeds: &[Vec<u8>], keys: &[&str]) -> Vec<u8> {
             for _ in 0..stack_depth(rng) {
                 toml_once(rng, &mut t, keys);
             }
-            toml::to_string(&t).map(String::into_bytes).unwrap_or_default()
+            toml::to_string(&t)
+                .map(String::into_bytes)
+                .unwrap_or_default()
         }
         _ => Vec::new(),
     };

@@ -38,7 +38,9 @@ fn tensor_names(h: &Map<String, Value>) -> Vec<String> {
 
 /// Sets `field` of entry `name`, turning a non-object entry into an object first.
 fn set(h: &mut Map<String, Value>, name: &str, field: &str, v: Value) {
-    let e = h.entry(name.to_string()).or_insert_with(|| Value::Object(Map::new()));
+    let e = h
+        .entry(name.to_string())
+        .or_insert_with(|| Value::Object(Map::new()));
     if !e.is_object() {
         *e = Value::Object(Map::new());
     }
@@ -80,7 +82,7 @@ fn mutate_header(rng: &mut Rng, h: &mut Map<String, Value>, data_len: u64) {
                 5 => {
                     // [a*b] -> [a, b] and back: same element count, different rank.
                     let n: u64 = s.iter().filter_map(Value::as_u64).product();
-                    s = if n % 2 == 0 && n > 0 {
+                    s = if n.is_multiple_of(2) && n > 0 {
                         vec![Value::from(2), Value::from(n / 2)]
                     } else {
                         vec![Value::from(n)]

@@ -37,8 +37,9 @@ pub fn all() -> Vec<Target> {
                     safetensors_mut::case(rng, s)
                 } else {
                     let seed = pick(rng, s);
-                    let header = safetensors_mut::split(seed)
-                        .map_or(4096, |_| 8 + u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize);
+                    let header = safetensors_mut::split(seed).map_or(4096, |_| {
+                        8 + u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize
+                    });
                     binary_case(rng, s, header)
                 }
             },
@@ -97,7 +98,11 @@ pub fn all() -> Vec<Target> {
             seeds: gen_jsonl_seeds,
             mutate: |rng, s| {
                 if rng.below(2) == 0 {
-                    jsonl_structural(rng, s, &["prompt", "completion", "messages", "role", "content"])
+                    jsonl_structural(
+                        rng,
+                        s,
+                        &["prompt", "completion", "messages", "role", "content"],
+                    )
                 } else {
                     text_case(rng, s)
                 }
@@ -309,7 +314,15 @@ fn adapter_config_seeds() -> anyhow::Result<Seeds> {
     // Every method's defaults, as the settings serialise them (sections named like the
     // methods), and a composition of two.
     let s = serde_json::to_value(settings::Settings::default())?;
-    for m in ["lora", "ia3", "bitfit", "prompt", "prefix", "adapter", "intrinsic"] {
+    for m in [
+        "lora",
+        "ia3",
+        "bitfit",
+        "prompt",
+        "prefix",
+        "adapter",
+        "intrinsic",
+    ] {
         if let Some(c) = s.get(m) {
             v.push(serde_json::to_vec_pretty(c)?);
         }
@@ -327,7 +340,8 @@ fn adapter_config_seeds() -> anyhow::Result<Seeds> {
     Ok(v)
 }
 
-const RT_CSV: &str = "text,label\n\"a gripping, \"\"funny\"\" film\",1\nflat and dull,0\n\"spans\ntwo lines\",1\n";
+const RT_CSV: &str =
+    "text,label\n\"a gripping, \"\"funny\"\" film\",1\nflat and dull,0\n\"spans\ntwo lines\",1\n";
 
 fn csv_seeds() -> anyhow::Result<Seeds> {
     let mut v = vec![
@@ -475,12 +489,15 @@ fn tokenizer_seeds() -> anyhow::Result<Seeds> {
     let dir = std::env::temp_dir().join(format!("deltatune-fuzz-seed-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let p = dir.join("seed.gguf");
-    std::fs::write(&p, gguf_mut::seed(&gguf_mut::SeedOpts {
-        layers: 1,
-        tied: true,
-        matrix: candle_core::quantized::GgmlDType::Q8_0,
-        bos_eos: true,
-    })?)?;
+    std::fs::write(
+        &p,
+        gguf_mut::seed(&gguf_mut::SeedOpts {
+            layers: 1,
+            tied: true,
+            matrix: candle_core::quantized::GgmlDType::Q8_0,
+            bos_eos: true,
+        })?,
+    )?;
     let g = deltatune_core::GgufFile::open(&p)?;
     let tok = deltatune_models::gguf_tokenizer::tokenizer_from_gguf(&g)?;
     v.push(
@@ -535,7 +552,8 @@ fn siblings(p: &Path, fixture_dir: &str, names: &[&str]) -> Result<PathBuf, Stri
         let to = dir.join(n);
         if !to.exists() {
             let from = repo_root().join("tests/fixtures").join(fixture_dir).join(n);
-            std::fs::copy(&from, &to).map_err(|e| format!("fuzz set-up: {}: {e}", from.display()))?;
+            std::fs::copy(&from, &to)
+                .map_err(|e| format!("fuzz set-up: {}: {e}", from.display()))?;
         }
     }
     Ok(dir)
@@ -583,7 +601,10 @@ fn run_safetensors(p: &Path) -> Result<(), String> {
         let t = w.get(k, &dims, "").map_err(|e| e.to_string())?;
         // Touch the data (a lying shape/offset pair would show here).
         if t.dtype() == DType::F32 {
-            let _ = t.flatten_all().and_then(|t| t.sum_all()).map_err(|e| e.to_string())?;
+            let _ = t
+                .flatten_all()
+                .and_then(|t| t.sum_all())
+                .map_err(|e| e.to_string())?;
         }
     }
     let _ = w.unused();

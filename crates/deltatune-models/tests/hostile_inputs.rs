@@ -143,11 +143,16 @@ fn model_dir(fixture_dir: &str, files: &[&str], layers: u64) -> tempfile::TempDi
     for f in files {
         std::fs::copy(fixture(&format!("{fixture_dir}/{f}")), dir.path().join(f)).unwrap();
     }
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture(&format!("{fixture_dir}/config.json"))).unwrap())
-            .unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixture(&format!("{fixture_dir}/config.json"))).unwrap(),
+    )
+    .unwrap();
     cfg["num_hidden_layers"] = serde_json::json!(layers);
-    std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_vec(&cfg).unwrap(),
+    )
+    .unwrap();
     dir
 }
 
@@ -157,7 +162,11 @@ fn model_dir(fixture_dir: &str, files: &[&str], layers: u64) -> tempfile::TempDi
 #[test]
 fn bert_config_huge_num_hidden_layers_is_an_error_not_a_capacity_overflow() {
     for layers in [7_130_735_639_373_133_823u64, 100_000_000, 3] {
-        let dir = model_dir("tiny-bert", &["model.safetensors", "tokenizer.json"], layers);
+        let dir = model_dir(
+            "tiny-bert",
+            &["model.safetensors", "tokenizer.json"],
+            layers,
+        );
         let err = BertClassifier::load(dir.path(), 3, Pooling::Cls, &mut Rng::new(0))
             .unwrap_err()
             .to_string();

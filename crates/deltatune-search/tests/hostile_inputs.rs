@@ -41,8 +41,9 @@ fn space_int_range_wider_than_i64_samples_without_panic() {
 /// Integer bounds above 2^53 were read through f64 and rounded.
 #[test]
 fn space_int_bounds_keep_their_exact_value() {
-    let space = Space::parse("[methods.lora]\nx = { int = [9007199254740993, 9007199254740995] }\n")
-        .unwrap();
+    let space =
+        Space::parse("[methods.lora]\nx = { int = [9007199254740993, 9007199254740995] }\n")
+            .unwrap();
     match &space.params_for("lora")[0].dist {
         Dist::Int { low, high, .. } => {
             assert_eq!((*low, *high), (9007199254740993, 9007199254740995))

@@ -339,7 +339,13 @@ pub fn load_llama_from(file: &GgufFile) -> Result<LlamaGguf> {
     let layers_in_file = file
         .tensor_names()
         .iter()
-        .filter_map(|n| n.strip_prefix("blk.")?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|n| {
+            n.strip_prefix("blk.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .max()
         .map_or(0, |l| l + 1);
     if config.num_layers > layers_in_file {
