@@ -605,3 +605,60 @@ fn main() -> ExitCode {
     }
     supervise(&a, &selected)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every target has a seed its loader accepts: mutations start from real, valid files.
+    #[test]
+    fn every_target_has_a_seed_that_loads() {
+        let dir = std::env::temp_dir().join(format!("deltatune-fuzz-test-{}", std::process::id()));
+        for t in targets::all() {
+            let seeds = (t.seeds)().unwrap();
+            let d = dir.join(t.name);
+            std::fs::create_dir_all(&d).unwrap();
+            let p = d.join(t.file);
+            let errors: Vec<String> = seeds
+                .iter()
+                .filter_map(|s| {
+                    std::fs::write(&p, s).unwrap();
+                    (t.run)(&p).err()
+                })
+                .collect();
+            assert!(
+                errors.len() < seeds.len(),
+                "{}: no seed loads: {errors:?}",
+                t.name
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A case's input depends on (seed, target, case number) only, so one case replays alone.
+    #[test]
+    fn case_inputs_are_reproducible() {
+        for t in targets::all() {
+            let seeds = (t.seeds)().unwrap();
+            for case in [0, 7, 12345] {
+                let a = case_input(&t, &seeds, 1, case);
+                let b = case_input(&t, &seeds, 1, case);
+                assert_eq!(a, b, "{} case {case}", t.name);
+                assert!(a.len() <= mutate::MAX_LEN);
+            }
+            assert_ne!(
+                case_input(&t, &seeds, 1, 3),
+                case_input(&t, &seeds, 2, 3),
+                "{}: the seed changes the input",
+                t.name
+            );
+        }
+    }
+
+    #[test]
+    fn memory_limits_scale_with_the_input() {
+        assert_eq!(soft_limit(10), 64 * MIB);
+        assert_eq!(soft_limit(100 * MIB), 1600 * MIB);
+        assert!(hard_cap(1) > soft_limit(1));
+    }
+}
