@@ -485,7 +485,12 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
             "generation" => serde_json::from_value::<GenerationSettings>(v).map(|_| ()),
             _ => serde_json::from_value::<TrainConfig>(v).map(|_| ()),
         };
-        r.with_context(|| format!("invalid setting in [{section}]"))?;
+        if let Err(e) = r {
+            if let Some(msg) = culprit(section, obj.get(section)) {
+                bail!(msg);
+            }
+            return Err(e).with_context(|| format!("invalid setting in [{section}]"));
+        }
     }
     serde_json::from_value(root.clone()).or_else(|e| {
         // Name the top-level key at fault (`pooling`, `progress`, ...): each one alone on the
@@ -500,6 +505,24 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
         }
         Err(e).context("invalid setting")
     })
+}
+
+/// The key of `section` at fault, tried one at a time on the defaults, as a message
+/// (`invalid setting `train.epochs` = "many": ...`).
+fn culprit(section: &str, v: Option<&Value>) -> Option<String> {
+    let defaults = serde_json::to_value(Settings::default()).ok()?;
+    let Value::Object(m) = v? else { return None };
+    if !defaults[section].is_object() {
+        return None;
+    }
+    for (k, x) in m {
+        let mut one = defaults.clone();
+        one[section][k.as_str()] = x.clone();
+        if let Err(e) = serde_json::from_value::<Settings>(one) {
+            return Some(format!("invalid setting `{section}.{k}` = {x}: {e}"));
+        }
+    }
+    None
 }
 
 /// The resolved settings as TOML, each line annotated with its source.
