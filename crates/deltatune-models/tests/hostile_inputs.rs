@@ -99,13 +99,24 @@ fn load_tokenizer(v: &serde_json::Value) -> deltatune_core::Result<TextTokenizer
     TextTokenizer::load(&p, 16)
 }
 
-/// A `decoder` the tokenizers library cannot deserialise made it panic (`expect("Helper")`)
-/// inside `Tokenizer::from_file` instead of returning an error.
+/// A syntax error inside the `decoder` object (here a raw control character in a string)
+/// made the tokenizers library panic (`expect("Helper")` in its decoder deserialiser) inside
+/// `Tokenizer::from_file` instead of returning an error.
 #[test]
 fn tokenizer_json_with_malformed_decoder_is_an_error_not_a_panic() {
     let mut v = tiny_bert_tokenizer();
-    v["decoder"] = serde_json::json!(5);
-    let err = load_tokenizer(&v).unwrap_err().to_string();
+    v["decoder"] = serde_json::json!({"type": "WordPiece", "prefix": "@@MARK@@", "cleanup": true});
+    let text = serde_json::to_string(&v)
+        .unwrap()
+        .replace("@@MARK@@", "#\u{1}#");
+    // The library itself still panics on this input (so this test keeps pinning the bug).
+    let lib = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>().map(|_| ()));
+    assert!(lib.is_err(), "tokenizers no longer panics here: {lib:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tokenizer.json");
+    std::fs::write(&p, &text).unwrap();
+    let err = TextTokenizer::load(&p, 16).unwrap_err().to_string();
     assert!(
         err.contains("tokenizer.json") && err.contains("malformed"),
         "{err}"
@@ -126,6 +137,11 @@ fn tokenizer_template_with_undefined_special_token_is_an_error_not_a_panic() {
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {}
     });
+    // The library loads it and panics on the first encoding.
+    let tok: tokenizers::Tokenizer = serde_json::to_string(&v).unwrap().parse().unwrap();
+    let lib = std::panic::catch_unwind(|| tok.encode("hello", true).map(|_| ()));
+    assert!(lib.is_err(), "tokenizers no longer panics here: {lib:?}");
+
     let err = load_tokenizer(&v).unwrap_err().to_string();
     assert!(
         err.contains("tokenizer.json") && err.contains("special_tokens"),
