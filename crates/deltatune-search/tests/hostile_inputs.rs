@@ -51,3 +51,16 @@ fn space_int_bounds_keep_their_exact_value() {
         d => panic!("{d:?}"),
     }
 }
+
+/// Found by deltatune-fuzz: 4 MB of nested arrays made the TOML parser hold 190 MiB before it
+/// failed; a space past the size cap is refused before parsing, and one at the cap parses.
+#[test]
+fn space_file_past_the_size_cap_is_refused_before_parsing() {
+    use deltatune_search::space::MAX_SPACE_BYTES;
+    let big = "a = [".repeat(MAX_SPACE_BYTES / 5 + 1);
+    let err = Space::parse(&big).unwrap_err().to_string();
+    assert!(err.contains("is this the right file"), "{err}");
+    let mut ok = String::from("[methods.lora]\n");
+    ok.push_str(&"#".repeat(MAX_SPACE_BYTES - ok.len()));
+    Space::parse(&ok).unwrap();
+}
