@@ -152,6 +152,24 @@ fn tokenizer_template_with_undefined_special_token_is_an_error_not_a_panic() {
     assert!(!t.encode_batch(&["hello"]).unwrap()[0].is_empty());
 }
 
+/// An added token of 32,768 bytes made loading take 28 s (the tokenizers library builds its
+/// matcher in time quadratic in the token's length); now refused with the token named.
+#[test]
+fn tokenizer_json_with_a_32k_added_token_is_an_error_not_a_28s_load() {
+    let mut v = tiny_bert_tokenizer();
+    v["added_tokens"] = serde_json::json!([{
+        "id": 0, "content": "x".repeat(32768), "single_word": false, "lstrip": false,
+        "rstrip": false, "normalized": false, "special": true
+    }]);
+    let t = std::time::Instant::now();
+    let err = load_tokenizer(&v).unwrap_err().to_string();
+    assert!(t.elapsed().as_secs_f64() < 5.0, "{:?}", t.elapsed());
+    assert!(
+        err.contains("tokenizer.json") && err.contains("added_tokens[0] is 32768 bytes"),
+        "{err}"
+    );
+}
+
 /// A model folder whose config.json copies `model.safetensors` and `tokenizer.json` from
 /// `fixture_dir` and has `num_hidden_layers` set to `layers`.
 fn model_dir(fixture_dir: &str, files: &[&str], layers: u64) -> tempfile::TempDir {
