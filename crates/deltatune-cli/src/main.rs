@@ -268,6 +268,8 @@ pub struct SearchCli {
 /// Settings shared by `train`, `inspect` and `bench`; each flag overrides its env var and the
 /// config file.
 #[derive(Debug, Args, Clone, Default)]
+// `--lr -0.1` is a (bad) learning rate for the settings check to reject, not a flag `-0`.
+#[command(allow_negative_numbers = true)]
 pub struct RunArgs {
     /// A TOML settings file (sections [data], [lora], [train]; see --show-config).
     #[arg(long)]

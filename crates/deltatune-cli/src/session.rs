@@ -178,6 +178,13 @@ pub struct AdapterRun {
 
 /// Loads `dir` (written by `train`): base model, delta and head, label map.
 pub fn load_adapter(dir: &Path) -> Result<AdapterRun> {
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "--adapter {} is a file; pass the adapter folder `deltatune train --output` wrote \
+             (it holds adapter_config.json and adapter_model.safetensors)",
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         bail!(
             "adapter folder {} does not exist (train one with `deltatune train --output ...`)",

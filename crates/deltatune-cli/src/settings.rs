@@ -385,6 +385,9 @@ fn parse_like(raw: &str, like: &Value) -> Value {
     }
 }
 
+/// The largest config file read (bounds the TOML parser's memory).
+pub const MAX_CONFIG_BYTES: usize = 256 << 10;
+
 /// Resolves settings: defaults, then `config_file`, then the environment, then `flags`
 /// (dotted key, raw value). Returns the settings and the source of every leaf key.
 pub fn resolve(
@@ -417,6 +420,17 @@ pub fn resolve(
     if let Some(path) = config_file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
+        // The TOML parser holds ~75 bytes per byte of a file of nested arrays (found by
+        // deltatune-fuzz: 277 MiB for a 3.7 MB file); `--show-config` prints about 3 KiB.
+        if text.len() > MAX_CONFIG_BYTES {
+            bail!(
+                "config file {} is {} bytes; a settings file is a short hand-written TOML file \
+                 (at most {} KiB, see --show-config): is this the right file?",
+                path.display(),
+                text.len(),
+                MAX_CONFIG_BYTES >> 10
+            );
+        }
         let table: toml::Table = toml::from_str(&text)
             .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
         let file_val = serde_json::to_value(table)?;
@@ -547,9 +561,44 @@ fn deserialize_sections(root: &Value) -> Result<Settings> {
             "generation" => serde_json::from_value::<GenerationSettings>(v).map(|_| ()),
             _ => serde_json::from_value::<TrainConfig>(v).map(|_| ()),
         };
-        r.with_context(|| format!("invalid setting in [{section}]"))?;
+        if let Err(e) = r {
+            if let Some(msg) = culprit(section, obj.get(section)) {
+                bail!(msg);
+            }
+            return Err(e).with_context(|| format!("invalid setting in [{section}]"));
+        }
     }
-    serde_json::from_value(root.clone()).context("invalid setting")
+    serde_json::from_value(root.clone()).or_else(|e| {
+        // Name the top-level key at fault (`pooling`, `progress`, ...): each one alone on the
+        // defaults.
+        let defaults = serde_json::to_value(Settings::default())?;
+        for (k, v) in obj {
+            let mut one = defaults.clone();
+            one[k.as_str()] = v.clone();
+            if let Err(e) = serde_json::from_value::<Settings>(one) {
+                bail!("invalid setting `{k}` = {v}: {e}");
+            }
+        }
+        Err(e).context("invalid setting")
+    })
+}
+
+/// The key of `section` at fault, tried one at a time on the defaults, as a message
+/// (`invalid setting `train.epochs` = "many": ...`).
+fn culprit(section: &str, v: Option<&Value>) -> Option<String> {
+    let defaults = serde_json::to_value(Settings::default()).ok()?;
+    let Value::Object(m) = v? else { return None };
+    if !defaults[section].is_object() {
+        return None;
+    }
+    for (k, x) in m {
+        let mut one = defaults.clone();
+        one[section][k.as_str()] = x.clone();
+        if let Err(e) = serde_json::from_value::<Settings>(one) {
+            return Some(format!("invalid setting `{section}.{k}` = {x}: {e}"));
+        }
+    }
+    None
 }
 
 /// The resolved settings as TOML, each line annotated with its source.
@@ -620,6 +669,24 @@ mod tests {
             .to_string();
         assert!(
             err.contains("train.epochz") && err.contains("train.epochs"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found by deltatune-fuzz: 3.7 MB of `a = [a = [...` made the TOML parser hold 277 MiB
+    /// before it failed; files past the cap are refused before parsing.
+    #[test]
+    fn settings_file_past_the_size_cap_is_refused_before_parsing() {
+        let dir = std::env::temp_dir().join(format!("dt-settings-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.toml");
+        std::fs::write(&file, "a = [".repeat(MAX_CONFIG_BYTES / 5 + 1)).unwrap();
+        let err = resolve(Some(&file), &|_| None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("run.toml") && err.contains("is this the right file"),
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

@@ -103,6 +103,13 @@ pub fn nearest_names<'a>(
     candidates: impl IntoIterator<Item = &'a str>,
     n: usize,
 ) -> String {
+    // Edit distance is quadratic: a 65,000-character key from a corrupt file took seconds
+    // (found by deltatune-fuzz). A name that long is no typo of a real one; its first 256
+    // characters rank the candidates just as well.
+    let target = match target.char_indices().nth(256) {
+        Some((cut, _)) => &target[..cut],
+        None => target,
+    };
     let mut scored: Vec<(usize, &str)> = candidates
         .into_iter()
         .map(|c| (edit_distance(target, c).min(suffix_distance(target, c)), c))

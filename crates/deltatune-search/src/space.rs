@@ -90,6 +90,9 @@ pub struct Space {
     pub source: String,
 }
 
+/// The largest search-space file read (bounds the parser's memory; real ones are < 1 KiB).
+pub const MAX_SPACE_BYTES: usize = 256 << 10;
+
 /// The key of the method choice in a trial's parameters.
 pub const METHOD_KEY: &str = "method";
 
@@ -162,7 +165,14 @@ fn parse_dist(name: &str, v: &toml::Value) -> Result<Dist> {
                 .filter(|s| *s >= 1)
                 .ok_or_else(|| bad(name, "`step` must be an integer >= 1".into()))?,
         };
-        let (lo, hi) = (lo as i64, hi as i64);
+        // The bounds as written (through f64 they would round above 2^53).
+        let exact = |i: usize, f: f64| {
+            t["int"]
+                .as_array()
+                .and_then(|a| a[i].as_integer())
+                .unwrap_or(f as i64)
+        };
+        let (lo, hi) = (exact(0, lo), exact(1, hi));
         let log = flag("log")?;
         if lo > hi {
             return Err(bad(
@@ -209,6 +219,16 @@ fn parse_params(section: &str, t: &toml::Table) -> Result<Vec<Param>> {
 impl Space {
     /// Parses a search space; errors name the parameter and what is wrong.
     pub fn parse(text: &str) -> Result<Self> {
+        // The TOML parser holds ~75 bytes per byte of a file of nested arrays (found by
+        // deltatune-fuzz: 190 MiB for a 4 MB file); a search space is a few hundred bytes.
+        if text.len() > MAX_SPACE_BYTES {
+            return Err(Error::Space(format!(
+                "the file is {} bytes; a search space is a short hand-written TOML file (at \
+                 most {} KiB): is this the right file?",
+                text.len(),
+                MAX_SPACE_BYTES >> 10
+            )));
+        }
         let root: toml::Table =
             toml::from_str(text).map_err(|e| Error::Space(format!("not valid TOML: {e}")))?;
         let mut direction = Direction::Maximize;
@@ -262,8 +282,12 @@ impl Space {
     /// Reads and parses a space file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Space(format!("reading search space {}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| Error::Space(format!("{}: {e}", path.display())))
+            .map_err(|e| Error::Space(format!("reading {}: {e}", path.display())))?;
+        // The file name goes in front of the message, not of a second "search space:".
+        Self::parse(&text).map_err(|e| match e {
+            Error::Space(m) => Error::Space(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// The method names, in file order.
@@ -330,9 +354,12 @@ impl Dist {
                 log,
             } => {
                 let v = if *log { x.exp() } else { x };
-                let k = ((v - *low as f64) / *step as f64).round() as i64;
-                let max_k = (high - low) / step;
-                Value::from(low + k.clamp(0, max_k) * step)
+                // In i128: `high - low` overflows i64 for a range like [i64::MIN, i64::MAX]
+                // (a negative `max_k` then made `clamp` panic).
+                let k = ((v - *low as f64) / *step as f64).round() as i128;
+                let max_k = (i128::from(*high) - i128::from(*low)) / i128::from(*step);
+                let x = i128::from(*low) + k.clamp(0, max_k) * i128::from(*step);
+                Value::from(x as i64)
             }
             Dist::Choice(c) => c[(x.max(0.0) as usize).min(c.len() - 1)].clone(),
         }

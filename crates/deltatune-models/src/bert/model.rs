@@ -197,7 +197,9 @@ impl BertClassifier {
         };
         let hint_h = "hidden_size in config.json";
         let hint_i = "intermediate_size and hidden_size in config.json";
-        let mut layers = Vec::with_capacity(config.num_layers);
+        // Not sized by the config: a corrupt layer count must fail at its first missing tensor,
+        // not in an allocation.
+        let mut layers = Vec::new();
         for i in 0..config.num_layers {
             let p = format!("{prefix}.encoder.layer.{i}");
             layers.push(Layer {

@@ -334,6 +334,31 @@ pub fn load_llama_from(file: &GgufFile) -> Result<LlamaGguf> {
                 .into(),
         });
     }
+    // The expected-tensor list is sized by block_count: check it against the file first, so a
+    // corrupt count is an error rather than an allocation of billions of entries.
+    let layers_in_file = file
+        .tensor_names()
+        .iter()
+        .filter_map(|n| {
+            n.strip_prefix("blk.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |l| l + 1);
+    if config.num_layers > layers_in_file {
+        return Err(Error::MalformedConfig {
+            path: path.to_path_buf(),
+            msg: format!(
+                "llama.block_count is {} but the file has tensors for {layers_in_file} layer(s) \
+                 (blk.0 .. blk.{}): the header is corrupt or the file is truncated",
+                config.num_layers,
+                layers_in_file.saturating_sub(1)
+            ),
+        });
+    }
     let expected = expected_tensors(&config);
     let known: std::collections::HashSet<&str> = expected.iter().map(|e| e.gguf.as_str()).collect();
     let unexpected: Vec<&str> = file

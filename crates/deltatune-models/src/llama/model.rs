@@ -186,7 +186,9 @@ impl LlamaModel {
             GgufTensor::Dense(t) => Embedding::Dense(t),
             GgufTensor::Quant(q) => Embedding::Quant(q),
         };
-        let mut layers = Vec::with_capacity(config.num_layers);
+        // Not sized by the config: a corrupt layer count must fail at its first missing tensor,
+        // not in an allocation.
+        let mut layers = Vec::new();
         for l in 0..config.num_layers {
             let p = format!("model.layers.{l}");
             let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
