@@ -157,7 +157,96 @@ pub fn all() -> Vec<Target> {
             mutate: |rng, s| json_case(rng, s, TOKENIZER_KEYS),
             run: run_tokenizer,
         },
+        Target {
+            name: "onnx",
+            about: "OnnxModel::open, every initializer read as f32, the DINOv2 mapping",
+            file: "model.onnx",
+            seeds: onnx_seeds,
+            mutate: |rng, s| binary_case(rng, s, 4096),
+            run: run_onnx,
+        },
+        Target {
+            name: "idx",
+            about: "IDX images and labels (Fashion-MNIST's format), gzip or raw",
+            file: "images-idx3-ubyte",
+            seeds: idx_seeds,
+            mutate: |rng, s| binary_case(rng, s, 64),
+            run: run_idx,
+        },
+        Target {
+            name: "image",
+            about: "an image file (PNG/JPEG) decoded and preprocessed to 32 x 32 RGB",
+            file: "image.png",
+            seeds: image_seeds,
+            mutate: |rng, s| binary_case(rng, s, 256),
+            run: run_image,
+        },
     ]
+}
+
+fn onnx_seeds() -> anyhow::Result<Seeds> {
+    let mut v = vec![fixture("onnx/small.onnx")?];
+    if let Ok(b) = fixture("tiny-dinov2/model.onnx") {
+        v.push(b);
+    }
+    Ok(v)
+}
+
+fn run_onnx(p: &Path) -> Result<(), String> {
+    let m = deltatune_core::onnx::OnnxModel::open(p).map_err(|e| e.to_string())?;
+    let names: Vec<String> = m.initializer_names().map(|s| s.to_string()).collect();
+    for n in names {
+        let _ = m.tensor(&n);
+    }
+    deltatune_models::vit::dinov2_from_onnx(p)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn idx_seeds() -> anyhow::Result<Seeds> {
+    // 3 images of 4 x 5 bytes, and 3 labels.
+    let mut img = vec![0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0, 5];
+    img.extend((0..60u8).map(|i| i.wrapping_mul(37)));
+    let lab = vec![0, 0, 8, 1, 0, 0, 0, 3, 2, 7, 9];
+    Ok(vec![img, lab])
+}
+
+fn run_idx(p: &Path) -> Result<(), String> {
+    deltatune_data::idx::read_idx(p)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn image_seeds() -> anyhow::Result<Seeds> {
+    let mut v = Vec::new();
+    for (w, h) in [(3u32, 2u32), (16, 9)] {
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        v.push(png);
+        let mut jpg = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut jpg),
+            image::ImageFormat::Jpeg,
+        )?;
+        v.push(jpg);
+    }
+    Ok(v)
+}
+
+fn run_image(p: &Path) -> Result<(), String> {
+    use deltatune_data::images::{ImageExample, ImageSource, Preprocess};
+    let pre = Preprocess::for_model(3)
+        .map_err(|e| e.to_string())?
+        .with_size(32);
+    let ex = ImageExample {
+        source: ImageSource::File(p.to_path_buf()),
+        label: 0,
+    };
+    pre.process(&ex, 0, 0)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------- seeds
