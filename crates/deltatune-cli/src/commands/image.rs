@@ -28,7 +28,21 @@ pub fn model_dir(spec: &str, cache: &Path) -> Result<PathBuf> {
         return Ok(p);
     }
     if spec == deltatune_data::assets::VISION_NAME {
-        return Ok(deltatune_data::assets::vision_folder(cache)?);
+        if let Ok(d) = deltatune_data::assets::vision_folder(cache) {
+            return Ok(d);
+        }
+        // Not fetched yet: fetch it (verified, idempotent) as `deltatune fetch` would.
+        let convert = |onnx: &Path, dir: &Path| {
+            deltatune_models::vit::convert_dinov2_onnx(onnx, dir)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        return Ok(deltatune_data::assets::fetch_vision(
+            cache,
+            &deltatune_data::assets::FetchOptions::from_env(),
+            &convert,
+            &mut |m| eprintln!("{m}"),
+        )?);
     }
     bail!(
         "image model `{spec}`: not a folder (config.json + model.safetensors of a Dinov2 or ViT \
@@ -43,7 +57,14 @@ pub fn load_splits(s: &Settings) -> Result<ImageSplits> {
     match &s.data.train {
         Some(root) => Ok(load_image_folder(root)?),
         None => {
-            let dir = deltatune_data::fashion_mnist::fashion_mnist_ready_dir(&s.cache)?;
+            let dir = match deltatune_data::fashion_mnist::fashion_mnist_ready_dir(&s.cache) {
+                Ok(d) => d,
+                Err(_) => deltatune_data::fashion_mnist::fetch_fashion_mnist(
+                    &s.cache,
+                    &deltatune_data::assets::FetchOptions::from_env(),
+                    &mut |m| eprintln!("{m}"),
+                )?,
+            };
             Ok(deltatune_data::fashion_mnist::load_fashion_mnist(&dir)?)
         }
     }
