@@ -340,3 +340,16 @@ fn real_wheel_fetches_converts_and_stays_up_to_date() {
     .unwrap();
     assert!(log.iter().any(|m| m.contains("up to date")), "{log:?}");
 }
+
+/// Found by the ONNX fuzz target (case 8725, seed 1): a mutated tiny export whose node on the
+/// way to the attention product lists no outputs panicked with an index out of bounds while
+/// the graph was followed. It is an error naming the layer.
+#[test]
+fn onnx_node_without_outputs_is_an_error_not_an_index_panic() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/onnx/regression-node-without-outputs.onnx");
+    let e = deltatune_models::vit::dinov2_from_onnx(&p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a DINOv2 backbone"), "{e}");
+}

@@ -39,7 +39,7 @@ use deltatune_core::onnx::{AttrValue, OnnxModel};
 use deltatune_core::{Error, Result};
 
 mod graph;
-use graph::Graph;
+use graph::{first, Graph};
 
 /// What the graph says about the backbone; [`Dinov2OnnxConfig::to_hf_json`] writes
 /// transformers' `config.json`.
@@ -289,8 +289,8 @@ impl Graph<'_> {
                     self.show(mixed)
                 )));
             }
-            let probs = &self.node(mixed).inputs[0];
-            let through = self.ops_between(&self.node(scores).outputs[0], probs, what)?;
+            let probs = first(&self.node(mixed).inputs);
+            let through = self.ops_between(first(&self.node(scores).outputs), probs, what)?;
             if !through.iter().any(|op| op == "Softmax") {
                 return Err(self.err(format!(
                     "{what}: no Softmax between the scores {} and {}",
@@ -298,7 +298,7 @@ impl Graph<'_> {
                     self.show(mixed)
                 )));
             }
-            let (dense, ds, _) = self.forward_to_matmul(&self.node(mixed).outputs[0], what)?;
+            let (dense, ds, _) = self.forward_to_matmul(first(&self.node(mixed).outputs), what)?;
             if dense != o.node || ds != 0 || o.dims != [hidden, hidden] {
                 return Err(self.err(format!(
                     "{what}: the attention output should feed the output projection {}; it \

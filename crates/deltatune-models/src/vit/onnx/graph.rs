@@ -208,15 +208,15 @@ impl<'a> Graph<'a> {
                 _ => 1e-5,
             };
             return Ok(Norm {
-                input: n.inputs[0].clone(),
-                output: n.outputs[0].clone(),
+                input: first(&n.inputs).to_string(),
+                output: first(&n.outputs).to_string(),
                 eps,
             });
         }
         let mul = self.only_consumer(weight, "Mul", what)?;
         let normed = self.other_input(mul, weight, what)?;
         let add = self
-            .consumers_of(&self.node(mul).outputs[0])
+            .consumers_of(first(&self.node(mul).outputs))
             .iter()
             .copied()
             .find(|&i| {
@@ -241,7 +241,7 @@ impl<'a> Graph<'a> {
             )));
         }
         let sqrt = self.expect_producer(std, "Sqrt", what)?;
-        let add_eps = self.expect_producer(&self.node(sqrt).inputs[0], "Add", what)?;
+        let add_eps = self.expect_producer(first(&self.node(sqrt).inputs), "Add", what)?;
         let eps = self
             .node(add_eps)
             .inputs
@@ -255,7 +255,7 @@ impl<'a> Graph<'a> {
             })?;
         Ok(Norm {
             input: input.to_string(),
-            output: self.node(add).outputs[0].clone(),
+            output: first(&self.node(add).outputs).to_string(),
             eps,
         })
     }
@@ -305,7 +305,7 @@ impl<'a> Graph<'a> {
             node: mm,
             weight: weight.to_string(),
             input: input.to_string(),
-            output: self.node(add).outputs[0].clone(),
+            output: first(&self.node(add).outputs).to_string(),
             dims,
         })
     }
@@ -346,7 +346,7 @@ impl<'a> Graph<'a> {
                 )));
             }
             passed.push(*i);
-            cur = n.outputs[0].clone();
+            cur = first(&n.outputs).to_string();
         }
         Err(self.err(format!("{what}: no MatMul within 12 nodes after `{value}`")))
     }
@@ -477,7 +477,7 @@ impl<'a> Graph<'a> {
                 self.other_input(mul, lambda, what)?
             )));
         }
-        let scaled = &self.node(mul).outputs[0];
+        let scaled = first(&self.node(mul).outputs);
         let add = self.only_consumer(scaled, "Add", what)?;
         if self.other_input(add, scaled, what)? != residual {
             return Err(self.err(format!(
@@ -486,6 +486,12 @@ impl<'a> Graph<'a> {
                 self.other_input(add, scaled, what)?
             )));
         }
-        Ok(self.node(add).outputs[0].clone())
+        Ok(first(&self.node(add).outputs).to_string())
     }
+}
+
+/// The first of a node's values, or "" when it has none (a damaged graph: the mapping then
+/// fails with an error naming what it looked for, not an index panic).
+pub(super) fn first(values: &[String]) -> &str {
+    values.first().map_or("", String::as_str)
 }
