@@ -42,6 +42,19 @@ pub fn inspect(s: &Settings) -> Result<()> {
             &trainables,
         );
     }
+    if s.task == "image" {
+        let dir = super::image::model_dir(&s.model, &s.cache)?;
+        let mut model =
+            deltatune_models::VitClassifier::load(&dir, 10, &mut deltatune_core::Rng::new(0))?;
+        let sites = model.sites();
+        let delta = s.delta();
+        let trainables = delta.attach(
+            &mut model,
+            &deltatune_core::Rng::new(s.train.seed).derive(delta.name()),
+            None,
+        )?;
+        return report(s, &dir.display().to_string(), &model, &sites, &trainables);
+    }
     let dir = session::model_dir(&s.model, &s.cache)?;
     let mut loaded = session::load_model(&dir, 2, s.pooling, s.data.max_length, s.train.seed)?;
     let sites = loaded.model.sites();
