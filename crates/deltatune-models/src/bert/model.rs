@@ -14,7 +14,7 @@ use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, Rng, SiteInfo, S
 
 use super::config::{BertConfig, BertConfigFile, Family};
 use crate::backbone::{Backbone, SequenceClassifier, TextBackbone};
-use crate::layers::{self, LayerNorm};
+use crate::layers::{self, KeyMap, LayerNorm};
 
 /// How the sequence is reduced to one vector for classification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -114,35 +114,6 @@ pub struct BertClassifier {
     device: Device,
 }
 
-/// Maps model paths to checkpoint keys: the checkpoint may or may not carry the `bert.` prefix.
-struct KeyMap<'a> {
-    weights: &'a Weights,
-    prefixed: bool,
-    prefix: &'static str,
-}
-
-impl KeyMap<'_> {
-    fn key(&self, path: &str) -> String {
-        if self.prefixed {
-            path.to_string()
-        } else {
-            path.strip_prefix(self.prefix)
-                .and_then(|p| p.strip_prefix('.'))
-                .unwrap_or(path)
-                .to_string()
-        }
-    }
-
-    fn linear(&self, path: &str, out: usize, inp: usize, hint: &str) -> Result<Linear> {
-        let k = self.key(path);
-        let w = self
-            .weights
-            .get(&format!("{k}.weight"), &[out, inp], hint)?;
-        let b = self.weights.get_opt(&format!("{k}.bias"), &[out], hint)?;
-        Ok(Linear::new(path, w, b))
-    }
-}
-
 impl BertClassifier {
     /// Loads `config.json` and `model.safetensors` from `dir`. The head is read from the
     /// checkpoint when it has one of the right size, else initialised normal(0,
@@ -169,12 +140,7 @@ impl BertClassifier {
             });
         }
         let prefix = config.family.prefix();
-        let prefixed = weights.keys().any(|k| k.starts_with(&format!("{prefix}.")));
-        let km = KeyMap {
-            weights,
-            prefixed,
-            prefix,
-        };
+        let km = KeyMap::new(weights, prefix);
         let h = config.hidden_size;
         let e = |name: &str| format!("{prefix}.embeddings.{name}");
         let embeddings = Embeddings {
@@ -193,7 +159,7 @@ impl BertClassifier {
                 &[config.type_vocab_size, h],
                 "type_vocab_size x hidden_size in config.json",
             )?,
-            norm: LayerNorm::load(weights, &km.key(&e("LayerNorm")), h, config.layer_norm_eps)?,
+            norm: km.norm(&e("LayerNorm"), h, config.layer_norm_eps)?,
         };
         let hint_h = "hidden_size in config.json";
         let hint_i = "intermediate_size and hidden_size in config.json";
@@ -203,13 +169,12 @@ impl BertClassifier {
         for i in 0..config.num_layers {
             let p = format!("{prefix}.encoder.layer.{i}");
             layers.push(Layer {
-                query: km.linear(&format!("{p}.attention.self.query"), h, h, hint_h)?,
-                key: km.linear(&format!("{p}.attention.self.key"), h, h, hint_h)?,
-                value: km.linear(&format!("{p}.attention.self.value"), h, h, hint_h)?,
-                attn_out: km.linear(&format!("{p}.attention.output.dense"), h, h, hint_h)?,
-                attn_norm: LayerNorm::load(
-                    weights,
-                    &km.key(&format!("{p}.attention.output.LayerNorm")),
+                query: km.linear(&format!("{p}.attention.self.query"), h, h, false, hint_h)?,
+                key: km.linear(&format!("{p}.attention.self.key"), h, h, false, hint_h)?,
+                value: km.linear(&format!("{p}.attention.self.value"), h, h, false, hint_h)?,
+                attn_out: km.linear(&format!("{p}.attention.output.dense"), h, h, false, hint_h)?,
+                attn_norm: km.norm(
+                    &format!("{p}.attention.output.LayerNorm"),
                     h,
                     config.layer_norm_eps,
                 )?,
@@ -217,25 +182,22 @@ impl BertClassifier {
                     &format!("{p}.intermediate.dense"),
                     config.intermediate_size,
                     h,
+                    false,
                     hint_i,
                 )?,
                 output: km.linear(
                     &format!("{p}.output.dense"),
                     h,
                     config.intermediate_size,
+                    false,
                     hint_i,
                 )?,
-                out_norm: LayerNorm::load(
-                    weights,
-                    &km.key(&format!("{p}.output.LayerNorm")),
-                    h,
-                    config.layer_norm_eps,
-                )?,
+                out_norm: km.norm(&format!("{p}.output.LayerNorm"), h, config.layer_norm_eps)?,
             });
         }
         let pooler_key = km.key(&format!("{prefix}.pooler.dense"));
         let pooler = if weights.contains(&format!("{pooler_key}.weight")) {
-            Some(km.linear(&format!("{prefix}.pooler.dense"), h, h, hint_h)?)
+            Some(km.linear(&format!("{prefix}.pooler.dense"), h, h, false, hint_h)?)
         } else {
             None
         };

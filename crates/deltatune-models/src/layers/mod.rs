@@ -9,6 +9,70 @@ use candle_core::{DType, Tensor};
 use deltatune_core::hooks::{SiteDelta, Sublayer};
 use deltatune_core::{ops, Ctx, Result};
 
+/// Maps a model's module paths to checkpoint keys: a checkpoint may or may not carry the
+/// backbone's prefix (`bert.`, `dinov2.`), as transformers writes a bare backbone without it.
+pub struct KeyMap<'a> {
+    pub weights: &'a deltatune_core::Weights,
+    prefixed: bool,
+    prefix: &'static str,
+}
+
+impl<'a> KeyMap<'a> {
+    /// Keys carry `prefix.` when any key of `weights` does.
+    pub fn new(weights: &'a deltatune_core::Weights, prefix: &'static str) -> Self {
+        let prefixed = weights.keys().any(|k| k.starts_with(&format!("{prefix}.")));
+        Self {
+            weights,
+            prefixed,
+            prefix,
+        }
+    }
+
+    /// The checkpoint key of module path `path`.
+    pub fn key(&self, path: &str) -> String {
+        if self.prefixed {
+            path.to_string()
+        } else {
+            path.strip_prefix(self.prefix)
+                .and_then(|p| p.strip_prefix('.'))
+                .unwrap_or(path)
+                .to_string()
+        }
+    }
+
+    /// The tensor at `path`, checked to be `shape`.
+    pub fn get(&self, path: &str, shape: &[usize], hint: &str) -> Result<Tensor> {
+        self.weights.get(&self.key(path), shape, hint)
+    }
+
+    /// The linear layer at `path` (`[out, in]` weight; the bias required with `bias`, else
+    /// read when present).
+    pub fn linear(
+        &self,
+        path: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        hint: &str,
+    ) -> Result<deltatune_core::Linear> {
+        let k = self.key(path);
+        let w = self
+            .weights
+            .get(&format!("{k}.weight"), &[out, inp], hint)?;
+        let b = if bias {
+            Some(self.weights.get(&format!("{k}.bias"), &[out], hint)?)
+        } else {
+            self.weights.get_opt(&format!("{k}.bias"), &[out], hint)?
+        };
+        Ok(deltatune_core::Linear::new(path, w, b))
+    }
+
+    /// The layer norm at `path`.
+    pub fn norm(&self, path: &str, size: usize, eps: f64) -> Result<LayerNorm> {
+        LayerNorm::load(self.weights, &self.key(path), size, eps)
+    }
+}
+
 /// A layer norm with weight and bias (the encoders' and the ViT's).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {

@@ -14,7 +14,7 @@ use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, Rng, SiteInfo, S
 
 use super::config::{VitConfig, VitConfigFile, VitFamily};
 use crate::backbone::{Backbone, SequenceClassifier};
-use crate::layers::{self, LayerNorm as Norm};
+use crate::layers::{self, KeyMap, LayerNorm as Norm};
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -51,47 +51,6 @@ pub struct VitClassifier {
     pub classifier: Linear,
     pub site_deltas: Vec<Arc<dyn SiteDelta>>,
     device: Device,
-}
-
-/// Maps model paths to checkpoint keys: the checkpoint may or may not carry the backbone prefix.
-struct KeyMap<'a> {
-    weights: &'a Weights,
-    prefixed: bool,
-    prefix: &'static str,
-}
-
-impl KeyMap<'_> {
-    fn key(&self, path: &str) -> String {
-        if self.prefixed {
-            path.to_string()
-        } else {
-            path.strip_prefix(self.prefix)
-                .and_then(|p| p.strip_prefix('.'))
-                .unwrap_or(path)
-                .to_string()
-        }
-    }
-
-    fn get(&self, path: &str, shape: &[usize], hint: &str) -> Result<Tensor> {
-        self.weights.get(&self.key(path), shape, hint)
-    }
-
-    fn linear(&self, path: &str, out: usize, inp: usize, bias: bool, hint: &str) -> Result<Linear> {
-        let k = self.key(path);
-        let w = self
-            .weights
-            .get(&format!("{k}.weight"), &[out, inp], hint)?;
-        let b = if bias {
-            Some(self.weights.get(&format!("{k}.bias"), &[out], hint)?)
-        } else {
-            self.weights.get_opt(&format!("{k}.bias"), &[out], hint)?
-        };
-        Ok(Linear::new(path, w, b))
-    }
-
-    fn norm(&self, path: &str, size: usize, eps: f64) -> Result<Norm> {
-        Norm::load(self.weights, &self.key(path), size, eps)
-    }
 }
 
 /// PyTorch's bicubic interpolation (`align_corners=False`, A = -0.75, borders clamped) from
@@ -140,12 +99,7 @@ impl VitClassifier {
             });
         }
         let prefix = config.family.prefix();
-        let prefixed = weights.keys().any(|k| k.starts_with(&format!("{prefix}.")));
-        let km = KeyMap {
-            weights,
-            prefixed,
-            prefix,
-        };
+        let km = KeyMap::new(weights, prefix);
         let h = config.hidden_size;
         let (c, p) = (config.num_channels, config.patch_size);
         let g = config.trained_grid();
