@@ -210,24 +210,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     staging.write_json("results.json", &results)?;
     let out = staging.commit()?;
     ckpt.finish();
-    println!(
-        "dev accuracy:  {:.4} (macro-F1 {:.4}, best epoch {})",
-        dev_m.accuracy, dev_m.macro_f1, report.best_epoch
-    );
-    if let Some(t) = test_m {
-        println!(
-            "test accuracy: {:.4} (macro-F1 {:.4})",
-            t.accuracy, t.macro_f1
-        );
-    }
-    println!(
-        "seconds per epoch: {:.1}; peak memory {:.0} MiB",
-        results["mean_train_seconds_per_epoch"]
-            .as_f64()
-            .unwrap_or(0.0),
-        super::peak_rss_mib().unwrap_or(0.0)
-    );
-    println!("adapter saved to {}", out.display());
+    super::train::print_summary(&dev_m, test_m.as_ref(), report.best_epoch, &results, &out);
     Ok(())
 }
 

@@ -145,11 +145,24 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     staging.write_json("results.json", &results)?;
     let out = staging.commit()?;
     ckpt.finish();
+    print_summary(&dev_m, test_m.as_ref(), report.best_epoch, &results, &out);
+    Ok(())
+}
+
+/// The end of a classification run (text or image): dev and test metrics, seconds per epoch,
+/// peak memory and where the adapter is.
+pub fn print_summary(
+    dev: &deltatune_train::ClassificationMetrics,
+    test: Option<&deltatune_train::ClassificationMetrics>,
+    best_epoch: usize,
+    results: &serde_json::Value,
+    out: &std::path::Path,
+) {
     println!(
-        "dev accuracy:  {:.4} (macro-F1 {:.4}, best epoch {})",
-        dev_m.accuracy, dev_m.macro_f1, report.best_epoch
+        "dev accuracy:  {:.4} (macro-F1 {:.4}, best epoch {best_epoch})",
+        dev.accuracy, dev.macro_f1
     );
-    if let Some(t) = test_m {
+    if let Some(t) = test {
         println!(
             "test accuracy: {:.4} (macro-F1 {:.4})",
             t.accuracy, t.macro_f1
@@ -163,5 +176,4 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         super::peak_rss_mib().unwrap_or(0.0)
     );
     println!("adapter saved to {}", out.display());
-    Ok(())
 }
