@@ -126,7 +126,9 @@ enum Command {
         /// Markdown table to write (a .json with the full results is written beside it).
         #[arg(long)]
         table: Option<PathBuf>,
-        /// `generate`: the decoder rows (SmolLM2 on G2P) into docs/methods-decoder.md.
+        /// `classify`: MiniLM on Rotten Tomatoes into docs/methods.md; `generate`: SmolLM2 on
+        /// G2P into docs/methods-decoder.md; `image`: DINOv2 ViT-S/14 on Fashion-MNIST into
+        /// docs/methods-image.md.
         #[arg(long, default_value = "classify")]
         task: String,
         /// Folder for the runs' adapter folders.
@@ -597,20 +599,17 @@ fn main() -> ExitCode {
                 Err(anyhow::anyhow!(
                     "unknown experiment `{which}` (available: methods)"
                 ))
-            } else if task != "classify" && task != "generate" {
-                Err(anyhow::anyhow!(
-                    "unknown task `{task}` (available: classify, generate)"
-                ))
             } else {
-                let decoder = task == "generate";
-                let (r, t) = commands::experiment::default_paths(decoder);
-                commands::experiment::methods(
-                    &methods,
-                    epochs,
-                    &runs.unwrap_or(r),
-                    &table.unwrap_or(t),
-                    decoder,
-                )
+                commands::experiment::experiment(&task).and_then(|exp| {
+                    let (r, t) = exp.default_paths();
+                    commands::experiment::methods(
+                        exp,
+                        &methods,
+                        epochs,
+                        &runs.unwrap_or(r),
+                        &table.unwrap_or(t),
+                    )
+                })
             }
         }
         Command::Subspace {

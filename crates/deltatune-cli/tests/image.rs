@@ -128,6 +128,66 @@ fn image_task_trains_predicts_and_evaluates_on_a_folder() {
     assert_eq!(p.len(), 2);
     assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-4);
 
+    // `merge` folds the LoRA into the ViT and writes a transformers image classifier with the
+    // labels and the preprocessing (checked inside merge against the adapter to 1e-4).
+    let o = run(&["merge", "--adapter", "out", "--output", "merged"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("max probability difference"),
+        "{}",
+        text(&o)
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("merged/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["architectures"][0], "ViTForImageClassification");
+    assert_eq!(cfg["id2label"]["0"], "left");
+    let pre: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("merged/preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(pre["crop_size"]["height"], 16);
+    let key = "vit.encoder.layer.0.attention.attention.query.weight";
+    let load = |p: &Path| {
+        let w = deltatune_core::Weights::load(p, candle_core::DType::F32).unwrap();
+        let t = w.tensors().find(|(k, _)| *k == key).unwrap().1.clone();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (base_q, merged_q) = (
+        load(&fixtures().join("tiny-vit/model.safetensors")),
+        load(&d.join("merged/model.safetensors")),
+    );
+    assert!(
+        base_q
+            .iter()
+            .zip(&merged_q)
+            .any(|(a, b)| (a - b).abs() > 1e-6),
+        "the merged query weight equals the base one: the LoRA was not folded in"
+    );
+    // The merged folder is a base model again: an image run trains on it.
+    let o = run(
+        &[
+            "train",
+            "--task",
+            "image",
+            "--model",
+            "merged",
+            "--output",
+            "out2",
+            "--no-progress",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--set",
+            "data.train=imgs",
+            "--set",
+            "data.image_size=16",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
     // Bad input, each a clear error.
     std::fs::write(d.join("broken.png"), b"not an image").unwrap();
     let o = run(&["predict", "--adapter", "out", "--image", "broken.png"], d);

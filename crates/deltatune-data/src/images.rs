@@ -213,6 +213,47 @@ impl ImageSet {
         c
     }
 
+    /// Which examples the set holds, as JSON another program can read the same examples from:
+    /// `{"split", "labels": [...], "idx_images": FILE, "indices": [...]}` when every example is
+    /// an image of one IDX file (its index in that file), else `{"split", "labels", "files":
+    /// [...]}`. Labels index [`ImageSet::classes`]. Written into a run's output folder so a
+    /// reference run (PyTorch) trains and tests on exactly these images.
+    pub fn manifest(&self) -> serde_json::Value {
+        let labels: Vec<usize> = self.examples.iter().map(|e| e.label).collect();
+        let indices: Option<Vec<usize>> = self
+            .examples
+            .iter()
+            .map(|e| match &e.source {
+                ImageSource::Memory {
+                    offset,
+                    width,
+                    height,
+                    ..
+                } if width * height > 0 && offset % (width * height) == 0 => {
+                    Some(offset / (width * height))
+                }
+                _ => None,
+            })
+            .collect();
+        match indices {
+            Some(indices) if !self.examples.is_empty() => serde_json::json!({
+                "split": self.split,
+                "labels": labels,
+                "idx_images": self.origin,
+                "indices": indices,
+            }),
+            _ => serde_json::json!({
+                "split": self.split,
+                "labels": labels,
+                "files": self
+                    .examples
+                    .iter()
+                    .map(|e| e.source.path().map(Path::to_path_buf))
+                    .collect::<Vec<_>>(),
+            }),
+        }
+    }
+
     /// The set's description for messages: "split `train` (`origin`)".
     pub fn describe(&self) -> String {
         format!("split `{}` (`{}`)", self.split, self.origin.display())
@@ -735,6 +776,33 @@ impl Preprocess {
         }
         p.validate(origin)?;
         Ok(p)
+    }
+
+    /// The settings as a Hugging Face `preprocessor_config.json` (transformers'
+    /// `BitImageProcessor` keys; augmentation is not part of it). Read back by
+    /// [`Preprocess::from_hf_json`] to the same settings.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let size = match self.resize {
+            Resize::ShortestEdge(n) => serde_json::json!({ "shortest_edge": n }),
+            Resize::Exact(n) => serde_json::json!({ "height": n, "width": n }),
+        };
+        serde_json::json!({
+            "image_processor_type": "BitImageProcessor",
+            "do_resize": true,
+            "size": size,
+            "resample": match self.filter {
+                ResizeFilter::Bilinear => 2,
+                ResizeFilter::Bicubic => 3,
+            },
+            "do_center_crop": true,
+            "crop_size": { "height": self.size, "width": self.size },
+            "do_rescale": true,
+            "rescale_factor": self.rescale,
+            "do_normalize": true,
+            "image_mean": self.mean,
+            "image_std": self.std,
+            "do_convert_rgb": self.channels == 3,
+        })
     }
 
     /// Checks the settings; `origin` names them in the error.
@@ -1388,6 +1456,23 @@ mod tests {
                     assert!((sum - 1.0).abs() < 1e-5, "{f:?} {inp}->{out} {i}: {sum}");
                 }
             }
+        }
+    }
+
+    /// What `to_hf_json` writes reads back to the same settings (the merged image model's
+    /// preprocessor_config.json keeps the adapter's preprocessing).
+    #[test]
+    fn hf_preprocessor_config_round_trips() {
+        let rgb = Preprocess::for_model(3).unwrap().with_size(112);
+        let mut grey = Preprocess::for_model(1).unwrap();
+        grey.resize = Resize::Exact(40);
+        grey.size = 32;
+        grey.filter = ResizeFilter::Bicubic;
+        grey.mean = vec![0.5];
+        grey.std = vec![0.25];
+        for (p, ch) in [(rgb, 3), (grey, 1)] {
+            let back = Preprocess::from_hf_json(&p.to_hf_json(), "test", ch).unwrap();
+            assert_eq!(back, p);
         }
     }
 

