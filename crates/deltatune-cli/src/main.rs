@@ -64,11 +64,37 @@ enum Command {
     },
     /// Fold a mergeable adapter (LoRA, IA3, BitFit) into the base weights and write a plain
     /// Hugging Face model folder (config.json, model.safetensors, tokenizer).
+    ///
+    /// With `--adapters A,B,...`: combine LoRA adapters of one base into a new LoRA adapter
+    /// (PEFT's `add_weighted_adapter`).
     Merge {
         /// The adapter folder written by `train`.
+        #[arg(
+            long,
+            required_unless_present = "adapters",
+            conflicts_with = "adapters"
+        )]
+        adapter: Option<PathBuf>,
+        /// LoRA adapter folders to combine (comma-separated; deltatune's or PEFT's).
+        #[arg(long, value_delimiter = ',')]
+        adapters: Vec<PathBuf>,
+        /// One weight per adapter (comma-separated; negative subtracts; default 1 each).
+        #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+        weights: Vec<f64>,
+        /// linear, cat (exact; rank = sum of ranks), ties, dare_linear, dare_ties or
+        /// magnitude_prune.
+        #[arg(long, default_value = "cat")]
+        combination: String,
+        /// Fraction of values kept by ties, dare_* and magnitude_prune (e.g. 0.5).
         #[arg(long)]
-        adapter: PathBuf,
-        /// The model folder to write.
+        density: Option<f64>,
+        /// TIES' majority sign: total (sign of the sum) or frequency (most common sign).
+        #[arg(long, default_value = "total")]
+        majority_sign: String,
+        /// Seed of DARE's random masks.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// The model folder (or, with --adapters, the adapter folder) to write.
         #[arg(long, short)]
         output: PathBuf,
     },
@@ -583,7 +609,30 @@ fn main() -> ExitCode {
                 commands::predict(&adapter, file.as_deref(), &texts, json)
             }
         }
-        Command::Merge { adapter, output } => commands::merge(&adapter, &output),
+        Command::Merge {
+            adapter,
+            adapters,
+            weights,
+            combination,
+            density,
+            majority_sign,
+            seed,
+            output,
+        } => match adapter {
+            Some(_) if !weights.is_empty() || density.is_some() => Err(anyhow::anyhow!(
+                "--weights and --density combine adapters: use them with --adapters A,B,..."
+            )),
+            Some(adapter) => commands::merge(&adapter, &output),
+            None => commands::merge::combine_adapters(
+                &adapters,
+                &weights,
+                &combination,
+                density,
+                &majority_sign,
+                seed,
+                &output,
+            ),
+        },
         Command::Inspect(a) => a
             .resolve()
             .and_then(|s| s.map_or(Ok(()), |s| commands::inspect(&s))),

@@ -291,3 +291,125 @@ fn check_merged(dir: &Path, diff: f32, limit: f32, what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// `deltatune merge --adapters A,B,... [--weights ...] --combination C -o OUT`: combines LoRA
+/// adapters of one base into a new LoRA adapter folder (PEFT's `add_weighted_adapter`; see
+/// `deltatune_methods::lora::combine`). The first adapter's `run_config.json` and
+/// `labels.json` are copied, so the result predicts or generates like it; `combination.json`
+/// records the sources and settings.
+pub fn combine_adapters(
+    adapters: &[std::path::PathBuf],
+    weights: &[f64],
+    combination: &str,
+    density: Option<f64>,
+    majority_sign: &str,
+    seed: u64,
+    out: &Path,
+) -> Result<()> {
+    use deltatune_methods::lora::combine::{
+        combine, Combination, CombineOptions, MajoritySign, SeededMasks, Source,
+    };
+    use deltatune_train::artifact::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, RUN_CONFIG};
+    if adapters.is_empty() {
+        bail!("--adapters needs at least one adapter folder");
+    }
+    let opts = CombineOptions {
+        combination: Combination::parse(combination)?,
+        density,
+        majority_sign: MajoritySign::parse(majority_sign)?,
+    };
+    let weights: Vec<f64> = if weights.is_empty() {
+        vec![1.0; adapters.len()]
+    } else {
+        weights.to_vec()
+    };
+    let mut sources = Vec::new();
+    for dir in adapters {
+        let cfg_path = dir.join(ADAPTER_CONFIG);
+        let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+            format!(
+                "reading {} (is {} an adapter folder?)",
+                cfg_path.display(),
+                dir.display()
+            )
+        })?;
+        let delta = deltatune_methods::DeltaConfig::from_json(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", cfg_path.display()))?,
+        )
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let deltatune_methods::DeltaConfig::Lora(config) = delta else {
+            bail!(
+                "{} holds a `{}` adapter; only LoRA adapters can be combined",
+                dir.display(),
+                delta.name()
+            );
+        };
+        let wpath = dir.join(ADAPTER_WEIGHTS);
+        let w = deltatune_core::Weights::load(&wpath, candle_core::DType::F32)?;
+        sources.push(Source {
+            name: dir.display().to_string(),
+            config,
+            tensors: w
+                .tensors()
+                .map(|(k, t)| (k.to_string(), t.clone()))
+                .collect(),
+        });
+    }
+    let bases: Vec<(&str, &str)> = sources
+        .iter()
+        .filter_map(|s| {
+            s.config
+                .common
+                .base_model_name_or_path
+                .as_deref()
+                .map(|b| (s.name.as_str(), b))
+        })
+        .collect();
+    if let Some((n, b)) = bases.iter().find(|(_, b)| *b != bases[0].1) {
+        bail!(
+            "the adapters are for different base models: {} for `{}`, {n} for `{b}`; combine \
+             adapters of one base",
+            bases[0].0,
+            bases[0].1
+        );
+    }
+    let c = combine(&sources, &weights, &opts, &mut SeededMasks(seed))?;
+    let mut cfg = serde_json::to_value(&c.config)?;
+    cfg["peft_type"] = "LORA".into();
+    let staging = deltatune_train::artifact::Staging::create(out)?;
+    staging.write_json(ADAPTER_CONFIG, &cfg)?;
+    staging.write(
+        ADAPTER_WEIGHTS,
+        &deltatune_core::to_safetensors_bytes(&c.tensors)?,
+    )?;
+    for f in [RUN_CONFIG, LABELS] {
+        let src = adapters[0].join(f);
+        if src.exists() {
+            staging.write(f, &std::fs::read(&src)?)?;
+        }
+    }
+    staging.write_json(
+        "combination.json",
+        &serde_json::json!({
+            "adapters": adapters,
+            "weights": weights,
+            "combination": opts.combination.name(),
+            "density": density,
+            "majority_sign_method": majority_sign,
+            "seed": seed,
+            "r": c.config.r,
+        }),
+    )?;
+    let dir = staging.commit()?;
+    println!(
+        "combined {} adapters ({}, weights {:?}) into {}: LoRA r {}, {} tensors",
+        sources.len(),
+        opts.combination.name(),
+        weights,
+        dir.display(),
+        c.config.r,
+        c.tensors.len()
+    );
+    Ok(())
+}

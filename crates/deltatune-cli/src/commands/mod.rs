@@ -8,7 +8,7 @@ mod fetch;
 pub mod image;
 mod inspect;
 pub mod lm;
-mod merge;
+pub mod merge;
 mod predict;
 pub mod resume;
 pub mod search;

@@ -1,5 +1,6 @@
 //! LoRA: low-rank updates of selected linear layers, PEFT-compatible.
 
+pub mod combine;
 mod config;
 mod layer;
 
