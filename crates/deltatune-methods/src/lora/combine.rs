@@ -416,7 +416,7 @@ pub fn combine(
                     ),
                 )
             }
-            Some(d) if !(d >= 0.0) => {
+            Some(d) if d.is_nan() || d < 0.0 => {
                 return bad("density", format!("{d} must be 0 or more (at most 1)"))
             }
             _ => {}
