@@ -12,12 +12,15 @@ randn * 0.1 from a seeded generator:
   b/  r 4, alpha 8,  q_proj v_proj            (no down_proj: combinations skip it there)
   c/  r 4, alpha 16, q_proj v_proj down_proj, rsLoRA (scaling alpha / sqrt(r))
   d/  r 2, alpha 4,  q_proj v_proj            (another rank: `cat` only)
+  e/  r 4, alpha 8,  q_proj v_proj down_proj, rank_pattern {v_proj: 2,
+      layers.1.self_attn.q_proj: 6}, alpha_pattern {down_proj: 3}
 
 Cases (cases.json): adapters, weights, combination_type, density, majority_sign_method, and the
 combined adapter's r, lora_alpha and target_modules as PEFT sets them. expected.safetensors holds
 per case:
   `{case}/{key}`   the combined adapter's tensors under PEFT's saved key names
                    (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, ...)
+  `source/{name}/logits`  each source adapter alone (PEFT's logits)
   `{case}/logits`  the tiny Llama's logits with the combined adapter active, on the inputs
                    `input_ids` / `attention_mask` (also in the file)
   `{case}/mask/{module}.lora_{A|B}.{adapter}`  ({module} as `model.layers.0.self_attn.q_proj`)
@@ -50,6 +53,9 @@ SOURCES = {
     "c": dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], seed=33,
               use_rslora=True),
     "d": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], seed=34),
+    "e": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], seed=35,
+              rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6},
+              alpha_pattern={"down_proj": 3.0}),
 }
 
 CASES = [
@@ -64,6 +70,7 @@ CASES = [
          combination="dare_linear", density=0.6),
     dict(name="dare_ties", adapters=["a", "b", "c"], weights=[0.7, -0.3, 0.5],
          combination="dare_ties", density=0.6, majority_sign_method="total"),
+    dict(name="cat-patterns", adapters=["a", "e"], weights=[0.5, 1.5], combination="cat"),
     dict(name="magnitude_prune", adapters=["a", "b", "c"], weights=[0.7, -0.3, 0.5],
          combination="magnitude_prune", density=0.4),
 ]
@@ -90,7 +97,9 @@ def make_source(name, spec):
     torch.manual_seed(spec["seed"])
     cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec["r"], lora_alpha=spec["lora_alpha"],
                      target_modules=spec["target_modules"], lora_dropout=0.0,
-                     use_rslora=spec.get("use_rslora", False))
+                     use_rslora=spec.get("use_rslora", False),
+                     rank_pattern=spec.get("rank_pattern", {}),
+                     alpha_pattern=spec.get("alpha_pattern", {}))
     pm = get_peft_model(load_llama(), cfg)
     g = torch.Generator().manual_seed(spec["seed"] + 100)
     with torch.no_grad():
@@ -150,6 +159,11 @@ def main():
         make_source(name, spec)
     x = inputs()
     tensors = dict(x)
+    for name in SOURCES:
+        pm = PeftModel.from_pretrained(load_llama(), str(OUT / name))
+        pm.eval()
+        with torch.no_grad():
+            tensors[f"source/{name}/logits"] = pm(**x).logits.float()
     cases_out = []
     for case in CASES:
         pm = PeftModel.from_pretrained(load_llama(), str(OUT / case["adapters"][0]),

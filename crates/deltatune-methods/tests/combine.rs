@@ -86,7 +86,7 @@ fn every_combination_matches_peft() {
     let exp = load_map(&dir().join("expected.safetensors"));
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir().join("cases.json")).unwrap()).unwrap();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 9);
     for case in &cases {
         let name = case["name"].as_str().unwrap();
         let names: Vec<String> = case["adapters"]
@@ -155,6 +155,34 @@ fn every_combination_matches_peft() {
         );
         assert!(d < 1e-4, "{name}: logits differ from PEFT's by {d}");
     }
+}
+
+/// PEFT's LoRA folders load and give PEFT's logits, including `rank_pattern` (a per-module
+/// rank, first matching key wins) and `alpha_pattern`, and rsLoRA.
+#[test]
+fn peft_sources_with_rank_and_alpha_patterns_give_peft_logits() {
+    let exp = load_map(&dir().join("expected.safetensors"));
+    for name in ["a", "b", "c", "d", "e"] {
+        let s = source(name);
+        let c = deltatune_methods::lora::combine::Combined {
+            config: s.config,
+            tensors: s.tensors,
+        };
+        let d = max_abs(
+            &tiny_llama_logits(&c, &exp),
+            &exp[&format!("source/{name}/logits")],
+        );
+        assert!(d < 1e-4, "{name}: logits differ from PEFT's by {d}");
+    }
+    let e = source("e").config;
+    assert_eq!(e.rank_for("model.layers.0.self_attn.v_proj").unwrap(), 2);
+    assert_eq!(e.rank_for("model.layers.1.self_attn.q_proj").unwrap(), 6);
+    assert_eq!(e.rank_for("model.layers.0.self_attn.q_proj").unwrap(), 4);
+    assert_eq!(
+        e.scale_for("model.layers.0.mlp.down_proj").unwrap(),
+        3.0 / 4.0
+    );
+    assert_eq!(e.max_rank(), 6);
 }
 
 /// `cat` is exact: the combined adapter's weight change is the weighted sum of the sources'.

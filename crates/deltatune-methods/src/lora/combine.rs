@@ -20,8 +20,10 @@
 //!   - `dare_linear` / `dare_ties` (Yu et al. 2023): each element kept with probability
 //!     `density` and divided by it, then the weighted sum / the TIES merge.
 //!
-//! The combined adapter has `r` = that rank and `lora_alpha = r` (scaling 1: the `s_i` are
-//! inside the tensors), the union of the target modules, no rsLoRA and no dropout change.
+//! Scalings and ranks are per module (`rank_pattern`, `alpha_pattern`). The combined adapter
+//! has `r` = the rank (for `cat`, the sum of the adapters' largest ranks) and `lora_alpha = r`
+//! (scaling 1: the `s_i` are inside the tensors), the union of the target modules, and no
+//! rsLoRA; modules of another rank get `rank_pattern`/`alpha_pattern` entries (scaling 1).
 //! (PEFT copies the first adapter's `use_rslora`, which scales the result by `sqrt(r)` when
 //! that adapter is rsLoRA; deltatune keeps the sum exact.)
 
@@ -30,6 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{Device, Tensor};
 use deltatune_core::{Error, Result, Rng, TargetModules};
 
+use super::config::Patterns;
 use super::{LoraBias, LoraConfig};
 use crate::delta::PEFT_PREFIX;
 
@@ -437,14 +440,15 @@ pub fn combine(
     }
     let mods: Vec<BTreeSet<String>> = sources.iter().map(modules).collect::<Result<_>>()?;
     let all: BTreeSet<String> = mods.iter().flatten().cloned().collect();
-    let ranks: Vec<usize> = sources.iter().map(|s| s.config.r).collect();
+    // As PEFT: an adapter's rank is its largest (`r` or a `rank_pattern` value).
+    let ranks: Vec<usize> = sources.iter().map(|s| s.config.max_rank()).collect();
     let new_rank = if c == Combination::Cat {
         ranks.iter().sum()
     } else {
         if ranks.iter().any(|&r| r != ranks[0]) {
             let list: Vec<String> = sources
                 .iter()
-                .map(|s| format!("{} r {}", s.name, s.config.r))
+                .map(|s| format!("{} r {}", s.name, s.config.max_rank()))
                 .collect();
             return bad(
                 "r",
@@ -492,6 +496,9 @@ pub fn combine(
     }
 
     let mut tensors = saved;
+    // Modules whose combined rank is not `new_rank` (non-`cat` combinations of adapters with a
+    // rank_pattern): they get their own rank and alpha (scaling 1) in the new config.
+    let mut odd_ranks: Vec<(String, usize)> = Vec::new();
     for module in &all {
         let present: Vec<usize> = (0..sources.len())
             .filter(|&i| mods[i].contains(module))
@@ -531,8 +538,27 @@ pub fn combine(
         }
         let ws: Vec<f64> = present
             .iter()
-            .map(|&i| weights[i] * sources[i].config.scale())
-            .collect();
+            .map(|&i| Ok(weights[i] * sources[i].config.scale_for(module)?))
+            .collect::<Result<_>>()?;
+        if c != Combination::Cat {
+            if let Some(j) = (1..present.len()).find(|&j| a[j].rows != a[0].rows) {
+                return bad(
+                    "r",
+                    format!(
+                        "module `{module}` has rank {} in adapter {} and {} in {}; `{}` needs one \
+                         rank per module: use `cat`",
+                        a[0].rows,
+                        sources[present[0]].name,
+                        a[j].rows,
+                        sources[present[j]].name,
+                        c.name()
+                    ),
+                );
+            }
+            if a[0].rows != new_rank {
+                odd_ranks.push((regex::escape(module), a[0].rows));
+            }
+        }
         let (new_a, new_b) = if c == Combination::Cat {
             let mut na = Mat {
                 rows: new_rank,
@@ -588,6 +614,13 @@ pub fn combine(
     config.r = new_rank;
     config.lora_alpha = new_rank as f64;
     config.use_rslora = false;
+    config.alpha_pattern = Patterns(
+        odd_ranks
+            .iter()
+            .map(|(k, r)| (k.clone(), *r as f64))
+            .collect(),
+    );
+    config.rank_pattern = Patterns(odd_ranks);
     config.target_modules = union_targets(sources, &all)?;
     config.layers_to_transform = None;
     if saved_from.is_none() {

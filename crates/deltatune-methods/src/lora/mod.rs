@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use deltatune_core::{Error, HasSites, Result, Rng};
 
-pub use config::{LoraBias, LoraConfig};
+pub use config::{LoraBias, LoraConfig, Patterns};
 pub use layer::LoraLinear;
 
 use crate::delta::{peft_key, Trainable};
@@ -52,13 +52,14 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
         if targets.contains(&path.as_str()) {
             let mut r = rng.derive(&path);
             let (o, i) = (lin.out_features(), lin.in_features());
+            let rank = cfg.rank_for(&path)?;
             // PEFT: kaiming_uniform_(a = sqrt(5)) on A, i.e. U(-1/sqrt(in), 1/sqrt(in)); B = 0.
             let bound = 1.0 / (i as f64).sqrt();
-            let a = r.uniform_tensor((cfg.r, i), -bound, bound)?;
+            let a = r.uniform_tensor((rank, i), -bound, bound)?;
             let b = if cfg.init_lora_weights {
-                candle_core::Tensor::zeros((o, cfg.r), a.dtype(), a.device())?
+                candle_core::Tensor::zeros((o, rank), a.dtype(), a.device())?
             } else {
-                r.uniform_tensor((o, cfg.r), -bound, bound)?
+                r.uniform_tensor((o, rank), -bound, bound)?
             };
             let a = candle_core::Var::from_tensor(&a)?;
             let b = candle_core::Var::from_tensor(&b)?;
@@ -75,7 +76,7 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
             lin.deltas.push(Arc::new(LoraLinear {
                 a,
                 b,
-                scale: cfg.scale(),
+                scale: cfg.scale_for(&path)?,
                 dropout: cfg.lora_dropout,
             }));
             if cfg.bias == LoraBias::LoraOnly && lin.bias.is_some() {
