@@ -60,6 +60,10 @@ enum Command {
         /// Image files to classify (with an adapter from `train --task image`).
         #[arg(long, num_args = 1..)]
         image: Vec<PathBuf>,
+        /// The base model (default: the adapter's; for a PEFT folder, its
+        /// base_model_name_or_path).
+        #[arg(long)]
+        model: Option<String>,
         texts: Vec<String>,
     },
     /// Fold a mergeable adapter (LoRA, IA3, BitFit) into the base weights and write a plain
@@ -589,6 +593,7 @@ fn main() -> ExitCode {
             file,
             json,
             image,
+            model,
             texts,
         } => {
             if !image.is_empty() || commands::image::is_image_adapter(&adapter) {
@@ -606,7 +611,7 @@ fn main() -> ExitCode {
                     commands::image::predict(&adapter, &image, json)
                 }
             } else {
-                commands::predict(&adapter, file.as_deref(), &texts, json)
+                commands::predict(&adapter, model.as_deref(), file.as_deref(), &texts, json)
             }
         }
         Command::Merge {

@@ -31,6 +31,13 @@ pub trait SiteDelta: Debug + Send + Sync {
         Ok(None)
     }
 
+    /// Whether the prompt goes before the first token instead (PEFT's placement for encoders:
+    /// CLS pooling then reads the first prompt vector). When any delta asks for it, every
+    /// prompt of the model goes there.
+    fn prompt_at_start(&self) -> bool {
+        false
+    }
+
     /// Deep prompts (VPT-deep): the vectors that replace this delta's prompt vectors at the
     /// input of layer `layer` (1 and up; layer 0 reads [`SiteDelta::prompt`]'s), `[P, hidden]`
     /// with the same P. The outputs of the previous layer at those positions are discarded.

@@ -96,6 +96,32 @@ pub fn load_state_dict(
     file: &Path,
 ) -> Result<()> {
     let expected: BTreeSet<&str> = trainables.iter().map(|t| t.key.as_str()).collect();
+    // PEFT saves the trained modules of prompt-learning methods (prompt, prefix) under
+    // `base_model.<module>` (their model is not wrapped twice); ours are
+    // `base_model.model.<module>`.
+    let short = "base_model.";
+    let renamed: BTreeMap<String, Tensor>;
+    let tensors = if tensors.keys().any(|k| {
+        !expected.contains(k.as_str())
+            && k.starts_with(short)
+            && !k.starts_with(PEFT_PREFIX)
+            && expected.contains(format!("{PEFT_PREFIX}{}", &k[short.len()..]).as_str())
+    }) {
+        renamed = tensors
+            .iter()
+            .map(|(k, t)| {
+                let long = format!("{PEFT_PREFIX}{}", k.strip_prefix(short).unwrap_or(k));
+                if !expected.contains(k.as_str()) && expected.contains(long.as_str()) {
+                    (long, t.clone())
+                } else {
+                    (k.clone(), t.clone())
+                }
+            })
+            .collect();
+        &renamed
+    } else {
+        tensors
+    };
     let unused: Vec<&str> = tensors
         .keys()
         .map(|k| k.as_str())

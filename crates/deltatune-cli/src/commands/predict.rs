@@ -6,7 +6,13 @@ use deltatune_data::text::load_examples;
 use crate::session;
 
 /// `deltatune predict`.
-pub fn predict(adapter: &Path, file: Option<&Path>, texts: &[String], json: bool) -> Result<()> {
+pub fn predict(
+    adapter: &Path,
+    model: Option<&str>,
+    file: Option<&Path>,
+    texts: &[String],
+    json: bool,
+) -> Result<()> {
     let mut all: Vec<String> = texts.to_vec();
     if let Some(f) = file {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
@@ -26,7 +32,7 @@ pub fn predict(adapter: &Path, file: Option<&Path>, texts: &[String], json: bool
     if all.is_empty() {
         bail!("no texts to predict: give them as arguments or with --file (one per line)");
     }
-    let run = session::load_adapter(adapter)?;
+    let run = session::load_adapter_on(adapter, model)?;
     let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
     let ids = run.loaded.tokenizer.encode_batch(&refs)?;
     let probs = deltatune_train::predict_proba(&run.loaded.model, &ids, 64)?;

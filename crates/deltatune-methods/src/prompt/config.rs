@@ -26,6 +26,19 @@ pub enum PromptTuningInit {
     SampleVocab,
 }
 
+/// Where an encoder's prompt goes (deltatune's own field `prompt_position`; decoders always put
+/// it first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptPosition {
+    /// After the first token (CLS), so CLS pooling still reads CLS (deltatune's default).
+    #[default]
+    AfterFirst,
+    /// Before every token, as PEFT does: CLS pooling then reads the first prompt vector. A
+    /// folder PEFT wrote (no `prompt_position`, no run_config.json) loads with this.
+    Start,
+}
+
 /// Prompt tuning (Lester et al. 2021): `num_virtual_tokens` trainable vectors inserted into the
 /// input embeddings. deltatune inserts them right after the first token (CLS), so that CLS
 /// pooling still reads CLS; PEFT puts them before CLS.
@@ -47,6 +60,9 @@ pub struct PromptTuningConfig {
     /// Written on save as the model's layer count; not used (default unset).
     #[serde(default)]
     pub num_layers: Option<usize>,
+    /// Where the prompt goes in an encoder's input (default `after_first`; PEFT's is `start`).
+    #[serde(default)]
+    pub prompt_position: PromptPosition,
     /// How the prompt starts (default `RANDOM`).
     #[serde(default)]
     pub prompt_tuning_init: PromptTuningInit,

@@ -10,7 +10,7 @@ use deltatune_core::hooks::SiteDelta;
 use deltatune_core::{Ctx, HasSites, Result, Rng};
 
 pub(crate) use config::bad;
-pub use config::{PromptTuningConfig, PromptTuningInit};
+pub use config::{PromptPosition, PromptTuningConfig, PromptTuningInit};
 
 use crate::delta::{train_modules, Trainable};
 use crate::method::{method_basics, unmergeable, Method, ToFields};
@@ -23,17 +23,26 @@ pub const PROMPT_KEY: &str = "prompt_embeddings";
 pub struct PromptDelta {
     /// The prompt; when it is a [`Var`]'s tensor, it trains and later `Var::set` calls show.
     pub prompt: Tensor,
+    /// Before the first token (PEFT's placement) instead of after it.
+    pub at_start: bool,
 }
 
 impl PromptDelta {
     pub fn new(prompt: Tensor) -> Self {
-        Self { prompt }
+        Self {
+            prompt,
+            at_start: false,
+        }
     }
 }
 
 impl SiteDelta for PromptDelta {
     fn prompt(&self, _ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(self.prompt.clone()))
+    }
+
+    fn prompt_at_start(&self) -> bool {
+        self.at_start
     }
 }
 
@@ -126,7 +135,10 @@ pub fn attach(
         model,
         &cfg.common.modules_to_save.clone().unwrap_or_default(),
     )?);
-    model.attach_site_delta(Arc::new(PromptDelta::new(var.as_tensor().clone())));
+    model.attach_site_delta(Arc::new(PromptDelta {
+        prompt: var.as_tensor().clone(),
+        at_start: cfg.prompt_position == PromptPosition::Start,
+    }));
     Ok(out)
 }
 

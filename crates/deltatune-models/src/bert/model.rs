@@ -291,8 +291,14 @@ impl BertClassifier {
             None => Tensor::zeros((b, t), DType::U32, &self.device)?,
         };
         let mut mask = inputs.attention_mask.clone();
-        // Prompt vectors go right after the first token, so CLS pooling still reads CLS.
-        let mut parts = vec![words.narrow(1, 0, 1.min(t))?];
+        // Prompt vectors go right after the first token, so CLS pooling still reads CLS (or
+        // before it, PEFT's placement, when a delta asks for that).
+        let first = if layers::prompts_at_start(&self.site_deltas) {
+            0
+        } else {
+            1.min(t)
+        };
+        let mut parts = vec![words.narrow(1, 0, first)?];
         for p in layers::prompts(&self.site_deltas, ctx)? {
             {
                 let n = p.dim(0)?;
@@ -304,7 +310,11 @@ impl BertClassifier {
                 let at = |x: &Tensor, fill: u32| -> candle_core::Result<Tensor> {
                     let ins = Tensor::full(fill, (b, n), &self.device)?;
                     Tensor::cat(
-                        &[&x.narrow(1, 0, 1)?, &ins, &x.narrow(1, 1, x.dim(1)? - 1)?],
+                        &[
+                            &x.narrow(1, 0, first)?,
+                            &ins,
+                            &x.narrow(1, first, x.dim(1)? - first)?,
+                        ],
                         1,
                     )
                 };
@@ -312,8 +322,8 @@ impl BertClassifier {
                 mask = at(&mask.to_dtype(DType::U32)?, 1)?;
             }
         }
-        if t > 1 {
-            parts.push(words.narrow(1, 1, t - 1)?);
+        if t > first {
+            parts.push(words.narrow(1, first, t - first)?);
         }
         let words = if parts.len() == 1 {
             words
@@ -351,7 +361,7 @@ impl BertClassifier {
         let n_layers = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
             if i > 0 {
-                x = layers::deep_prompts(&self.site_deltas, i, x, 1, ctx)?;
+                x = layers::deep_prompts(&self.site_deltas, i, x, first, ctx)?;
             }
             let heads = |y: Tensor, tq: usize| -> candle_core::Result<Tensor> {
                 y.reshape((b, tq, nh, dh))?.transpose(1, 2)?.contiguous()

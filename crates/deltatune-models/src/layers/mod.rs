@@ -209,6 +209,11 @@ pub fn activation(
 }
 
 /// The prompt vectors of every delta, in order (each `[P, hidden]`).
+/// Whether a delta puts the prompts before the first token ([`SiteDelta::prompt_at_start`]).
+pub fn prompts_at_start(deltas: &[Arc<dyn SiteDelta>]) -> bool {
+    deltas.iter().any(|d| d.prompt_at_start())
+}
+
 pub fn prompts(deltas: &[Arc<dyn SiteDelta>], ctx: &Ctx) -> Result<Vec<Tensor>> {
     let mut out = Vec::new();
     for d in deltas {
