@@ -130,21 +130,46 @@ pub struct SiteInfo {
 #[derive(Debug)]
 pub struct Ctx {
     pub train: bool,
+    /// No gradient will be asked for: models cut the autograd graph between layers
+    /// ([`Ctx::cut`]), so a forward pass holds one layer's intermediate tensors, not all.
+    pub no_grad: bool,
     rng: RefCell<Rng>,
 }
 
 impl Ctx {
+    /// Dropout off; the graph is kept (gradients can still be taken).
     pub fn eval() -> Self {
         Self {
             train: false,
+            no_grad: false,
             rng: RefCell::new(Rng::new(0)),
+        }
+    }
+
+    /// Dropout off and no gradients: for evaluation, prediction and generation.
+    pub fn inference() -> Self {
+        Self {
+            no_grad: true,
+            ..Self::eval()
         }
     }
 
     pub fn train(rng: Rng) -> Self {
         Self {
             train: true,
+            no_grad: false,
             rng: RefCell::new(rng),
+        }
+    }
+
+    /// `x` cut from the autograd graph when no gradient will be asked for
+    /// ([`Ctx::inference`]), else `x` itself. Trainable deltas make every later tensor track
+    /// its inputs; cutting at each layer lets the earlier layers' tensors go.
+    pub fn cut(&self, x: Tensor) -> Tensor {
+        if self.no_grad {
+            x.detach()
+        } else {
+            x
         }
     }
 
@@ -153,23 +178,43 @@ impl Ctx {
         if !self.train || p <= 0.0 {
             return Ok(x.clone());
         }
+        let n = x.elem_count();
+        let (bits, scale) = self.dropout_bits(n, p);
+        let mask: Vec<f32> = (0..n)
+            .map(|i| {
+                if bits[i / 64] >> (i % 64) & 1 == 1 {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+
+    /// The keep-mask of a dropout over `n` elements as bits (bit `i % 64` of word `i / 64`),
+    /// and the scale `1 / (1 - p)` of kept elements: the draws [`Ctx::dropout`] makes.
+    pub fn dropout_bits(&self, n: usize, p: f64) -> (Vec<u64>, f32) {
         let keep = 1.0 - p;
         let scale = (1.0 / keep) as f32;
-        let n = x.elem_count();
         let mut rng = self.rng.borrow_mut();
         let threshold = (keep * (1u64 << 32) as f64) as u64;
-        let mut mask = Vec::with_capacity(n);
+        let mut bits = vec![0u64; n.div_ceil(64)];
+        let mut i = 0;
         // Two 32-bit draws per 64-bit number.
-        while mask.len() < n {
+        while i < n {
             let r = rng.next_u64();
             for half in [r & 0xffff_ffff, r >> 32] {
-                if mask.len() < n {
-                    mask.push(if half < threshold { scale } else { 0.0 });
+                if i < n {
+                    if half < threshold {
+                        bits[i / 64] |= 1 << (i % 64);
+                    }
+                    i += 1;
                 }
             }
         }
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        (bits, scale)
     }
 }
 

@@ -818,7 +818,7 @@ pub fn predict_proba<M: SequenceClassifier, D: Examples<M> + ?Sized>(
     let mut order: Vec<usize> = (0..data.count()).collect();
     order.sort_by_key(|&i| data.example_len(i));
     let mut out = vec![Vec::new(); data.count()];
-    let ctx = Ctx::eval();
+    let ctx = Ctx::inference();
     for chunk in order.chunks(batch_size.max(1)) {
         let logits = model.classify(&data.batch(model, chunk)?, &ctx)?;
         let probs =

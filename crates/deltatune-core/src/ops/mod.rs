@@ -24,6 +24,7 @@
 //! ones are gathered into row-major order first.
 
 mod decoder;
+mod dropout;
 mod gelu;
 mod gemm;
 mod kernels;
@@ -37,6 +38,7 @@ mod softmax;
 mod tests;
 
 pub use decoder::{rms_norm, rope, rope_angles, swiglu};
+pub use dropout::dropout_project;
 pub use gelu::gelu_erf;
 pub use linear::frozen_linear;
 pub use loss::cross_entropy;

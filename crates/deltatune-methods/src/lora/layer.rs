@@ -19,8 +19,8 @@ impl LinearDelta for LoraLinear {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
-        let x2 = ctx.dropout(x, self.dropout)?.reshape((rows, inp))?;
-        let z = x2.matmul(&self.a.as_tensor().t()?)?;
+        let x2 = x.reshape((rows, inp))?;
+        let z = deltatune_core::ops::dropout_project(&x2, self.a.as_tensor(), self.dropout, ctx)?;
         let z = (z.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.b.dims()[0];

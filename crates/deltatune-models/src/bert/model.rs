@@ -360,6 +360,7 @@ impl BertClassifier {
         let dh = h / nh;
         let n_layers = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
+            x = ctx.cut(x);
             if i > 0 {
                 x = layers::deep_prompts(&self.site_deltas, i, x, first, ctx)?;
             }

@@ -199,7 +199,7 @@ impl Generator<'_> {
             m.extend(std::iter::repeat_n(1u32, p.len()));
             mask.push(m);
         }
-        let ctx = Ctx::eval();
+        let ctx = Ctx::inference();
         let mut cache = KvCache::default();
         let mut rngs: Vec<Rng> = (0..b)
             .map(|i| Rng::new(cfg.seed).derive(&format!("generate/{i}")))

@@ -357,6 +357,7 @@ impl LlamaModel {
 
         let (nh, nkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         for (li, layer) in self.layers.iter().enumerate() {
+            x = ctx.cut(x);
             if first_pass && li > 0 {
                 x = layers::deep_prompts(&self.site_deltas, li, x, 0, ctx)?;
             }

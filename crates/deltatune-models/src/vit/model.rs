@@ -298,6 +298,7 @@ impl VitClassifier {
             y.reshape((b, t, nh, dh))?.transpose(1, 2)?.contiguous()
         };
         for (i, blk) in self.blocks.iter().enumerate() {
+            x = ctx.cut(x);
             if i > 0 {
                 x = layers::deep_prompts(&self.site_deltas, i, x, 1, ctx)?;
             }

@@ -1,0 +1,199 @@
+//! Dropout fused into the low-rank projection that follows it (LoRA's `dropout(x) A^T`).
+//!
+//! The unfused form keeps two full-size tensors per LoRA site alive until the backward pass
+//! (the f32 mask and the dropped input) only to feed a rank-r product. Here the mask is a bit
+//! per element, drawn from the context's stream exactly as [`Ctx::dropout`] draws it, and the
+//! product is computed on the fly: the op keeps its input (which the graph holds anyway) and
+//! the bits, and its output is `[rows, r]`.
+
+use std::sync::Arc;
+
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::kernels::{contiguous, wants_grad};
+use crate::sites::Ctx;
+
+struct DropoutProject {
+    /// One bit per element of `x` (row-major): kept.
+    keep: Arc<Vec<u64>>,
+    /// `1 / (1 - p)`.
+    scale: f32,
+}
+
+impl DropoutProject {
+    fn kept(&self, i: usize) -> bool {
+        self.keep[i / 64] >> (i % 64) & 1 == 1
+    }
+
+    /// The mask as a `[rows, cols]` f32 tensor (`scale` where kept, else 0).
+    fn mask(&self, rows: usize, cols: usize, dev: &candle_core::Device) -> Result<Tensor> {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| if self.kept(i) { self.scale } else { 0.0 })
+            .collect();
+        Tensor::from_vec(v, (rows, cols), dev)
+    }
+}
+
+impl CustomOp2 for DropoutProject {
+    fn name(&self) -> &'static str {
+        "deltatune-dropout-project"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols) = xl.shape().dims2()?;
+        let (r, a_cols) = al.shape().dims2()?;
+        if a_cols != cols {
+            bail!("dropout_project: x is [{rows}, {cols}] but a is [{r}, {a_cols}]");
+        }
+        let (CpuStorage::F32(xd), CpuStorage::F32(ad)) = (xs, a_s) else {
+            bail!("dropout_project: f32 only");
+        };
+        let x = contiguous(xd, xl);
+        let a = contiguous(ad, al);
+        let mut z = vec![0f32; rows * r];
+        z.par_chunks_mut(r.max(1)).enumerate().for_each_init(
+            || vec![0f32; cols],
+            |buf, (row, zr)| {
+                let base = row * cols;
+                for (k, b) in buf.iter_mut().enumerate() {
+                    *b = if self.kept(base + k) {
+                        x[base + k] * self.scale
+                    } else {
+                        0.0
+                    };
+                }
+                for (j, zj) in zr.iter_mut().enumerate() {
+                    let aj = &a[j * cols..(j + 1) * cols];
+                    *zj = buf.iter().zip(aj).map(|(p, q)| p * q).sum();
+                }
+            },
+        );
+        Ok((CpuStorage::F32(z), Shape::from((rows, r))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, cols) = x.dims2()?;
+        let mask = self.mask(rows, cols, x.device())?;
+        let g = grad.detach();
+        let dx = if wants_grad(x) {
+            Some((g.matmul(&a.detach())? * &mask)?)
+        } else {
+            None
+        };
+        let da = if wants_grad(a) {
+            let xm = (x.detach() * &mask)?;
+            Some(g.t()?.matmul(&xm)?)
+        } else {
+            None
+        };
+        Ok((dx, da))
+    }
+}
+
+/// `dropout(x, p) a^T` for `x` `[rows, in]` and `a` `[r, in]` (LoRA's down projection), with the
+/// dropout mask drawn from `ctx` as [`Ctx::dropout`] would draw it. In training on the CPU in
+/// f32 the mask is kept as bits and never materialised in the forward pass; otherwise (no
+/// dropout, evaluation, other dtypes or devices) this is `ctx.dropout(x, p)?.matmul(a^T)`.
+///
+/// # Shapes
+/// `x`: [rows, in], `a`: [r, in] -> [rows, r]
+pub fn dropout_project(x: &Tensor, a: &Tensor, p: f64, ctx: &Ctx) -> Result<Tensor> {
+    if !ctx.train
+        || p <= 0.0
+        || x.dtype() != DType::F32
+        || a.dtype() != DType::F32
+        || !x.device().is_cpu()
+        || x.rank() != 2
+    {
+        return ctx.dropout(x, p)?.matmul(&a.t()?);
+    }
+    let (keep, scale) = ctx.dropout_bits(x.elem_count(), p);
+    x.apply_op2(
+        a,
+        DropoutProject {
+            keep: Arc::new(keep),
+            scale,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Rng;
+    use candle_core::Var;
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused op gives what `ctx.dropout` + matmul gives from the same stream: forward
+    /// values and both gradients; and the stream advances the same way (the next draw agrees).
+    #[test]
+    fn fused_dropout_projection_equals_dropout_then_matmul() {
+        let mut r = Rng::new(3);
+        for (rows, cols, rank, p) in [(37, 19, 4, 0.1), (8, 130, 8, 0.5), (5, 3, 1, 0.9)] {
+            let x = Var::from_tensor(&r.normal_tensor((rows, cols), 1.0).unwrap()).unwrap();
+            let a = Var::from_tensor(&r.normal_tensor((rank, cols), 1.0).unwrap()).unwrap();
+            let w = r.normal_tensor((rows, rank), 1.0).unwrap();
+            let run = |fused: bool| {
+                let ctx = Ctx::train(Rng::new(11));
+                let z = if fused {
+                    dropout_project(x.as_tensor(), a.as_tensor(), p, &ctx).unwrap()
+                } else {
+                    ctx.dropout(x.as_tensor(), p)
+                        .unwrap()
+                        .matmul(&a.as_tensor().t().unwrap())
+                        .unwrap()
+                };
+                let loss = (&z * &w).unwrap().sum_all().unwrap();
+                let g = loss.backward().unwrap();
+                let next = ctx.dropout_bits(64, 0.5).0;
+                (
+                    z,
+                    g.get(x.as_tensor()).unwrap().clone(),
+                    g.get(a.as_tensor()).unwrap().clone(),
+                    next,
+                )
+            };
+            let (z1, dx1, da1, n1) = run(true);
+            let (z2, dx2, da2, n2) = run(false);
+            assert!(max_abs(&z1, &z2) < 1e-4, "forward {rows}x{cols}");
+            assert!(max_abs(&dx1, &dx2) < 1e-4, "dx {rows}x{cols}");
+            assert!(max_abs(&da1, &da2) < 1e-4, "da {rows}x{cols}");
+            assert_eq!(n1, n2, "the stream continues identically");
+            // Some elements were dropped and some kept.
+            let zeros = dx1
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .filter(|v| **v == 0.0)
+                .count();
+            assert!(zeros > 0 && zeros < rows * cols, "{zeros}");
+        }
+    }
+}
