@@ -7,7 +7,7 @@ mod settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Adapt a pretrained transformer by training a small delta (LoRA, ...) while its weights stay
 /// frozen. Settings resolve as: flag > environment (DELTATUNE_*) > --config TOML file > default.
@@ -16,6 +16,86 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// `deltatune experiment WHICH`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ExperimentKind {
+    /// Every delta method with its preset, one row each.
+    Methods,
+}
+
+/// The task of `deltatune experiment methods --task`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ExperimentTask {
+    Classify,
+    Generate,
+    Image,
+}
+
+impl ExperimentTask {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Classify => "classify",
+            Self::Generate => "generate",
+            Self::Image => "image",
+        }
+    }
+}
+
+/// `deltatune subspace ACTION`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SubspaceAction {
+    /// PCA of trained prompts.
+    Fit,
+    /// A random subspace around --origin.
+    Random,
+}
+
+/// `deltatune study ACTION`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StudyAction {
+    /// The studies in the store.
+    List,
+    /// A study's trials.
+    Show,
+    /// A study's best trial and its settings.
+    Best,
+    /// A study's trials as CSV or JSON.
+    Export,
+    /// A self-contained HTML report with plots.
+    Report,
+    /// Two studies, trial by trial on parameters (--against).
+    Compare,
+}
+
+impl StudyAction {
+    fn name(self) -> &'static str {
+        match self {
+            Self::List => "list",
+            Self::Show => "show",
+            Self::Best => "best",
+            Self::Export => "export",
+            Self::Report => "report",
+            Self::Compare => "compare",
+        }
+    }
+}
+
+/// `deltatune study export --format`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Csv,
+    Json,
+}
+
+impl ExportFormat {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Csv => "csv",
+            Self::Json => "json",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,8 +225,8 @@ enum Command {
     Inspect(RunArgs),
     /// Experiments: `methods` trains every delta method with its preset and writes a table.
     Experiment {
-        /// Which experiment (methods).
-        which: String,
+        /// Which experiment.
+        which: ExperimentKind,
         /// Only these methods (comma-separated).
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
@@ -159,8 +239,8 @@ enum Command {
         /// `classify`: MiniLM on Rotten Tomatoes into docs/methods.md; `generate`: SmolLM2 on
         /// G2P into docs/methods-decoder.md; `image`: DINOv2 ViT-S/14 on Fashion-MNIST into
         /// docs/methods-image.md.
-        #[arg(long, default_value = "classify")]
-        task: String,
+        #[arg(long, value_enum, default_value_t = ExperimentTask::Classify)]
+        task: ExperimentTask,
         /// Folder for the runs' adapter folders.
         #[arg(long)]
         runs: Option<PathBuf>,
@@ -169,7 +249,7 @@ enum Command {
     /// and writes the decoder (P0 and basis) for `--method intrinsic --set intrinsic.subspace=`.
     Subspace {
         /// fit (PCA of trained prompts) or random (a random subspace around --origin).
-        action: String,
+        action: SubspaceAction,
         /// Prompt-tuning adapter folders (at least 2).
         #[arg(long, value_delimiter = ',', num_args = 1..)]
         adapters: Vec<PathBuf>,
@@ -215,8 +295,8 @@ enum Command {
     Search(SearchCli),
     /// What a study store holds: `list`, `show NAME`, `best NAME`, `export NAME`, `report NAME`.
     Study {
-        /// list, show, best, export, report or compare.
-        action: String,
+        /// What to do.
+        action: StudyAction,
         /// The study (all actions but list).
         name: Option<String>,
         /// compare: the other study, matched trial by trial on parameters.
@@ -225,9 +305,9 @@ enum Command {
         /// Study store: a SQLite file (default runs/studies.db) or postgres://...
         #[arg(long, env = "DELTATUNE_STORAGE", default_value = "runs/studies.db")]
         storage: String,
-        /// export: csv or json.
-        #[arg(long, default_value = "csv")]
-        format: String,
+        /// export: the file format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+        format: ExportFormat,
         /// export/report: the file to write (export prints to stdout without it).
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -649,22 +729,17 @@ fn main() -> ExitCode {
             task,
             runs,
         } => {
-            if which != "methods" {
-                Err(anyhow::anyhow!(
-                    "unknown experiment `{which}` (available: methods)"
-                ))
-            } else {
-                commands::experiment::experiment(&task).and_then(|exp| {
-                    let (r, t) = exp.default_paths();
-                    commands::experiment::methods(
-                        exp,
-                        &methods,
-                        epochs,
-                        &runs.unwrap_or(r),
-                        &table.unwrap_or(t),
-                    )
-                })
-            }
+            let ExperimentKind::Methods = which;
+            commands::experiment::experiment(task.name()).and_then(|exp| {
+                let (r, t) = exp.default_paths();
+                commands::experiment::methods(
+                    exp,
+                    &methods,
+                    epochs,
+                    &runs.unwrap_or(r),
+                    &table.unwrap_or(t),
+                )
+            })
         }
         Command::Subspace {
             action,
@@ -673,17 +748,16 @@ fn main() -> ExitCode {
             origin,
             seed,
             output,
-        } => match action.as_str() {
-            "fit" => commands::subspace::fit(&adapters, dim, origin.as_deref(), &output),
-            "random" => match &origin {
+        } => match action {
+            SubspaceAction::Fit => {
+                commands::subspace::fit(&adapters, dim, origin.as_deref(), &output)
+            }
+            SubspaceAction::Random => match &origin {
                 Some(o) => commands::subspace::random(o, dim, seed, &output),
                 None => Err(anyhow::anyhow!(
                     "`subspace random` needs --origin (a prompt-tuning adapter whose prompt is P0)"
                 )),
             },
-            _ => Err(anyhow::anyhow!(
-                "unknown subspace action `{action}` (available: fit, random)"
-            )),
         },
         Command::Auto {
             run,
@@ -726,32 +800,31 @@ fn main() -> ExitCode {
         } => {
             let need = || {
                 name.clone().ok_or_else(|| {
-                    anyhow::anyhow!("`study {action}` needs the study name (see `study list`)")
+                    anyhow::anyhow!(
+                        "`study {}` needs the study name (see `study list`)",
+                        action.name()
+                    )
                 })
             };
-            match action.as_str() {
-                "list" => commands::study::list(&storage),
-                "show" => need().and_then(|n| commands::study::show(&storage, &n, 0)),
-                "best" => need().and_then(|n| commands::study::best_cmd(&storage, &n)),
-                "export" => need().and_then(|n| {
-                    commands::study::export(&storage, &n, &format, output.as_deref())
+            match action {
+                StudyAction::List => commands::study::list(&storage),
+                StudyAction::Show => need().and_then(|n| commands::study::show(&storage, &n, 0)),
+                StudyAction::Best => need().and_then(|n| commands::study::best_cmd(&storage, &n)),
+                StudyAction::Export => need().and_then(|n| {
+                    commands::study::export(&storage, &n, format.name(), output.as_deref())
                 }),
-                "report" => need().and_then(|n| {
+                StudyAction::Report => need().and_then(|n| {
                     let out = output
                         .clone()
                         .unwrap_or_else(|| PathBuf::from(format!("runs/{n}-report.html")));
                     commands::study::report(&storage, &n, &out)
                 }),
-                "compare" => need().and_then(|n| {
+                StudyAction::Compare => need().and_then(|n| {
                     let b = against.clone().ok_or_else(|| {
                         anyhow::anyhow!("`study compare A --against B` needs --against")
                     })?;
                     commands::study::compare(&storage, &n, &b)
                 }),
-                o => Err(anyhow::anyhow!(
-                    "unknown study action `{o}` (available: list, show, best, export, report, \
-                     compare)"
-                )),
             }
         }
         Command::Bench {
