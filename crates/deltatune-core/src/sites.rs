@@ -133,6 +133,10 @@ pub struct Ctx {
     /// No gradient will be asked for: models cut the autograd graph between layers
     /// ([`Ctx::cut`]), so a forward pass holds one layer's intermediate tensors, not all.
     pub no_grad: bool,
+    /// For a batch mixing adapters (serving): the adapter of each batch row, an index into a
+    /// multi-adapter delta's adapters (`u32::MAX`: the base model alone). `None`: every row
+    /// uses every attached delta.
+    pub adapter_rows: Option<std::sync::Arc<[u32]>>,
     rng: RefCell<Rng>,
 }
 
@@ -142,8 +146,15 @@ impl Ctx {
         Self {
             train: false,
             no_grad: false,
+            adapter_rows: None,
             rng: RefCell::new(Rng::new(0)),
         }
+    }
+
+    /// The same context with the adapter of each batch row (see [`Ctx::adapter_rows`]).
+    pub fn with_adapter_rows(mut self, rows: Vec<u32>) -> Self {
+        self.adapter_rows = Some(rows.into());
+        self
     }
 
     /// Dropout off and no gradients: for evaluation, prediction and generation.
@@ -158,6 +169,7 @@ impl Ctx {
         Self {
             train: true,
             no_grad: false,
+            adapter_rows: None,
             rng: RefCell::new(rng),
         }
     }

@@ -3,6 +3,7 @@
 pub mod combine;
 mod config;
 mod layer;
+pub mod multi;
 
 use std::sync::Arc;
 
