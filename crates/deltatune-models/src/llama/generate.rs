@@ -160,7 +160,29 @@ impl Generator<'_> {
         cfg: &GenerateConfig,
         on_token: &mut dyn FnMut(usize, u32) -> bool,
     ) -> Result<Vec<Generated>> {
+        self.generate_routed(prompts, None, cfg, on_token)
+    }
+
+    /// [`Generator::generate`] for a batch mixing adapters: `adapter_rows[i]` is the adapter of
+    /// prompt `i` in the model's multi-adapter deltas (see `Ctx::adapter_rows`; `u32::MAX`: the
+    /// base alone).
+    pub fn generate_routed(
+        &self,
+        prompts: &[Vec<u32>],
+        adapter_rows: Option<&[u32]>,
+        cfg: &GenerateConfig,
+        on_token: &mut dyn FnMut(usize, u32) -> bool,
+    ) -> Result<Vec<Generated>> {
         cfg.validate()?;
+        if let Some(r) = adapter_rows {
+            if r.len() != prompts.len() {
+                return Err(Error::Msg(format!(
+                    "{} adapter rows for {} prompts",
+                    r.len(),
+                    prompts.len()
+                )));
+            }
+        }
         if prompts.is_empty() {
             return Ok(Vec::new());
         }
@@ -199,7 +221,10 @@ impl Generator<'_> {
             m.extend(std::iter::repeat_n(1u32, p.len()));
             mask.push(m);
         }
-        let ctx = Ctx::inference();
+        let ctx = match adapter_rows {
+            Some(r) => Ctx::inference().with_adapter_rows(r.to_vec()),
+            None => Ctx::inference(),
+        };
         let mut cache = KvCache::default();
         let mut rngs: Vec<Rng> = (0..b)
             .map(|i| Rng::new(cfg.seed).derive(&format!("generate/{i}")))
