@@ -152,3 +152,75 @@ fn mixed_adapter_greedy_generation_equals_each_adapter_alone() {
         "adapter a changes the greedy continuation of prompt 0"
     );
 }
+
+/// Classifiers: LoRA adapters with their own trained heads (folders PEFT wrote for the tiny
+/// BERT, scripts/gen_peft_folders.py) in one batch, each row with its adapter's LoRA and head,
+/// give PEFT's probabilities for that adapter.
+#[test]
+fn mixed_classifier_batch_gives_each_adapters_peft_probabilities() {
+    use deltatune_models::{BertClassifier, Inputs, Pooling, TextTokenizer};
+    let dir = fixtures().join("peft-folders");
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = exp["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let names = [
+        "lora",
+        "lora-regex",
+        "lora-rslora",
+        "lora-patterns",
+        "lora-layers",
+    ];
+    let sources: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let d = dir.join(n);
+            let v: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(d.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            (
+                serde_json::from_value::<LoraConfig>(v).unwrap(),
+                load_map(&d.join("adapter_model.safetensors")),
+            )
+        })
+        .collect();
+    let base = dir.join("base");
+    let mut model = BertClassifier::load(&base, 3, Pooling::Cls, &mut Rng::new(0)).unwrap();
+    attach_multi(&mut model, &sources).unwrap();
+    let tok = TextTokenizer::load(&base.join("tokenizer.json"), 64).unwrap();
+    // Every (adapter, text) pair in one batch, shuffled so adapters interleave.
+    let mut pairs: Vec<(usize, usize)> = (0..names.len())
+        .flat_map(|k| (0..texts.len()).map(move |t| (k, t)))
+        .collect();
+    pairs.sort_by_key(|&(k, t)| (t * 7 + k * 3) % 11);
+    let ids: Vec<Vec<u32>> = pairs
+        .iter()
+        .map(|&(_, t)| tok.encode_batch(&[texts[t]]).unwrap().remove(0))
+        .collect();
+    let inputs = Inputs::from_ids(&ids, 0).unwrap();
+    let route: Vec<u32> = pairs.iter().map(|&(k, _)| k as u32).collect();
+    let logits = model
+        .forward(&inputs, &Ctx::inference().with_adapter_rows(route))
+        .unwrap();
+    let probs: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&logits)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (row, &(k, t)) in pairs.iter().enumerate() {
+        let want = exp[names[k]][t].as_array().unwrap();
+        for (g, w) in probs[row].iter().zip(want) {
+            let d = (f64::from(*g) - w.as_f64().unwrap()).abs();
+            assert!(
+                d < 1e-5,
+                "{} on text {t}: {:?} vs PEFT's {want:?}",
+                names[k],
+                probs[row]
+            );
+        }
+    }
+}

@@ -72,36 +72,97 @@ impl LinearDelta for MultiLora {
     }
 }
 
+/// The trained heads (`modules_to_save`) of several adapters at one linear site, chosen per
+/// batch row like [`MultiLora`]: a row of an adapter with a head here gets that head's output
+/// instead of the base layer's.
+#[derive(Debug)]
+pub struct MultiHead {
+    /// `(weight [out, in], bias [out])` per adapter.
+    heads: Vec<Option<(Tensor, Option<Tensor>)>>,
+}
+
+impl LinearDelta for MultiHead {
+    fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let Some(rows) = ctx.adapter_rows.as_ref() else {
+            candle_core::bail!(
+                "a multi-adapter layer needs the adapter of each row (Ctx::with_adapter_rows)"
+            );
+        };
+        let b = x.dim(0)?;
+        let mut out = base;
+        for (k, head) in self.heads.iter().enumerate() {
+            let Some((w, bias)) = head else { continue };
+            let idx: Vec<u32> = (0..b as u32)
+                .filter(|&i| rows[i as usize] == k as u32)
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let n = idx.len();
+            let idx = Tensor::from_vec(idx, (n,), x.device())?;
+            let xs = x.index_select(&idx, 0)?;
+            let mut y = xs.broadcast_matmul(&w.t()?)?;
+            if let Some(bias) = bias {
+                y = y.broadcast_add(bias)?;
+            }
+            let old = out.index_select(&idx, 0)?;
+            out = out.index_add(&idx, &(y - old)?, 0)?;
+        }
+        Ok(out)
+    }
+
+    fn merge_into(
+        &self,
+        _w: &Tensor,
+        _b: Option<&Tensor>,
+    ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+        Ok(None)
+    }
+}
+
+/// A saved tensor of module `path` (`leaf` `weight` or `bias`) under PEFT's keys (also the
+/// `base_model.<path>` form PEFT uses for prompt-learning methods).
+fn saved<'a>(tensors: &'a BTreeMap<String, Tensor>, path: &str, leaf: &str) -> Option<&'a Tensor> {
+    tensors
+        .get(&peft_key(path, leaf))
+        .or_else(|| tensors.get(&format!("base_model.{path}.{leaf}")))
+}
+
 /// Attaches several LoRA adapters (config and tensors under PEFT's keys) to `model`, selected
-/// per row by [`Ctx::adapter_rows`] (row value `i` = `adapters[i]`). Each adapter's targets are
-/// resolved as a single attach would resolve them; its `modules_to_save` are not supported
-/// (heads differ per adapter). Returns how many sites got a branch.
+/// per row by [`Ctx::adapter_rows`] (row value `i` = `adapters[i]`): the LoRA branches found
+/// under PEFT's keys, and trained linear heads (`modules_to_save`, e.g. `classifier`), which
+/// replace the layer's output for their rows. Returns how many sites got LoRA branches.
 pub fn attach_multi(
     model: &mut dyn HasSites,
     adapters: &[(LoraConfig, BTreeMap<String, Tensor>)],
 ) -> Result<usize> {
     let mut per_site: BTreeMap<String, Vec<Option<Branch>>> = BTreeMap::new();
+    type Head = Option<(Tensor, Option<Tensor>)>;
+    let mut heads: BTreeMap<String, Vec<Head>> = BTreeMap::new();
     let paths: Vec<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     for (k, (cfg, tensors)) in adapters.iter().enumerate() {
         cfg.validate()?;
-        if tensors
-            .keys()
-            .any(|key| !key.contains(".lora_A.") && !key.contains(".lora_B."))
-        {
-            return Err(Error::Msg(format!(
-                "adapter {k} carries trained modules besides LoRA (a head?): one base pass \
-                 cannot serve per-adapter heads; serve it alone"
-            )));
-        }
         let mut found = 0;
+        let mut explained = 0;
         for path in &paths {
             let (ka, kb) = (
                 peft_key(path, "lora_A.weight"),
                 peft_key(path, "lora_B.weight"),
             );
+            if let Some(w) = saved(tensors, path, "weight") {
+                let bias = saved(tensors, path, "bias").cloned();
+                explained += 1 + usize::from(bias.is_some());
+                let v = heads
+                    .entry(path.clone())
+                    .or_insert_with(|| vec![None; adapters.len()]);
+                v[k] = Some((w.to_dtype(DType::F32)?, bias));
+                found += 1;
+                continue;
+            }
             let (Some(a), Some(b)) = (tensors.get(&ka), tensors.get(&kb)) else {
                 continue;
             };
+            explained += 2;
             let br = Branch {
                 a: a.to_dtype(DType::F32)?,
                 b: b.to_dtype(DType::F32)?,
@@ -113,9 +174,33 @@ pub fn attach_multi(
             v[k] = Some(br);
             found += 1;
         }
+        if explained != tensors.len() {
+            let known: Vec<&String> = tensors
+                .keys()
+                .filter(|key| {
+                    !paths.iter().any(|p| {
+                        [
+                            peft_key(p, "lora_A.weight"),
+                            peft_key(p, "lora_B.weight"),
+                            peft_key(p, "weight"),
+                            peft_key(p, "bias"),
+                            format!("base_model.{p}.weight"),
+                            format!("base_model.{p}.bias"),
+                        ]
+                        .contains(key)
+                    })
+                })
+                .take(3)
+                .collect();
+            return Err(Error::Msg(format!(
+                "adapter {k} has tensors no linear layer of the model explains: {known:?} \
+                 (only LoRA and trained linear heads can share a batch)"
+            )));
+        }
         if found == 0 {
             return Err(Error::Msg(format!(
-                "adapter {k} has no LoRA tensor for any linear layer of the model (another base?)"
+                "adapter {k} has no LoRA tensor or head for any linear layer of the model \
+                 (another base?)"
             )));
         }
     }
@@ -134,6 +219,20 @@ pub fn attach_multi(
                 }
             }
             lin.deltas.push(Arc::new(MultiLora { branches }));
+        }
+        if let Some(hs) = heads.remove(&lin.path) {
+            let (o, i) = (lin.out_features(), lin.in_features());
+            for (w, b) in hs.iter().flatten() {
+                if w.dims() != [o, i] || b.as_ref().is_some_and(|b| b.dims() != [o]) {
+                    return Err(Error::Msg(format!(
+                        "`{}`: a saved head of shape {:?} does not fit the layer [{o}, {i}] \
+                         (adapters with another number of labels need their own batch)",
+                        lin.path,
+                        w.dims()
+                    )));
+                }
+            }
+            lin.deltas.push(Arc::new(MultiHead { heads: hs }));
         }
     }
     Ok(n)
