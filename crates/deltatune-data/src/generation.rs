@@ -49,6 +49,41 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// Renders `messages` with a model's Jinja chat template (`bos_token`/`eos_token` empty, as
+/// the tokenizer adds its own), ending with the assistant's turn when `add_generation_prompt`.
+/// The error is a message for the user.
+pub fn apply_chat_template(
+    template: Option<&str>,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> std::result::Result<String, String> {
+    let Some(template) = template else {
+        return Err(
+            "this model has no chat template (tokenizer.chat_template in the GGUF, \
+                    chat_template in tokenizer_config.json); use prompt/completion lines instead \
+                    of messages"
+                .into(),
+        );
+    };
+    let mut env = minijinja::Environment::new();
+    env.add_template("chat", template)
+        .map_err(|e| format!("the model's chat template does not parse: {e}"))?;
+    let msgs: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+        .collect();
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                messages => msgs,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => "",
+                eos_token => "",
+            })
+        })
+        .map_err(|e| format!("rendering the chat template: {e}"))
+}
+
 /// One generation example. Serializes to the JSON line it was read from
 /// (`{"prompt", "completion"}` with the default names, or `{"messages"}`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

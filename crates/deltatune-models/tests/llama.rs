@@ -242,3 +242,113 @@ fn smollm2_tokenizer_from_gguf_equals_transformers() {
         assert_eq!(kept, s["decoded"].as_str().unwrap(), "{text:?}");
     }
 }
+
+/// Greedy next-token logits of `prompt` alone for `steps` tokens (the serving engine's
+/// reference): `(tokens fed after the prompt, logits before each)`.
+fn alone_steps(m: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let ctx = Ctx::inference();
+    let mut cache = KvCache::default();
+    let mut ids = vec![prompt.to_vec()];
+    let mut mask = vec![vec![1u32; prompt.len()]];
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let h = m
+            .forward_hidden(&ids, &mask, Some(&mut cache), &ctx)
+            .unwrap();
+        let t = h.dim(1).unwrap();
+        let l: Vec<f32> = m
+            .logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap(), &ctx)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let next = deltatune_models::llama::generate::argmax(&l);
+        out.push(l);
+        ids = vec![vec![next]];
+        mask = vec![vec![1]];
+    }
+    out
+}
+
+/// A continuous batch: sequences prefilled on their own join a running cache
+/// (`KvCache::append`, left-padded), a finished one leaves (`KvCache::keep_rows`), and every
+/// row's logits at every step equal those of its sequence run alone.
+#[test]
+fn cache_rows_join_and_leave_a_running_batch() {
+    let m = LlamaModel::load(&fixtures().join("tiny-llama")).unwrap();
+    let prompts: [Vec<u32>; 3] = [vec![5, 17, 30], vec![8, 9, 40, 41, 60], vec![70, 3]];
+    let want: Vec<Vec<Vec<f32>>> = prompts.iter().map(|p| alone_steps(&m, p, 8)).collect();
+    let ctx = Ctx::inference();
+    // Prefills `p` into a cache of its own; returns its cache and first logits.
+    let prefill = |p: &[u32]| {
+        let mut c = KvCache::default();
+        let h = m
+            .forward_hidden(&[p.to_vec()], &[vec![1; p.len()]], Some(&mut c), &ctx)
+            .unwrap();
+        let t = h.dim(1).unwrap();
+        let l: Vec<f32> = m
+            .logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap(), &ctx)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (c, l)
+    };
+    let close = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    // rows: (sequence, step)
+    let mut rows: Vec<(usize, usize)> = Vec::new();
+    let mut last: Vec<u32> = Vec::new();
+    let mut cache = KvCache::default();
+    let join =
+        |k: usize, cache: &mut KvCache, rows: &mut Vec<(usize, usize)>, last: &mut Vec<u32>| {
+            let (c, l) = prefill(&prompts[k]);
+            assert!(close(&l, &want[k][0]) < 1e-5);
+            cache.append(c).unwrap();
+            rows.push((k, 1));
+            last.push(deltatune_models::llama::generate::argmax(&l));
+        };
+    let step = |cache: &mut KvCache, rows: &mut Vec<(usize, usize)>, last: &mut Vec<u32>| {
+        let ids: Vec<Vec<u32>> = last.iter().map(|&t| vec![t]).collect();
+        let mask = vec![vec![1u32]; ids.len()];
+        let h = m.forward_hidden(&ids, &mask, Some(cache), &ctx).unwrap();
+        let l: Vec<Vec<f32>> = m
+            .logits(&h.squeeze(1).unwrap(), &ctx)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (r, (k, s)) in rows.iter_mut().enumerate() {
+            let d = close(&l[r], &want[*k][*s]);
+            assert!(d < 1e-5, "sequence {k} step {s}: {d}");
+            *s += 1;
+            last[r] = deltatune_models::llama::generate::argmax(&l[r]);
+        }
+    };
+    join(0, &mut cache, &mut rows, &mut last);
+    step(&mut cache, &mut rows, &mut last);
+    step(&mut cache, &mut rows, &mut last);
+    // The longer prompt joins a cache that is shorter than it.
+    join(1, &mut cache, &mut rows, &mut last);
+    assert_eq!(cache.rows(), 2);
+    step(&mut cache, &mut rows, &mut last);
+    // Sequence 0 leaves; the leading positions only it used go with it.
+    let before = cache.len();
+    cache.keep_rows(&[1]).unwrap();
+    rows.remove(0);
+    last.remove(0);
+    assert!(cache.len() <= before);
+    step(&mut cache, &mut rows, &mut last);
+    // A short prompt joins a longer cache.
+    join(2, &mut cache, &mut rows, &mut last);
+    for _ in 0..3 {
+        step(&mut cache, &mut rows, &mut last);
+    }
+    assert_eq!(rows.iter().map(|r| r.1).collect::<Vec<_>>(), vec![6, 4]);
+    assert!(cache.keep_rows(&[4]).is_err());
+}

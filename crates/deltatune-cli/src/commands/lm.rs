@@ -54,27 +54,8 @@ pub fn apply_chat_template(
     messages: &[ChatMessage],
     add_generation_prompt: bool,
 ) -> Result<String> {
-    let Some(template) = template else {
-        bail!(
-            "this model has no chat template (tokenizer.chat_template in the GGUF, chat_template \
-             in tokenizer_config.json); use prompt/completion lines instead of messages"
-        );
-    };
-    let mut env = minijinja::Environment::new();
-    env.add_template("chat", template)
-        .context("the model's chat template does not parse")?;
-    let msgs: Vec<Value> = messages
-        .iter()
-        .map(|m| json!({"role": m.role, "content": m.content}))
-        .collect();
-    env.get_template("chat")?
-        .render(minijinja::context! {
-            messages => msgs,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => "",
-            eos_token => "",
-        })
-        .context("rendering the chat template")
+    deltatune_data::generation::apply_chat_template(template, messages, add_generation_prompt)
+        .map_err(anyhow::Error::msg)
 }
 
 /// Token ids of prompt and completion (the completion ends with the end-of-sequence id).

@@ -106,8 +106,8 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// Draws a token from `logits` with temperature, top-k and top-p.
-fn sample(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
+/// Draws a token from `logits` with temperature, top-k and top-p (greedy at temperature 0).
+pub fn sample(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
     if cfg.temperature == 0.0 {
         return argmax(logits);
     }

@@ -94,6 +94,102 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Number of sequences (batch rows) cached.
+    pub fn rows(&self) -> usize {
+        self.next_pos.len()
+    }
+
+    /// Keeps only the rows `keep` (in that order): a finished sequence leaves a continuous
+    /// batch. Leading positions that no kept row uses any more are dropped.
+    pub fn keep_rows(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.is_empty() {
+            *self = Self::default();
+            return Ok(());
+        }
+        if let Some(&bad) = keep.iter().find(|&&r| r >= self.rows()) {
+            return Err(Error::Msg(format!(
+                "row {bad} is not in a cache of {} rows",
+                self.rows()
+            )));
+        }
+        let Some(mask) = &self.mask else {
+            return Ok(());
+        };
+        let idx = Tensor::from_vec(
+            keep.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
+            keep.len(),
+            mask.device(),
+        )?;
+        let mask = mask.index_select(&idx, 0)?;
+        // The first column some kept row attends to.
+        let cols: Vec<Vec<u32>> = mask.to_vec2()?;
+        let first = cols
+            .iter()
+            .filter_map(|r| r.iter().position(|&m| m == 1))
+            .min()
+            .unwrap_or(0);
+        let t = mask.dim(1)?;
+        self.mask = Some(mask.narrow(1, first, t - first)?);
+        for kv in self.layers.iter_mut().flatten() {
+            let k = kv.0.index_select(&idx, 0)?;
+            let v = kv.1.index_select(&idx, 0)?;
+            *kv = (
+                k.narrow(2, first, t - first)?,
+                v.narrow(2, first, t - first)?,
+            );
+        }
+        self.next_pos = keep.iter().map(|&r| self.next_pos[r]).collect();
+        Ok(())
+    }
+
+    /// Appends the rows of `other` (sequences prefilled on their own) below this cache's: the
+    /// shorter side is left-padded with masked positions, so each row attends to exactly what
+    /// it did alone (a request joins a continuous batch between decoding steps).
+    pub fn append(&mut self, other: KvCache) -> Result<()> {
+        if other.rows() == 0 {
+            return Ok(());
+        }
+        if self.rows() == 0 {
+            *self = other;
+            return Ok(());
+        }
+        let (Some(m1), Some(m2)) = (&self.mask, &other.mask) else {
+            return Err(Error::Msg("appending to a cache that ran no pass".into()));
+        };
+        if self.layers.len() != other.layers.len() {
+            return Err(Error::Msg(format!(
+                "caches of {} and {} layers",
+                self.layers.len(),
+                other.layers.len()
+            )));
+        }
+        let (t1, t2) = (m1.dim(1)?, m2.dim(1)?);
+        let t = t1.max(t2);
+        // Left-pads `x` along `dim` to `t` positions with zeros.
+        let pad = |x: &Tensor, dim: usize| -> Result<Tensor> {
+            let n = x.dim(dim)?;
+            if n == t {
+                return Ok(x.clone());
+            }
+            let mut shape = x.dims().to_vec();
+            shape[dim] = t - n;
+            let z = Tensor::zeros(shape, x.dtype(), x.device())?;
+            Ok(Tensor::cat(&[&z, x], dim)?)
+        };
+        self.mask = Some(Tensor::cat(&[pad(m1, 1)?, pad(m2, 1)?], 0)?);
+        for (a, b) in self.layers.iter_mut().zip(other.layers) {
+            match (a.as_mut(), b) {
+                (Some((k1, v1)), Some((k2, v2))) => {
+                    *k1 = Tensor::cat(&[pad(k1, 2)?, pad(&k2, 2)?], 0)?;
+                    *v1 = Tensor::cat(&[pad(v1, 2)?, pad(&v2, 2)?], 0)?;
+                }
+                _ => return Err(Error::Msg("appending caches with an empty layer".into())),
+            }
+        }
+        self.next_pos.extend(other.next_pos);
+        Ok(())
+    }
 }
 
 /// `LlamaForCausalLM` with deltas attachable at its sites.

@@ -1,0 +1,93 @@
+//! The tiny Llama of the fixtures with a word-level tokenizer (`<pad>`, `<s>`, `</s>`, then
+//! `w3`...`w95`), its PEFT adapters, and the expected output of each adapter alone.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use deltatune_core::Rng;
+use deltatune_methods::load_state_dict;
+use deltatune_models::llama::{GenerateConfig, Generator, LoadedDecoder};
+use deltatune_models::LlamaModel;
+use deltatune_serve::AdapterFolder;
+use tokenizers::Tokenizer;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+pub fn tokenizer() -> Tokenizer {
+    let mut vocab = serde_json::Map::new();
+    for i in 0..96u32 {
+        let w = match i {
+            0 => "<pad>".to_string(),
+            1 => "<s>".to_string(),
+            2 => "</s>".to_string(),
+            _ => format!("w{i}"),
+        };
+        vocab.insert(w, i.into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let j = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<pad>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<pad>"},
+    });
+    Tokenizer::from_bytes(j.to_string().as_bytes()).unwrap()
+}
+
+pub const CHAT_TEMPLATE: &str =
+    "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}w90{% endif %}";
+
+pub fn tiny() -> LlamaModel {
+    LlamaModel::load(&fixtures().join("tiny-llama")).unwrap()
+}
+
+pub fn decoder() -> LoadedDecoder {
+    LoadedDecoder {
+        model: tiny(),
+        tokenizer: tokenizer(),
+        chat_template: Some(CHAT_TEMPLATE.into()),
+        source: fixtures().join("tiny-llama"),
+    }
+}
+
+/// The adapter folders of the tiny Llama, by name: LoRA adapters (a, e with rank and alpha
+/// patterns, c) and one each of prompt, prefix and IA3.
+pub fn folder_dir(name: &str) -> PathBuf {
+    match name {
+        "prompt" | "prefix" | "ia3" => fixtures().join(format!("tiny-llama-{name}")),
+        _ => fixtures().join("tiny-llama-combine").join(name),
+    }
+}
+
+pub fn folder(name: &str) -> AdapterFolder {
+    AdapterFolder::read(name, &folder_dir(name), None).unwrap()
+}
+
+/// What `name`'s adapter alone (or the base, `None`) generates for `prompt`.
+pub fn alone(name: Option<&str>, prompt: &[u32], cfg: &GenerateConfig) -> Vec<u32> {
+    let mut m = tiny();
+    if let Some(n) = name {
+        let f = folder(n);
+        let tr = f.delta.attach_saved(&mut m, &Rng::new(0)).unwrap();
+        load_state_dict(&tr, &f.tensors, Path::new("x")).unwrap();
+    }
+    let g = Generator {
+        model: &m,
+        decode: None,
+    };
+    g.generate(&[prompt.to_vec()], cfg, &mut |_, _| true)
+        .unwrap()
+        .remove(0)
+        .ids
+}
+
+/// The text of `ids` as the server decodes it.
+pub fn text(ids: &[u32]) -> String {
+    tokenizer().decode(ids, true).unwrap()
+}
