@@ -323,6 +323,12 @@ enum Command {
         #[arg(long)]
         reference: Option<PathBuf>,
     },
+    /// Serve one base model and many adapters over HTTP (OpenAI-shaped completions and chat,
+    /// classification, adapters loaded at run time with DELTATUNE_ADMIN_TOKEN).
+    Serve(commands::serve::ServeArgs),
+    /// Load a running server (loopback only) with concurrent clients over several adapters, for
+    /// a bounded time: throughput, p50/p99 latency, errors, lost or duplicated answers.
+    Loadgen(commands::serve::LoadgenArgs),
 }
 
 /// `deltatune search` flags.
@@ -827,6 +833,8 @@ fn main() -> ExitCode {
                 }),
             }
         }
+        Command::Serve(a) => commands::serve::serve(&a),
+        Command::Loadgen(a) => commands::serve::loadgen(&a),
         Command::Bench {
             run,
             steps,

@@ -89,6 +89,11 @@ pub fn start(
     })
 }
 
+/// Rows joining a batch, with their prompts.
+type Joining = (Vec<Row>, Vec<Vec<u32>>);
+/// Slot -> the adapter's index in the shared model.
+type Route = BTreeMap<usize, u32>;
+
 /// One sequence in a batch.
 struct Row {
     slot: Option<usize>,
@@ -362,7 +367,7 @@ impl Core {
     /// pass fails the rows of its batch (not the server).
     fn pass(&mut self, joining: Vec<(Option<usize>, GenRequest)>) -> Result<()> {
         let ctx_len = self.base.config.max_position_embeddings;
-        let mut by_group: BTreeMap<Option<usize>, (Vec<Row>, Vec<Vec<u32>>)> = BTreeMap::new();
+        let mut by_group: BTreeMap<Option<usize>, Joining> = BTreeMap::new();
         for (slot, req) in joining {
             if let Err(e) = req.config.validate() {
                 let _ = req.events.send(GenEvent::Error(e.into()));
@@ -410,7 +415,7 @@ impl Core {
         };
         let mut own_keys: Vec<Option<usize>> = vec![None];
         own_keys.extend(self.own.keys().map(|&k| Some(k)));
-        let mut jobs: Vec<(&mut Group, Option<&BTreeMap<usize, u32>>, &'static str)> =
+        let mut jobs: Vec<(&mut Group, Option<&Route>, &'static str)> =
             vec![(&mut self.shared, Some(&self.route), "decoder")];
         for g in self.own.values_mut() {
             jobs.push((g, None, "decoder-own"));

@@ -880,20 +880,29 @@ fn sse(
     struct St {
         rx: mpsc::UnboundedReceiver<GenEvent>,
         first: bool,
+        /// The last event was sent: `[DONE]` follows.
         ended: bool,
+        closed: bool,
     }
     let state = St {
         rx,
         first: true,
         ended: false,
+        closed: false,
     };
     let stream = futures_util::stream::unfold(state, move |mut st| {
         let s = s.clone();
         let label = label.clone();
         let out = out.clone();
         let out_chunk = move |t: Option<&str>, f: Option<&str>, first: bool| out.chunk(t, f, first);
-        let ev = if st.ended {
+        let ev = if st.closed {
             None
+        } else if st.ended {
+            st.closed = true;
+            return futures_util::future::Either::Left(std::future::ready(Some((
+                Ok(Event::default().data("[DONE]")),
+                st,
+            ))));
         } else {
             Some(async move {
                 let (event, status) = match tokio::time::timeout_at(deadline, st.rx.recv()).await {
@@ -910,10 +919,7 @@ fn sse(
                             "completion_tokens": f.completion_tokens,
                             "total_tokens": f.prompt_tokens + f.completion_tokens,
                         });
-                        (
-                            Event::default().data(format!("{v}\n\ndata: [DONE]")),
-                            Some(200),
-                        )
+                        (Event::default().data(v.to_string()), Some(200))
                     }
                     Ok(Some(GenEvent::Error(e))) => {
                         st.ended = true;
@@ -938,12 +944,12 @@ fn sse(
                 (Ok(event), st)
             })
         };
-        async move {
+        futures_util::future::Either::Right(async move {
             match ev {
                 Some(f) => Some(f.await),
                 None => None,
             }
-        }
+        })
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

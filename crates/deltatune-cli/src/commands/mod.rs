@@ -12,6 +12,7 @@ pub mod merge;
 mod predict;
 pub mod resume;
 pub mod search;
+pub mod serve;
 pub mod study;
 pub mod subspace;
 mod train;

@@ -91,3 +91,66 @@ pub fn alone(name: Option<&str>, prompt: &[u32], cfg: &GenerateConfig) -> Vec<u3
 pub fn text(ids: &[u32]) -> String {
     tokenizer().decode(ids, true).unwrap()
 }
+
+/// A server on a free loopback port, run by a runtime on its own thread.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl TestServer {
+    pub fn start(app: axum::Router) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(async move {
+            deltatune_serve::http::serve(listener, app, std::future::pending())
+                .await
+                .unwrap()
+        });
+        Self { addr, _rt: rt }
+    }
+
+    pub fn conn(&self) -> deltatune_serve::loadgen::Conn {
+        deltatune_serve::loadgen::Conn::new(self.addr, std::time::Duration::from_secs(60))
+    }
+
+    /// POSTs JSON (or any bytes) with extra headers.
+    pub fn post(
+        &self,
+        path: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> deltatune_serve::loadgen::Answer {
+        let mut h = vec![("Content-Type", "application/json")];
+        h.extend_from_slice(headers);
+        self.conn()
+            .request("POST", path, &h, body.as_bytes())
+            .unwrap()
+    }
+
+    pub fn get(&self, path: &str) -> deltatune_serve::loadgen::Answer {
+        self.conn().request("GET", path, &[], b"").unwrap()
+    }
+}
+
+/// Asserts a refusal: its status and the field its JSON error names.
+pub fn refused(a: &deltatune_serve::loadgen::Answer, status: u16, param: &str) {
+    let v = a.json();
+    assert_eq!(a.status, status, "{}", a.text());
+    let want = if param == "null" {
+        serde_json::Value::Null
+    } else {
+        param.into()
+    };
+    assert_eq!(v["error"]["param"], want, "{}", a.text());
+    assert!(v["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+}
