@@ -24,9 +24,67 @@ struct Branch {
 /// The LoRA branches of several adapters at one linear site; [`Ctx::adapter_rows`] says which
 /// adapter each batch row uses (rows of an adapter without a branch here, and rows marked
 /// `u32::MAX`, get the base output).
+///
+/// The adapters' matrices are stacked once (ranks padded with zeros to the largest, the scale
+/// folded into B, a last all-zero slot for rows without a branch), so a batch costs the same
+/// few operations however many adapters it mixes: each row's A and B are gathered, then two
+/// batched products (as Punica's and S-LoRA's gathered kernels do on GPUs).
 #[derive(Debug)]
 pub struct MultiLora {
-    branches: Vec<Option<Branch>>,
+    /// [K + 1, r_max, in]
+    a: Tensor,
+    /// [K + 1, out, r_max], scaled.
+    b: Tensor,
+    /// Adapters (the zero slot is index K).
+    k: usize,
+}
+
+impl MultiLora {
+    fn new(branches: &[Option<Branch>], out: usize, inp: usize) -> candle_core::Result<Self> {
+        let r = branches
+            .iter()
+            .flatten()
+            .map(|b| b.a.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(1);
+        let dev = candle_core::Device::Cpu;
+        let mut a_parts = Vec::with_capacity(branches.len() + 1);
+        let mut b_parts = Vec::with_capacity(branches.len() + 1);
+        for br in branches.iter().map(Some).chain([None]) {
+            match br.and_then(|b| b.as_ref()) {
+                Some(br) => {
+                    let ri = br.a.dim(0)?;
+                    let (a, b) = if ri < r {
+                        (
+                            Tensor::cat(
+                                &[&br.a, &Tensor::zeros((r - ri, inp), DType::F32, &dev)?],
+                                0,
+                            )?,
+                            Tensor::cat(
+                                &[&br.b, &Tensor::zeros((out, r - ri), DType::F32, &dev)?],
+                                1,
+                            )?,
+                        )
+                    } else {
+                        (br.a.clone(), br.b.clone())
+                    };
+                    a_parts.push(a.unsqueeze(0)?);
+                    b_parts.push((b * br.scale)?.unsqueeze(0)?);
+                }
+                None => {
+                    a_parts.push(Tensor::zeros((1, r, inp), DType::F32, &dev)?);
+                    b_parts.push(Tensor::zeros((1, out, r), DType::F32, &dev)?);
+                }
+            }
+        }
+        Ok(Self {
+            a: Tensor::cat(&a_parts, 0)?.contiguous()?,
+            b: Tensor::cat(&b_parts, 0)?.contiguous()?,
+            k: branches.len(),
+        })
+    }
 }
 
 impl LinearDelta for MultiLora {
@@ -40,27 +98,32 @@ impl LinearDelta for MultiLora {
         if rows.len() != b {
             candle_core::bail!("{} adapter rows for a batch of {b}", rows.len());
         }
-        let mut out = base;
-        for (k, branch) in self.branches.iter().enumerate() {
-            let Some(br) = branch else { continue };
-            let idx: Vec<u32> = (0..b as u32)
-                .filter(|&i| rows[i as usize] == k as u32)
-                .collect();
-            if idx.is_empty() {
-                continue;
-            }
-            let n = idx.len();
-            let idx = Tensor::from_vec(idx, (n,), x.device())?;
-            let xs = x.index_select(&idx, 0)?;
-            let dims = xs.dims().to_vec();
-            let inp = dims[dims.len() - 1];
-            let flat = xs.reshape((xs.elem_count() / inp, inp))?;
-            let z = (flat.matmul(&br.a.t()?)?.matmul(&br.b.t()?)? * br.scale)?;
-            let mut od = dims;
-            *od.last_mut().unwrap() = br.b.dim(0)?;
-            out = out.index_add(&idx, &z.reshape(od)?.to_dtype(out.dtype())?, 0)?;
+        if rows.iter().all(|&r| r as usize >= self.k) {
+            return Ok(base);
         }
-        Ok(out)
+        let slots: Vec<u32> = rows
+            .iter()
+            .map(|&r| {
+                if (r as usize) < self.k {
+                    r
+                } else {
+                    self.k as u32
+                }
+            })
+            .collect();
+        let idx = Tensor::from_vec(slots, (b,), x.device())?;
+        let a = self.a.index_select(&idx, 0)?; // [B, r, in]
+        let bm = self.b.index_select(&idx, 0)?; // [B, out, r]
+        let dims = x.dims().to_vec();
+        let inp = dims[dims.len() - 1];
+        let t = x.elem_count() / (b * inp);
+        let xs = x.reshape((b, t, inp))?;
+        let h = xs.matmul(&a.transpose(1, 2)?)?; // [B, t, r]
+        let z = h.matmul(&bm.transpose(1, 2)?)?; // [B, t, out]
+        let mut od = dims;
+        *od.last_mut().unwrap() = self.b.dim(1)?;
+        let z = z.reshape(od)?.to_dtype(base.dtype())?;
+        base + z
     }
 
     fn merge_into(
@@ -218,7 +281,7 @@ pub fn attach_multi(
                     )));
                 }
             }
-            lin.deltas.push(Arc::new(MultiLora { branches }));
+            lin.deltas.push(Arc::new(MultiLora::new(&branches, o, i)?));
         }
         if let Some(hs) = heads.remove(&lin.path) {
             let (o, i) = (lin.out_features(), lin.in_features());
