@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use deltatune_core::Rng;
 use deltatune_data::text::{load_examples, Example, LabelMap};
-use deltatune_methods::{DeltaConfig, Trainable};
+use deltatune_methods::Trainable;
 use deltatune_models::{BertClassifier, Pooling, TextTokenizer};
-use deltatune_train::artifact::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, RUN_CONFIG};
+use deltatune_train::adapter_folder::config_task_type;
+use deltatune_train::artifact::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG};
 use deltatune_train::Encoded;
+use deltatune_train::{AdapterFolder, AdapterTask};
 use serde::{Deserialize, Serialize};
 
 use crate::settings::Settings;
@@ -181,26 +183,18 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterRun> {
     load_adapter_on(dir, None)
 }
 
-/// The number of classes of a saved head (`...classifier.weight` or `...score.weight` rows).
-fn head_rows(weights: &deltatune_core::Weights) -> Option<usize> {
-    weights
-        .tensors()
-        .find(|(k, _)| k.ends_with("classifier.weight") || k.ends_with("score.weight"))
-        .and_then(|(_, t)| t.dims().first().copied())
-}
-
 /// What `train` writes in run_config.json, for an adapter folder PEFT wrote (no
 /// run_config.json): the base from `base` (`--model`) or the config's
 /// `base_model_name_or_path`; default settings.
 fn peft_run_config(
     dir: &Path,
-    cfg_json: &serde_json::Value,
+    named_base: Option<&str>,
     base: Option<&str>,
     num_labels: usize,
 ) -> Result<RunConfig> {
     let spec = base
+        .or(named_base)
         .map(str::to_string)
-        .or_else(|| cfg_json["base_model_name_or_path"].as_str().map(str::to_string))
         .with_context(|| {
             format!(
                 "{} has no run_config.json (a folder PEFT wrote?) and its adapter_config.json                  names no base model (base_model_name_or_path): pass the base with --model DIR",
@@ -228,26 +222,6 @@ fn peft_run_config(
     })
 }
 
-/// The labels of a PEFT folder: labels.json if there is one, else the base's `id2label` when it
-/// has `n` entries, else `LABEL_0`...
-fn peft_labels(dir: &Path, model_dir: &Path, n: usize) -> Result<LabelMap> {
-    if dir.join(LABELS).exists() {
-        return Ok(LabelMap::load(&dir.join(LABELS))?);
-    }
-    let cfg: Option<serde_json::Value> = std::fs::read_to_string(model_dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let from_base: Option<Vec<String>> = cfg.as_ref().and_then(|c| {
-        let m = c["id2label"].as_object()?;
-        (0..n)
-            .map(|i| m.get(&i.to_string())?.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .filter(|_| m.len() == n)
-    });
-    let labels = from_base.unwrap_or_else(|| (0..n).map(|i| format!("LABEL_{i}")).collect());
-    Ok(LabelMap::from_labels(labels)?)
-}
-
 /// Loads `dir` (written by `train`, or by PEFT's `save_pretrained` for sequence
 /// classification) on its base model, or on `base` when given.
 pub fn load_adapter_on(dir: &Path, base: Option<&str>) -> Result<AdapterRun> {
@@ -264,13 +238,7 @@ pub fn load_adapter_on(dir: &Path, base: Option<&str>) -> Result<AdapterRun> {
             dir.display()
         );
     }
-    let read = |name: &str| -> Result<String> {
-        std::fs::read_to_string(dir.join(name))
-            .with_context(|| format!("reading {}", dir.join(name).display()))
-    };
-    let mut cfg_json: serde_json::Value = serde_json::from_str(&read(ADAPTER_CONFIG)?)
-        .with_context(|| format!("parsing {}", dir.join(ADAPTER_CONFIG).display()))?;
-    if cfg_json["task_type"].as_str() == Some("CAUSAL_LM") {
+    if config_task_type(dir).as_deref() == Some("CAUSAL_LM") {
         bail!(
             "{} is a decoder's adapter (task_type CAUSAL_LM), not a classifier's: run it with \
              `deltatune generate --adapter {}`",
@@ -278,41 +246,30 @@ pub fn load_adapter_on(dir: &Path, base: Option<&str>) -> Result<AdapterRun> {
             dir.display()
         );
     }
-    let wpath = dir.join(ADAPTER_WEIGHTS);
-    let weights = deltatune_core::Weights::load(&wpath, candle_core::DType::F32)?;
-    let peft_folder = !dir.join(RUN_CONFIG).exists();
-    let (run, labels) = if peft_folder {
-        let n = head_rows(&weights)
-            .or_else(|| cfg_json["num_labels"].as_u64().map(|n| n as usize))
-            .with_context(|| {
-                format!(
-                    "{} has no run_config.json and no trained head (classifier.weight) to tell                      the number of classes",
-                    dir.display()
-                )
-            })?;
-        let run = peft_run_config(dir, &cfg_json, base, n)?;
-        let labels = peft_labels(dir, &run.model_dir, n)?;
-        // PEFT puts an encoder's prompt before CLS.
-        if cfg_json["peft_type"] == "PROMPT_TUNING" && cfg_json.get("prompt_position").is_none() {
-            cfg_json["prompt_position"] = "start".into();
-        }
-        (run, labels)
+    let mut folder = AdapterFolder::read("adapter", dir, None)?;
+    if folder.task == AdapterTask::Generate {
+        bail!(
+            "{} has no run_config.json and no trained head (classifier.weight) to tell the \
+             number of classes",
+            dir.display()
+        );
+    }
+    let run = if folder.is_peft_folder() {
+        let run = peft_run_config(dir, folder.base.as_deref(), base, folder.labels.len())?;
+        folder.with_base_labels(&run.model_dir)?;
+        run
     } else {
-        let mut run: RunConfig = serde_json::from_str(&read(RUN_CONFIG)?)
-            .with_context(|| format!("parsing {}", dir.join(RUN_CONFIG).display()))?;
+        let path = dir.join(RUN_CONFIG);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut run: RunConfig =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         if let Some(b) = base {
             run.model_dir = model_dir(b, &run.settings.cache)?;
         }
-        (run, LabelMap::load(&dir.join(LABELS))?)
+        run
     };
-    let mut delta = DeltaConfig::from_json(cfg_json)
-        .with_context(|| format!("reading {}", dir.join(ADAPTER_CONFIG).display()))?;
-    // A relative subspace path is relative to the adapter folder.
-    if let Some(Some(p)) = delta.subspace_mut() {
-        if Path::new(p.as_str()).is_relative() {
-            *p = dir.join(p.as_str()).display().to_string();
-        }
-    }
+    let labels = LabelMap::from_labels(folder.labels.clone())?;
     let mut loaded = load_model(
         &run.model_dir,
         labels.len(),
@@ -320,12 +277,8 @@ pub fn load_adapter_on(dir: &Path, base: Option<&str>) -> Result<AdapterRun> {
         run.settings.data.max_length,
         run.settings.train.seed,
     )?;
-    let trainables = delta.attach_saved(&mut loaded.model, &Rng::new(0))?;
-    let map: BTreeMap<String, candle_core::Tensor> = weights
-        .tensors()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
-    deltatune_methods::load_state_dict(&trainables, &map, &wpath)?;
+    let trainables = folder.delta.attach_saved(&mut loaded.model, &Rng::new(0))?;
+    deltatune_methods::load_state_dict(&trainables, &folder.tensors, &dir.join(ADAPTER_WEIGHTS))?;
     Ok(AdapterRun {
         loaded,
         labels,

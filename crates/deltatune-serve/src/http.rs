@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::decoder::{DecoderEngine, GenEvent, GenRequest};
 use crate::encoder::{ClassifyRequest, EncoderEngine};
 use crate::engine::{AdapterInfo, SubmitError};
-use crate::folder::{resolve_in, AdapterFolder};
+use crate::folder::resolve_in;
 use crate::metrics::Metrics;
 use crate::ServeError;
 
@@ -1018,7 +1018,7 @@ async fn load_adapter(State(s): St, headers: HeaderMap, body: Body) -> Response 
         let base_dir = s2.opts.base_dir.clone();
         let n2 = name.clone();
         let folder = tokio::task::spawn_blocking(move || {
-            AdapterFolder::read(&n2, &dir, base_dir.as_deref())
+            crate::folder::read(&n2, &dir, base_dir.as_deref())
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ServeError::new(e.to_string())))?

@@ -1,5 +1,6 @@
 //! deltatune-train: the training loop, optimiser and schedule, metrics, and the adapter folder.
 
+pub mod adapter_folder;
 pub mod artifact;
 pub mod causal_lm;
 pub mod checkpoint;
@@ -8,6 +9,7 @@ pub mod metrics;
 pub mod optim;
 pub mod trainer;
 
+pub use adapter_folder::{AdapterFolder, AdapterTask};
 pub use causal_lm::{generate_texts, generation_metrics, CausalLmTask, LmExample};
 pub use checkpoint::Checkpointing;
 pub use metrics::{classification_metrics, ClassificationMetrics};

@@ -8,11 +8,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use deltatune_core::{HasSites, Rng};
 use deltatune_data::generation::{load_generation_jsonl, ChatMessage, GenExample};
-use deltatune_methods::{load_state_dict, DeltaConfig, Trainable};
+use deltatune_methods::{load_state_dict, Trainable};
 use deltatune_models::llama::{load_decoder, GenerateConfig, Generator, LoadedDecoder};
+use deltatune_train::adapter_folder::config_task_type;
 use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG};
-use deltatune_train::{generate_texts, generation_metrics, CausalLmTask, LmExample};
-use serde_json::{json, Value};
+use deltatune_train::{
+    generate_texts, generation_metrics, AdapterFolder, AdapterTask, CausalLmTask, LmExample,
+};
+use serde_json::json;
 
 use crate::settings::Settings;
 
@@ -430,58 +433,36 @@ pub struct GenerateArgs {
     pub dump_logits: Option<PathBuf>,
 }
 
-/// The base model an adapter folder names: `run_config.json`'s model (deltatune) or
-/// `adapter_config.json`'s `base_model_name_or_path` (PEFT).
-fn adapter_base(dir: &Path, cfg: &Value) -> Option<String> {
-    let run: Option<Value> = std::fs::read_to_string(dir.join(RUN_CONFIG))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    if let Some(m) = run.as_ref().and_then(|r| r["model_dir"].as_str()) {
-        return Some(m.to_string());
-    }
-    cfg["base_model_name_or_path"].as_str().map(String::from)
-}
-
-/// Loads a decoder with the adapter in `dir` attached (PEFT's or deltatune's folder).
+/// Loads a decoder with the adapter in `dir` attached (PEFT's or deltatune's folder), on
+/// `model` or the base the folder names.
 pub fn load_with_adapter(dir: &Path, model: Option<&str>, cache: &Path) -> Result<LoadedDecoder> {
-    let cfg_path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
-        format!(
-            "reading {} (is {} an adapter folder?)",
-            cfg_path.display(),
-            dir.display()
+    let wrong_kind = |t: &str| {
+        anyhow::anyhow!(
+            "{} is a {t} adapter, not a decoder's (task_type CAUSAL_LM): use `deltatune predict` \
+             for classification adapters",
+            dir.join(ADAPTER_CONFIG).display(),
         )
-    })?;
-    let v: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
-    if let Some(t) = v["task_type"].as_str() {
-        if t != "CAUSAL_LM" {
-            bail!(
-                "{} is a {t} adapter, not a decoder's (task_type CAUSAL_LM): use `deltatune predict` \
-                 for classification adapters",
-                cfg_path.display()
-            );
-        }
+    };
+    if let Some(t) = config_task_type(dir).filter(|t| t != "CAUSAL_LM") {
+        return Err(wrong_kind(&t));
+    }
+    let folder = AdapterFolder::read("adapter", dir, None)
+        .with_context(|| format!("reading the adapter folder {}", dir.display()))?;
+    if folder.task != AdapterTask::Generate {
+        return Err(wrong_kind("classifier's"));
     }
     let base = match model {
         Some(m) => m.to_string(),
-        None => adapter_base(dir, &v).with_context(|| {
+        None => folder.base.clone().with_context(|| {
             format!(
                 "{} names no base model (base_model_name_or_path); pass --model",
-                cfg_path.display()
+                dir.join(ADAPTER_CONFIG).display()
             )
         })?,
     };
     let mut d = load(&base, cache)?;
-    let delta = DeltaConfig::from_json(v).with_context(|| format!("in {}", cfg_path.display()))?;
-    let tr = delta.attach_saved(&mut d.model, &Rng::new(0))?;
-    let w = dir.join(ADAPTER_WEIGHTS);
-    let tensors = deltatune_core::Weights::load(&w, candle_core::DType::F32)?;
-    let map = tensors
-        .tensors()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
-    load_state_dict(&tr, &map, &w).with_context(|| {
+    let tr = folder.delta.attach_saved(&mut d.model, &Rng::new(0))?;
+    load_state_dict(&tr, &folder.tensors, &dir.join(ADAPTER_WEIGHTS)).with_context(|| {
         format!(
             "the adapter in {} does not fit the base model {base}",
             dir.display()
@@ -592,7 +573,7 @@ mod tests {
     fn chat_template_renders_as_transformers_does() {
         let p =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/chat.json");
-        let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
         let msgs: Vec<ChatMessage> = serde_json::from_value(fx["messages"].clone()).unwrap();
         let got = apply_chat_template(fx["chat_template"].as_str(), &msgs, true).unwrap();
         assert_eq!(got, fx["rendered"].as_str().unwrap());
