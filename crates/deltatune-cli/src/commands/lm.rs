@@ -573,7 +573,8 @@ mod tests {
     fn chat_template_renders_as_transformers_does() {
         let p =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/chat.json");
-        let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
         let msgs: Vec<ChatMessage> = serde_json::from_value(fx["messages"].clone()).unwrap();
         let got = apply_chat_template(fx["chat_template"].as_str(), &msgs, true).unwrap();
         assert_eq!(got, fx["rendered"].as_str().unwrap());
