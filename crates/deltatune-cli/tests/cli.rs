@@ -1,27 +1,11 @@
 //! End-to-end runs of the `deltatune` binary on the tiny BERT of tests/fixtures: training,
 //! reruns, predict/eval, and bad input (clear message, non-zero exit, no partial output).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("dt-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Tmp(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod support;
+use support::{fixtures, run_with, text, Tmp};
 
 const POS: [&str; 6] = [
     "good film",
@@ -55,20 +39,7 @@ fn write_csv(path: &Path, n: usize, offset: usize) {
 }
 
 fn run(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deltatune"))
-        .args(args)
-        .current_dir(dir)
-        .env("DELTATUNE_CACHE", dir.join("cache"))
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    run_with(args, dir, Some(&dir.join("cache")))
 }
 
 fn train_args<'a>(model: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {

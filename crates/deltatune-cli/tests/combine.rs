@@ -3,7 +3,10 @@
 //! requests are refused by name.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod support;
+use support::{run_with, text};
 
 use candle_core::DType;
 
@@ -12,19 +15,7 @@ fn fixture() -> PathBuf {
 }
 
 fn run<S: AsRef<std::ffi::OsStr>>(args: &[S], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deltatune"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    run_with(args, dir, None)
 }
 
 fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {

@@ -4,63 +4,14 @@
 //! reloaded with the same greedy output, and bad input (clear message, non-zero exit, no
 //! partial output).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("dt-dec-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Tmp(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn cache() -> PathBuf {
-    std::env::var_os("DELTATUNE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deltatune"))
-}
-
-/// The fetched GGUF, or `None` (with a message) when absent and not required.
-fn gguf() -> Option<PathBuf> {
-    let p = cache().join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("DELTATUNE_REQUIRE_ASSETS").as_deref() != Ok("1"),
-        "{} missing: run `deltatune fetch`",
-        p.display()
-    );
-    eprintln!(
-        "NOTE: skipping: {} not found (run `deltatune fetch`)",
-        p.display()
-    );
-    None
-}
+mod support;
+use support::{cache, gguf, run_with, stderr, stdout, Tmp};
 
 fn run(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deltatune"))
-        .args(args)
-        .current_dir(dir)
-        .env("DELTATUNE_CACHE", cache())
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
+    run_with(args, dir, Some(&cache()))
 }
 
 /// Six prompt/completion pairs (a made-up task: a colour's word to its code).

@@ -2,28 +2,14 @@
 //! tests/fixtures with a small image folder written by the test, and the image task's bad
 //! inputs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod support;
+use support::{fixtures, run_with, text};
 
 fn run(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deltatune"))
-        .args(args)
-        .current_dir(dir)
-        .env("DELTATUNE_CACHE", dir.join("cache"))
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    run_with(args, dir, Some(&dir.join("cache")))
 }
 
 /// A 16 x 16 RGB image, bright on the left (class `left`) or the right half, with noise.

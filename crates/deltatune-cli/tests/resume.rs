@@ -3,26 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+
+mod support;
 use std::time::{Duration, Instant};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("dt-resume-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Tmp(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use support::{fixtures, text, Tmp};
 
 /// 200 training rows in batches of 4: 50 steps an epoch, 150 in all.
 const STEPS_PER_EPOCH: usize = 50;
@@ -75,11 +59,7 @@ fn train_args(out: &str) -> Vec<String> {
 }
 
 fn command(args: &[String], dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_deltatune"));
-    c.args(args)
-        .current_dir(dir)
-        .env("DELTATUNE_CACHE", dir.join("cache"));
-    c
+    support::command(args, dir, Some(&dir.join("cache")))
 }
 
 fn run(args: &[String], dir: &Path) -> Output {
@@ -92,14 +72,6 @@ fn spawn(args: &[String], dir: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn resume_args(out: &str) -> Vec<String> {

@@ -4,32 +4,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
+
+mod support;
 use std::time::{Duration, Instant};
-
-fn cache() -> PathBuf {
-    std::env::var_os("DELTATUNE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deltatune"))
-}
-
-fn gguf() -> Option<PathBuf> {
-    let p = cache().join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("DELTATUNE_REQUIRE_ASSETS").as_deref() != Ok("1"),
-        "{} missing: run `deltatune fetch`",
-        p.display()
-    );
-    eprintln!(
-        "NOTE: skipping: {} not found (run `deltatune fetch`)",
-        p.display()
-    );
-    None
-}
+use support::{cache, gguf};
 
 fn send(port: u16, method: &str, path: &str, body: &str) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();

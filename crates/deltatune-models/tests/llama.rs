@@ -243,6 +243,17 @@ fn smollm2_tokenizer_from_gguf_equals_transformers() {
     }
 }
 
+/// The logits at the last position of a one-row batch.
+fn last_logits(m: &LlamaModel, h: &Tensor, ctx: &Ctx) -> Vec<f32> {
+    let t = h.dim(1).unwrap();
+    m.logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap(), ctx)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// Greedy next-token logits of `prompt` alone for `steps` tokens (the serving engine's
 /// reference): `(tokens fed after the prompt, logits before each)`.
 fn alone_steps(m: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
@@ -255,14 +266,7 @@ fn alone_steps(m: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
         let h = m
             .forward_hidden(&ids, &mask, Some(&mut cache), &ctx)
             .unwrap();
-        let t = h.dim(1).unwrap();
-        let l: Vec<f32> = m
-            .logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap(), &ctx)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let l = last_logits(m, &h, &ctx);
         let next = deltatune_models::llama::generate::argmax(&l);
         out.push(l);
         ids = vec![vec![next]];
@@ -286,15 +290,7 @@ fn cache_rows_join_and_leave_a_running_batch() {
         let h = m
             .forward_hidden(&[p.to_vec()], &[vec![1; p.len()]], Some(&mut c), &ctx)
             .unwrap();
-        let t = h.dim(1).unwrap();
-        let l: Vec<f32> = m
-            .logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap(), &ctx)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        (c, l)
+        (c, last_logits(&m, &h, &ctx))
     };
     let close = |a: &[f32], b: &[f32]| {
         a.iter()

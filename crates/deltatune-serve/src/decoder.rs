@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use deltatune_core::{Ctx, Rng};
 use deltatune_methods::lora::multi::attach_multi;
-use deltatune_methods::{load_state_dict, LoraConfig};
+use deltatune_methods::LoraConfig;
 use deltatune_models::llama::generate::sample;
 use deltatune_models::llama::{GenerateConfig, LoadedDecoder, StopReason};
 use deltatune_models::{KvCache, LlamaModel};
@@ -248,32 +248,7 @@ impl Core {
     /// Checks `folder` against the base and adds it.
     fn load(&mut self, folder: AdapterFolder) -> Result<AdapterInfo> {
         let name = folder.name.clone();
-        if self.names.contains_key(&name) {
-            return Err(ServeError::field(
-                "name",
-                format!("an adapter named `{name}` is loaded already (unload it first)"),
-            ));
-        }
-        if folder.task != AdapterTask::Generate {
-            return Err(ServeError::field(
-                "path",
-                format!(
-                    "{} is a classifier's adapter; this server runs a decoder (serve it with an encoder base)",
-                    folder.dir.display()
-                ),
-            ));
-        }
-        let dir = folder.dir.clone();
-        let fit = move |e: ServeError| {
-            ServeError::field(
-                "path",
-                format!(
-                    "the adapter in {} does not fit the base model: {}",
-                    dir.display(),
-                    e.message
-                ),
-            )
-        };
+        let fit = engine::admit(&self.names, &folder, AdapterTask::Generate)?;
         let shared = folder.lora().is_some();
         let slot = self.slots.len();
         if let Some(c) = folder.lora() {
@@ -283,16 +258,7 @@ impl Core {
                 .map_err(|e| fit(e.into()))?;
         } else {
             let mut model = self.base.clone();
-            let tr = folder
-                .delta
-                .attach_saved(&mut model, &Rng::new(0))
-                .map_err(|e| fit(e.into()))?;
-            load_state_dict(
-                &tr,
-                &folder.tensors,
-                &folder.dir.join("adapter_model.safetensors"),
-            )
-            .map_err(|e| fit(e.into()))?;
+            engine::attach_own(&mut model, &folder, &fit)?;
             self.own.insert(
                 slot,
                 Group {

@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use deltatune_core::{Ctx, Linear, Rng};
-use deltatune_methods::load_state_dict;
+use deltatune_core::{Ctx, Linear};
 use deltatune_methods::lora::multi::attach_multi;
 use deltatune_models::{BertClassifier, TextTokenizer};
 use tokio::sync::oneshot;
@@ -189,32 +188,7 @@ impl engine::Core for Core {
 
     fn load(&mut self, folder: AdapterFolder) -> Result<AdapterInfo> {
         let name = folder.name.clone();
-        if self.names.contains_key(&name) {
-            return Err(ServeError::field(
-                "name",
-                format!("an adapter named `{name}` is loaded already (unload it first)"),
-            ));
-        }
-        if folder.task != AdapterTask::Classify {
-            return Err(ServeError::field(
-                "path",
-                format!(
-                    "{} is a decoder's adapter (task_type CAUSAL_LM); this server runs an encoder classifier",
-                    folder.dir.display()
-                ),
-            ));
-        }
-        let dir = folder.dir.clone();
-        let fit = move |e: ServeError| {
-            ServeError::field(
-                "path",
-                format!(
-                    "the adapter in {} does not fit the base model: {}",
-                    dir.display(),
-                    e.message
-                ),
-            )
-        };
+        let fit = engine::admit(&self.names, &folder, AdapterTask::Classify)?;
         let slot = self.slots.len();
         let shared = folder.lora().is_some();
         if let Some(c) = folder.lora() {
@@ -232,16 +206,7 @@ impl engine::Core for Core {
                 .map_err(|e| fit(e.into()))?;
         } else {
             let mut model = self.with_head(&folder)?;
-            let tr = folder
-                .delta
-                .attach_saved(&mut model, &Rng::new(0))
-                .map_err(|e| fit(e.into()))?;
-            load_state_dict(
-                &tr,
-                &folder.tensors,
-                &folder.dir.join("adapter_model.safetensors"),
-            )
-            .map_err(|e| fit(e.into()))?;
+            engine::attach_own(&mut model, &folder, &fit)?;
             self.own.insert(slot, model);
         }
         let info = AdapterInfo {

@@ -240,6 +240,68 @@ impl<R> Handle<R> {
     }
 }
 
+/// Checks that `folder` may join an engine serving `task` whose loaded names are `names`;
+/// returns the wrapper for errors of fitting it to the base (they name the folder).
+pub(crate) fn admit<V>(
+    names: &BTreeMap<String, V>,
+    folder: &AdapterFolder,
+    task: AdapterTask,
+) -> Result<impl Fn(ServeError) -> ServeError + use<V>> {
+    let name = &folder.name;
+    if names.contains_key(name) {
+        return Err(ServeError::field(
+            "name",
+            format!("an adapter named `{name}` is loaded already (unload it first)"),
+        ));
+    }
+    if folder.task != task {
+        let (is, runs) = match task {
+            AdapterTask::Generate => (
+                "a classifier's",
+                "a decoder (serve it with an encoder base)",
+            ),
+            AdapterTask::Classify => ("a decoder's (task_type CAUSAL_LM)", "an encoder classifier"),
+        };
+        return Err(ServeError::field(
+            "path",
+            format!(
+                "{} is {is} adapter; this server runs {runs}",
+                folder.dir.display()
+            ),
+        ));
+    }
+    let dir = folder.dir.clone();
+    Ok(move |e: ServeError| {
+        ServeError::field(
+            "path",
+            format!(
+                "the adapter in {} does not fit the base model: {}",
+                dir.display(),
+                e.message
+            ),
+        )
+    })
+}
+
+/// Attaches a non-LoRA adapter (its own batch) to `model` and loads its tensors; errors go
+/// through `fit`.
+pub(crate) fn attach_own(
+    model: &mut dyn deltatune_core::HasSites,
+    folder: &AdapterFolder,
+    fit: impl Fn(ServeError) -> ServeError,
+) -> Result<()> {
+    let tr = folder
+        .delta
+        .attach_saved(model, &deltatune_core::Rng::new(0))
+        .map_err(|e| fit(e.into()))?;
+    deltatune_methods::load_state_dict(
+        &tr,
+        &folder.tensors,
+        &folder.dir.join(deltatune_train::artifact::ADAPTER_WEIGHTS),
+    )
+    .map_err(|e| fit(e.into()))
+}
+
 /// The error for a request naming an adapter that is not loaded.
 pub(crate) fn unknown_adapter(name: &str) -> ServeError {
     ServeError::field("model", format!("no adapter named `{name}` is loaded"))
