@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -77,17 +76,11 @@ from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoTokenizer, StoppingCriteria,  # noqa: E402
                           StoppingCriteriaList, get_linear_schedule_with_warmup)
 
-try:
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from refrun import Progress, rss_peak_mib  # noqa: E402
 
 EOS_ID = 2
 PAD_ID = 2
-
-
-def rss_peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def load_jsonl(path):
@@ -100,35 +93,6 @@ def load_jsonl(path):
     if not rows:
         sys.exit(f"{path}: no examples")
     return rows
-
-
-class Progress:
-    """tqdm when installed, otherwise a line every ~10 s with rate and ETA."""
-
-    def __init__(self, total, desc):
-        self.total, self.desc, self.n = total, desc, 0
-        self.t0 = self.last = time.perf_counter()
-        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True) if tqdm else None
-
-    def update(self, n=1, **postfix):
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(**postfix)
-            return
-        now = time.perf_counter()
-        if now - self.last >= 10 or self.n == self.total:
-            self.last = now
-            rate = self.n / (now - self.t0)
-            eta = (self.total - self.n) / rate if rate > 0 else float("nan")
-            extra = " ".join(f"{k}={v}" for k, v in postfix.items())
-            print(f"{self.desc}: {self.n}/{self.total} {rate:.3f}/s eta {eta:.0f}s {extra}",
-                  file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def edit_distance(a, b):

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import resource
 import struct
 import sys
 import time
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gen_image_fixtures import pil_like_resize, shortest_edge  # noqa: E402
+from refrun import Progress, rss_peak_mib  # noqa: E402
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -74,29 +74,6 @@ import peft  # noqa: E402  (after set_num_threads)
 import transformers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Dinov2ForImageClassification, get_linear_schedule_with_warmup  # noqa: E402
-
-
-def rss_peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-class Progress:
-    """A line every ~10 s with rate and ETA (stderr)."""
-
-    def __init__(self, total, desc):
-        self.total, self.desc, self.n = total, desc, 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n=1, **postfix):
-        self.n += n
-        now = time.perf_counter()
-        if now - self.last >= 10 or self.n == self.total:
-            self.last = now
-            rate = self.n / (now - self.t0)
-            eta = (self.total - self.n) / rate if rate > 0 else float("nan")
-            extra = " ".join(f"{k}={v}" for k, v in postfix.items())
-            print(f"{self.desc}: {self.n}/{self.total} {rate:.2f}/s eta {eta:.0f}s {extra}",
-                  file=sys.stderr, flush=True)
 
 
 _idx_cache = {}

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use deltatune_core::{Ctx, HasSites};
+use deltatune_core::Ctx;
 use deltatune_data::images::{ImageExample, ImageSet, ImageSource, Preprocess};
 use deltatune_data::text::LabelMap;
 use deltatune_models::vit::VitFamily;
@@ -45,16 +45,7 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
     let refs: Vec<&str> = CHECK_TEXTS.to_vec();
     let ids = run.loaded.tokenizer.encode_batch(&refs)?;
     let before = deltatune_train::predict_proba(&run.loaded.model, &ids, 64)?;
-    for lin in run.loaded.model.linears_mut() {
-        lin.merge()?;
-    }
-    let tensors: BTreeMap<String, candle_core::Tensor> = run
-        .loaded
-        .model
-        .named_tensors()?
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.detach().contiguous()?)))
-        .collect::<Result<_>>()?;
+    let tensors = fold_into_weights(&mut run.loaded.model)?;
     // config.json: the base model's, with the label set of the adapter.
     let base_dir = &run.run.model_dir;
     let mut config: serde_json::Value = serde_json::from_str(
@@ -92,12 +83,7 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
     )?;
     let _ = Ctx::eval();
     let after = deltatune_train::predict_proba(&plain, &ids, 64)?;
-    let diff = before
-        .iter()
-        .flatten()
-        .zip(after.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&before, &after);
     check_merged(&dir, diff, 1e-4, "probability")?;
     println!(
         "merged `{}` into the weights: {} written (max probability difference to the adapter \
@@ -166,15 +152,7 @@ fn merge_image(adapter: &Path, out: &Path, name: &str) -> Result<()> {
     let set = Arc::new(check_images(run.labels_arc()));
     let ex = ImageExamples::new(set.clone(), run.preprocess.clone(), None)?;
     let before = deltatune_train::predict_proba(&run.model, &ex, 8)?;
-    for lin in run.model.linears_mut() {
-        lin.merge()?;
-    }
-    let tensors: BTreeMap<String, candle_core::Tensor> = run
-        .model
-        .named_tensors()?
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.detach().contiguous()?)))
-        .collect::<Result<_>>()?;
+    let tensors = fold_into_weights(&mut run.model)?;
     let base_dir = &run.model_dir;
     let mut config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(base_dir.join("config.json"))
@@ -203,12 +181,7 @@ fn merge_image(adapter: &Path, out: &Path, name: &str) -> Result<()> {
     let set_len = set.len();
     let ex = ImageExamples::new(set, pre, None)?;
     let after = deltatune_train::predict_proba(&plain, &ex, 8)?;
-    let diff = before
-        .iter()
-        .flatten()
-        .zip(after.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&before, &after);
     check_merged(&dir, diff, 1e-4, "probability")?;
     println!(
         "merged `{name}` into the weights: {} written ({architecture}, max probability \
@@ -231,15 +204,7 @@ fn merge_decoder(adapter: &Path, out: &Path, name: &str) -> Result<()> {
     let before = d
         .model
         .forward(std::slice::from_ref(&ids), &mask, None, &Ctx::eval())?;
-    for lin in d.model.linears_mut() {
-        lin.merge()?;
-    }
-    let tensors: BTreeMap<String, candle_core::Tensor> = d
-        .model
-        .named_tensors()?
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.detach().contiguous()?)))
-        .collect::<Result<_>>()?;
+    let tensors = fold_into_weights(&mut d.model)?;
     let mut config = d.model.config.to_hf_json();
     if !tensors.contains_key("lm_head.weight") {
         config["tie_word_embeddings"] = true.into();
@@ -278,6 +243,29 @@ fn merge_decoder(adapter: &Path, out: &Path, name: &str) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+/// Folds every linear delta of `model` into its weights; returns the plain model's tensors
+/// (contiguous, detached), ready to write.
+fn fold_into_weights<M: Backbone>(model: &mut M) -> Result<BTreeMap<String, candle_core::Tensor>> {
+    for lin in model.linears_mut() {
+        lin.merge()?;
+    }
+    model
+        .named_tensors()?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.detach().contiguous()?)))
+        .collect()
+}
+
+/// The largest difference between two sets of probabilities.
+fn max_abs_diff(before: &[Vec<f32>], after: &[Vec<f32>]) -> f32 {
+    before
+        .iter()
+        .flatten()
+        .zip(after.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
 }
 
 /// Fails when the written model in `dir` differs from the adapter by more than `limit`.

@@ -341,42 +341,35 @@ fn union_targets(sources: &[Source], all: &BTreeSet<String>) -> Result<TargetMod
     {
         return Ok(TargetModules::Suffixes(all.iter().cloned().collect()));
     }
-    match &sources[0].config.target_modules {
-        TargetModules::Suffixes(_) => {
-            let mut set = BTreeSet::new();
-            for s in sources {
-                let TargetModules::Suffixes(l) = &s.config.target_modules else {
-                    return bad(
-                        "target_modules",
-                        format!(
-                            "adapter {} has a regex and {} a list: combining the two kinds is not \
-                             supported (as in PEFT); write both as lists",
-                            s.name, sources[0].name
-                        ),
-                    );
+    let first_is_list = matches!(sources[0].config.target_modules, TargetModules::Suffixes(_));
+    let mut set = BTreeSet::new();
+    let mut parts = Vec::new();
+    for s in sources {
+        match &s.config.target_modules {
+            TargetModules::Suffixes(l) if first_is_list => set.extend(l.iter().cloned()),
+            TargetModules::Regex(r) if !first_is_list => parts.push(format!("({r})")),
+            _ => {
+                let (this, first) = if first_is_list {
+                    ("a regex", "a list")
+                } else {
+                    ("a list", "a regex")
                 };
-                set.extend(l.iter().cloned());
+                return bad(
+                    "target_modules",
+                    format!(
+                        "adapter {} has {this} and {} {first}: combining the two kinds is not \
+                         supported (as in PEFT); write both as lists",
+                        s.name, sources[0].name
+                    ),
+                );
             }
-            Ok(TargetModules::Suffixes(set.into_iter().collect()))
-        }
-        TargetModules::Regex(_) => {
-            let mut parts = Vec::new();
-            for s in sources {
-                let TargetModules::Regex(r) = &s.config.target_modules else {
-                    return bad(
-                        "target_modules",
-                        format!(
-                            "adapter {} has a list and {} a regex: combining the two kinds is not \
-                             supported (as in PEFT); write both as lists",
-                            s.name, sources[0].name
-                        ),
-                    );
-                };
-                parts.push(format!("({r})"));
-            }
-            Ok(TargetModules::Regex(parts.join("|")))
         }
     }
+    Ok(if first_is_list {
+        TargetModules::Suffixes(set.into_iter().collect())
+    } else {
+        TargetModules::Regex(parts.join("|"))
+    })
 }
 
 /// Combines `sources` with `weights` (one per source; negative subtracts). A single source is
