@@ -56,6 +56,8 @@ trait Blocks: Send + Sync {
     fn size_in_bytes(&self) -> usize;
     /// A copy as candle quantized storage.
     fn to_qstorage(&self) -> QStorage;
+    /// The blocks as the bytes of their ggml layout.
+    fn bytes(&self) -> &[u8];
 }
 
 impl<T: GgmlType + 'static> Blocks for Vec<T> {
@@ -82,6 +84,17 @@ impl<T: GgmlType + 'static> Blocks for Vec<T> {
 
     fn to_qstorage(&self) -> QStorage {
         QStorage::Cpu(Box::new(self.clone()))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: candle's block structs are `repr(C)` plain old data (the ggml layout, read
+        // from files byte for byte in `copy_blocks`), so their memory is `size_of_val` bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.as_ptr().cast::<u8>(),
+                std::mem::size_of_val(self.as_slice()),
+            )
+        }
     }
 }
 
@@ -252,6 +265,11 @@ impl QuantMatrix {
         self.blocks.size_in_bytes()
     }
 
+    /// The block type and the blocks' bytes in ggml's layout (row after row).
+    pub(crate) fn raw(&self) -> (GgmlDType, &[u8]) {
+        (self.blocks.dtype(), self.blocks.bytes())
+    }
+
     fn blocks_per_row(&self) -> usize {
         self.cols / self.dtype().block_size()
     }
@@ -297,8 +315,11 @@ impl QuantMatrix {
     /// [`Self::dequantize_rows_into`] with the range and length already checked.
     pub(crate) fn dequantize_rows_unchecked(&self, rows: Range<usize>, out: &mut [f32]) {
         let per_row = self.blocks_per_row();
-        self.blocks
-            .to_f32(rows.start * per_row..rows.end * per_row, out);
+        let blocks = rows.start * per_row..rows.end * per_row;
+        if crate::ops::quant_dot::dequantize(self, blocks.clone(), out) {
+            return;
+        }
+        self.blocks.to_f32(blocks, out);
     }
 
     /// Rows `ids` as f32 `[ids.len(), cols]`: an embedding lookup that dequantizes only the

@@ -31,6 +31,7 @@ mod kernels;
 mod linear;
 mod loss;
 mod norm;
+pub(crate) mod quant_dot;
 mod quant_linear;
 mod softmax;
 

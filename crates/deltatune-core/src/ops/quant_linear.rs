@@ -49,8 +49,17 @@ fn forward_block_rows(out_f: usize) -> usize {
     (per.div_ceil(48) * 48).clamp(48, 240)
 }
 
+/// Rows of `x` up to which the forward multiplies straight from the blocks
+/// ([`super::quant_dot`]) instead of dequantizing `W` for the GEMM.
+const FUSED_MAX_ROWS: usize = 16;
+
 /// `y = x·Wᵀ` for a row-major `x` `[m, in]`, as a row-major `[m, out]` vector.
 fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool) -> Vec<f32> {
+    if fast && m <= FUSED_MAX_ROWS {
+        if let Some(y) = super::quant_dot::forward(x, m, w) {
+            return y;
+        }
+    }
     let (out_f, in_f) = w.dims2();
     let mut y = vec![0f32; m * out_f];
     if m == 0 || out_f == 0 || in_f == 0 {
