@@ -17,10 +17,21 @@ use candle_core::quantized::GgmlDType;
 const ROWS: usize = 8;
 /// Output rows per parallel task.
 const OUT_CHUNK: usize = 32;
+/// Below this many multiply-adds a product runs on the calling thread.
+const PAR_MIN_MACS: usize = 1 << 18;
 
 /// Whether [`forward`] handles `w`'s block type on this CPU.
 pub(crate) fn supports(w: &QuantMatrix) -> bool {
-    matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) && super::gemm::has_avx512()
+    matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) && has_f16c_avx512()
+}
+
+fn has_f16c_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::gemm::has_avx512() && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// `y = x·Wᵀ` (`x` row-major `[m, in]`) as a row-major `[m, out]` vector, or `None` when the
@@ -36,21 +47,25 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
     if m == 0 || out_f == 0 {
         return Some(yt);
     }
-    yt.par_chunks_mut(OUT_CHUNK * m)
-        .enumerate()
-        .for_each(|(ci, chunk)| {
-            let o0 = ci * OUT_CHUNK;
-            for (j, ys) in chunk.chunks_exact_mut(m).enumerate() {
-                let row = &bytes[(o0 + j) * row_bytes..(o0 + j + 1) * row_bytes];
-                for r0 in (0..m).step_by(ROWS) {
-                    let n = (m - r0).min(ROWS);
-                    let xs = &x[r0 * in_f..(r0 + n) * in_f];
-                    // SAFETY: `supports` checked AVX-512F; the row holds `in_f / 32` blocks of
-                    // this type and `xs` holds `n` rows of `in_f` values.
-                    unsafe { row_dots(dtype, row, xs, in_f, n, &mut ys[r0..r0 + n]) };
-                }
+    let run = |(ci, chunk): (usize, &mut [f32])| {
+        let o0 = ci * OUT_CHUNK;
+        for (j, ys) in chunk.chunks_exact_mut(m).enumerate() {
+            let row = &bytes[(o0 + j) * row_bytes..(o0 + j + 1) * row_bytes];
+            for r0 in (0..m).step_by(ROWS) {
+                let n = (m - r0).min(ROWS);
+                let xs = &x[r0 * in_f..(r0 + n) * in_f];
+                // SAFETY: `supports` checked AVX-512F and F16C; the row holds `in_f / 32`
+                // blocks of this type and `xs` holds `n` rows of `in_f` values.
+                unsafe { row_dots(dtype, row, xs, in_f, n, &mut ys[r0..r0 + n]) };
             }
-        });
+        }
+    };
+    // Waking the other threads costs more than a small product takes.
+    if out_f * in_f * m < PAR_MIN_MACS {
+        yt.chunks_mut(OUT_CHUNK * m).enumerate().for_each(run);
+    } else {
+        yt.par_chunks_mut(OUT_CHUNK * m).enumerate().for_each(run);
+    }
     // [out, m] -> [m, out]
     let mut y = vec![0f32; m * out_f];
     for (o, ys) in yt.chunks_exact(m).enumerate() {
@@ -81,7 +96,7 @@ pub(crate) fn dequantize(w: &QuantMatrix, blocks: std::ops::Range<usize>, out: &
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 unsafe fn dequantize_blocks(dtype: GgmlDType, src: &[u8], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let low = _mm_set1_epi8(0x0F);
@@ -157,15 +172,20 @@ unsafe fn row_dots(_: GgmlDType, _: &[u8], _: &[f32], _: usize, _: usize, _: &mu
     unreachable!("supports() is false off x86-64")
 }
 
+/// The f16 at byte `i` of `p`, widened (one F16C instruction, inlined into the kernels).
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
 fn f16_at(p: &[u8], i: usize) -> f32 {
-    half::f16::from_le_bytes([p[i], p[i + 1]]).to_f32()
+    use std::arch::x86_64::*;
+    let bits = u16::from_le_bytes([p[i], p[i + 1]]) as i32;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
 }
 
 /// Q4_1 blocks: `d` f16, `m` f16, 16 bytes of nibbles (value `j` in the low nibble of byte
 /// `j`, value `j + 16` in its high nibble); weight = `q·d + m`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 unsafe fn q4_1_rows<const N: usize>(row: &[u8], xs: &[f32], in_f: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     const B: usize = 20;
@@ -198,7 +218,7 @@ unsafe fn q4_1_rows<const N: usize>(row: &[u8], xs: &[f32], in_f: usize, out: &m
 
 /// Q8_0 blocks: `d` f16, 32 signed bytes; weight = `q·d`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 unsafe fn q8_0_rows<const N: usize>(row: &[u8], xs: &[f32], in_f: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     const B: usize = 34;
