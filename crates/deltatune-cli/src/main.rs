@@ -319,7 +319,8 @@ enum Command {
         /// Timed repetitions after 3 warm-up steps.
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// A JSON file of PyTorch + PEFT timings (from scripts/bench_peft.py) to print beside.
+        /// A JSON file of reference timings to print beside: PyTorch + PEFT (scripts/bench_peft.py),
+        /// or llama.cpp for `--task generate` (scripts/bench_llamacpp.py).
         #[arg(long)]
         reference: Option<PathBuf>,
     },
@@ -855,7 +856,7 @@ fn main() -> ExitCode {
         } => run.resolve().and_then(|s| {
             s.map_or(Ok(()), |s| {
                 if s.task == "generate" {
-                    commands::bench_decoder(&s, steps)
+                    commands::bench_decoder(&s, steps, reference.as_deref())
                 } else {
                     commands::bench(&s, steps, reference.as_deref())
                 }

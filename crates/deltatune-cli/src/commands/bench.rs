@@ -132,8 +132,24 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
 
 /// `deltatune bench --task generate`: the decoder's LoRA training step on a G2P-sized batch
 /// (16 examples, 10 prompt + 14 completion tokens) with the base kept quantized and with an f32
-/// copy of it (time, loss on the same batch, peak memory), and greedy generation at batch 1 and 8.
-pub fn bench_decoder(s: &Settings, steps: usize) -> Result<()> {
+/// copy of it (time, loss on the same batch, peak memory), and greedy generation at batch 1 and 8,
+/// beside llama.cpp's on the same file when `reference` (scripts/bench_llamacpp.py's JSON) is
+/// given.
+pub fn bench_decoder(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()> {
+    let reference: Option<serde_json::Value> = match reference {
+        Some(p) => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| {
+                format!(
+                    "{} is not the JSON of scripts/bench_llamacpp.py",
+                    p.display()
+                )
+            })?,
+        ),
+        None => None,
+    };
     use deltatune_train::{CausalLmTask, LmExample, Task};
     let mut d = super::lm::load(&s.model, &s.cache)?;
     let mut rng = Rng::new(0);
@@ -230,6 +246,18 @@ pub fn bench_decoder(s: &Settings, steps: usize) -> Result<()> {
             "| greedy generation, batch {b}, 16-token prompt, 64 new | {m:.2} ({lo:.2}-{hi:.2}) | {:.0} | | |",
             1e3 / m
         );
+        if let Some(r) = reference.as_ref().map(|r| &r[format!("batch{b}")]) {
+            if let Some(rm) = r["ms_per_token"].as_f64() {
+                println!(
+                    "| llama.cpp ({} threads), batch {b}, same file and workload | {rm:.2} ({:.2}-{:.2}) | {:.0} | deltatune's time: {:.2}x | |",
+                    reference.as_ref().map_or(0, |r| r["threads"].as_u64().unwrap_or(0)),
+                    r["min"].as_f64().unwrap_or(f64::NAN),
+                    r["max"].as_f64().unwrap_or(f64::NAN),
+                    1e3 / rm,
+                    m / rm
+                );
+            }
+        }
     }
     Ok(())
 }
