@@ -42,7 +42,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop after this many epochs without a better dev accuracy (default: never).
     pub early_stopping_patience: Option<usize>,
-    /// Shuffle within buckets of similar length, which pads less (default false).
+    /// Shuffle within buckets of similar length, which pads less (default true: the default
+    /// Rotten Tomatoes job's epoch takes 0.56x as long, test accuracy 0.825 against 0.827;
+    /// docs/speed.md).
     pub group_by_length: bool,
     /// Stop after this many optimiser steps (smoke tests; default: no limit).
     pub max_steps: Option<usize>,
@@ -76,7 +78,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             seed: 42,
             early_stopping_patience: None,
-            group_by_length: false,
+            group_by_length: true,
             max_steps: None,
             freeze: Vec::new(),
             eval_every_steps: None,
