@@ -70,12 +70,41 @@ fn wait(mut c: Child, limit: Duration) {
     }
 }
 
+/// Trials of `study` in state RUNNING now (0 while the study does not exist yet).
+fn running_trials(dir: &Path, storage: &str, study: &str) -> usize {
+    let out = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+        .args([
+            "study",
+            "export",
+            study,
+            "--storage",
+            storage,
+            "--format",
+            "json",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["trials"].as_array().map_or(0, |ts| {
+        ts.iter().filter(|t| t["state"] == "RUNNING").count()
+    })
+}
+
 fn kill_one_of_three(dir: &Path, storage: &str, study: &str) {
     std::fs::write(dir.join("space.toml"), SPACE).unwrap();
     let mut ws: Vec<Child> = (0..3).map(|_| worker(dir, storage, study)).collect();
-    // Let the workers start trials, then kill one mid-trial (trials take 0.45 s; claims are
-    // milliseconds, so the victim is almost surely inside a trial).
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait until all three workers are inside a trial (three RUNNING at once; a slow start under
+    // load must not let the victim die before its first claim), then kill one at once: trials
+    // take 0.45 s and claims milliseconds, so it is inside its trial.
+    let t = Instant::now();
+    while running_trials(dir, storage, study) < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the three workers never ran trials at once"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut victim = ws.remove(0);
     victim.kill().unwrap(); // SIGKILL
     victim.wait().unwrap();
