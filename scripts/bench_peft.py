@@ -2,8 +2,10 @@
 
 One LoRA training step (forward + backward + AdamW) and forward-only inference on
 all-MiniLM-L6-v2 as BertForSequenceClassification, batch 16 x 128 random token ids, all-ones
-mask, LoRA r=8 alpha=16 dropout=0.1 on query,value with the classifier trained, 2 threads, f32,
-3 warm-up + N timed repetitions, median reported. Writes JSON that `deltatune bench --reference`
+mask, LoRA r=8 alpha=16 dropout=0.1 on query,value with the classifier trained, 2 threads, in f32
+and under `torch.autocast("cpu", dtype=torch.bfloat16)` (what deltatune's `train.bf16` matches:
+linear layers in bf16, the rest f32), 3 warm-up + N timed repetitions, the two precisions taking
+turns step by step; median, min and max reported. Writes JSON that `deltatune bench --reference`
 prints beside its own numbers.
 
 Set-up (not part of CI): bash scripts/setup_ref_venv.sh
@@ -40,33 +42,36 @@ trainable = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(trainable, lr=5e-4)
 
 
-def train_step():
-    loss = model(**inputs, labels=labels).loss
+def train_step(bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**inputs, labels=labels).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def infer():
-    with torch.inference_mode():
-        model(**inputs).logits.sum().item()
+def infer(bf16):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model(**inputs).logits.float().sum().item()
 
 
-def timed(fn):
-    for _ in range(3):
-        fn()
-    ms = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        fn()
-        ms.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
+def timed(fn, names):
+    """Runs fn(False) (f32) and fn(True) (bf16) in turns; returns their timings by name."""
+    ms = {n: [] for n in names}
+    for i in range(3 + args.steps):
+        for bf16, n in zip((False, True), names):
+            t = time.perf_counter()
+            fn(bf16)
+            if i >= 3:
+                ms[n].append((time.perf_counter() - t) * 1e3)
+    return {n: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)}
+            for n, v in ms.items()}
 
 
 model.train()
-result = {"train_f32": timed(train_step)}
+result = timed(train_step, ["train_f32", "train_bf16"])
 model.eval()
-result["infer_f32"] = timed(infer)
+result.update(timed(infer, ["infer_f32", "infer_bf16"]))
 result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 result["versions"] = {"torch": torch.__version__}
 with open(args.out, "w") as f:

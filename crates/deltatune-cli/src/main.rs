@@ -475,6 +475,9 @@ pub struct RunArgs {
     /// Batch examples of similar length together (less padding, faster).
     #[arg(long)]
     group_by_length: Option<bool>,
+    /// Multiply by the frozen weights in bf16 (about twice as fast on CPUs with AVX-512 BF16).
+    #[arg(long)]
+    bf16: Option<bool>,
     /// Stop after this many optimiser steps (smoke runs).
     #[arg(long)]
     max_steps: Option<usize>,
@@ -540,6 +543,7 @@ impl RunArgs {
             "train.group_by_length",
             self.group_by_length.map(|b| b.to_string()),
         );
+        put("train.bf16", self.bf16.map(|b| b.to_string()));
         put("train.max_steps", n(self.max_steps));
         for kv in &self.set {
             let Some((k, v)) = kv.split_once('=') else {

@@ -62,7 +62,9 @@ pub fn attach(loaded: &mut Loaded, settings: &Settings) -> Result<Vec<Trainable>
         None => None,
     };
     let rng = Rng::new(settings.train.seed).derive(delta.name());
-    Ok(delta.attach(&mut loaded.model, &rng, text_ids.as_deref())?)
+    let trainables = delta.attach(&mut loaded.model, &rng, text_ids.as_deref())?;
+    deltatune_core::sites::use_bf16(&mut loaded.model, settings.train.bf16)?;
+    Ok(trainables)
 }
 
 /// The labelled splits of a run.

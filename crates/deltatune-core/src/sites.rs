@@ -190,19 +190,8 @@ impl Ctx {
         if !self.train || p <= 0.0 {
             return Ok(x.clone());
         }
-        let n = x.elem_count();
-        let (bits, scale) = self.dropout_bits(n, p);
-        let mask: Vec<f32> = (0..n)
-            .map(|i| {
-                if bits[i / 64] >> (i % 64) & 1 == 1 {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        let (bits, scale) = self.dropout_bits(x.elem_count(), p);
+        ops::dropout_bits_op(x, bits, scale)
     }
 
     /// The keep-mask of a dropout over `n` elements as bits (bit `i % 64` of word `i / 64`),
@@ -265,6 +254,12 @@ pub struct Linear {
     /// The frozen weight kept block-quantized (GGUF); `weight` is then a zero-stride
     /// placeholder of the right shape holding no memory. Products dequantize block by block.
     pub quant: Option<QuantMatrix>,
+    /// A bf16 copy of the frozen weight for the products ([`Linear::use_bf16`]), with the id of
+    /// the weight it was made from: a weight replaced since (merged, made trainable) is never
+    /// multiplied by a stale copy.
+    bf16: Option<(candle_core::TensorId, Arc<ops::Bf16Weight>)>,
+    /// Whether the products use `bf16` (the copy is kept while off, so switching is free).
+    bf16_on: bool,
 }
 
 impl Linear {
@@ -276,6 +271,8 @@ impl Linear {
             deltas: Vec::new(),
             unmerged: None,
             quant: None,
+            bf16: None,
+            bf16_on: false,
         }
     }
 
@@ -291,6 +288,8 @@ impl Linear {
             deltas: Vec::new(),
             unmerged: None,
             quant: Some(q),
+            bf16: None,
+            bf16_on: false,
         })
     }
 
@@ -314,12 +313,44 @@ impl Linear {
             .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
 
-    /// `x W^T + b` through the frozen weight (quantized or plain).
+    /// `x W^T + b` through the frozen weight (quantized, bf16 or plain).
     fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.quant {
-            Some(q) => ops::quant_linear(x, q, self.bias.as_ref()),
-            None => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
+        match (&self.quant, &self.bf16) {
+            (Some(q), _) => ops::quant_linear(x, q, self.bias.as_ref()),
+            (None, Some((id, w))) if self.bf16_on && *id == self.weight.id() => {
+                ops::bf16_linear(x, w, self.bias.as_ref())
+            }
+            _ => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
         }
+    }
+
+    /// Multiply by the frozen weight in bf16 (`on`) or f32. bf16 rounds the weight and the
+    /// product's other operand to bf16 and sums in f32 (see `ops::bf16`): about twice the
+    /// speed where the CPU has AVX-512 BF16. Returns whether the layer now uses bf16: not
+    /// on CPUs without it, nor for a quantized, trainable or non-f32 weight.
+    pub fn use_bf16(&mut self, on: bool) -> Result<bool> {
+        let eligible = on
+            && self.quant.is_none()
+            && !self.weight.is_variable()
+            && !self.weight.track_op()
+            && self.weight.dtype() == candle_core::DType::F32
+            && self.weight.device().is_cpu();
+        self.bf16_on = eligible;
+        if !eligible {
+            return Ok(false);
+        }
+        if !matches!(&self.bf16, Some((id, _)) if *id == self.weight.id()) {
+            self.bf16 = ops::Bf16Weight::pack(&self.weight)?.map(|w| (self.weight.id(), w));
+        }
+        self.bf16_on = self.bf16.is_some();
+        Ok(self.bf16_on)
+    }
+
+    /// Whether the products use the bf16 copy of the weight.
+    pub fn uses_bf16(&self) -> bool {
+        self.bf16_on
+            && self.quant.is_none()
+            && matches!(&self.bf16, Some((id, _)) if *id == self.weight.id())
     }
 
     pub fn in_features(&self) -> usize {
@@ -417,6 +448,15 @@ impl Linear {
         self.weight = v.as_tensor().clone();
         Ok(v)
     }
+}
+
+/// [`Linear::use_bf16`] on every linear layer of `model`; returns how many now use bf16.
+pub fn use_bf16<M: HasSites + ?Sized>(model: &mut M, on: bool) -> Result<usize> {
+    let mut n = 0;
+    for lin in model.linears_mut() {
+        n += usize::from(lin.use_bf16(on)?);
+    }
+    Ok(n)
 }
 
 /// What a model offers to delta methods.

@@ -34,15 +34,15 @@ fn stats(ms: &mut [f64]) -> (f64, f64, f64) {
 }
 
 /// `deltatune bench`: one LoRA training step (forward + backward + AdamW) and forward-only
-/// inference on a batch of 16 x 128 random tokens, as `shared/reference/microbench_lora.py`
-/// times PyTorch + PEFT.
+/// inference on a batch of 16 x 128 random tokens, as `scripts/bench_peft.py` times PyTorch +
+/// PEFT, each with the frozen weights' products in f32 and in bf16 (where the CPU has AVX-512
+/// BF16; PyTorch's side is `autocast(bfloat16)`).
 pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()> {
     let dir = session::model_dir(&s.model, &s.cache)?;
     let mut loaded = session::load_model(&dir, 2, s.pooling, SEQ, s.train.seed)?;
     let trainables = session::attach(&mut loaded, s)?;
-    let model = &loaded.model;
     let mut rng = Rng::new(0);
-    let vocab = model.config.vocab_size;
+    let vocab = loaded.model.config.vocab_size;
     let seqs: Vec<Vec<u32>> = (0..BATCH)
         .map(|_| {
             (0..SEQ)
@@ -51,37 +51,66 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
         })
         .collect();
     let labels: Vec<u32> = (0..BATCH).map(|_| rng.below(2) as u32).collect();
-    let inputs = model.inputs(&seqs)?;
+    let inputs = loaded.model.inputs(&seqs)?;
     let labels_t = Tensor::from_slice(&labels, BATCH, &candle_core::Device::Cpu)?;
     let (vars, mut opt) = optimiser(&trainables)?;
-    let mut step = |i: usize| -> Result<f64> {
-        let t = Instant::now();
-        let ctx = Ctx::train(Rng::new(i as u64));
-        let logits = model.forward(&inputs, &ctx)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels_t)?;
-        let grads = collect_grads(&loss.backward()?, &vars);
-        opt.step(&grads, 5e-4, 1.0)?;
-        Ok(t.elapsed().as_secs_f64() * 1e3)
+    // (workload, reference key, median, min, max)
+    let mut rows: Vec<(String, String, f64, f64, f64)> = Vec::new();
+    let precisions: &[bool] = if deltatune_core::ops::has_bf16() {
+        &[false, true]
+    } else {
+        &[false]
     };
-    for i in 0..WARMUP {
-        step(i)?;
+    // The precisions take turns step by step, so drift in the machine (clock, memory) falls
+    // on both alike.
+    let mut train_ms = vec![Vec::new(); precisions.len()];
+    let mut infer_ms = vec![Vec::new(); precisions.len()];
+    for i in 0..WARMUP + steps {
+        for (pi, &bf16) in precisions.iter().enumerate() {
+            deltatune_core::sites::use_bf16(&mut loaded.model, bf16)?;
+            let t = Instant::now();
+            let ctx = Ctx::train(Rng::new(i as u64));
+            let logits = loaded.model.forward(&inputs, &ctx)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels_t)?;
+            let grads = collect_grads(&loss.backward()?, &vars);
+            opt.step(&grads, 5e-4, 1.0)?;
+            if i >= WARMUP {
+                train_ms[pi].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
     }
-    let mut train_ms: Vec<f64> = (0..steps)
-        .map(|i| step(WARMUP + i))
-        .collect::<Result<_>>()?;
     let ctx = Ctx::eval();
-    let infer = || -> Result<f64> {
-        let t = Instant::now();
-        let logits = model.forward(&inputs, &ctx)?;
-        logits.sum_all()?.to_scalar::<f32>()?;
-        Ok(t.elapsed().as_secs_f64() * 1e3)
-    };
-    for _ in 0..WARMUP {
-        infer()?;
+    for i in 0..WARMUP + steps {
+        for (pi, &bf16) in precisions.iter().enumerate() {
+            deltatune_core::sites::use_bf16(&mut loaded.model, bf16)?;
+            let t = Instant::now();
+            let logits = loaded.model.forward(&inputs, &ctx)?;
+            logits.sum_all()?.to_scalar::<f32>()?;
+            if i >= WARMUP {
+                infer_ms[pi].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
     }
-    let mut infer_ms: Vec<f64> = (0..steps).map(|_| infer()).collect::<Result<_>>()?;
-    let (tm, tmin, tmax) = stats(&mut train_ms);
-    let (im, imin, imax) = stats(&mut infer_ms);
+    for (pi, &bf16) in precisions.iter().enumerate() {
+        let p = if bf16 { "bf16" } else { "f32" };
+        let (tm, tmin, tmax) = stats(&mut train_ms[pi]);
+        let (im, imin, imax) = stats(&mut infer_ms[pi]);
+        rows.push((
+            format!("train step (fwd + bwd + AdamW), {p}"),
+            format!("train_{p}"),
+            tm,
+            tmin,
+            tmax,
+        ));
+        rows.push((
+            format!("forward only (inference), {p}"),
+            format!("infer_{p}"),
+            im,
+            imin,
+            imax,
+        ));
+    }
+    rows.sort_by_key(|r| !r.1.starts_with("train"));
     let reference: Option<serde_json::Value> = match reference {
         Some(p) => Some(
             serde_json::from_str(
@@ -91,11 +120,13 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
         ),
         None => None,
     };
-    let refv = |k: &str| {
-        reference
-            .as_ref()
-            .and_then(|r| r[k]["median_ms"].as_f64())
-            .map_or("-".to_string(), |v| format!("{v:.0}"))
+    let refv = |k: &str| -> Option<(f64, f64, f64)> {
+        let r = &reference.as_ref()?[k];
+        Some((
+            r["median_ms"].as_f64()?,
+            r["min_ms"].as_f64()?,
+            r["max_ms"].as_f64()?,
+        ))
     };
     let threads = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
@@ -105,23 +136,27 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
         s.lora.lora_alpha,
         s.lora.target_modules
     );
-    println!("| workload | deltatune candle-cpu f32 median ms (min-max) | PyTorch + PEFT f32 median ms | ratio |");
-    println!("|---|---|---|---|");
-    for (name, key, med, lo, hi) in [
-        (
-            "train step (fwd + bwd + AdamW)",
-            "train_f32",
-            tm,
-            tmin,
-            tmax,
-        ),
-        ("forward only (inference)", "infer_f32", im, imin, imax),
-    ] {
+    println!(
+        "| workload | deltatune median ms (min-max) | PyTorch + PEFT median ms (min-max) | ratio | ratio to PyTorch f32 |"
+    );
+    println!("|---|---|---|---|---|");
+    for (name, key, med, lo, hi) in &rows {
+        let fmt = |r: Option<(f64, f64, f64)>| {
+            r.map_or("-".to_string(), |(m, a, b)| {
+                format!("{m:.0} ({a:.0}-{b:.0})")
+            })
+        };
+        let ratio = |r: Option<(f64, f64, f64)>| {
+            r.map_or("-".to_string(), |(m, _, _)| format!("{:.2}x", med / m))
+        };
         let r = refv(key);
-        let ratio = r
-            .parse::<f64>()
-            .map_or("-".to_string(), |v| format!("{:.2}x", med / v));
-        println!("| {name} | {med:.0} ({lo:.0}-{hi:.0}) | {r} | {ratio} |");
+        let f32_key = key.replace("bf16", "f32");
+        println!(
+            "| {name} | {med:.0} ({lo:.0}-{hi:.0}) | {} | {} | {} |",
+            fmt(r),
+            ratio(r),
+            ratio(refv(&f32_key))
+        );
     }
     println!(
         "peak memory: {:.0} MiB",

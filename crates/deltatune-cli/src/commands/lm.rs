@@ -208,7 +208,9 @@ pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
         None => None,
     };
     let rng = Rng::new(s.train.seed).derive(delta.name());
-    Ok(delta.attach(&mut d.model, &rng, text_ids.as_deref())?)
+    let trainables = delta.attach(&mut d.model, &rng, text_ids.as_deref())?;
+    deltatune_core::sites::use_bf16(&mut d.model, s.train.bf16)?;
+    Ok(trainables)
 }
 
 /// `deltatune train --task generate`.

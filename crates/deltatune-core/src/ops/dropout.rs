@@ -1,4 +1,11 @@
-//! Dropout fused into the low-rank projection that follows it (LoRA's `dropout(x) A^T`).
+//! Dropout as ops that keep the mask as bits: [`dropout_bits_op`] (`x · mask`), and dropout
+//! fused into the low-rank projection that follows it (LoRA's `dropout(x) A^T`).
+//!
+//! Multiplying by an f32 mask tensor (`x.mul(&mask)`) costs a full-size mask per dropout, and
+//! candle's backward of that product also computes the gradient of the constant mask (a product,
+//! a zero-filled buffer and a sum, each as large as `x`) only to drop it. [`dropout_bits_op`]
+//! gives the same numbers (`x · scale` where kept, else 0) from the bits, and its backward is
+//! the same masking of the gradient.
 //!
 //! The unfused form keeps two full-size tensors per LoRA site alive until the backward pass
 //! (the f32 mask and the dropped input) only to feed a rank-r product. Here the mask is a bit
@@ -8,11 +15,103 @@
 
 use std::sync::Arc;
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{contiguous, wants_grad};
+use super::kernels::{contiguous, wants_grad, Real};
 use crate::sites::Ctx;
+
+/// `x · mask` with the mask as bits (`scale` where kept, else 0).
+struct Dropout {
+    /// One bit per element of `x` (row-major): kept.
+    keep: Arc<Vec<u64>>,
+    /// `1 / (1 - p)`.
+    scale: f32,
+}
+
+impl Dropout {
+    /// `out[i] = x[i] · scale` where bit `i` is set, else 0, for a row-major `x`.
+    fn apply<T: Real>(&self, x: &[T]) -> Vec<T> {
+        let scale = T::from_f64(f64::from(self.scale));
+        let mut out = vec![T::ZERO; x.len()];
+        // Whole 64-element words per task.
+        const WORDS: usize = 256;
+        out.par_chunks_mut(64 * WORDS)
+            .zip(x.par_chunks(64 * WORDS))
+            .enumerate()
+            .for_each(|(c, (o, x))| {
+                let words = &self.keep[c * WORDS..];
+                for ((o, x), &w) in o.chunks_mut(64).zip(x.chunks(64)).zip(words) {
+                    for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                        if w >> j & 1 == 1 {
+                            *o = x * scale;
+                        }
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "deltatune-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = l.shape().elem_count();
+        if self.keep.len() * 64 < n {
+            bail!(
+                "dropout: {} mask bits for {n} elements",
+                self.keep.len() * 64
+            );
+        }
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.apply(&contiguous(v, l))),
+            CpuStorage::F64(v) => CpuStorage::F64(self.apply(&contiguous(v, l))),
+            other => {
+                return Err(
+                    candle_core::Error::UnsupportedDTypeForOp(other.dtype(), "dropout").bt(),
+                )
+            }
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.detach().apply_op1(Dropout {
+            keep: Arc::clone(&self.keep),
+            scale: self.scale,
+        })?))
+    }
+}
+
+/// `x · mask` for the keep-bits of [`Ctx::dropout_bits`] (`scale` where kept, else 0), as one
+/// op whose backward masks the gradient the same way. f32 or f64 on the CPU; other dtypes and
+/// devices multiply by a mask tensor.
+pub fn dropout_bits_op(x: &Tensor, keep: Vec<u64>, scale: f32) -> Result<Tensor> {
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        let n = x.elem_count();
+        let mask: Vec<f32> = (0..n)
+            .map(|i| {
+                if keep[i / 64] >> (i % 64) & 1 == 1 {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(x.device())?;
+        return x.mul(&mask);
+    }
+    x.apply_op1(Dropout {
+        keep: Arc::new(keep),
+        scale,
+    })
+}
 
 struct DropoutProject {
     /// One bit per element of `x` (row-major): kept.
@@ -195,5 +294,71 @@ mod tests {
                 .count();
             assert!(zeros > 0 && zeros < rows * cols, "{zeros}");
         }
+    }
+
+    /// The bits op equals multiplying by the f32 mask tensor, bit for bit, forward and
+    /// backward, for f32 and f64, sizes that do not fill the last word or task, and a strided
+    /// input.
+    #[test]
+    fn dropout_op_equals_multiplying_by_the_mask() {
+        let mut r = Rng::new(5);
+        for (dims, p, dtype) in [
+            (vec![3usize, 7], 0.1, DType::F32),
+            (vec![2, 64, 300], 0.5, DType::F32),
+            (vec![70, 33], 0.2, DType::F64),
+        ] {
+            let x0 = r
+                .normal_tensor(dims.as_slice(), 1.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let x = Var::from_tensor(&x0).unwrap();
+            let n = x0.elem_count();
+            let (bits, scale) = Ctx::train(Rng::new(9)).dropout_bits(n, p);
+            let mask: Vec<f32> = (0..n)
+                .map(|i| {
+                    if bits[i / 64] >> (i % 64) & 1 == 1 {
+                        scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, x0.shape(), x0.device())
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = r
+                .normal_tensor(dims.as_slice(), 1.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let y1 = dropout_bits_op(x.as_tensor(), bits.clone(), scale).unwrap();
+            let y2 = x.as_tensor().mul(&mask).unwrap();
+            let g1 = (&y1 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let v = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            assert_eq!(v(&y1), v(&y2), "forward {dims:?}");
+            assert_eq!(
+                v(g1.get(x.as_tensor()).unwrap()),
+                v(g2.get(x.as_tensor()).unwrap()),
+                "backward {dims:?}"
+            );
+            let zeros = v(&y1).iter().filter(|v| **v == 0.0).count();
+            assert!(zeros > 0 && zeros < n, "{zeros} of {n} dropped");
+        }
+        // A transposed (strided) input is read in its logical order.
+        let x = r.normal_tensor((5, 9), 1.0).unwrap();
+        let (bits, scale) = Ctx::train(Rng::new(2)).dropout_bits(45, 0.3);
+        let y1 = dropout_bits_op(&x.t().unwrap(), bits.clone(), scale).unwrap();
+        let y2 = dropout_bits_op(&x.t().unwrap().contiguous().unwrap(), bits, scale).unwrap();
+        assert_eq!(y1.to_vec2::<f32>().unwrap(), y2.to_vec2::<f32>().unwrap());
     }
 }

@@ -189,7 +189,7 @@ type Rect = (usize, usize, usize, usize);
 /// Split the `m × n` output into at most `threads` rectangles. Column
 /// ranges of whole `NR`-wide panels when they divide evenly enough (each
 /// task then packs only its part of `B`), whole row ranges otherwise.
-fn split(m: usize, n: usize, threads: usize) -> Vec<Rect> {
+pub(super) fn split(m: usize, n: usize, threads: usize) -> Vec<Rect> {
     let panels = n.div_ceil(NR);
     let row_tiles = m.div_ceil(MR);
     if threads <= 1 || (panels < threads && row_tiles < 2) {
