@@ -23,6 +23,7 @@
 //! may have any layout (transposed, narrowed, broadcast): non-contiguous
 //! ones are gathered into row-major order first.
 
+mod attention;
 mod bf16;
 mod decoder;
 mod dropout;
@@ -39,6 +40,7 @@ mod softmax;
 #[cfg(test)]
 mod tests;
 
+pub use attention::attention;
 pub use bf16::{bf16_linear, has_bf16, Bf16Weight};
 pub use decoder::{rms_norm, rope, rope_angles, swiglu};
 pub use dropout::{dropout_bits_op, dropout_project};

@@ -364,20 +364,16 @@ impl BertClassifier {
             if i > 0 {
                 x = layers::deep_prompts(&self.site_deltas, i, x, first, ctx)?;
             }
-            let heads = |y: Tensor, tq: usize| -> candle_core::Result<Tensor> {
-                y.reshape((b, tq, nh, dh))?.transpose(1, 2)?.contiguous()
-            };
             // Positions whose outputs this layer must produce.
             let xq = if first_only && i + 1 == n_layers {
                 x.narrow(1, 0, 1)?.contiguous()?
             } else {
                 x.clone()
             };
-            let tq = xq.dim(1)?;
-            let q = heads(layer.query.forward(&xq, ctx)?, tq)?;
-            let k = heads(layer.key.forward(&x, ctx)?, t)?;
-            let v = heads(layer.value.forward(&x, ctx)?, t)?;
-            let attn = layers::attention(
+            let q = layer.query.forward(&xq, ctx)?;
+            let k = layer.key.forward(&x, ctx)?;
+            let v = layer.value.forward(&x, ctx)?;
+            let attn = layers::attention_tokens(
                 &q,
                 k,
                 v,

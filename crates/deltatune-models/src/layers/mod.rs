@@ -175,6 +175,81 @@ pub fn attention(
         .reshape((b, tq, nh * dh))?)
 }
 
+/// [`attention`] on token-major projections, as one op with its own backward
+/// (`deltatune_core::ops::attention`): the linear layers' outputs go in as they are, with no
+/// head transposes, and prefixes are prepended along the token axis. Same numbers and the same
+/// dropout draws as [`attention`]. Off the CPU it runs [`attention`].
+///
+/// # Shapes
+/// `q`: [B, Tq, H * D], `k`, `v`: [B, Tk, KVH * D], `key_bias`: [B, Tk] -> [B, Tq, H * D]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_tokens(
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_bias: &Tensor,
+    heads: Heads,
+    layer: usize,
+    deltas: &[Arc<dyn SiteDelta>],
+    causal: bool,
+    dropout: f64,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let Heads {
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: dh,
+    } = heads;
+    let (b, tq, _) = q.dims3()?;
+    let (mut k, mut v, mut bias) = (k, v, key_bias.to_dtype(DType::F32)?);
+    for d in deltas {
+        if let Some((pk, pv)) = d.prefix(layer, ctx)? {
+            let n = pk.dim(0)?;
+            let dt = k.dtype();
+            let wide = |p: Tensor| -> candle_core::Result<Tensor> {
+                p.reshape((1, n, nkv * dh))?
+                    .broadcast_as((b, n, nkv * dh))?
+                    .to_dtype(dt)
+            };
+            k = Tensor::cat(&[&wide(pk)?, &k], 1)?;
+            v = Tensor::cat(&[&wide(pv)?, &v], 1)?;
+            let zeros = Tensor::zeros((b, n), DType::F32, bias.device())?;
+            bias = Tensor::cat(&[&zeros, &bias], 1)?;
+        }
+    }
+    let tk = k.dim(1)?;
+    if !q.device().is_cpu() {
+        let head_major = |y: &Tensor, t: usize, n: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, n, dh))?.transpose(1, 2)?.contiguous()
+        };
+        return attention(
+            &head_major(q, tq, nh)?,
+            head_major(&k, tk, nkv)?,
+            head_major(&v, tk, nkv)?,
+            &bias,
+            heads,
+            layer,
+            &[],
+            causal,
+            dropout,
+            ctx,
+        );
+    }
+    // The draws `ctx.dropout` would make for the [B, H, Tq, Tk] probabilities.
+    let drop = (ctx.train && dropout > 0.0).then(|| ctx.dropout_bits(b * nh * tq * tk, dropout));
+    Ok(deltatune_core::ops::attention(
+        q,
+        &k,
+        &v,
+        &bias.to_dtype(q.dtype())?,
+        nh,
+        nkv,
+        1.0 / (dh as f64).sqrt(),
+        causal.then(|| tk - tq),
+        drop,
+    )?)
+}
+
 /// The output of sub-layer `kind` of layer `layer` through every delta's hook.
 ///
 /// # Shapes

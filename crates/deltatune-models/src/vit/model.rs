@@ -294,19 +294,16 @@ impl VitClassifier {
         let key_bias = Tensor::zeros((b, t), DType::F32, &self.device)?;
         let nh = cfg.num_heads;
         let dh = h / nh;
-        let heads = |y: Tensor| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, nh, dh))?.transpose(1, 2)?.contiguous()
-        };
         for (i, blk) in self.blocks.iter().enumerate() {
             x = ctx.cut(x);
             if i > 0 {
                 x = layers::deep_prompts(&self.site_deltas, i, x, 1, ctx)?;
             }
             let y = blk.norm1.forward(&x)?;
-            let q = heads(blk.query.forward(&y, ctx)?)?;
-            let k = heads(blk.key.forward(&y, ctx)?)?;
-            let v = heads(blk.value.forward(&y, ctx)?)?;
-            let attn = layers::attention(
+            let q = blk.query.forward(&y, ctx)?;
+            let k = blk.key.forward(&y, ctx)?;
+            let v = blk.value.forward(&y, ctx)?;
+            let attn = layers::attention_tokens(
                 &q,
                 k,
                 v,

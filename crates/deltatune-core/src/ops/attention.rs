@@ -1,0 +1,786 @@
+//! Scaled dot-product attention as one op on token-major `q`, `k`, `v`, with its backward.
+//!
+//! Composed from candle ops, attention on `[B, T, H·D]` projections is a chain of about a dozen
+//! graph nodes: three head transposes and copies per operand, the score product, the softmax,
+//! the dropout, the value product and the transposes back. candle's backward gives every node
+//! a zero-filled gradient buffer and adds into it, so the chain costs a dozen full passes over
+//! tensors as large as the scores (`B·H·T²` values) besides the products. [`attention`] is one
+//! node with three inputs:
+//!
+//! * forward, per (example, key/value head): `Kᵀ` and `V` of that head are gathered into small
+//!   contiguous buffers; for each query row the scores are accumulated over the head dimension
+//!   (vector updates along the keys), `softmax(s·scale + key_bias)` (or the causal form) gives
+//!   the row of `P`, the dropout keeps or zeroes each probability by its bit, and the output row
+//!   is the sum of the kept rows of `V`. `P` (before dropout) is kept for the backward pass.
+//! * backward, per (example, key/value head): `dP̃ = dO·Vᵀ`, `dV += P̃ᵀ·dO` (`P̃` = `P` after
+//!   dropout), `dS = scale · P ⊙ (dP - Σ dP⊙P)` with `dP` = `dP̃` masked, `dQ = dS·K` and
+//!   `dK += dSᵀ·Q`. Query heads that share a key/value head (grouped-query attention) run in
+//!   the same task, so their `dK`, `dV` sums need no locks.
+//!
+//! The dropout bits are the ones [`crate::sites::Ctx::dropout`] would draw for the `[B, H, Tq,
+//! Tk]` probabilities, in that order, so this op equals the composed chain draw for draw.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::kernels::{contiguous, dot, simd_kernel, with_slice, Real};
+
+/// Geometry and settings of one attention call.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    b: usize,
+    tq: usize,
+    tk: usize,
+    heads: usize,
+    kv_heads: usize,
+    dh: usize,
+    scale: f64,
+    /// Query `i` sees keys `0..=i + offset` only.
+    causal: Option<usize>,
+}
+
+impl Geometry {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+/// The dropout on the probabilities: keep-bits over `[B, H, Tq, Tk]` and the kept scale.
+#[derive(Clone)]
+struct Drop {
+    keep: Arc<Vec<u64>>,
+    scale: f64,
+}
+
+struct Attention {
+    g: Geometry,
+    /// `[B, Tk]`, 0 or a large negative number per key.
+    bias: Tensor,
+    drop: Option<Drop>,
+    /// `P` before dropout, `[B, H, Tq, Tk]`, set by the forward pass for the backward pass.
+    probs: Mutex<Option<CpuStorage>>,
+}
+
+/// `out = (out +) Σ_r coef[r] · m[r·stride ..][..out.len()]`: a row vector times the first
+/// `coef.len()` rows of a row-major matrix. The columns go in blocks of 32 with two sets of
+/// accumulators (even and odd rows) held in registers, so the loop runs at the FMA rate
+/// instead of loading and storing `out` once per row. Inlined into the wide task kernels.
+#[inline(always)]
+fn combo<T: Real>(coef: &[T], m: &[T], stride: usize, out: &mut [T], accumulate: bool) {
+    const W: usize = 32;
+    let w = out.len();
+    let n = coef.len();
+    let mut c0 = 0;
+    while c0 + W <= w {
+        let mut a = [T::ZERO; W];
+        let mut b = [T::ZERO; W];
+        for r in 0..n / 2 {
+            let (x0, x1) = (coef[2 * r], coef[2 * r + 1]);
+            let m0 = &m[2 * r * stride + c0..][..W];
+            let m1 = &m[(2 * r + 1) * stride + c0..][..W];
+            for l in 0..W {
+                a[l] += x0 * m0[l];
+                b[l] += x1 * m1[l];
+            }
+        }
+        if n % 2 == 1 {
+            let x = coef[n - 1];
+            let m0 = &m[(n - 1) * stride + c0..][..W];
+            for l in 0..W {
+                a[l] += x * m0[l];
+            }
+        }
+        let o = &mut out[c0..c0 + W];
+        for l in 0..W {
+            let v = a[l] + b[l];
+            o[l] = if accumulate { o[l] + v } else { v };
+        }
+        c0 += W;
+    }
+    for (c, o) in out.iter_mut().enumerate().skip(c0) {
+        let mut s = T::ZERO;
+        for (r, &x) in coef.iter().enumerate() {
+            s += x * m[r * stride + c];
+        }
+        *o = if accumulate { *o + s } else { s };
+    }
+}
+
+/// Softmax of `s·scale + bias` in place over the first `limit` keys; later keys get 0.
+#[inline(always)]
+fn softmax_row<T: Real>(s: &mut [T], bias: &[T], scale: T, limit: usize) {
+    {
+        let limit = limit.min(s.len());
+        let (live, masked) = s.split_at_mut(limit);
+        for (v, &b) in live.iter_mut().zip(bias) {
+            *v = *v * scale + b;
+        }
+        masked.fill(T::ZERO);
+        let m = super::kernels::max(live);
+        if m == T::NEG_INFINITY || live.is_empty() {
+            live.fill(T::ZERO);
+            return;
+        }
+        for v in live.iter_mut() {
+            *v = (*v - m).fexp();
+        }
+        let inv = T::ONE / super::kernels::sum(live);
+        for v in live.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// Whether bit `i` of the keep-mask is set.
+#[inline(always)]
+fn kept(keep: &[u64], i: usize) -> bool {
+    keep[i / 64] >> (i % 64) & 1 == 1
+}
+
+/// Keys row `i` of a causal (or not) attention sees.
+#[inline(always)]
+fn limit_of(g: &Geometry, i: usize) -> usize {
+    match g.causal {
+        Some(off) => (i + off + 1).min(g.tk),
+        None => g.tk,
+    }
+}
+
+/// Rows `[T, D]` of head `h` of a token-major `[B, T, heads·D]` tensor, for example `b`.
+#[inline(always)]
+fn gather_head<T: Copy>(x: &[T], b: usize, t: usize, heads: usize, dh: usize, h: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(t * dh);
+    for r in 0..t {
+        let s = (b * t + r) * heads * dh + h * dh;
+        out.extend_from_slice(&x[s..s + dh]);
+    }
+    out
+}
+
+/// The transpose `[D, T]` of head `h` of a token-major tensor.
+#[inline(always)]
+fn gather_head_t<T: Real>(
+    x: &[T],
+    b: usize,
+    t: usize,
+    heads: usize,
+    dh: usize,
+    h: usize,
+) -> Vec<T> {
+    let mut out = vec![T::ZERO; t * dh];
+    for r in 0..t {
+        let s = (b * t + r) * heads * dh + h * dh;
+        for (d, &v) in x[s..s + dh].iter().enumerate() {
+            out[d * t + r] = v;
+        }
+    }
+    out
+}
+
+simd_kernel! {
+    /// One forward task: example `task / kv_heads`, key/value head `task % kv_heads`; fills
+    /// its query heads' rows of `P` (`p`) and returns their output rows `[group, Tq, D]`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_task<T>(
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        bias: &[T],
+        g: &Geometry,
+        drop: Option<&Drop>,
+        task: usize,
+        p: &mut [T],
+    ) -> Vec<T> {
+        let Geometry {
+            tq,
+            tk,
+            heads,
+            kv_heads,
+            dh,
+            ..
+        } = *g;
+        let group = g.group();
+        let scale = T::from_f64(g.scale);
+        let (bi, kvh) = (task / kv_heads, task % kv_heads);
+        let kt = gather_head_t(k, bi, tk, kv_heads, dh, kvh);
+        let vh = gather_head(v, bi, tk, kv_heads, dh, kvh);
+        let brow = &bias[bi * tk..(bi + 1) * tk];
+        let mut out = vec![T::ZERO; group * tq * dh];
+        let mut kept_row = vec![T::ZERO; tk];
+        for hg in 0..group {
+            let h = kvh * group + hg;
+            let qh = gather_head(q, bi, tq, heads, dh, h);
+            for i in 0..tq {
+                let row = &mut p[(hg * tq + i) * tk..(hg * tq + i + 1) * tk];
+                // Scores s = q_i · Kᵀ.
+                combo(&qh[i * dh..(i + 1) * dh], &kt, tk, row, false);
+                let limit = limit_of(g, i);
+                softmax_row(row, brow, scale, limit);
+                let pr: &[T] = match drop {
+                    Some(dr) => {
+                        let ds = T::from_f64(dr.scale);
+                        let base = ((bi * heads + h) * tq + i) * tk;
+                        for (j, (o, &pv)) in kept_row.iter_mut().zip(row.iter()).enumerate() {
+                            *o = if kept(&dr.keep, base + j) { pv * ds } else { T::ZERO };
+                        }
+                        &kept_row
+                    }
+                    None => row,
+                };
+                // out_i = P̃_i · V over the visible keys.
+                let o = &mut out[(hg * tq + i) * dh..(hg * tq + i + 1) * dh];
+                combo(&pr[..limit], &vh, dh, o, false);
+            }
+        }
+        out
+    }
+}
+
+/// Forward: `(out [B, Tq, H·D], P [B, H, Tq, Tk])`.
+fn forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    bias: &[T],
+    g: &Geometry,
+    drop: Option<&Drop>,
+) -> (Vec<T>, Vec<T>) {
+    let Geometry {
+        b: _,
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        dh,
+        ..
+    } = *g;
+    let group = g.group();
+    let mut probs = vec![T::ZERO; g.b * heads * tq * tk];
+    let per_task = group * tq * tk;
+    // Each task: one example and one key/value head (its `group` query heads).
+    let outs: Vec<Vec<T>> = probs
+        .par_chunks_mut(per_task.max(1))
+        .enumerate()
+        .map(|(task, p)| forward_task(q, k, v, bias, g, drop, task, p))
+        .collect();
+    // Scatter the heads' rows into the token-major output.
+    let mut y = vec![T::ZERO; g.b * tq * heads * dh];
+    for (task, out) in outs.iter().enumerate() {
+        let (bi, kvh) = (task / kv_heads, task % kv_heads);
+        for hg in 0..group {
+            let h = kvh * group + hg;
+            for i in 0..tq {
+                let d0 = (bi * tq + i) * heads * dh + h * dh;
+                y[d0..d0 + dh].copy_from_slice(&out[(hg * tq + i) * dh..(hg * tq + i + 1) * dh]);
+            }
+        }
+    }
+    (y, probs)
+}
+
+simd_kernel! {
+    /// One backward task (as [`forward_task`]): `dq` rows `[group, Tq, D]` of its query heads,
+    /// and `dk`, `dv` `[Tk, D]` of its key/value head.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_task<T>(
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        probs: &[T],
+        dout: &[T],
+        g: &Geometry,
+        drop: Option<&Drop>,
+        task: usize,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let Geometry {
+            tq,
+            tk,
+            heads,
+            kv_heads,
+            dh,
+            ..
+        } = *g;
+        let group = g.group();
+        let scale = T::from_f64(g.scale);
+        let (bi, kvh) = (task / kv_heads, task % kv_heads);
+        let kh = gather_head(k, bi, tk, kv_heads, dh, kvh);
+        let vt = gather_head_t(v, bi, tk, kv_heads, dh, kvh);
+        let mut dq = vec![T::ZERO; group * tq * dh];
+        let mut dk = vec![T::ZERO; tk * dh];
+        let mut dv = vec![T::ZERO; tk * dh];
+        let mut dp = vec![T::ZERO; tk];
+        // P̃ᵀ and dSᵀ of one head, [Tk, Tq].
+        let mut pt = vec![T::ZERO; tk * tq];
+        let mut dst = vec![T::ZERO; tk * tq];
+        for hg in 0..group {
+            let h = kvh * group + hg;
+            let qh = gather_head(q, bi, tq, heads, dh, h);
+            let goh = gather_head(dout, bi, tq, heads, dh, h);
+            pt.fill(T::ZERO);
+            dst.fill(T::ZERO);
+            for i in 0..tq {
+                let base = ((bi * heads + h) * tq + i) * tk;
+                let p = &probs[base..base + tk];
+                let limit = limit_of(g, i);
+                // dP̃ = dO_i · Vᵀ over the visible keys.
+                combo(&goh[i * dh..(i + 1) * dh], &vt, tk, &mut dp[..limit], false);
+                // Dropout: P̃ and dP masked alike.
+                for j in 0..limit {
+                    let m = match drop {
+                        Some(dr) if !kept(&dr.keep, base + j) => T::ZERO,
+                        Some(dr) => T::from_f64(dr.scale),
+                        None => T::ONE,
+                    };
+                    pt[j * tq + i] = p[j] * m;
+                    dp[j] *= m;
+                }
+                // Softmax backward: dS = scale · P ⊙ (dP - Σ dP⊙P).
+                let s = dot(&dp[..limit], &p[..limit]);
+                for j in 0..limit {
+                    let ds = scale * p[j] * (dp[j] - s);
+                    dp[j] = ds;
+                    dst[j * tq + i] = ds;
+                }
+                // dQ_i = dS_i · K.
+                let dqr = &mut dq[(hg * tq + i) * dh..(hg * tq + i + 1) * dh];
+                combo(&dp[..limit], &kh, dh, dqr, false);
+            }
+            // dV += P̃ᵀ · dO and dK += dSᵀ · Q, row by row of the keys.
+            for j in 0..tk {
+                combo(&pt[j * tq..(j + 1) * tq], &goh, dh, &mut dv[j * dh..(j + 1) * dh], true);
+                combo(&dst[j * tq..(j + 1) * tq], &qh, dh, &mut dk[j * dh..(j + 1) * dh], true);
+            }
+        }
+        (dq, dk, dv)
+    }
+}
+
+/// Backward: `(dq, dk, dv)` in the inputs' token-major shapes.
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    probs: &[T],
+    dout: &[T],
+    g: &Geometry,
+    drop: Option<&Drop>,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let Geometry {
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        dh,
+        ..
+    } = *g;
+    let group = g.group();
+    // Per task: dq rows [group, Tq, D], dk and dv [Tk, D].
+    let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..g.b * kv_heads)
+        .into_par_iter()
+        .map(|task| backward_task(q, k, v, probs, dout, g, drop, task))
+        .collect();
+    let mut gq = vec![T::ZERO; q.len()];
+    let mut gk = vec![T::ZERO; k.len()];
+    let mut gv = vec![T::ZERO; v.len()];
+    for (task, (dq, dk, dv)) in parts.iter().enumerate() {
+        let (bi, kvh) = (task / kv_heads, task % kv_heads);
+        for hg in 0..group {
+            let h = kvh * group + hg;
+            for i in 0..tq {
+                let d0 = (bi * tq + i) * heads * dh + h * dh;
+                gq[d0..d0 + dh].copy_from_slice(&dq[(hg * tq + i) * dh..(hg * tq + i + 1) * dh]);
+            }
+        }
+        for j in 0..tk {
+            let d0 = (bi * tk + j) * kv_heads * dh + kvh * dh;
+            gk[d0..d0 + dh].copy_from_slice(&dk[j * dh..(j + 1) * dh]);
+            gv[d0..d0 + dh].copy_from_slice(&dv[j * dh..(j + 1) * dh]);
+        }
+    }
+    (gq, gk, gv)
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "deltatune-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        let shape = Shape::from((g.b, g.tq, g.heads * g.dh));
+        let (out, probs) = match (qs, ks, vs) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let (y, p) = with_slice::<f32, _>(&self.bias, |bias| {
+                    Ok(forward(
+                        &contiguous(q, ql),
+                        &contiguous(k, kl),
+                        &contiguous(v, vl),
+                        bias,
+                        g,
+                        self.drop.as_ref(),
+                    ))
+                })?;
+                (CpuStorage::F32(y), CpuStorage::F32(p))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                let (y, p) = with_slice::<f64, _>(&self.bias, |bias| {
+                    Ok(forward(
+                        &contiguous(q, ql),
+                        &contiguous(k, kl),
+                        &contiguous(v, vl),
+                        bias,
+                        g,
+                        self.drop.as_ref(),
+                    ))
+                })?;
+                (CpuStorage::F64(y), CpuStorage::F64(p))
+            }
+            _ => bail!(
+                "attention: q, k and v must all be f32 or all f64, got {:?}, {:?}, {:?}",
+                qs.dtype(),
+                ks.dtype(),
+                vs.dtype()
+            ),
+        };
+        *self.probs.lock().expect("attention probs lock") = Some(probs);
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self.probs.lock().expect("attention probs lock");
+        let Some(probs) = guard.as_ref() else {
+            bail!("attention: backward before forward");
+        };
+        let g = &self.g;
+        let dev = q.device();
+        macro_rules! run {
+            ($t:ty, $p:expr) => {{
+                with_slice::<$t, _>(q, |qd| {
+                    with_slice::<$t, _>(k, |kd| {
+                        with_slice::<$t, _>(v, |vd| {
+                            with_slice::<$t, _>(grad, |gd| {
+                                let (gq, gk, gv) =
+                                    backward(qd, kd, vd, $p, gd, g, self.drop.as_ref());
+                                Ok((
+                                    Tensor::from_vec(gq, q.shape(), dev)?,
+                                    Tensor::from_vec(gk, k.shape(), dev)?,
+                                    Tensor::from_vec(gv, v.shape(), dev)?,
+                                ))
+                            })
+                        })
+                    })
+                })?
+            }};
+        }
+        let (gq, gk, gv) = match probs {
+            CpuStorage::F32(p) => run!(f32, p),
+            CpuStorage::F64(p) => run!(f64, p),
+            _ => bail!("attention: unexpected saved dtype"),
+        };
+        Ok((Some(gq), Some(gk), Some(gv)))
+    }
+}
+
+/// Scaled dot-product attention over token-major projections, as one op with backward.
+///
+/// `softmax(q·kᵀ·scale + key_bias)` per head (query heads `h` read key/value head
+/// `h / (heads / kv_heads)`), optionally causal (query `i` sees keys `0..=i + offset`), with
+/// dropout on the probabilities given as keep-bits over `[B, heads, Tq, Tk]` and the kept
+/// scale, then times `v`. Gradients flow to `q`, `k` and `v` (not to `key_bias`).
+///
+/// # Shapes
+/// * `q`: `[B, Tq, heads·D]`; `k`, `v`: `[B, Tk, kv_heads·D]` (any layout), f32 or f64 on the
+///   CPU.
+/// * `key_bias`: `[B, Tk]` (same dtype).
+/// * returns `[B, Tq, heads·D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+    causal_offset: Option<usize>,
+    dropout: Option<(Vec<u64>, f32)>,
+) -> Result<Tensor> {
+    let (b, tq, qw) = q.dims3()?;
+    let (bk, tk, kw) = k.dims3()?;
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !qw.is_multiple_of(heads) {
+        bail!(
+            "attention: {heads} query heads cannot share {kv_heads} key/value heads of q {:?}",
+            q.dims()
+        );
+    }
+    let dh = qw / heads;
+    if bk != b || kw != kv_heads * dh || v.dims() != k.dims() {
+        bail!(
+            "attention: q {:?} ({heads} heads of {dh}) does not fit k {:?} and v {:?} ({kv_heads} heads)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if key_bias.dims() != [b, tk] {
+        bail!(
+            "attention: key_bias must be [{b}, {tk}], got {:?}",
+            key_bias.dims()
+        );
+    }
+    if !q.device().is_cpu() || !matches!(q.dtype(), DType::F32 | DType::F64) {
+        bail!(
+            "attention: f32 or f64 CPU tensors only, got {:?}",
+            q.dtype()
+        );
+    }
+    if let Some((bits, _)) = &dropout {
+        if bits.len() * 64 < b * heads * tq * tk {
+            bail!("attention: too few dropout bits");
+        }
+    }
+    let op = Attention {
+        g: Geometry {
+            b,
+            tq,
+            tk,
+            heads,
+            kv_heads,
+            dh,
+            scale,
+            causal: causal_offset,
+        },
+        bias: key_bias.to_dtype(q.dtype())?.detach(),
+        drop: dropout.map(|(keep, scale)| Drop {
+            keep: Arc::new(keep),
+            scale: f64::from(scale),
+        }),
+        probs: Mutex::new(None),
+    };
+    q.apply_op3(k, v, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sites::Ctx;
+    use crate::Rng;
+    use candle_core::Var;
+
+    /// The same attention from candle ops and the crate's softmax and dropout ops.
+    #[allow(clippy::too_many_arguments)]
+    fn composed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        causal: Option<usize>,
+        drop: Option<(Vec<u64>, f32)>,
+    ) -> Tensor {
+        let (b, tq, w) = q.dims3().unwrap();
+        let tk = k.dim(1).unwrap();
+        let dh = w / heads;
+        let group = heads / kv_heads;
+        let hm = |x: &Tensor, t: usize, n: usize| {
+            x.reshape((b, t, n, dh))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let qh = hm(q, tq, heads)
+            .reshape((b, kv_heads, group * tq, dh))
+            .unwrap();
+        let (kh, vh) = (hm(k, tk, kv_heads), hm(v, tk, kv_heads));
+        let scores = qh
+            .matmul(&kh.t().unwrap())
+            .unwrap()
+            .reshape((b, heads, tq, tk))
+            .unwrap();
+        let scale = 1.0 / (dh as f64).sqrt();
+        let mut p = match causal {
+            Some(off) => super::super::causal_attention_softmax(&scores, bias, scale, off),
+            None => super::super::attention_softmax(&scores, bias, scale),
+        }
+        .unwrap();
+        if let Some((bits, s)) = drop {
+            p = super::super::dropout_bits_op(&p, bits, s).unwrap();
+        }
+        p.reshape((b, kv_heads, group * tq, tk))
+            .unwrap()
+            .matmul(&vh)
+            .unwrap()
+            .reshape((b, heads, tq, dh))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, tq, heads * dh))
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Forward and the three gradients equal the composed chain's: plain, padded keys, causal
+    /// with an offset, grouped-query heads, dropout, head sizes off the 32-column blocks, f32
+    /// and f64.
+    #[test]
+    fn attention_op_equals_the_composed_chain() {
+        let mut r = Rng::new(8);
+        for (b, tq, tk, heads, kv_heads, dh, causal, p, dtype) in [
+            (2, 5, 5, 2, 2, 4, None, 0.0, DType::F64),
+            (2, 7, 9, 4, 2, 40, Some(2), 0.3, DType::F64),
+            (3, 16, 16, 6, 6, 32, None, 0.1, DType::F32),
+            (1, 3, 11, 4, 1, 64, Some(8), 0.5, DType::F32),
+            (2, 1, 6, 3, 3, 33, None, 0.0, DType::F32),
+        ] {
+            let mut t = |dims: (usize, usize, usize)| {
+                Var::from_tensor(&r.normal_tensor(dims, 1.0).unwrap().to_dtype(dtype).unwrap())
+                    .unwrap()
+            };
+            let q = t((b, tq, heads * dh));
+            let k = t((b, tk, kv_heads * dh));
+            let v = t((b, tk, kv_heads * dh));
+            // The last key of the first example is padding.
+            let mut bias = vec![0f32; b * tk];
+            bias[tk - 1] = -1e9;
+            let bias = Tensor::from_vec(bias, (b, tk), &candle_core::Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let drop =
+                (p > 0.0).then(|| Ctx::train(Rng::new(4)).dropout_bits(b * heads * tq * tk, p));
+            let w = r
+                .normal_tensor((b, tq, heads * dh), 1.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let y1 = attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                &bias,
+                heads,
+                kv_heads,
+                1.0 / (dh as f64).sqrt(),
+                causal,
+                drop.clone(),
+            )
+            .unwrap();
+            let y2 = composed(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                &bias,
+                heads,
+                kv_heads,
+                causal,
+                drop,
+            );
+            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
+            let what = format!("b {b} tq {tq} tk {tk} heads {heads}/{kv_heads} dh {dh}");
+            assert!(
+                max_diff(&y1, &y2) < tol,
+                "forward, {what}: {}",
+                max_diff(&y1, &y2)
+            );
+            let g1 = (&y1 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, c) = (
+                    g1.get(x.as_tensor()).unwrap(),
+                    g2.get(x.as_tensor()).unwrap(),
+                );
+                assert!(max_diff(a, c) < tol, "d{name}, {what}: {}", max_diff(a, c));
+                assert!(
+                    max_diff(a, &a.zeros_like().unwrap()) > 0.0,
+                    "d{name} is zero, {what}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rejects_misfit_shapes() {
+        let z = |d: (usize, usize, usize)| {
+            Tensor::zeros(d, DType::F32, &candle_core::Device::Cpu).unwrap()
+        };
+        let bias = Tensor::zeros((2, 4), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let err = attention(
+            &z((2, 3, 8)),
+            &z((2, 4, 6)),
+            &z((2, 4, 6)),
+            &bias,
+            2,
+            2,
+            1.0,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("does not fit"), "{err}");
+        let err = attention(
+            &z((2, 3, 8)),
+            &z((2, 4, 8)),
+            &z((2, 4, 8)),
+            &z((2, 5, 1)).squeeze(2).unwrap(),
+            2,
+            2,
+            1.0,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("key_bias must be [2, 4]"), "{err}");
+        let err = attention(
+            &z((2, 3, 8)),
+            &z((2, 4, 8)),
+            &z((2, 4, 8)),
+            &bias,
+            3,
+            2,
+            1.0,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot share"), "{err}");
+    }
+}
