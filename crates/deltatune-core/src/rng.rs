@@ -10,6 +10,17 @@ pub struct Rng {
     state: u64,
 }
 
+/// SplitMix64's increment (the golden ratio in 64 bits).
+const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output function.
+#[inline(always)]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Self {
@@ -27,11 +38,21 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GAMMA);
+        mix(self.state)
+    }
+
+    /// The next `k` draws as a function of their index, without advancing: draw `i` (from 0)
+    /// is `at(i)`. SplitMix64's draws depend only on their position, so callers may compute
+    /// them in any order or on several threads; [`Rng::advance`] then skips them.
+    pub fn ahead(&self) -> impl Fn(u64) -> u64 + Send + Sync + Copy {
+        let s = self.state;
+        move |i| mix(s.wrapping_add(GAMMA.wrapping_mul(i + 1)))
+    }
+
+    /// Skips `k` draws (as `k` calls of [`Rng::next_u64`] would).
+    pub fn advance(&mut self, k: u64) {
+        self.state = self.state.wrapping_add(GAMMA.wrapping_mul(k));
     }
 
     /// Uniform in [0, 1).

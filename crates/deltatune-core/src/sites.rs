@@ -201,20 +201,34 @@ impl Ctx {
         let scale = (1.0 / keep) as f32;
         let mut rng = self.rng.borrow_mut();
         let threshold = (keep * (1u64 << 32) as f64) as u64;
+        // Two 32-bit draws per 64-bit number: word `w` reads numbers 32w..32w + 32. The
+        // numbers depend only on their position, so the words fill in parallel.
+        let at = rng.ahead();
         let mut bits = vec![0u64; n.div_ceil(64)];
-        let mut i = 0;
-        // Two 32-bit draws per 64-bit number.
-        while i < n {
-            let r = rng.next_u64();
-            for half in [r & 0xffff_ffff, r >> 32] {
-                if i < n {
-                    if half < threshold {
-                        bits[i / 64] |= 1 << (i % 64);
-                    }
-                    i += 1;
+        let fill = |w: usize, word: &mut u64| {
+            let mut acc = 0u64;
+            let count = (n - 64 * w).min(64);
+            for k in 0..count.div_ceil(2) {
+                let r = at((32 * w + k) as u64);
+                acc |= u64::from((r & 0xffff_ffff) < threshold) << (2 * k);
+                if 2 * k + 1 < count {
+                    acc |= u64::from((r >> 32) < threshold) << (2 * k + 1);
                 }
             }
+            *word = acc;
+        };
+        if n >= 1 << 16 {
+            use rayon::prelude::*;
+            bits.par_iter_mut()
+                .enumerate()
+                .with_min_len(256)
+                .for_each(|(w, word)| fill(w, word));
+        } else {
+            bits.iter_mut()
+                .enumerate()
+                .for_each(|(w, word)| fill(w, word));
         }
+        rng.advance(n.div_ceil(2) as u64);
         (bits, scale)
     }
 }
@@ -529,6 +543,45 @@ mod tests {
         // Anything else is still a suffix list.
         let q = TargetModules::Suffixes(vec!["q_proj".into()]);
         assert_eq!(q.select(&paths).unwrap(), &paths[..1]);
+    }
+
+    /// The keep-bits (filled word by word, in parallel for large `n`) are the draws of the plain
+    /// sequential loop: two 32-bit halves per number, low half first, and the stream goes on
+    /// from the same place.
+    #[test]
+    fn dropout_bits_are_the_sequential_draws() {
+        for (n, p) in [
+            (1usize, 0.1),
+            (63, 0.5),
+            (64, 0.2),
+            (129, 0.9),
+            ((1 << 16) + 77, 0.1),
+        ] {
+            let ctx = Ctx::train(Rng::new(21));
+            let (bits, scale) = ctx.dropout_bits(n, p);
+            assert_eq!(scale, (1.0 / (1.0 - p)) as f32);
+            let mut rng = Rng::new(21);
+            let threshold = ((1.0 - p) * (1u64 << 32) as f64) as u64;
+            let mut want = vec![0u64; n.div_ceil(64)];
+            let mut i = 0;
+            while i < n {
+                let r = rng.next_u64();
+                for half in [r & 0xffff_ffff, r >> 32] {
+                    if i < n {
+                        if half < threshold {
+                            want[i / 64] |= 1 << (i % 64);
+                        }
+                        i += 1;
+                    }
+                }
+            }
+            assert_eq!(bits, want, "n = {n}");
+            assert_eq!(
+                ctx.rng.borrow_mut().next_u64(),
+                rng.next_u64(),
+                "n = {n}: the stream goes on"
+            );
+        }
     }
 
     #[test]

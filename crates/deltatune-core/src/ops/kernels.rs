@@ -15,6 +15,24 @@ use candle_core::{bail, DType, Layout, Result, Storage, Tensor, WithDType};
 /// loops without reassociating floating-point adds on its own.
 const LANES: usize = 8;
 
+/// Whether the running CPU supports the AVX-512 subsets the widest kernel copies use (F, BW,
+/// DQ, VL; std caches the probes).
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the running CPU supports AVX2 and FMA (std caches the probe).
 #[inline]
 pub(crate) fn has_avx2() -> bool {
@@ -28,9 +46,10 @@ pub(crate) fn has_avx2() -> bool {
     }
 }
 
-/// Define a kernel generic over `T: Real` that is compiled twice: once for
-/// the baseline target and once with AVX2+FMA enabled, picking the latter
-/// at run time when the CPU has it. The workspace builds for baseline
+/// Define a kernel generic over `T: Real` that is compiled three times: for
+/// the baseline target, with AVX2+FMA and with AVX-512, picking the widest
+/// the CPU has at run time. The loops are written lane by lane, so every
+/// copy computes the same numbers; only the vector width changes. The workspace builds for baseline
 /// x86-64 (SSE2), where the 8-lane loops below only get 4-wide vectors;
 /// the AVX2 copy roughly halves the time of the exp/erf-heavy kernels.
 /// Helpers called from the body must be `#[inline(always)]` (or be inlined)
@@ -45,6 +64,12 @@ macro_rules! simd_kernel {
         $vis fn $name<$T: $crate::ops::kernels::Real>($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn wide512<$T: $crate::ops::kernels::Real>($($arg: $ty),*) $(-> $ret)? $body
+                if $crate::ops::kernels::has_avx512() {
+                    // SAFETY: the CPU supports these AVX-512 subsets (checked just above).
+                    return unsafe { wide512::<$T>($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn wide<$T: $crate::ops::kernels::Real>($($arg: $ty),*) $(-> $ret)? $body
                 if $crate::ops::kernels::has_avx2() {
