@@ -319,10 +319,11 @@ enum Command {
         /// Timed repetitions after 3 warm-up steps.
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// A JSON file of reference timings to print beside: PyTorch + PEFT (scripts/bench_peft.py),
-        /// or llama.cpp for `--task generate` (scripts/bench_llamacpp.py).
+        /// JSON files of reference timings to print beside (repeatable): PyTorch + PEFT
+        /// (scripts/bench_peft.py; for `--task generate` scripts/bench_peft_decoder.py) and
+        /// llama.cpp (scripts/bench_llamacpp.py). `bash scripts/bench_all.sh` runs them all.
         #[arg(long)]
-        reference: Option<PathBuf>,
+        reference: Vec<PathBuf>,
     },
     /// Serve one base model and many adapters over HTTP (OpenAI-shaped completions and chat,
     /// classification, adapters loaded at run time with DELTATUNE_ADMIN_TOKEN).
@@ -860,9 +861,9 @@ fn main() -> ExitCode {
         } => run.resolve().and_then(|s| {
             s.map_or(Ok(()), |s| {
                 if s.task == "generate" {
-                    commands::bench_decoder(&s, steps, reference.as_deref())
+                    commands::bench_decoder(&s, steps, &reference)
                 } else {
-                    commands::bench(&s, steps, reference.as_deref())
+                    commands::bench(&s, steps, &reference)
                 }
             })
         }),

@@ -137,6 +137,11 @@ pub struct Ctx {
     /// multi-adapter delta's adapters (`u32::MAX`: the base model alone). `None`: every row
     /// uses every attached delta.
     pub adapter_rows: Option<std::sync::Arc<[u32]>>,
+    /// Whether layers holding a bf16 copy of their weight ([`Linear::use_bf16`]) may multiply
+    /// by it in this pass: on for training steps, off for evaluation and prediction (so what a
+    /// run reports equals what `predict` and `eval` give later) unless asked with
+    /// [`Ctx::with_bf16`].
+    pub bf16: bool,
     rng: RefCell<Rng>,
 }
 
@@ -147,8 +152,15 @@ impl Ctx {
             train: false,
             no_grad: false,
             adapter_rows: None,
+            bf16: false,
             rng: RefCell::new(Rng::new(0)),
         }
+    }
+
+    /// The same context with bf16 products allowed or not (see [`Ctx::bf16`]).
+    pub fn with_bf16(mut self, on: bool) -> Self {
+        self.bf16 = on;
+        self
     }
 
     /// The same context with the adapter of each batch row (see [`Ctx::adapter_rows`]).
@@ -170,6 +182,7 @@ impl Ctx {
             train: true,
             no_grad: false,
             adapter_rows: None,
+            bf16: true,
             rng: RefCell::new(rng),
         }
     }
@@ -327,20 +340,22 @@ impl Linear {
             .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
 
-    /// `x W^T + b` through the frozen weight (quantized, bf16 or plain).
-    fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x W^T + b` through the frozen weight (quantized, bf16 when the layer has a current bf16
+    /// copy and the pass allows it, or plain).
+    fn base_forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         match (&self.quant, &self.bf16) {
             (Some(q), _) => ops::quant_linear(x, q, self.bias.as_ref()),
-            (None, Some((id, w))) if self.bf16_on && *id == self.weight.id() => {
+            (None, Some((id, w))) if ctx.bf16 && self.bf16_on && *id == self.weight.id() => {
                 ops::bf16_linear(x, w, self.bias.as_ref())
             }
             _ => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
         }
     }
 
-    /// Multiply by the frozen weight in bf16 (`on`) or f32. bf16 rounds the weight and the
-    /// product's other operand to bf16 and sums in f32 (see `ops::bf16`): about twice the
-    /// speed where the CPU has AVX-512 BF16. Returns whether the layer now uses bf16: not
+    /// Multiply by the frozen weight in bf16 (`on`) or f32 in the passes that allow it
+    /// ([`Ctx::bf16`]: training steps). bf16 rounds the weight and the product's other operand
+    /// to bf16 and sums in f32 (see `ops::bf16`): about twice the speed where the CPU has
+    /// AVX-512 BF16. Returns whether the layer now uses bf16: not
     /// on CPUs without it, nor for a quantized, trainable or non-f32 weight.
     pub fn use_bf16(&mut self, on: bool) -> Result<bool> {
         let eligible = on
@@ -388,7 +403,7 @@ impl Linear {
     /// `x`: [..., in] -> [..., out]
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         if self.is_merged() || self.deltas.is_empty() {
-            return self.base_forward(x);
+            return self.base_forward(x, ctx);
         }
         let mut xin = None;
         for d in &self.deltas {
@@ -397,7 +412,7 @@ impl Linear {
             }
         }
         let x = xin.as_ref().unwrap_or(x);
-        let mut y = self.base_forward(x)?;
+        let mut y = self.base_forward(x, ctx)?;
         for d in &self.deltas {
             y = d.forward(x, y, ctx)?;
         }

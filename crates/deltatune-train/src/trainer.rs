@@ -46,8 +46,11 @@ pub struct TrainConfig {
     /// Rotten Tomatoes job's epoch takes 0.56x as long, test accuracy 0.825 against 0.827;
     /// docs/speed.md).
     pub group_by_length: bool,
-    /// Multiply by the frozen weights in bf16 (rounded operands, f32 sums; the deltas, norms,
-    /// softmax and optimizer stay f32) where the CPU has AVX-512 BF16; elsewhere f32 anyway.
+    /// Training steps multiply by the frozen (f32) weights in bf16: rounded operands, f32 sums;
+    /// the deltas, norms, softmax, attention and optimizer stay f32, and so do evaluations, so
+    /// the accuracy a run reports is what `predict` and `eval` give. Only where the CPU has
+    /// AVX-512 BF16; elsewhere f32 anyway (default true: the default Rotten Tomatoes job's
+    /// steps take about 0.75x the time at the same accuracy; docs/speed.md).
     pub bf16: bool,
     /// Stop after this many optimiser steps (smoke tests; default: no limit).
     pub max_steps: Option<usize>,
@@ -82,7 +85,7 @@ impl Default for TrainConfig {
             seed: 42,
             early_stopping_patience: None,
             group_by_length: true,
-            bf16: false,
+            bf16: true,
             max_steps: None,
             freeze: Vec::new(),
             eval_every_steps: None,

@@ -1,4 +1,4 @@
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -28,6 +28,41 @@ fn optimiser(
     Ok((vars, opt))
 }
 
+/// The reference JSON files merged into one object (a key in a later file wins).
+fn load_references(paths: &[PathBuf]) -> Result<Option<serde_json::Value>> {
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let mut all = serde_json::Map::new();
+    for p in paths {
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| {
+            format!(
+                "{} is not the JSON of scripts/bench_peft.py, bench_peft_decoder.py or \
+                 bench_llamacpp.py",
+                p.display()
+            )
+        })?;
+        let serde_json::Value::Object(m) = v else {
+            anyhow::bail!("{}: expected a JSON object of timings", p.display());
+        };
+        all.extend(m);
+    }
+    Ok(Some(serde_json::Value::Object(all)))
+}
+
+/// `(median, min, max)` of a reference entry `{median_ms, min_ms, max_ms}`.
+fn ref_ms(reference: Option<&serde_json::Value>, key: &str) -> Option<(f64, f64, f64)> {
+    let r = &reference?[key];
+    Some((
+        r["median_ms"].as_f64()?,
+        r["min_ms"].as_f64()?,
+        r["max_ms"].as_f64()?,
+    ))
+}
+
 fn stats(ms: &mut [f64]) -> (f64, f64, f64) {
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
@@ -37,7 +72,7 @@ fn stats(ms: &mut [f64]) -> (f64, f64, f64) {
 /// inference on a batch of 16 x 128 random tokens, as `scripts/bench_peft.py` times PyTorch +
 /// PEFT, each with the frozen weights' products in f32 and in bf16 (where the CPU has AVX-512
 /// BF16; PyTorch's side is `autocast(bfloat16)`).
-pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()> {
+pub fn bench(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
     let dir = session::model_dir(&s.model, &s.cache)?;
     let mut loaded = session::load_model(&dir, 2, s.pooling, SEQ, s.train.seed)?;
     let trainables = session::attach(&mut loaded, s)?;
@@ -79,7 +114,7 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
             }
         }
     }
-    let ctx = Ctx::eval();
+    let ctx = Ctx::eval().with_bf16(true);
     for i in 0..WARMUP + steps {
         for (pi, &bf16) in precisions.iter().enumerate() {
             deltatune_core::sites::use_bf16(&mut loaded.model, bf16)?;
@@ -111,23 +146,8 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
         ));
     }
     rows.sort_by_key(|r| !r.1.starts_with("train"));
-    let reference: Option<serde_json::Value> = match reference {
-        Some(p) => Some(
-            serde_json::from_str(
-                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-            )
-            .with_context(|| format!("parsing {}", p.display()))?,
-        ),
-        None => None,
-    };
-    let refv = |k: &str| -> Option<(f64, f64, f64)> {
-        let r = &reference.as_ref()?[k];
-        Some((
-            r["median_ms"].as_f64()?,
-            r["min_ms"].as_f64()?,
-            r["max_ms"].as_f64()?,
-        ))
-    };
+    let reference = load_references(reference)?;
+    let refv = |k: &str| ref_ms(reference.as_ref(), k);
     let threads = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "MiniLM-L6 ({}), LoRA r={} alpha={} on {:?}, batch {BATCH} x {SEQ}, {WARMUP} warm-up + {steps} timed, {threads} threads",
@@ -170,21 +190,8 @@ pub fn bench(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()>
 /// copy of it (time, loss on the same batch, peak memory), and greedy generation at batch 1 and 8,
 /// beside llama.cpp's on the same file when `reference` (scripts/bench_llamacpp.py's JSON) is
 /// given.
-pub fn bench_decoder(s: &Settings, steps: usize, reference: Option<&Path>) -> Result<()> {
-    let reference: Option<serde_json::Value> = match reference {
-        Some(p) => Some(
-            serde_json::from_str(
-                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-            )
-            .with_context(|| {
-                format!(
-                    "{} is not the JSON of scripts/bench_llamacpp.py",
-                    p.display()
-                )
-            })?,
-        ),
-        None => None,
-    };
+pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
+    let reference = load_references(reference)?;
     use deltatune_train::{CausalLmTask, LmExample, Task};
     let mut d = super::lm::load(&s.model, &s.cache)?;
     let mut rng = Rng::new(0);
@@ -204,11 +211,19 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: Option<&Path>) -> Re
     let prompts: Vec<Vec<u32>> = (0..8).map(|_| tok(16)).collect();
     let decode = |_: &[u32]| String::new();
     let mut rows = Vec::new();
-    for base in ["quantized (GGUF blocks)", "f32 (dequantized copy)"] {
-        if base.starts_with("f32") {
+    let mut variants = vec![
+        ("quantized (GGUF blocks)", false),
+        ("f32 (dequantized copy)", false),
+    ];
+    if deltatune_core::ops::has_bf16() {
+        variants.push(("dequantized copy, bf16 products", true));
+    }
+    for (base, bf16) in variants {
+        if !base.starts_with("quantized") {
             d.model.dequantize_base()?;
         }
         let trainables = super::lm::attach(&mut d, s)?;
+        deltatune_core::sites::use_bf16(&mut d.model, bf16)?;
         let (vars, mut opt) = optimiser(&trainables)?;
         let task = CausalLmTask {
             model: &d.model,
@@ -219,7 +234,9 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: Option<&Path>) -> Re
             max_new_tokens: 1,
             stop: Vec::new(),
         };
-        let loss0 = task.loss(&idx, &Ctx::eval())?.to_scalar::<f32>()?;
+        let loss0 = task
+            .loss(&idx, &Ctx::eval().with_bf16(true))?
+            .to_scalar::<f32>()?;
         let mut step = |i: usize| -> Result<f64> {
             let t = Instant::now();
             let loss = task.loss(&idx, &Ctx::train(Rng::new(i as u64)))?;
@@ -235,8 +252,22 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: Option<&Path>) -> Re
             .collect::<Result<_>>()?;
         let (m, lo, hi) = stats(&mut ms);
         let tokens = (BATCH * 24) as f64;
+        // PyTorch + PEFT trains on the f32 (dequantized) model, in f32 or under bf16 autocast.
+        let key = if bf16 {
+            "decoder_train_bf16"
+        } else {
+            "decoder_train_f32"
+        };
+        let (rm, rtok, ratio) = match ref_ms(reference.as_ref(), key) {
+            Some((rm, rlo, rhi)) => (
+                format!("{rm:.0} ({rlo:.0}-{rhi:.0})"),
+                format!("{:.0}", tokens / (rm / 1e3)),
+                format!("{:.2}x", m / rm),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
         rows.push(format!(
-            "| train step, base {base} | {m:.0} ({lo:.0}-{hi:.0}) | {:.0} | {loss0:.6} | {:.0} |",
+            "| train step, base {base} | {m:.0} ({lo:.0}-{hi:.0}) | {:.0} | {rm} | {rtok} | {ratio} | {loss0:.6} | {:.0} |",
             tokens / (m / 1e3),
             super::peak_rss_mib().unwrap_or(0.0)
         ));
@@ -252,14 +283,14 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: Option<&Path>) -> Re
         s.lora.r,
         s.lora.target_modules
     );
-    println!("| workload | median ms (min-max) | tokens/s | loss on the batch (before training) | peak RSS so far MiB |");
-    println!("|---|---|---|---|---|");
+    println!("| workload | deltatune median ms (min-max) | tokens/s | PyTorch + PEFT median ms (min-max) | tokens/s | deltatune's time | loss on the batch (before training) | peak RSS so far MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!("{r}");
     }
     // Generation on the f32 base is not the default; reload the quantized one.
     let d = super::lm::load(&s.model, &s.cache)?;
-    println!("| generation | median ms per token (min-max) | tokens/s | | |");
+    println!("| generation | deltatune median ms per token (min-max) | tokens/s | llama.cpp median ms per token (min-max) | tokens/s | deltatune's time | | |");
     for b in [1usize, 8] {
         let g = deltatune_models::llama::Generator {
             model: &d.model,
@@ -270,29 +301,32 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: Option<&Path>) -> Re
             ..Default::default()
         };
         let mut per_token = Vec::new();
-        for _ in 0..3.max(steps / 3) {
+        for _ in 0..steps.max(3) {
             let t = Instant::now();
             let out = g.generate(&prompts[..b], &cfg, &mut |_, _| true)?;
             let n: usize = out.iter().map(|o| o.ids.len()).sum::<usize>().max(1);
             per_token.push(t.elapsed().as_secs_f64() * 1e3 / n as f64);
         }
         let (m, lo, hi) = stats(&mut per_token);
+        let (rm, rtok, ratio) = match reference.as_ref().map(|r| &r[format!("batch{b}")]) {
+            Some(r) if r["ms_per_token"].as_f64().is_some() => {
+                let rm = r["ms_per_token"].as_f64().unwrap_or(f64::NAN);
+                (
+                    format!(
+                        "{rm:.2} ({:.2}-{:.2})",
+                        r["min"].as_f64().unwrap_or(f64::NAN),
+                        r["max"].as_f64().unwrap_or(f64::NAN)
+                    ),
+                    format!("{:.0}", 1e3 / rm),
+                    format!("{:.2}x", m / rm),
+                )
+            }
+            _ => ("-".into(), "-".into(), "-".into()),
+        };
         println!(
-            "| greedy generation, batch {b}, 16-token prompt, 64 new | {m:.2} ({lo:.2}-{hi:.2}) | {:.0} | | |",
+            "| greedy generation, batch {b}, 16-token prompt, 64 new | {m:.2} ({lo:.2}-{hi:.2}) | {:.0} | {rm} | {rtok} | {ratio} | | |",
             1e3 / m
         );
-        if let Some(r) = reference.as_ref().map(|r| &r[format!("batch{b}")]) {
-            if let Some(rm) = r["ms_per_token"].as_f64() {
-                println!(
-                    "| llama.cpp ({} threads), batch {b}, same file and workload | {rm:.2} ({:.2}-{:.2}) | {:.0} | deltatune's time: {:.2}x | |",
-                    reference.as_ref().map_or(0, |r| r["threads"].as_u64().unwrap_or(0)),
-                    r["min"].as_f64().unwrap_or(f64::NAN),
-                    r["max"].as_f64().unwrap_or(f64::NAN),
-                    1e3 / rm,
-                    m / rm
-                );
-            }
-        }
     }
     Ok(())
 }
