@@ -204,6 +204,22 @@ fn mixed_classifier_batch_gives_each_adapters_peft_probabilities() {
         .collect();
     let inputs = Inputs::from_ids(&ids, 0).unwrap();
     let route: Vec<u32> = pairs.iter().map(|&(k, _)| k as u32).collect();
+    // One adapter row short: the heads (and branches) refuse rather than misroute.
+    let e = model
+        .forward(
+            &inputs,
+            &Ctx::inference().with_adapter_rows(route[1..].to_vec()),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "{} adapter rows for a batch of {}",
+            route.len() - 1,
+            route.len()
+        )),
+        "{e}"
+    );
     let logits = model
         .forward(&inputs, &Ctx::inference().with_adapter_rows(route))
         .unwrap();

@@ -103,6 +103,13 @@ struct Row {
     ids: Vec<u32>,
     /// The token to feed next.
     last: u32,
+    /// The text of the tokens up to `read` (complete characters only).
+    text: String,
+    /// Incremental detokenization (as in TGI): the next tokens are decoded in the window
+    /// `ids[prefix..]` and compared with `ids[prefix..read]`, so a token costs a decode of a
+    /// few tokens, not of the whole sequence.
+    prefix: usize,
+    read: usize,
     /// Bytes of text sent so far.
     sent: usize,
     budget: usize,
@@ -162,19 +169,49 @@ impl Row {
             self.ids.push(tok);
             self.last = tok;
         }
-        let mut text = tokenizer.decode(&self.ids, true).unwrap_or_default();
-        if let Some(cut) = self
+        // The text the new tokens complete. A token that ends inside a character decodes to a
+        // replacement character at the end: wait for the next one (or take it as it is when the
+        // row ends here).
+        let before = tokenizer
+            .decode(&self.ids[self.prefix..self.read], true)
+            .unwrap_or_default();
+        let after = tokenizer
+            .decode(&self.ids[self.prefix..], true)
+            .unwrap_or_default();
+        let mut pending = "";
+        if after.len() > before.len() && after.is_char_boundary(before.len()) {
+            if after.ends_with('\u{FFFD}') {
+                pending = &after[before.len()..];
+            } else {
+                self.text.push_str(&after[before.len()..]);
+                self.prefix = self.read;
+                self.read = self.ids.len();
+            }
+        }
+        // Stop strings: only text from the last `longest stop` bytes before what was sent can
+        // hold a new one.
+        let longest = self.cfg.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.sent.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let cut = self
             .cfg
             .stop
             .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            text.truncate(cut);
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
+            .min();
+        if let Some(cut) = cut {
+            self.text.truncate(cut);
             reason = Some(StopReason::StopString);
         }
         if reason.is_none() && self.ids.len() >= self.budget {
             reason = Some(StopReason::Length);
+        }
+        let mut text = std::mem::take(&mut self.text);
+        let kept = text.len();
+        if reason.is_some() && cut.is_none() {
+            text.push_str(pending);
         }
         // While running, hold back an unfinished character and what may become a stop string.
         let mut end = text.len();
@@ -193,6 +230,8 @@ impl Row {
                 return;
             }
         }
+        text.truncate(kept);
+        self.text = text;
         if let Some(reason) = reason {
             self.done = true;
             let _ = self.events.send(GenEvent::Done(Finish {
@@ -361,6 +400,9 @@ impl Core {
                 prompt_len: n,
                 ids: Vec::new(),
                 last: 0,
+                text: String::new(),
+                prefix: 0,
+                read: 0,
                 sent: 0,
                 events: req.events,
                 done: false,

@@ -66,7 +66,10 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
     } else {
         yt.par_chunks_mut(OUT_CHUNK * m).enumerate().for_each(run);
     }
-    // [out, m] -> [m, out]
+    // [out, m] -> [m, out]; one row is already in order.
+    if m == 1 {
+        return Some(yt);
+    }
     let mut y = vec![0f32; m * out_f];
     for (o, ys) in yt.chunks_exact(m).enumerate() {
         for (r, &v) in ys.iter().enumerate() {
@@ -99,30 +102,13 @@ pub(crate) fn dequantize(w: &QuantMatrix, blocks: std::ops::Range<usize>, out: &
 #[target_feature(enable = "avx512f,f16c")]
 unsafe fn dequantize_blocks(dtype: GgmlDType, src: &[u8], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let low = _mm_set1_epi8(0x0F);
     for (b, o) in out.chunks_exact_mut(32).enumerate() {
         // SAFETY: each block has its bytes in `src` and 32 values in `o`.
         unsafe {
             let (w0, w1) = if dtype == GgmlDType::Q4_1 {
-                let blk = &src[b * 20..(b + 1) * 20];
-                let d = _mm512_set1_ps(f16_at(blk, 0));
-                let m = _mm512_set1_ps(f16_at(blk, 2));
-                let qs = _mm_loadu_si128(blk.as_ptr().add(4).cast());
-                let lo = _mm_and_si128(qs, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low);
-                (
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, m),
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, m),
-                )
+                expand_q4_1(&src[b * 20..(b + 1) * 20])
             } else {
-                let blk = &src[b * 34..(b + 1) * 34];
-                let d = _mm512_set1_ps(f16_at(blk, 0));
-                let q0 = _mm_loadu_si128(blk.as_ptr().add(2).cast());
-                let q1 = _mm_loadu_si128(blk.as_ptr().add(18).cast());
-                (
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d),
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d),
-                )
+                expand_q8_0(&src[b * 34..(b + 1) * 34])
             };
             _mm512_storeu_ps(o.as_mut_ptr(), w0);
             _mm512_storeu_ps(o.as_mut_ptr().add(16), w1);
@@ -182,8 +168,55 @@ fn f16_at(p: &[u8], i: usize) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
 }
 
-/// Q4_1 blocks: `d` f16, `m` f16, 16 bytes of nibbles (value `j` in the low nibble of byte
-/// `j`, value `j + 16` in its high nibble); weight = `q·d + m`.
+/// The 32 weights of a Q4_1 block (`d` f16, `m` f16, 16 bytes of nibbles: value `j` in the low
+/// nibble of byte `j`, value `j + 16` in its high nibble; weight = `q·d + m`) as two vectors.
+///
+/// # Safety
+/// AVX-512F and F16C must be available; `blk` must hold the block's 20 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+unsafe fn expand_q4_1(blk: &[u8]) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    debug_assert!(blk.len() >= 20);
+    let d = _mm512_set1_ps(f16_at(blk, 0));
+    let m = _mm512_set1_ps(f16_at(blk, 2));
+    // SAFETY: `blk` has 16 bytes at offset 4.
+    let qs = unsafe { _mm_loadu_si128(blk.as_ptr().add(4).cast()) };
+    let low = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(qs, low);
+    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low);
+    (
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, m),
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, m),
+    )
+}
+
+/// The 32 weights of a Q8_0 block (`d` f16, 32 signed bytes; weight = `q·d`) as two vectors.
+///
+/// # Safety
+/// AVX-512F and F16C must be available; `blk` must hold the block's 34 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+unsafe fn expand_q8_0(blk: &[u8]) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    debug_assert!(blk.len() >= 34);
+    let d = _mm512_set1_ps(f16_at(blk, 0));
+    // SAFETY: `blk` has 32 bytes at offset 2.
+    let (q0, q1) = unsafe {
+        (
+            _mm_loadu_si128(blk.as_ptr().add(2).cast()),
+            _mm_loadu_si128(blk.as_ptr().add(18).cast()),
+        )
+    };
+    (
+        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d),
+        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d),
+    )
+}
+
+/// Dot products of one row of Q4_1 blocks ([`expand_q4_1`]) with `N` rows of `x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,f16c")]
 unsafe fn q4_1_rows<const N: usize>(row: &[u8], xs: &[f32], in_f: usize, out: &mut [f32]) {
@@ -192,18 +225,10 @@ unsafe fn q4_1_rows<const N: usize>(row: &[u8], xs: &[f32], in_f: usize, out: &m
     let nb = in_f / 32;
     debug_assert!(row.len() >= nb * B && xs.len() >= N * in_f);
     let mut acc = [[_mm512_setzero_ps(); 2]; N];
-    let low = _mm_set1_epi8(0x0F);
     for b in 0..nb {
-        let blk = &row[b * B..(b + 1) * B];
-        let d = _mm512_set1_ps(f16_at(blk, 0));
-        let m = _mm512_set1_ps(f16_at(blk, 2));
-        // SAFETY: `blk` has 16 bytes at offset 4; `xs` rows have 32 values at `b * 32`.
+        // SAFETY: the row holds block `b`; `xs` rows have 32 values at `b * 32`.
         unsafe {
-            let qs = _mm_loadu_si128(blk.as_ptr().add(4).cast());
-            let lo = _mm_and_si128(qs, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low);
-            let w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, m);
-            let w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, m);
+            let (w0, w1) = expand_q4_1(&row[b * B..(b + 1) * B]);
             for (r, a) in acc.iter_mut().enumerate() {
                 let xp = xs.as_ptr().add(r * in_f + b * 32);
                 a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[0]);
@@ -216,7 +241,7 @@ unsafe fn q4_1_rows<const N: usize>(row: &[u8], xs: &[f32], in_f: usize, out: &m
     }
 }
 
-/// Q8_0 blocks: `d` f16, 32 signed bytes; weight = `q·d`.
+/// Dot products of one row of Q8_0 blocks ([`expand_q8_0`]) with `N` rows of `x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,f16c")]
 unsafe fn q8_0_rows<const N: usize>(row: &[u8], xs: &[f32], in_f: usize, out: &mut [f32]) {
@@ -226,14 +251,9 @@ unsafe fn q8_0_rows<const N: usize>(row: &[u8], xs: &[f32], in_f: usize, out: &m
     debug_assert!(row.len() >= nb * B && xs.len() >= N * in_f);
     let mut acc = [[_mm512_setzero_ps(); 2]; N];
     for b in 0..nb {
-        let blk = &row[b * B..(b + 1) * B];
-        let d = _mm512_set1_ps(f16_at(blk, 0));
-        // SAFETY: `blk` has 32 bytes at offset 2; `xs` rows have 32 values at `b * 32`.
+        // SAFETY: the row holds block `b`; `xs` rows have 32 values at `b * 32`.
         unsafe {
-            let q0 = _mm_loadu_si128(blk.as_ptr().add(2).cast());
-            let q1 = _mm_loadu_si128(blk.as_ptr().add(18).cast());
-            let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
-            let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
+            let (w0, w1) = expand_q8_0(&row[b * B..(b + 1) * B]);
             for (r, a) in acc.iter_mut().enumerate() {
                 let xp = xs.as_ptr().add(r * in_f + b * 32);
                 a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[0]);

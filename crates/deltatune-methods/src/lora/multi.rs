@@ -87,17 +87,24 @@ impl MultiLora {
     }
 }
 
+/// The adapter of each of the batch's `b` rows, as a multi-adapter layer needs them: an error
+/// when the pass gave none ([`Ctx::with_adapter_rows`]) or not one per row.
+fn rows_for(ctx: &Ctx, b: usize) -> candle_core::Result<&[u32]> {
+    let Some(rows) = ctx.adapter_rows.as_deref() else {
+        candle_core::bail!(
+            "a multi-adapter layer needs the adapter of each row (Ctx::with_adapter_rows)"
+        );
+    };
+    if rows.len() != b {
+        candle_core::bail!("{} adapter rows for a batch of {b}", rows.len());
+    }
+    Ok(rows)
+}
+
 impl LinearDelta for MultiLora {
     fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let Some(rows) = ctx.adapter_rows.as_ref() else {
-            candle_core::bail!(
-                "a multi-adapter layer needs the adapter of each row (Ctx::with_adapter_rows)"
-            );
-        };
         let b = x.dim(0)?;
-        if rows.len() != b {
-            candle_core::bail!("{} adapter rows for a batch of {b}", rows.len());
-        }
+        let rows = rows_for(ctx, b)?;
         if rows.iter().all(|&r| r as usize >= self.k) {
             return Ok(base);
         }
@@ -146,12 +153,8 @@ pub struct MultiHead {
 
 impl LinearDelta for MultiHead {
     fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let Some(rows) = ctx.adapter_rows.as_ref() else {
-            candle_core::bail!(
-                "a multi-adapter layer needs the adapter of each row (Ctx::with_adapter_rows)"
-            );
-        };
         let b = x.dim(0)?;
+        let rows = rows_for(ctx, b)?;
         let mut out = base;
         for (k, head) in self.heads.iter().enumerate() {
             let Some((w, bias)) = head else { continue };
