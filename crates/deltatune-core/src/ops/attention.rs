@@ -133,6 +133,60 @@ fn combo<T: Real>(coef: &[T], m: &[T], stride: usize, out: &mut [T], accumulate:
     }
 }
 
+/// Up to four rows of [`combo`] at once over the same matrix: `out[r·os ..][..w] = (out +)
+/// Σ_i coef[r·cs + i] · m[i·stride ..][..w]` for `r < rows`, `i < n`. Each load of `m` then
+/// feeds four FMAs (f32 with AVX-512: [`x86::combo4_f32`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn combo4<T: Real>(
+    coef: &[T],
+    cs: usize,
+    n: usize,
+    rows: usize,
+    m: &[T],
+    stride: usize,
+    out: &mut [T],
+    os: usize,
+    w: usize,
+    accumulate: bool,
+    fast: bool,
+) {
+    debug_assert!((1..=4).contains(&rows));
+    #[cfg(target_arch = "x86_64")]
+    if fast && n > 0 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        assert!(coef.len() >= (rows - 1) * cs + n, "combo4: coef too short");
+        assert!(out.len() >= (rows - 1) * os + w, "combo4: out too short");
+        assert!(m.len() >= (n - 1) * stride + w, "combo4: m too short");
+        // SAFETY: `T` is f32 (checked); `fast` is only set with AVX-512F; the extents were
+        // asserted just above.
+        unsafe {
+            x86::combo4_f32(
+                &*(coef as *const [T] as *const [f32]),
+                cs,
+                n,
+                rows,
+                &*(m as *const [T] as *const [f32]),
+                stride,
+                &mut *(out as *mut [T] as *mut [f32]),
+                os,
+                w,
+                accumulate,
+            );
+        }
+        return;
+    }
+    for r in 0..rows {
+        combo(
+            &coef[r * cs..r * cs + n],
+            m,
+            stride,
+            &mut out[r * os..r * os + w],
+            accumulate,
+            fast,
+        );
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -193,6 +247,61 @@ mod x86 {
                     v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), v);
                 }
                 _mm512_mask_storeu_ps(o, k, v);
+            }
+            c0 += 32;
+        }
+    }
+
+    /// [`super::combo4`] for f32: 32 columns (two zmm) of up to four output rows at a time,
+    /// eight accumulators; each pair of loads of `m` feeds eight FMAs.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `coef` must hold `(rows - 1)·cs + n` values, `m`
+    /// `(n - 1)·stride + w`, `out` `(rows - 1)·os + w`; `1 <= rows <= 4`, `n >= 1`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn combo4_f32(
+        coef: &[f32],
+        cs: usize,
+        n: usize,
+        rows: usize,
+        m: &[f32],
+        stride: usize,
+        out: &mut [f32],
+        os: usize,
+        w: usize,
+        accumulate: bool,
+    ) {
+        let mp = m.as_ptr();
+        let op = out.as_mut_ptr();
+        // Rows past `rows` repeat the last one and are not stored.
+        let cp: [*const f32; 4] = std::array::from_fn(|r| coef.as_ptr().add(r.min(rows - 1) * cs));
+        let mut c0 = 0;
+        while c0 < w {
+            let left = w - c0;
+            let k0 = ((1u32 << left.min(16)) - 1) as __mmask16;
+            let k1 = ((1u32 << left.saturating_sub(16).min(16)) - 1) as __mmask16;
+            let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+            for i in 0..n {
+                let row = mp.add(i * stride + c0);
+                let b0 = _mm512_maskz_loadu_ps(k0, row);
+                let b1 = _mm512_maskz_loadu_ps(k1, row.wrapping_add(16));
+                for (a, c) in acc.iter_mut().zip(cp) {
+                    let x = _mm512_set1_ps(*c.add(i));
+                    a[0] = _mm512_fmadd_ps(x, b0, a[0]);
+                    a[1] = _mm512_fmadd_ps(x, b1, a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(rows) {
+                for (h, k) in [(0usize, k0), (1, k1)] {
+                    // Masked-off vectors may lie past the end: no `add` on them.
+                    let o = op.wrapping_add(r * os + c0 + 16 * h);
+                    let mut v = a[h];
+                    if accumulate {
+                        v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), v);
+                    }
+                    _mm512_mask_storeu_ps(o, k, v);
+                }
             }
             c0 += 32;
         }
@@ -307,30 +416,38 @@ simd_kernel! {
         let vh = gather_head(v, bi, tk, kv_heads, dh, kvh);
         let brow = &bias[bi * tk..(bi + 1) * tk];
         let mut out = vec![T::ZERO; group * tq * dh];
-        let mut kept_row = vec![T::ZERO; tk];
+        // The kept (dropped-out) probabilities of up to four rows.
+        let mut kept = vec![T::ZERO; 4 * tk];
         for hg in 0..group {
             let h = kvh * group + hg;
             let qh = gather_head(q, bi, tq, heads, dh, h);
-            for i in 0..tq {
-                let row = &mut p[(hg * tq + i) * tk..(hg * tq + i + 1) * tk];
-                // Scores s = q_i · Kᵀ.
-                combo(&qh[i * dh..(i + 1) * dh], &kt, tk, row, false, fast);
-                let limit = limit_of(g, i);
-                softmax_row(row, brow, scale, limit);
-                let pr: &[T] = match drop {
-                    Some(dr) => {
+            for i0 in (0..tq).step_by(4) {
+                let rows = (tq - i0).min(4);
+                let pb = &mut p[(hg * tq + i0) * tk..(hg * tq + i0 + rows) * tk];
+                // Scores S = Q_rows · Kᵀ.
+                combo4(&qh[i0 * dh..], dh, dh, rows, &kt, tk, pb, tk, tk, false, fast);
+                let mut span = 0;
+                for r in 0..rows {
+                    let i = i0 + r;
+                    let limit = limit_of(g, i);
+                    span = span.max(limit);
+                    let row = &mut pb[r * tk..(r + 1) * tk];
+                    softmax_row(row, brow, scale, limit);
+                    if let Some(dr) = drop {
                         let base = ((bi * heads + h) * tq + i) * tk;
-                        mask_row(&dr.keep, base, T::from_f64(dr.scale), &mut kept_row[..limit]);
-                        for (o, &pv) in kept_row[..limit].iter_mut().zip(row.iter()) {
+                        let kr = &mut kept[r * tk..(r + 1) * tk];
+                        mask_row(&dr.keep, base, T::from_f64(dr.scale), &mut kr[..limit]);
+                        for (o, &pv) in kr[..limit].iter_mut().zip(row.iter()) {
                             *o *= pv;
                         }
-                        &kept_row
+                        kr[limit..].fill(T::ZERO);
                     }
-                    None => row,
-                };
-                // out_i = P̃_i · V over the visible keys.
-                let o = &mut out[(hg * tq + i) * dh..(hg * tq + i + 1) * dh];
-                combo(&pr[..limit], &vh, dh, o, false, fast);
+                }
+                // out_rows = P̃_rows · V over the keys any of the rows sees (P is 0 past a
+                // row's own).
+                let pr: &[T] = if drop.is_some() { &kept } else { pb };
+                let o = &mut out[(hg * tq + i0) * dh..];
+                combo4(pr, tk, span, rows, &vh, dh, o, dh, dh, false, fast);
             }
         }
         out
@@ -411,7 +528,7 @@ simd_kernel! {
         let mut dq = vec![T::ZERO; group * tq * dh];
         let mut dk = vec![T::ZERO; tk * dh];
         let mut dv = vec![T::ZERO; tk * dh];
-        let mut dp = vec![T::ZERO; tk];
+        let mut dp = vec![T::ZERO; 4 * tk];
         let mut mask = vec![T::ONE; tk];
         // P̃ and dS of one head, [Tq, Tk] (zero past each row's visible keys).
         let mut pd = vec![T::ZERO; tq * tk];
@@ -421,37 +538,44 @@ simd_kernel! {
             let qt = gather_head_t(q, bi, tq, heads, dh, h);
             let goh = gather_head(dout, bi, tq, heads, dh, h);
             let got = gather_head_t(dout, bi, tq, heads, dh, h);
-            for i in 0..tq {
-                let base = ((bi * heads + h) * tq + i) * tk;
-                let p = &probs[base..base + tk];
-                let limit = limit_of(g, i);
-                // dP̃ = dO_i · Vᵀ over the visible keys.
-                combo(&goh[i * dh..(i + 1) * dh], &vt, tk, &mut dp[..limit], false, fast);
-                // Dropout: P̃ and dP masked alike.
-                if let Some(dr) = drop {
-                    mask_row(&dr.keep, base, T::from_f64(dr.scale), &mut mask[..limit]);
+            for i0 in (0..tq).step_by(4) {
+                let rows = (tq - i0).min(4);
+                let span = (i0..i0 + rows).map(|i| limit_of(g, i)).max().unwrap_or(0);
+                // dP̃ = dO_rows · Vᵀ over the visible keys.
+                combo4(&goh[i0 * dh..], dh, dh, rows, &vt, tk, &mut dp, tk, span, false, fast);
+                for r in 0..rows {
+                    let i = i0 + r;
+                    let base = ((bi * heads + h) * tq + i) * tk;
+                    let p = &probs[base..base + tk];
+                    let limit = limit_of(g, i);
+                    let dpr = &mut dp[r * tk..(r + 1) * tk];
+                    // Dropout: P̃ and dP masked alike.
+                    if let Some(dr) = drop {
+                        mask_row(&dr.keep, base, T::from_f64(dr.scale), &mut mask[..limit]);
+                    }
+                    let pdr = &mut pd[i * tk..(i + 1) * tk];
+                    for j in 0..limit {
+                        pdr[j] = p[j] * mask[j];
+                        dpr[j] *= mask[j];
+                    }
+                    pdr[limit..].fill(T::ZERO);
+                    // Softmax backward: dS = scale · P ⊙ (dP - Σ dP⊙P).
+                    let s = dot(&dpr[..limit], &p[..limit]);
+                    let dsr = &mut dsm[i * tk..(i + 1) * tk];
+                    for j in 0..limit {
+                        dsr[j] = scale * p[j] * (dpr[j] - s);
+                    }
+                    dsr[limit..].fill(T::ZERO);
                 }
-                let pdr = &mut pd[i * tk..(i + 1) * tk];
-                for j in 0..limit {
-                    pdr[j] = p[j] * mask[j];
-                    dp[j] *= mask[j];
-                }
-                pdr[limit..].fill(T::ZERO);
-                // Softmax backward: dS = scale · P ⊙ (dP - Σ dP⊙P).
-                let s = dot(&dp[..limit], &p[..limit]);
-                let dsr = &mut dsm[i * tk..(i + 1) * tk];
-                for j in 0..limit {
-                    dsr[j] = scale * p[j] * (dp[j] - s);
-                }
-                dsr[limit..].fill(T::ZERO);
-                // dQ_i = dS_i · K.
-                let dqr = &mut dq[(hg * tq + i) * dh..(hg * tq + i + 1) * dh];
-                combo(&dsr[..limit], &kh, dh, dqr, false, fast);
+                // dQ_rows = dS_rows · K.
+                let dqr = &mut dq[(hg * tq + i0) * dh..];
+                combo4(&dsm[i0 * tk..], tk, span, rows, &kh, dh, dqr, dh, dh, false, fast);
             }
             // dVᵀ += dOᵀ · P̃ and dKᵀ += Qᵀ · dS, one head dimension at a time.
-            for d in 0..dh {
-                combo(&got[d * tq..(d + 1) * tq], &pd, tk, &mut dv[d * tk..(d + 1) * tk], true, fast);
-                combo(&qt[d * tq..(d + 1) * tq], &dsm, tk, &mut dk[d * tk..(d + 1) * tk], true, fast);
+            for d0 in (0..dh).step_by(4) {
+                let rows = (dh - d0).min(4);
+                combo4(&got[d0 * tq..], tq, tq, rows, &pd, tk, &mut dv[d0 * tk..], tk, tk, true, fast);
+                combo4(&qt[d0 * tq..], tq, tq, rows, &dsm, tk, &mut dk[d0 * tk..], tk, tk, true, fast);
             }
         }
         (dq, dk, dv)

@@ -34,6 +34,7 @@ mod linear;
 mod loss;
 mod norm;
 pub(crate) mod quant_dot;
+pub(crate) mod quant_int8;
 mod quant_linear;
 mod softmax;
 
