@@ -219,11 +219,6 @@ enum Command {
         /// file (for comparisons with PEFT: scripts/check_peft_decoder.py).
         #[arg(long)]
         dump_logits: Option<PathBuf>,
-        /// Decode with 8-bit activations and integer dot products against the quantized
-        /// weights (AVX-512 VNNI, as llama.cpp does): faster at batch 1, slightly different
-        /// numbers. Applies to products of up to 16 rows (decoding steps, short prompts).
-        #[arg(long)]
-        int8_activations: bool,
         texts: Vec<String>,
     },
     /// Show the model's module tree with parameter counts and where the delta would attach.
@@ -673,7 +668,6 @@ fn main() -> ExitCode {
             seed,
             stop,
             dump_logits,
-            int8_activations,
             texts,
         } => commands::lm::generate(&commands::lm::GenerateArgs {
             adapter,
@@ -691,7 +685,6 @@ fn main() -> ExitCode {
                 stop,
             },
             dump_logits,
-            int8_activations,
         }),
         Command::Eval { adapter, data } => {
             if commands::image::is_image_adapter(&adapter) {

@@ -287,9 +287,6 @@ pub struct Linear {
     bf16: Option<(candle_core::TensorId, Arc<ops::Bf16Weight>)>,
     /// Whether the products use `bf16` (the copy is kept while off, so switching is free).
     bf16_on: bool,
-    /// Inference products of a few rows with a quantized weight use 8-bit activations
-    /// ([`Linear::use_int8`]).
-    int8: bool,
 }
 
 impl Linear {
@@ -303,7 +300,6 @@ impl Linear {
             quant: None,
             bf16: None,
             bf16_on: false,
-            int8: false,
         }
     }
 
@@ -321,7 +317,6 @@ impl Linear {
             quant: Some(q),
             bf16: None,
             bf16_on: false,
-            int8: false,
         })
     }
 
@@ -349,7 +344,7 @@ impl Linear {
     /// copy and the pass allows it, or plain).
     fn base_forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         match (&self.quant, &self.bf16) {
-            (Some(q), _) => ops::quant_linear(x, q, self.bias.as_ref(), self.int8 && ctx.no_grad),
+            (Some(q), _) => ops::quant_linear(x, q, self.bias.as_ref()),
             (None, Some((id, w))) if ctx.bf16 && self.bf16_on && *id == self.weight.id() => {
                 ops::bf16_linear(x, w, self.bias.as_ref())
             }
@@ -378,15 +373,6 @@ impl Linear {
         }
         self.bf16_on = self.bf16.is_some();
         Ok(self.bf16_on)
-    }
-
-    /// Decode with 8-bit activations (`on`): products of up to 16 rows with the quantized
-    /// weight (Q4_1, Q8_0) quantize each row of the input to 8 bits per block of 32 and use
-    /// integer dot products (AVX-512 VNNI), as llama.cpp does; only in passes without gradients.
-    /// Returns whether the layer now does (a quantized weight on a CPU with VNNI).
-    pub fn use_int8(&mut self, on: bool) -> bool {
-        self.int8 = on && self.quant.as_ref().is_some_and(ops::quant_int8::supports);
-        self.int8
     }
 
     /// Whether the products use the bf16 copy of the weight.
@@ -500,16 +486,6 @@ pub fn use_bf16<M: HasSites + ?Sized>(model: &mut M, on: bool) -> Result<usize> 
         n += usize::from(lin.use_bf16(on)?);
     }
     Ok(n)
-}
-
-/// [`Linear::use_int8`] on every linear layer of `model`; returns how many now decode with 8-bit
-/// activations.
-pub fn use_int8<M: HasSites + ?Sized>(model: &mut M, on: bool) -> usize {
-    model
-        .linears_mut()
-        .into_iter()
-        .map(|lin| usize::from(lin.use_int8(on)))
-        .sum()
 }
 
 /// What a model offers to delta methods.

@@ -289,19 +289,9 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
         println!("{r}");
     }
     // Generation on the f32 base is not the default; reload the quantized one.
-    let mut d = super::lm::load(&s.model, &s.cache)?;
+    let d = super::lm::load(&s.model, &s.cache)?;
     println!("| generation | deltatune median ms per token (min-max) | tokens/s | llama.cpp median ms per token (min-max) | tokens/s | deltatune's time | | |");
-    let int8_rows: &[bool] = if deltatune_core::sites::use_int8(&mut d.model, true) > 0 {
-        &[false, true]
-    } else {
-        &[false]
-    };
-    for (b, int8) in [1usize, 8]
-        .into_iter()
-        .flat_map(|b| int8_rows.iter().map(move |&i| (b, i)))
-    {
-        deltatune_core::sites::use_int8(&mut d.model, int8);
-        let what = if int8 { ", 8-bit activations" } else { "" };
+    for b in [1usize, 8] {
         let g = deltatune_models::llama::Generator {
             model: &d.model,
             decode: None,
@@ -334,7 +324,7 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
             _ => ("-".into(), "-".into(), "-".into()),
         };
         println!(
-            "| greedy generation, batch {b}{what}, 16-token prompt, 64 new | {m:.2} ({lo:.2}-{hi:.2}) | {:.0} | {rm} | {rtok} | {ratio} | | |",
+            "| greedy generation, batch {b}, 16-token prompt, 64 new | {m:.2} ({lo:.2}-{hi:.2}) | {:.0} | {rm} | {rtok} | {ratio} | | |",
             1e3 / m
         );
     }

@@ -433,8 +433,6 @@ pub struct GenerateArgs {
     pub chat: bool,
     pub config: GenerateConfig,
     pub dump_logits: Option<PathBuf>,
-    /// Decode with 8-bit activations ([`deltatune_core::Linear::use_int8`]).
-    pub int8_activations: bool,
 }
 
 /// Loads a decoder with the adapter in `dir` attached (PEFT's or deltatune's folder), on
@@ -481,7 +479,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         .cache
         .clone()
         .unwrap_or_else(deltatune_data::assets::default_cache_dir);
-    let mut d = match &a.adapter {
+    let d = match &a.adapter {
         Some(dir) => load_with_adapter(dir, a.model.as_deref(), &cache)?,
         None => load(
             a.model
@@ -490,7 +488,6 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
             &cache,
         )?,
     };
-    deltatune_core::sites::use_int8(&mut d.model, a.int8_activations);
     let mut texts = a.texts.clone();
     if let Some(f) = &a.file {
         let body =

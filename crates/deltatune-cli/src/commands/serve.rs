@@ -43,10 +43,6 @@ pub struct ServeArgs {
     /// Batch rows at most (requests running together).
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
-    /// A decoder decodes with 8-bit activations and integer dot products (AVX-512 VNNI) in
-    /// steps of up to 16 rows: faster, slightly different numbers (see `deltatune generate`).
-    #[arg(long)]
-    pub int8_activations: bool,
     /// Requests waiting at most; more get 503 with Retry-After.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -139,8 +135,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
     };
     let (backend, base_dir) = if is_decoder(&spec, &cache) {
-        let mut d = super::lm::load(&spec, &cache)?;
-        deltatune_core::sites::use_int8(&mut d.model, a.int8_activations);
+        let d = super::lm::load(&spec, &cache)?;
         let folders = named
             .iter()
             .map(|(n, dir)| AdapterFolder::read(n, dir, None))

@@ -34,7 +34,6 @@ mod linear;
 mod loss;
 mod norm;
 pub(crate) mod quant_dot;
-pub(crate) mod quant_int8;
 mod quant_linear;
 mod softmax;
 

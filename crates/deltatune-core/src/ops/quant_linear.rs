@@ -53,14 +53,8 @@ fn forward_block_rows(out_f: usize) -> usize {
 /// ([`super::quant_dot`]) instead of dequantizing `W` for the GEMM.
 const FUSED_MAX_ROWS: usize = 16;
 
-/// `y = x·Wᵀ` for a row-major `x` `[m, in]`, as a row-major `[m, out]` vector; with `int8`,
-/// a few rows go through 8-bit activations and integer dot products ([`super::quant_int8`]).
-fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool, int8: bool) -> Vec<f32> {
-    if int8 && m <= FUSED_MAX_ROWS {
-        if let Some(y) = super::quant_int8::forward(x, m, w) {
-            return y;
-        }
-    }
+/// `y = x·Wᵀ` for a row-major `x` `[m, in]`, as a row-major `[m, out]` vector.
+fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool) -> Vec<f32> {
     if fast && m <= FUSED_MAX_ROWS {
         if let Some(y) = super::quant_dot::forward(x, m, w) {
             return y;
@@ -220,8 +214,6 @@ fn backward(g: &[f32], m: usize, w: &QuantMatrix, fast: bool) -> Vec<f32> {
 
 struct QuantLinear {
     w: QuantMatrix,
-    /// Few-row products with 8-bit activations (inference only).
-    int8: bool,
     /// `[out]` f32, fused into the forward; `None` when absent or trainable.
     b: Option<Tensor>,
 }
@@ -248,7 +240,7 @@ impl CustomOp1 for QuantLinear {
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank >= 1 checked") = out_f;
         let x = contiguous(xd, l);
-        let mut y = forward(&x, m, &self.w, fast_path(), self.int8);
+        let mut y = forward(&x, m, &self.w, fast_path());
         if let Some(b) = &self.b {
             with_slice::<f32, _>(b, |bias| {
                 if out_f > 0 {
@@ -286,8 +278,6 @@ impl CustomOp1 for QuantLinear {
 
 /// `y = x·Wᵀ + b` with a frozen quantized `W` (`[out, in]`, see [`QuantMatrix`]).
 ///
-/// With `int8`, products of up to 16 rows (decoding) quantize `x` to 8 bits per block of 32
-/// and use integer dot products where the CPU has AVX-512 VNNI (see `ops::quant_int8`).
 /// Backward yields only `dx = g·W`. A bias that is a variable or tracks an op gets its
 /// gradient (it is added with `broadcast_add` after the op); a frozen bias is fused.
 ///
@@ -295,12 +285,7 @@ impl CustomOp1 for QuantLinear {
 /// * `x`: `[..., in]` f32 on the CPU (any layout);
 /// * `b`: `[out]` f32;
 /// * returns `[..., out]`.
-pub fn quant_linear(
-    x: &Tensor,
-    w: &QuantMatrix,
-    bias: Option<&Tensor>,
-    int8: bool,
-) -> Result<Tensor> {
+pub fn quant_linear(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2();
     if x.dtype() != DType::F32 {
         bail!(
@@ -339,7 +324,6 @@ pub fn quant_linear(
     };
     let y = x.apply_op1(QuantLinear {
         w: w.clone(),
-        int8,
         b: fused,
     })?;
     match added {
@@ -388,7 +372,7 @@ mod tests {
             } else {
                 bv.as_tensor().clone()
             };
-            let y = quant_linear(x.as_tensor(), &w, Some(&bias), false).unwrap();
+            let y = quant_linear(x.as_tensor(), &w, Some(&bias)).unwrap();
             let y_ref = frozen_linear(&x.as_tensor().detach(), &wd, Some(&b)).unwrap();
             let e = rel_err(&y, &y_ref);
             assert!(e < 1e-5, "{dtype:?} {x_dims:?} forward rel err {e}");
@@ -453,7 +437,7 @@ mod tests {
         // A transposed (non-contiguous) x.
         let w = QuantMatrix::quantize(&randn(1, &[40, 64]), GgmlDType::Q5_0, "w").unwrap();
         let xt = randn(2, &[64, 18]).t().unwrap();
-        let y = quant_linear(&xt, &w, None, false).unwrap();
+        let y = quant_linear(&xt, &w, None).unwrap();
         let y_ref =
             frozen_linear(&xt.contiguous().unwrap(), &w.dequantize().unwrap(), None).unwrap();
         assert!(rel_err(&y, &y_ref) < 1e-5);
@@ -463,14 +447,14 @@ mod tests {
     fn quant_linear_rejects_bad_inputs() {
         let w =
             QuantMatrix::quantize(&randn(1, &[8, 32]), GgmlDType::Q8_0, "blk.0.attn_q").unwrap();
-        let err = quant_linear(&randn(2, &[3, 31]), &w, None, false)
+        let err = quant_linear(&randn(2, &[3, 31]), &w, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("blk.0.attn_q") && err.contains("32"), "{err}");
         let x64 = randn(2, &[3, 32]).to_dtype(DType::F64).unwrap();
-        assert!(quant_linear(&x64, &w, None, false).is_err());
+        assert!(quant_linear(&x64, &w, None).is_err());
         let bad_b = Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap();
-        assert!(quant_linear(&randn(2, &[3, 32]), &w, Some(&bad_b), false).is_err());
+        assert!(quant_linear(&randn(2, &[3, 32]), &w, Some(&bad_b)).is_err());
     }
 
     #[test]
@@ -485,7 +469,7 @@ mod tests {
             let t0 = std::time::Instant::now();
             for _ in 0..5 {
                 let y = if name == "quant" {
-                    quant_linear(x.as_tensor(), &w, None, false).unwrap()
+                    quant_linear(x.as_tensor(), &w, None).unwrap()
                 } else {
                     frozen_linear(x.as_tensor(), &wd, None).unwrap()
                 };
