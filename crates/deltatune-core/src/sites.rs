@@ -343,11 +343,9 @@ impl Linear {
     /// `x W^T + b` through the frozen weight (quantized, bf16 when the layer has a current bf16
     /// copy and the pass allows it, or plain).
     fn base_forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        match (&self.quant, &self.bf16) {
+        match (&self.quant, self.bf16_weight()) {
             (Some(q), _) => ops::quant_linear(x, q, self.bias.as_ref()),
-            (None, Some((id, w))) if ctx.bf16 && self.bf16_on && *id == self.weight.id() => {
-                ops::bf16_linear(x, w, self.bias.as_ref())
-            }
+            (None, Some(w)) if ctx.bf16 => ops::bf16_linear(x, w, self.bias.as_ref()),
             _ => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
         }
     }
@@ -375,11 +373,17 @@ impl Linear {
         Ok(self.bf16_on)
     }
 
-    /// Whether the products use the bf16 copy of the weight.
+    /// The bf16 copy of the weight when it is on and made from the current weight.
+    fn bf16_weight(&self) -> Option<&Arc<ops::Bf16Weight>> {
+        match &self.bf16 {
+            Some((id, w)) if self.bf16_on && *id == self.weight.id() => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Whether training passes multiply by the bf16 copy of the weight.
     pub fn uses_bf16(&self) -> bool {
-        self.bf16_on
-            && self.quant.is_none()
-            && matches!(&self.bf16, Some((id, _)) if *id == self.weight.id())
+        self.quant.is_none() && self.bf16_weight().is_some()
     }
 
     pub fn in_features(&self) -> usize {

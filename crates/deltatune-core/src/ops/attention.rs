@@ -50,7 +50,7 @@ impl Geometry {
 
 /// The dropout on the probabilities: keep-bits over `[B, H, Tq, Tk]` and the kept scale.
 #[derive(Clone)]
-struct Drop {
+struct ProbDropout {
     keep: Arc<Vec<u64>>,
     scale: f64,
 }
@@ -59,17 +59,17 @@ struct Attention {
     g: Geometry,
     /// `[B, Tk]`, 0 or a large negative number per key.
     bias: Tensor,
-    drop: Option<Drop>,
+    drop: Option<ProbDropout>,
     /// `P` before dropout, `[B, H, Tq, Tk]`, set by the forward pass for the backward pass.
     probs: Mutex<Option<CpuStorage>>,
 }
 
 /// `out = (out +) Σ_r coef[r] · m[r·stride ..][..out.len()]`: a row vector times the first
-/// `coef.len()` rows of a row-major matrix, the core of every product here. f32 with AVX-512
-/// (`fast`) takes [`x86::combo_f32`]; otherwise the columns go in blocks of 32 with two sets of
+/// `coef.len()` rows of a row-major matrix, for [`combo4`] where its AVX-512 kernel does not
+/// apply (f64, or a CPU without AVX-512). The columns go in blocks of 32 with two sets of
 /// accumulators (even and odd rows), so the compiler keeps them in registers.
 #[inline(always)]
-fn combo<T: Real>(coef: &[T], m: &[T], stride: usize, out: &mut [T], accumulate: bool, fast: bool) {
+fn combo<T: Real>(coef: &[T], m: &[T], stride: usize, out: &mut [T], accumulate: bool) {
     if coef.is_empty() {
         if !accumulate {
             out.fill(T::ZERO);
@@ -77,23 +77,6 @@ fn combo<T: Real>(coef: &[T], m: &[T], stride: usize, out: &mut [T], accumulate:
         return;
     }
     debug_assert!(m.len() >= (coef.len() - 1) * stride + out.len());
-    #[cfg(target_arch = "x86_64")]
-    if fast && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: `T` is f32 (checked), so the casts reinterpret f32 slices as themselves;
-        // `fast` is only set when the CPU has AVX-512F; `m` covers every row read (asserted by
-        // the callers' shapes, checked in debug builds above).
-        unsafe {
-            x86::combo_f32(
-                &*(coef as *const [T] as *const [f32]),
-                &*(m as *const [T] as *const [f32]),
-                stride,
-                &mut *(out as *mut [T] as *mut [f32]),
-                accumulate,
-            );
-        }
-        return;
-    }
-    let _ = fast;
     const W: usize = 32;
     let w = out.len();
     let n = coef.len();
@@ -133,9 +116,10 @@ fn combo<T: Real>(coef: &[T], m: &[T], stride: usize, out: &mut [T], accumulate:
     }
 }
 
-/// Up to four rows of [`combo`] at once over the same matrix: `out[r·os ..][..w] = (out +)
-/// Σ_i coef[r·cs + i] · m[i·stride ..][..w]` for `r < rows`, `i < n`. Each load of `m` then
-/// feeds four FMAs (f32 with AVX-512: [`x86::combo4_f32`]).
+/// Up to four rows of `out[r·os ..][..w] = (out +) Σ_i coef[r·cs + i] · m[i·stride ..][..w]`
+/// (`r < rows`, `i < n`) at once over the same matrix, the core of every product here. f32 with
+/// AVX-512 (`fast`) takes [`x86::combo4_f32`], where each load of `m` feeds four FMAs; otherwise
+/// each row goes through [`combo`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn combo4<T: Real>(
@@ -182,7 +166,6 @@ fn combo4<T: Real>(
             stride,
             &mut out[r * os..r * os + w],
             accumulate,
-            fast,
         );
     }
 }
@@ -190,67 +173,6 @@ fn combo4<T: Real>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-
-    /// [`super::combo`] for f32 with AVX-512: 32 columns (two zmm) at a time with four sets of
-    /// accumulators (rows `r mod 4`), eight independent FMA chains; the last columns masked.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; `m` must hold `(coef.len() - 1) · stride + out.len()` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn combo_f32(
-        coef: &[f32],
-        m: &[f32],
-        stride: usize,
-        out: &mut [f32],
-        accumulate: bool,
-    ) {
-        let (n, w) = (coef.len(), out.len());
-        assert!(
-            n == 0 || m.len() >= (n - 1) * stride + w,
-            "combo: m too short"
-        );
-        let mp = m.as_ptr();
-        let op = out.as_mut_ptr();
-        let mut c0 = 0;
-        while c0 < w {
-            let left = w - c0;
-            let k0 = ((1u32 << left.min(16)) - 1) as __mmask16;
-            let k1 = ((1u32 << left.saturating_sub(16).min(16)) - 1) as __mmask16;
-            let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-            let mut r = 0;
-            while r + 4 <= n {
-                for (s, a) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*coef.get_unchecked(r + s));
-                    let row = mp.add((r + s) * stride + c0);
-                    a[0] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k0, row), a[0]);
-                    a[1] =
-                        _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k1, row.wrapping_add(16)), a[1]);
-                }
-                r += 4;
-            }
-            while r < n {
-                let x = _mm512_set1_ps(*coef.get_unchecked(r));
-                let row = mp.add(r * stride + c0);
-                let a = &mut acc[r % 4];
-                a[0] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k0, row), a[0]);
-                a[1] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k1, row.wrapping_add(16)), a[1]);
-                r += 1;
-            }
-            for (h, k) in [(0usize, k0), (1, k1)] {
-                let mut v = _mm512_add_ps(
-                    _mm512_add_ps(acc[0][h], acc[1][h]),
-                    _mm512_add_ps(acc[2][h], acc[3][h]),
-                );
-                // Masked-off vectors may lie past the end: no `add` on them.
-                let o = op.wrapping_add(c0 + 16 * h);
-                if accumulate {
-                    v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), v);
-                }
-                _mm512_mask_storeu_ps(o, k, v);
-            }
-            c0 += 32;
-        }
-    }
 
     /// [`super::combo4`] for f32: 32 columns (two zmm) of up to four output rows at a time,
     /// eight accumulators; each pair of loads of `m` feeds eight FMAs.
@@ -311,26 +233,12 @@ mod x86 {
 /// Softmax of `s·scale + bias` in place over the first `limit` keys; later keys get 0.
 #[inline(always)]
 fn softmax_row<T: Real>(s: &mut [T], bias: &[T], scale: T, limit: usize) {
-    {
-        let limit = limit.min(s.len());
-        let (live, masked) = s.split_at_mut(limit);
-        for (v, &b) in live.iter_mut().zip(bias) {
-            *v = *v * scale + b;
-        }
-        masked.fill(T::ZERO);
-        let m = super::kernels::max(live);
-        if m == T::NEG_INFINITY || live.is_empty() {
-            live.fill(T::ZERO);
-            return;
-        }
-        for v in live.iter_mut() {
-            *v = (*v - m).fexp();
-        }
-        let inv = T::ONE / super::kernels::sum(live);
-        for v in live.iter_mut() {
-            *v *= inv;
-        }
+    let (live, masked) = s.split_at_mut(limit.min(s.len()));
+    for (v, &b) in live.iter_mut().zip(bias) {
+        *v = *v * scale + b;
     }
+    masked.fill(T::ZERO);
+    super::softmax::softmax_logits_inplace(live);
 }
 
 /// `out[j] = scale` where bit `base + j` of the keep-mask is set, else 0.
@@ -396,7 +304,7 @@ simd_kernel! {
         v: &[T],
         bias: &[T],
         g: &Geometry,
-        drop: Option<&Drop>,
+        drop: Option<&ProbDropout>,
         task: usize,
         p: &mut [T],
         fast: bool,
@@ -454,6 +362,20 @@ simd_kernel! {
     }
 }
 
+/// Copies the query-head rows `[group, Tq, D]` of task `task` (example `task / kv_heads`,
+/// key/value head `task % kv_heads`) into the token-major `[B, Tq, heads·D]` `dst`.
+fn scatter_query_heads<T: Copy>(rows: &[T], task: usize, g: &Geometry, dst: &mut [T]) {
+    let (tq, heads, dh, group) = (g.tq, g.heads, g.dh, g.group());
+    let (bi, kvh) = (task / g.kv_heads, task % g.kv_heads);
+    for hg in 0..group {
+        let h = kvh * group + hg;
+        for i in 0..tq {
+            let d0 = (bi * tq + i) * heads * dh + h * dh;
+            dst[d0..d0 + dh].copy_from_slice(&rows[(hg * tq + i) * dh..(hg * tq + i + 1) * dh]);
+        }
+    }
+}
+
 /// Forward: `(out [B, Tq, H·D], P [B, H, Tq, Tk])`.
 fn forward<T: Real>(
     q: &[T],
@@ -461,38 +383,23 @@ fn forward<T: Real>(
     v: &[T],
     bias: &[T],
     g: &Geometry,
-    drop: Option<&Drop>,
+    drop: Option<&ProbDropout>,
 ) -> (Vec<T>, Vec<T>) {
     let Geometry {
-        b: _,
-        tq,
-        tk,
-        heads,
-        kv_heads,
-        dh,
-        ..
+        tq, tk, heads, dh, ..
     } = *g;
-    let group = g.group();
     let fast = super::gemm::has_avx512();
     let mut probs = vec![T::ZERO; g.b * heads * tq * tk];
-    let per_task = group * tq * tk;
+    let per_task = g.group() * tq * tk;
     // Each task: one example and one key/value head (its `group` query heads).
     let outs: Vec<Vec<T>> = probs
         .par_chunks_mut(per_task.max(1))
         .enumerate()
         .map(|(task, p)| forward_task(q, k, v, bias, g, drop, task, p, fast))
         .collect();
-    // Scatter the heads' rows into the token-major output.
     let mut y = vec![T::ZERO; g.b * tq * heads * dh];
     for (task, out) in outs.iter().enumerate() {
-        let (bi, kvh) = (task / kv_heads, task % kv_heads);
-        for hg in 0..group {
-            let h = kvh * group + hg;
-            for i in 0..tq {
-                let d0 = (bi * tq + i) * heads * dh + h * dh;
-                y[d0..d0 + dh].copy_from_slice(&out[(hg * tq + i) * dh..(hg * tq + i + 1) * dh]);
-            }
-        }
+        scatter_query_heads(out, task, g, &mut y);
     }
     (y, probs)
 }
@@ -508,7 +415,7 @@ simd_kernel! {
         probs: &[T],
         dout: &[T],
         g: &Geometry,
-        drop: Option<&Drop>,
+        drop: Option<&ProbDropout>,
         task: usize,
         fast: bool,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
@@ -591,19 +498,13 @@ fn backward<T: Real>(
     probs: &[T],
     dout: &[T],
     g: &Geometry,
-    drop: Option<&Drop>,
+    drop: Option<&ProbDropout>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let Geometry {
-        tq,
-        tk,
-        heads,
-        kv_heads,
-        dh,
-        ..
+        tk, kv_heads, dh, ..
     } = *g;
-    let group = g.group();
     let fast = super::gemm::has_avx512();
-    // Per task: dq rows [group, Tq, D], dk and dv [Tk, D].
+    // Per task: dq rows [group, Tq, D], dkᵀ and dvᵀ [D, Tk].
     let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..g.b * kv_heads)
         .into_par_iter()
         .map(|task| backward_task(q, k, v, probs, dout, g, drop, task, fast))
@@ -612,14 +513,8 @@ fn backward<T: Real>(
     let mut gk = vec![T::ZERO; k.len()];
     let mut gv = vec![T::ZERO; v.len()];
     for (task, (dq, dk, dv)) in parts.iter().enumerate() {
+        scatter_query_heads(dq, task, g, &mut gq);
         let (bi, kvh) = (task / kv_heads, task % kv_heads);
-        for hg in 0..group {
-            let h = kvh * group + hg;
-            for i in 0..tq {
-                let d0 = (bi * tq + i) * heads * dh + h * dh;
-                gq[d0..d0 + dh].copy_from_slice(&dq[(hg * tq + i) * dh..(hg * tq + i + 1) * dh]);
-            }
-        }
         for j in 0..tk {
             let d0 = (bi * tk + j) * kv_heads * dh + kvh * dh;
             for d in 0..dh {
@@ -797,7 +692,7 @@ pub fn attention(
             causal: causal_offset,
         },
         bias: key_bias.to_dtype(q.dtype())?.detach(),
-        drop: dropout.map(|(keep, scale)| Drop {
+        drop: dropout.map(|(keep, scale)| ProbDropout {
             keep: Arc::new(keep),
             scale: f64::from(scale),
         }),
@@ -808,6 +703,7 @@ pub fn attention(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::max_abs_diff;
     use super::*;
     use crate::sites::Ctx;
     use crate::Rng;
@@ -864,21 +760,6 @@ mod tests {
             .transpose(1, 2)
             .unwrap()
             .reshape((b, tq, heads * dh))
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
             .unwrap()
     }
 
@@ -941,9 +822,9 @@ mod tests {
             let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
             let what = format!("b {b} tq {tq} tk {tk} heads {heads}/{kv_heads} dh {dh}");
             assert!(
-                max_diff(&y1, &y2) < tol,
+                max_abs_diff(&y1, &y2) < tol,
                 "forward, {what}: {}",
-                max_diff(&y1, &y2)
+                max_abs_diff(&y1, &y2)
             );
             let g1 = (&y1 * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (&y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -952,9 +833,13 @@ mod tests {
                     g1.get(x.as_tensor()).unwrap(),
                     g2.get(x.as_tensor()).unwrap(),
                 );
-                assert!(max_diff(a, c) < tol, "d{name}, {what}: {}", max_diff(a, c));
                 assert!(
-                    max_diff(a, &a.zeros_like().unwrap()) > 0.0,
+                    max_abs_diff(a, c) < tol,
+                    "d{name}, {what}: {}",
+                    max_abs_diff(a, c)
+                );
+                assert!(
+                    max_abs_diff(a, &a.zeros_like().unwrap()) > 0.0,
                     "d{name} is zero, {what}"
                 );
             }

@@ -33,8 +33,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{split, MatRef};
-use super::kernels::{contiguous, wants_grad, with_slice};
+use super::gemm::{block_width, equal_part, split, MatRef, SendPtr};
+use super::kernels::{add_unfused_bias, contiguous, split_bias, with_slice};
 
 /// Rows of the microkernel tile.
 const MR: usize = 8;
@@ -49,11 +49,13 @@ const B_BLOCK_BYTES: usize = 512 * 1024;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 21;
 
-/// Whether this CPU has the bf16 path (AVX-512F and AVX-512 BF16).
+/// Whether this CPU has the bf16 path (AVX-512F, BW for the rounding's masked stores, and
+/// AVX-512 BF16).
 pub fn has_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        super::gemm::has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -163,11 +165,6 @@ impl Bf16Weight {
         (self.fwd.n, self.fwd.k)
     }
 
-    /// Bytes of the two packed copies.
-    pub fn size_in_bytes(&self) -> usize {
-        2 * (self.fwd.data.len() + self.bwd.data.len())
-    }
-
     /// The rounded weight as f32 `[out, in]` (what the products multiply by).
     pub fn to_f32(&self) -> Vec<f32> {
         let (out_f, in_f) = self.dims2();
@@ -244,24 +241,15 @@ fn product(a: &[f32], m: usize, b: &Panels, bias: Option<&[f32]>) -> Vec<f32> {
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint parts of it.
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes from the tasks in `product`.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
 /// Pairs of depths per block: `kp` cut into equal parts of at most `KCP_MAX`.
 fn kcp_of(kp: usize) -> usize {
-    kp.div_ceil(kp.div_ceil(KCP_MAX))
+    equal_part(kp, KCP_MAX)
 }
 
-/// Width of the column blocks of a task `width` columns wide (a multiple of `NR`, equal
-/// parts, at most `B_BLOCK_BYTES` of `B` per depth block).
+/// Width of the column blocks of a task `width` columns wide: at most `B_BLOCK_BYTES` of `B`
+/// per depth block (a pair of bf16 depths takes 4 bytes per column).
 fn nc_of(width: usize, kcp: usize) -> usize {
-    let max_panels = (B_BLOCK_BYTES / (4 * kcp * NR)).max(1);
-    let panels = width.div_ceil(NR);
-    let blocks = panels.div_ceil(max_panels);
-    panels.div_ceil(blocks) * NR
+    block_width(width, 4 * kcp * NR, B_BLOCK_BYTES)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -504,18 +492,12 @@ pub fn bf16_linear(x: &Tensor, w: &Arc<Bf16Weight>, b: Option<&Tensor>) -> Resul
             );
         }
     }
-    let (fused, added) = match b {
-        Some(b) if wants_grad(b) => (None, Some(b)),
-        b => (b.cloned(), None),
-    };
+    let (fused, added) = split_bias(b);
     let y = x.apply_op1(Bf16Linear {
         w: Arc::clone(w),
         b: fused,
     })?;
-    match added {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    add_unfused_bias(y, added)
 }
 
 #[cfg(test)]

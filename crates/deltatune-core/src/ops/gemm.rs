@@ -178,8 +178,9 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// A raw output pointer shared by tasks that write disjoint parts of it.
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes from the tasks in `sgemm`.
+pub(super) struct SendPtr(pub(super) *mut f32);
+// SAFETY: only used for disjoint writes from the tasks of one product (`sgemm`, the bf16
+// product), each task writing its own rectangle.
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
@@ -216,18 +217,29 @@ pub(super) fn split(m: usize, n: usize, threads: usize) -> Vec<Rect> {
     }
 }
 
-/// Depth of the packed blocks: `k` cut into equal parts of at most `KC_MAX`.
-fn kc_of(k: usize) -> usize {
-    k.div_ceil(k.div_ceil(KC_MAX))
+/// The size of each part when `n > 0` is cut into equal parts of at most `max`.
+pub(super) fn equal_part(n: usize, max: usize) -> usize {
+    n.div_ceil(n.div_ceil(max))
 }
 
-/// Width of the column blocks of a task `width` columns wide: at most
-/// `B_BLOCK_BYTES` of packed `B`, a multiple of `NR`, equal parts.
-fn nc_of(width: usize, kc: usize) -> usize {
-    let max_panels = (B_BLOCK_BYTES / (4 * kc * NR)).max(1);
+/// Width of the column blocks of a task `width` columns wide: a multiple of `NR`, equal parts,
+/// each at most `max_bytes` of packed `B` where one `NR`-wide panel takes `panel_bytes`.
+pub(super) fn block_width(width: usize, panel_bytes: usize, max_bytes: usize) -> usize {
+    let max_panels = (max_bytes / panel_bytes).max(1);
     let panels = width.div_ceil(NR);
     let blocks = panels.div_ceil(max_panels);
     panels.div_ceil(blocks) * NR
+}
+
+/// Depth of the packed blocks: `k` cut into equal parts of at most `KC_MAX`.
+fn kc_of(k: usize) -> usize {
+    equal_part(k, KC_MAX)
+}
+
+/// Width of the column blocks of a task `width` columns wide: at most `B_BLOCK_BYTES` of
+/// packed `B` (f32).
+fn nc_of(width: usize, kc: usize) -> usize {
+    block_width(width, 4 * kc * NR, B_BLOCK_BYTES)
 }
 
 /// Pack rows `pc..pc + kce` and columns `j0..j0 + nr` of `b` into `dst`

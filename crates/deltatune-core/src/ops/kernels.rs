@@ -21,7 +21,7 @@ const LANES: usize = 8;
 pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        super::gemm::has_avx512()
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512dq")
             && std::arch::is_x86_feature_detected!("avx512vl")
@@ -496,4 +496,21 @@ pub(crate) fn check_same_dtype(
 #[inline]
 pub(crate) fn wants_grad(t: &Tensor) -> bool {
     t.is_variable() || t.track_op()
+}
+
+/// A linear layer's bias split into what its op fuses (a frozen bias) and what is added after
+/// the op with `broadcast_add`, so that candle differentiates it (a trainable bias).
+pub(crate) fn split_bias(b: Option<&Tensor>) -> (Option<Tensor>, Option<&Tensor>) {
+    match b {
+        Some(b) if wants_grad(b) => (None, Some(b)),
+        b => (b.cloned(), None),
+    }
+}
+
+/// `y` plus the trainable bias [`split_bias`] left outside the op.
+pub(crate) fn add_unfused_bias(y: Tensor, added: Option<&Tensor>) -> Result<Tensor> {
+    match added {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }

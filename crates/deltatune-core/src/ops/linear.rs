@@ -33,7 +33,8 @@ use rayon::prelude::*;
 
 use super::gemm::{self, MatRef};
 use super::kernels::{
-    check_float, check_same_dtype, contiguous, min_rows, wants_grad, with_slice, Real,
+    add_unfused_bias, check_float, check_same_dtype, contiguous, min_rows, split_bias, wants_grad,
+    with_slice, Real,
 };
 
 #[cfg(test)]
@@ -345,16 +346,10 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
         }
     }
     // A frozen bias is fused into the op, a trainable one added after it.
-    let (fused, added) = match b {
-        Some(b) if wants_grad(b) => (None, Some(b)),
-        b => (b.cloned(), None),
-    };
+    let (fused, added) = split_bias(b);
     if wants_grad(w) && fast_path() && x.dtype() == DType::F32 && x.device().is_cpu() {
         let y = x.apply_op2(w, TrainableLinear { b: fused })?;
-        return match added {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        };
+        return add_unfused_bias(y, added);
     }
     if wants_grad(w) {
         let y = if x.rank() == 1 {
@@ -371,8 +366,5 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
         w: w.clone(),
         b: fused,
     })?;
-    match added {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    add_unfused_bias(y, added)
 }

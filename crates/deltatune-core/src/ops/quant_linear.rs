@@ -22,7 +22,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::gemm::{self, MatRef};
-use super::kernels::{contiguous, dot, min_rows, wants_grad, with_slice};
+use super::kernels::{add_unfused_bias, contiguous, dot, min_rows, split_bias, with_slice};
 use crate::quant::QuantMatrix;
 
 /// Whether the products may take the AVX-512 GEMM (tests can force the fallback with
@@ -318,18 +318,12 @@ pub fn quant_linear(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Resul
             );
         }
     }
-    let (fused, added) = match bias {
-        Some(b) if wants_grad(b) => (None, Some(b)),
-        b => (b.cloned(), None),
-    };
+    let (fused, added) = split_bias(bias);
     let y = x.apply_op1(QuantLinear {
         w: w.clone(),
         b: fused,
     })?;
-    match added {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    add_unfused_bias(y, added)
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use super::kernels::{
 
 /// Turn a row of logits into probabilities in place.
 #[inline(always)]
-fn softmax_logits_inplace<T: Real>(y: &mut [T]) {
+pub(super) fn softmax_logits_inplace<T: Real>(y: &mut [T]) {
     let m = max(y);
     if m == T::NEG_INFINITY {
         // Every logit is -inf (or the row is empty): no probability mass.
