@@ -70,9 +70,9 @@ fn wait(mut c: Child, limit: Duration) {
     }
 }
 
-/// Trials of `study` in state RUNNING now (0 while the study does not exist yet).
-fn running_trials(dir: &Path, storage: &str, study: &str) -> usize {
-    let out = Command::new(env!("CARGO_BIN_EXE_deltatune"))
+/// `deltatune study export STUDY --storage STORAGE --format json`, run in `dir`.
+fn export(dir: &Path, storage: &str, study: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_deltatune"))
         .args([
             "study",
             "export",
@@ -84,7 +84,12 @@ fn running_trials(dir: &Path, storage: &str, study: &str) -> usize {
         ])
         .current_dir(dir)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Trials of `study` in state RUNNING now (0 while the study does not exist yet).
+fn running_trials(dir: &Path, storage: &str, study: &str) -> usize {
+    let out = export(dir, storage, study);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["trials"].as_array().map_or(0, |ts| {
         ts.iter().filter(|t| t["state"] == "RUNNING").count()
@@ -111,19 +116,7 @@ fn kill_one_of_three(dir: &Path, storage: &str, study: &str) {
     for w in ws {
         wait(w, Duration::from_secs(120));
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_deltatune"))
-        .args([
-            "study",
-            "export",
-            study,
-            "--storage",
-            storage,
-            "--format",
-            "json",
-        ])
-        .current_dir(dir)
-        .output()
-        .unwrap();
+    let out = export(dir, storage, study);
     assert!(
         out.status.success(),
         "{}",

@@ -208,18 +208,16 @@ impl Row {
         if reason.is_none() && self.ids.len() >= self.budget {
             reason = Some(StopReason::Length);
         }
-        let mut text = std::mem::take(&mut self.text);
-        let kept = text.len();
         if reason.is_some() && cut.is_none() {
-            text.push_str(pending);
+            // The row ends here: an unfinished character goes out as it decodes.
+            self.text.push_str(pending);
         }
-        // While running, hold back an unfinished character and what may become a stop string.
+        // While running, hold back what may become a stop string (`text` never ends inside a
+        // character then: such tokens stay pending).
+        let text = &self.text;
         let mut end = text.len();
         if reason.is_none() {
-            if text.ends_with('\u{FFFD}') {
-                end -= '\u{FFFD}'.len_utf8();
-            }
-            end -= held_back(&text[..end], &self.cfg.stop);
+            end -= held_back(text, &self.cfg.stop);
         }
         if end > self.sent && text.is_char_boundary(self.sent) && text.is_char_boundary(end) {
             let piece = text[self.sent..end].to_string();
@@ -230,8 +228,6 @@ impl Row {
                 return;
             }
         }
-        text.truncate(kept);
-        self.text = text;
         if let Some(reason) = reason {
             self.done = true;
             let _ = self.events.send(GenEvent::Done(Finish {

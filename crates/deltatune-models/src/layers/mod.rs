@@ -110,6 +110,33 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
+/// `k`, `v` and the key bias `[B, Tk]` with every delta's prefix keys and values of layer
+/// `layer` prepended along `axis` (each `[P, KVH * D]` prefix laid out by `lay(prefix, P)` for
+/// that axis, then cast to `k`'s dtype) and zeros prepended to the bias (as f32).
+#[allow(clippy::too_many_arguments)]
+fn with_prefixes(
+    mut k: Tensor,
+    mut v: Tensor,
+    mut bias: Tensor,
+    layer: usize,
+    deltas: &[Arc<dyn SiteDelta>],
+    ctx: &Ctx,
+    axis: usize,
+    lay: impl Fn(Tensor, usize) -> candle_core::Result<Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    for d in deltas {
+        if let Some((pk, pv)) = d.prefix(layer, ctx)? {
+            let n = pk.dim(0)?;
+            let dt = k.dtype();
+            k = Tensor::cat(&[&lay(pk, n)?.to_dtype(dt)?, &k], axis)?;
+            v = Tensor::cat(&[&lay(pv, n)?.to_dtype(dt)?, &v], axis)?;
+            let zeros = Tensor::zeros((bias.dim(0)?, n), DType::F32, bias.device())?;
+            bias = Tensor::cat(&[&zeros, &bias.to_dtype(DType::F32)?], 1)?;
+        }
+    }
+    Ok((k, v, bias))
+}
+
 /// Scaled dot-product attention of layer `layer`, with the prefixes of `deltas` prepended to
 /// the keys and values (visible to every query). Grouped-query attention runs without
 /// repeating keys: the query heads sharing a key/value head are stacked along the query axis.
@@ -138,24 +165,12 @@ pub fn attention(
         head_dim: dh,
     } = heads;
     let (b, _, tq, _) = q.dims4()?;
-    let (mut k, mut v, mut bias) = (k, v, key_bias.clone());
-    for d in deltas {
-        if let Some((pk, pv)) = d.prefix(layer, ctx)? {
-            let n = pk.dim(0)?;
-            let dt = k.dtype();
-            let wide = |p: Tensor| -> candle_core::Result<Tensor> {
-                p.reshape((n, nkv, dh))?
-                    .transpose(0, 1)?
-                    .unsqueeze(0)?
-                    .broadcast_as((b, nkv, n, dh))?
-                    .to_dtype(dt)
-            };
-            k = Tensor::cat(&[&wide(pk)?, &k], 2)?;
-            v = Tensor::cat(&[&wide(pv)?, &v], 2)?;
-            let zeros = Tensor::zeros((b, n), DType::F32, bias.device())?;
-            bias = Tensor::cat(&[&zeros, &bias.to_dtype(DType::F32)?], 1)?;
-        }
-    }
+    let (k, v, bias) = with_prefixes(k, v, key_bias.clone(), layer, deltas, ctx, 2, |p, n| {
+        p.reshape((n, nkv, dh))?
+            .transpose(0, 1)?
+            .unsqueeze(0)?
+            .broadcast_as((b, nkv, n, dh))
+    })?;
     let tk = k.dim(2)?;
     let group = nh / nkv;
     let scale = 1.0 / (dh as f64).sqrt();
@@ -201,22 +216,16 @@ pub fn attention_tokens(
         head_dim: dh,
     } = heads;
     let (b, tq, _) = q.dims3()?;
-    let (mut k, mut v, mut bias) = (k, v, key_bias.to_dtype(DType::F32)?);
-    for d in deltas {
-        if let Some((pk, pv)) = d.prefix(layer, ctx)? {
-            let n = pk.dim(0)?;
-            let dt = k.dtype();
-            let wide = |p: Tensor| -> candle_core::Result<Tensor> {
-                p.reshape((1, n, nkv * dh))?
-                    .broadcast_as((b, n, nkv * dh))?
-                    .to_dtype(dt)
-            };
-            k = Tensor::cat(&[&wide(pk)?, &k], 1)?;
-            v = Tensor::cat(&[&wide(pv)?, &v], 1)?;
-            let zeros = Tensor::zeros((b, n), DType::F32, bias.device())?;
-            bias = Tensor::cat(&[&zeros, &bias], 1)?;
-        }
-    }
+    let (k, v, bias) = with_prefixes(
+        k,
+        v,
+        key_bias.to_dtype(DType::F32)?,
+        layer,
+        deltas,
+        ctx,
+        1,
+        |p, n| p.reshape((1, n, nkv * dh))?.broadcast_as((b, n, nkv * dh)),
+    )?;
     let tk = k.dim(1)?;
     if !q.device().is_cpu() {
         let head_major = |y: &Tensor, t: usize, n: usize| -> candle_core::Result<Tensor> {
