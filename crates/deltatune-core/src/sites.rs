@@ -345,7 +345,9 @@ impl Linear {
     fn base_forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         match (&self.quant, self.bf16_weight()) {
             (Some(q), _) => ops::quant_linear(x, q, self.bias.as_ref()),
-            (None, Some(w)) if ctx.bf16 => ops::bf16_linear(x, w, self.bias.as_ref()),
+            (None, Some(w)) if ctx.bf16 && !ops::portable::active(x) => {
+                ops::bf16_linear(x, w, self.bias.as_ref())
+            }
             _ => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
         }
     }

@@ -669,16 +669,27 @@ pub fn attention(
             key_bias.dims()
         );
     }
-    if !q.device().is_cpu() || !matches!(q.dtype(), DType::F32 | DType::F64) {
-        bail!(
-            "attention: f32 or f64 CPU tensors only, got {:?}",
-            q.dtype()
-        );
-    }
     if let Some((bits, _)) = &dropout {
         if bits.len() * 64 < b * heads * tq * tk {
             bail!("attention: too few dropout bits");
         }
+    }
+    if super::portable::active(q) {
+        let drop = dropout.as_ref().map(|(bits, s)| (bits.as_slice(), *s));
+        return super::portable::attention(
+            q,
+            k,
+            v,
+            key_bias,
+            heads,
+            kv_heads,
+            scale,
+            causal_offset,
+            drop,
+        );
+    }
+    if !matches!(q.dtype(), DType::F32 | DType::F64) {
+        bail!("attention: f32 or f64 tensors only, got {:?}", q.dtype());
     }
     let op = Attention {
         g: Geometry {

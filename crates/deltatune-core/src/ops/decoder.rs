@@ -189,6 +189,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if w.dims() != [d] {
         bail!("rms_norm: weight must be [{d}], got {:?}", w.dims());
     }
+    if super::portable::active(x) {
+        return super::portable::rms_norm(x, w, eps);
+    }
     x.apply_op2(w, RmsNorm { eps })
 }
 
@@ -320,6 +323,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             cos.dims(),
             sin.dims()
         );
+    }
+    if super::portable::active(x) {
+        return super::portable::rope(x, cos, sin);
     }
     let op = Rope {
         cos: cos.detach().to_dtype(x.dtype())?.contiguous()?,
@@ -480,6 +486,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             gate.dims(),
             up.dims()
         );
+    }
+    if super::portable::active(gate) {
+        return super::portable::swiglu(gate, up);
     }
     gate.apply_op2(up, SwiGlu)
 }

@@ -91,21 +91,8 @@ impl CustomOp1 for Dropout {
 /// op whose backward masks the gradient the same way. f32 or f64 on the CPU; other dtypes and
 /// devices multiply by a mask tensor.
 pub fn dropout_bits_op(x: &Tensor, keep: Vec<u64>, scale: f32) -> Result<Tensor> {
-    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
-        let n = x.elem_count();
-        let mask: Vec<f32> = (0..n)
-            .map(|i| {
-                if keep[i / 64] >> (i % 64) & 1 == 1 {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
-            .to_dtype(x.dtype())?
-            .to_device(x.device())?;
-        return x.mul(&mask);
+    if super::portable::active(x) || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return super::portable::dropout(x, &keep, scale);
     }
     x.apply_op1(Dropout {
         keep: Arc::new(keep),
@@ -214,7 +201,7 @@ pub fn dropout_project(x: &Tensor, a: &Tensor, p: f64, ctx: &Ctx) -> Result<Tens
         || p <= 0.0
         || x.dtype() != DType::F32
         || a.dtype() != DType::F32
-        || !x.device().is_cpu()
+        || super::portable::active(x)
         || x.rank() != 2
     {
         return ctx.dropout(x, p)?.matmul(&a.t()?);

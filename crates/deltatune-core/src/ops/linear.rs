@@ -346,21 +346,16 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
         }
     }
     // A frozen bias is fused into the op, a trainable one added after it.
+    if super::portable::active(x) {
+        return super::portable::linear(x, w, b);
+    }
     let (fused, added) = split_bias(b);
     if wants_grad(w) && fast_path() && x.dtype() == DType::F32 && x.device().is_cpu() {
         let y = x.apply_op2(w, TrainableLinear { b: fused })?;
         return add_unfused_bias(y, added);
     }
     if wants_grad(w) {
-        let y = if x.rank() == 1 {
-            x.unsqueeze(0)?.matmul(&w.t()?)?.squeeze(0)?
-        } else {
-            x.broadcast_matmul(&w.t()?)?
-        };
-        return match b {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        };
+        return super::portable::linear(x, w, b);
     }
     let y = x.apply_op1(FrozenLinear {
         w: w.clone(),

@@ -13,8 +13,11 @@
 //!   [`layer_norm`], [`softmax_last_dim`], [`attention_softmax`] and
 //!   [`gelu_erf`] are fused single-pass kernels with exact backward passes.
 //!
-//! All ops run on the CPU in f32 (training) or f64 (finite-difference
-//! tests); any other dtype is rejected with `UnsupportedDTypeForOp`. Row
+//! The kernels run on the CPU in f32 (training) or f64 (finite-difference
+//! tests); any other dtype is rejected with `UnsupportedDTypeForOp`. A
+//! tensor on another device (a GPU) takes [`portable`]: the same function
+//! composed from candle operations, which candle differentiates on every
+//! device; tests force that path on the CPU and compare it with the kernels. Row
 //! loops are parallelised with rayon; inner loops are written as simple
 //! lane-split loops the compiler vectorises, and the hot ones are compiled a
 //! second time for AVX2 and picked at run time when the CPU has it (the
@@ -33,6 +36,7 @@ mod kernels;
 mod linear;
 mod loss;
 mod norm;
+pub mod portable;
 pub(crate) mod quant_dot;
 mod quant_linear;
 mod softmax;

@@ -295,12 +295,6 @@ pub fn quant_linear(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Resul
             w.name()
         );
     }
-    if !x.device().is_cpu() {
-        bail!(
-            "quant_linear: only CPU tensors are supported (weight `{}`)",
-            w.name()
-        );
-    }
     if x.rank() == 0 || x.dims().last() != Some(&in_f) {
         bail!(
             "quant_linear: x {:?} does not end in the input size {in_f} of `{}` [{out_f}, {in_f}]",
@@ -317,6 +311,9 @@ pub fn quant_linear(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Resul
                 b.dims()
             );
         }
+    }
+    if super::portable::active(x) {
+        return super::portable::quant_linear(x, w, bias);
     }
     let (fused, added) = split_bias(bias);
     let y = x.apply_op1(QuantLinear {

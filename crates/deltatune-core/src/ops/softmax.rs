@@ -158,6 +158,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 0 {
         bail!("softmax_last_dim: expected a tensor of rank >= 1");
     }
+    if super::portable::active(x) {
+        return super::portable::softmax_last_dim(x);
+    }
     x.apply_op1(SoftmaxLastDim)
 }
 
@@ -308,5 +311,8 @@ fn attention_softmax_impl(
         .detach()
         .reshape((b, tk))?
         .to_dtype(scores.dtype())?;
+    if super::portable::active(scores) {
+        return super::portable::attention_softmax(scores, &key_bias, scale, causal);
+    }
     scores.apply_op2(&key_bias, AttentionSoftmax { scale, causal })
 }

@@ -1351,3 +1351,230 @@ fn candle_nn_free_cross_entropy(x: &Tensor, t: &Tensor) -> f64 {
     }
     s / rows.len() as f64
 }
+
+// ------------------------------------------------ composed (device) path
+
+/// Runs `f` on fresh variables made from `inputs`, once through the CPU kernels and once
+/// through the composed path ([`portable::force`]), and checks that the outputs and the
+/// gradients of `Σ f ⊙ r` with respect to every input in `wrt` agree within `tol`.
+fn kernels_equal_composed(
+    name: &str,
+    inputs: &[Tensor],
+    wrt: &[usize],
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f64,
+) {
+    let run = |composed: bool| {
+        let _guard = composed.then(portable::force);
+        let ts: Vec<Tensor> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| if wrt.contains(&i) { var(t) } else { t.clone() })
+            .collect();
+        let y = f(&ts).unwrap();
+        let r = randn(99, y.dims(), y.dtype());
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<Tensor> = wrt
+            .iter()
+            .map(|&i| {
+                grads
+                    .get(&ts[i])
+                    .unwrap_or_else(|| {
+                        panic!("{name}: no gradient for input {i} (composed: {composed})")
+                    })
+                    .clone()
+            })
+            .collect();
+        (y, g)
+    };
+    let (y, g) = run(false);
+    let (yc, gc) = run(true);
+    assert_close(&y, &yc, tol, &format!("{name}: forward"));
+    for (k, (a, b)) in g.iter().zip(&gc).enumerate() {
+        assert_close(a, b, tol, &format!("{name}: gradient of input {}", wrt[k]));
+    }
+}
+
+#[test]
+fn composed_path_is_active_only_while_forced() {
+    let x = randn(1, &[2, 3], DType::F32);
+    assert!(!portable::active(&x));
+    {
+        let _g = portable::force();
+        assert!(portable::active(&x));
+        {
+            let _inner = portable::force();
+        }
+        assert!(
+            portable::active(&x),
+            "an inner guard must restore the outer setting"
+        );
+    }
+    assert!(!portable::active(&x));
+}
+
+/// Every op's composed path (the one a GPU takes) equals its CPU kernel, forward and
+/// backward, in f64 (to rounding) and f32.
+#[test]
+fn composed_path_equals_the_kernels() {
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-4)] {
+        let x = randn(1, &[3, 5, 24], dtype);
+        let d = randn(2, &[24], dtype);
+        let e = randn(3, &[24], dtype);
+        kernels_equal_composed(
+            "layer_norm",
+            &[x.clone(), d.clone(), e.clone()],
+            &[0, 1, 2],
+            &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            tol,
+        );
+        kernels_equal_composed(
+            "rms_norm",
+            &[x.clone(), d.clone()],
+            &[0, 1],
+            &|t| rms_norm(&t[0], &t[1], 1e-6),
+            tol,
+        );
+        kernels_equal_composed(
+            "softmax",
+            &[x.clone()],
+            &[0],
+            &|t| softmax_last_dim(&t[0]),
+            tol,
+        );
+        kernels_equal_composed("gelu", &[x.clone()], &[0], &|t| gelu_erf(&t[0]), tol);
+        let u = randn(4, &[3, 5, 24], dtype);
+        kernels_equal_composed(
+            "swiglu",
+            &[x.clone(), u],
+            &[0, 1],
+            &|t| swiglu(&t[0], &t[1]),
+            tol,
+        );
+
+        // Attention probabilities: padded keys (finite and -inf masks), causal with an offset.
+        let s = randn(5, &[2, 3, 4, 6], dtype);
+        for neg in [-1e4, f64::NEG_INFINITY] {
+            let bias = key_mask(2, 6, &[0, 2], neg, dtype);
+            kernels_equal_composed(
+                "attention_softmax",
+                &[s.clone()],
+                &[0],
+                &|t| attention_softmax(&t[0], &bias, 0.3),
+                tol,
+            );
+            kernels_equal_composed(
+                "causal_attention_softmax",
+                &[s.clone()],
+                &[0],
+                &|t| causal_attention_softmax(&t[0], &bias, 0.3, 2),
+                tol,
+            );
+        }
+
+        // Rotary embedding on [B, H, T, D] with per-row angles.
+        let positions = vec![vec![0u32, 1, 2, 7, 9], vec![3, 4, 5, 6, 8]];
+        let (cos, sin) = rope_angles(&positions, 8, 10_000.0, &Device::Cpu).unwrap();
+        let hx = randn(6, &[2, 3, 5, 8], dtype);
+        kernels_equal_composed("rope", &[hx], &[0], &|t| rope(&t[0], &cos, &sin), tol);
+
+        let logits = randn(7, &[6, 11], dtype);
+        kernels_equal_composed(
+            "cross_entropy",
+            &[logits],
+            &[0],
+            &|t| cross_entropy(&t[0], &[0, 10, 3, 3, 7, 1]),
+            tol,
+        );
+
+        // Linear: frozen weight (input gradient only), trainable weight and bias.
+        let w = randn(8, &[7, 24], dtype);
+        let b = randn(9, &[7], dtype);
+        kernels_equal_composed(
+            "frozen_linear",
+            &[x.clone(), w.clone(), b.clone()],
+            &[0],
+            &|t| frozen_linear(&t[0], &t[1], Some(&t[2])),
+            tol,
+        );
+        kernels_equal_composed(
+            "trainable linear",
+            &[x.clone(), w.clone(), b.clone()],
+            &[0, 1, 2],
+            &|t| frozen_linear(&t[0], &t[1], Some(&t[2])),
+            tol,
+        );
+
+        // Attention on token-major projections: grouped-query heads, padding, causal offset,
+        // dropout bits.
+        let (bsz, tq, tk, heads, kv, dh) = (2, 3, 5, 4, 2, 6);
+        let q = randn(10, &[bsz, tq, heads * dh], dtype);
+        let k = randn(11, &[bsz, tk, kv * dh], dtype);
+        let v = randn(12, &[bsz, tk, kv * dh], dtype);
+        let bias = key_mask(bsz, tk, &[1, 0], -1e4, dtype);
+        let mut g = Lcg::new(13);
+        let bits: Vec<u64> = (0..(bsz * heads * tq * tk).div_ceil(64))
+            .map(|_| g.next_u64())
+            .collect();
+        for (causal, drop) in [(None, None), (Some(2), None), (Some(2), Some(bits.clone()))] {
+            kernels_equal_composed(
+                "attention",
+                &[q.clone(), k.clone(), v.clone()],
+                &[0, 1, 2],
+                &|t| {
+                    attention(
+                        &t[0],
+                        &t[1],
+                        &t[2],
+                        &bias,
+                        heads,
+                        kv,
+                        0.4,
+                        causal,
+                        drop.clone().map(|b| (b, 1.25)),
+                    )
+                },
+                tol,
+            );
+        }
+        let x_bits: Vec<u64> = (0..x.elem_count().div_ceil(64))
+            .map(|_| g.next_u64())
+            .collect();
+        kernels_equal_composed(
+            "dropout_bits_op",
+            &[x.clone()],
+            &[0],
+            &|t| dropout_bits_op(&t[0], x_bits.clone(), 1.25),
+            tol,
+        );
+    }
+}
+
+/// The composed path of the quantized and dropout-then-project products, in f32 (the dtype
+/// they compute in).
+#[test]
+fn composed_path_equals_the_kernels_for_quantized_and_dropout_products() {
+    let x = randn(20, &[6, 64], DType::F32);
+    let w = randn(21, &[9, 64], DType::F32);
+    let q = crate::quant::QuantMatrix::quantize(&w, candle_core::quantized::GgmlDType::Q8_0, "w")
+        .unwrap();
+    let b = randn(22, &[9], DType::F32);
+    kernels_equal_composed(
+        "quant_linear",
+        &[x.clone(), b],
+        &[0, 1],
+        &|t| quant_linear(&t[0], &q, Some(&t[1])),
+        2e-4,
+    );
+    let a = randn(23, &[4, 64], DType::F32);
+    kernels_equal_composed(
+        "dropout_project",
+        &[x, a],
+        &[0, 1],
+        &|t| {
+            let ctx = crate::sites::Ctx::train(crate::rng::Rng::new(5));
+            dropout_project(&t[0], &t[1], 0.2, &ctx)
+        },
+        2e-4,
+    );
+}

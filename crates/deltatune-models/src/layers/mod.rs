@@ -227,23 +227,6 @@ pub fn attention_tokens(
         |p, n| p.reshape((1, n, nkv * dh))?.broadcast_as((b, n, nkv * dh)),
     )?;
     let tk = k.dim(1)?;
-    if !q.device().is_cpu() {
-        let head_major = |y: &Tensor, t: usize, n: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, n, dh))?.transpose(1, 2)?.contiguous()
-        };
-        return attention(
-            &head_major(q, tq, nh)?,
-            head_major(&k, tk, nkv)?,
-            head_major(&v, tk, nkv)?,
-            &bias,
-            heads,
-            layer,
-            &[],
-            causal,
-            dropout,
-            ctx,
-        );
-    }
     // The draws `ctx.dropout` would make for the [B, H, Tq, Tk] probabilities.
     let drop = (ctx.train && dropout > 0.0).then(|| ctx.dropout_bits(b * nh * tq * tk, dropout));
     Ok(deltatune_core::ops::attention(
