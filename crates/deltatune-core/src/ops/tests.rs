@@ -1437,12 +1437,18 @@ fn composed_path_equals_the_kernels() {
         );
         kernels_equal_composed(
             "softmax",
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &[0],
             &|t| softmax_last_dim(&t[0]),
             tol,
         );
-        kernels_equal_composed("gelu", &[x.clone()], &[0], &|t| gelu_erf(&t[0]), tol);
+        kernels_equal_composed(
+            "gelu",
+            std::slice::from_ref(&x),
+            &[0],
+            &|t| gelu_erf(&t[0]),
+            tol,
+        );
         let u = randn(4, &[3, 5, 24], dtype);
         kernels_equal_composed(
             "swiglu",
@@ -1458,14 +1464,14 @@ fn composed_path_equals_the_kernels() {
             let bias = key_mask(2, 6, &[0, 2], neg, dtype);
             kernels_equal_composed(
                 "attention_softmax",
-                &[s.clone()],
+                std::slice::from_ref(&s),
                 &[0],
                 &|t| attention_softmax(&t[0], &bias, 0.3),
                 tol,
             );
             kernels_equal_composed(
                 "causal_attention_softmax",
-                &[s.clone()],
+                std::slice::from_ref(&s),
                 &[0],
                 &|t| causal_attention_softmax(&t[0], &bias, 0.3, 2),
                 tol,
@@ -1542,7 +1548,7 @@ fn composed_path_equals_the_kernels() {
             .collect();
         kernels_equal_composed(
             "dropout_bits_op",
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &[0],
             &|t| dropout_bits_op(&t[0], x_bits.clone(), 1.25),
             tol,
