@@ -344,10 +344,10 @@ impl Linear {
     /// copy and the pass allows it, or plain).
     fn base_forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         match (&self.quant, self.bf16_weight()) {
-            (Some(q), _) => ops::quant_linear(x, q, self.bias.as_ref()),
-            (None, Some(w)) if ctx.bf16 && !ops::portable::active(x) => {
+            (_, Some(w)) if ctx.bf16 && !ops::portable::active(x) => {
                 ops::bf16_linear(x, w, self.bias.as_ref())
             }
+            (Some(q), _) => ops::quant_linear(x, q, self.bias.as_ref()),
             _ => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
         }
     }
@@ -355,11 +355,15 @@ impl Linear {
     /// Multiply by the frozen weight in bf16 (`on`) or f32 in the passes that allow it
     /// ([`Ctx::bf16`]: training steps). bf16 rounds the weight and the product's other operand
     /// to bf16 and sums in f32 (see `ops::bf16`): about twice the speed where the CPU has
-    /// AVX-512 BF16. Returns whether the layer now uses bf16: not
-    /// on CPUs without it, nor for a quantized, trainable or non-f32 weight.
+    /// AVX-512 BF16. Returns whether the layer now uses bf16: not on CPUs without it, nor for a
+    /// trainable or non-f32 weight.
+    ///
+    /// A block-quantized weight is dequantized once into the bf16 copy, which takes 4 bytes per
+    /// weight (Q4_1 blocks take 0.56): training steps multiply by the copy, while evaluation
+    /// and generation keep multiplying by the blocks. `use_bf16(false)` keeps the copy (to switch
+    /// back for free); a layer that must stay small should never be switched on.
     pub fn use_bf16(&mut self, on: bool) -> Result<bool> {
         let eligible = on
-            && self.quant.is_none()
             && !self.weight.is_variable()
             && !self.weight.track_op()
             && self.weight.dtype() == candle_core::DType::F32
@@ -369,7 +373,10 @@ impl Linear {
             return Ok(false);
         }
         if !matches!(&self.bf16, Some((id, _)) if *id == self.weight.id()) {
-            self.bf16 = ops::Bf16Weight::pack(&self.weight)?.map(|w| (self.weight.id(), w));
+            // A quantized layer's `weight` is a placeholder whose id changes with the blocks
+            // (merging and dequantizing replace both), so the id keys its copy too.
+            let dense = self.dense_weight()?;
+            self.bf16 = ops::Bf16Weight::pack(&dense)?.map(|w| (self.weight.id(), w));
         }
         self.bf16_on = self.bf16.is_some();
         Ok(self.bf16_on)
@@ -385,7 +392,7 @@ impl Linear {
 
     /// Whether training passes multiply by the bf16 copy of the weight.
     pub fn uses_bf16(&self) -> bool {
-        self.quant.is_none() && self.bf16_weight().is_some()
+        self.bf16_weight().is_some()
     }
 
     pub fn in_features(&self) -> usize {
@@ -547,6 +554,75 @@ pub trait HasSites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dense and a quantized layer in bf16: training passes multiply by the bf16 copy (the
+    /// quantized one's made from its dequantized blocks), evaluation passes by the f32 weight or
+    /// the blocks; a replaced weight is never multiplied by the copy of the old one.
+    #[test]
+    fn bf16_copies_serve_training_passes_only_and_never_go_stale() {
+        if !ops::has_bf16() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let mut rng = crate::Rng::new(3);
+        let w = rng.normal_tensor(&[40, 64], 1.0).unwrap();
+        let x = rng.normal_tensor(&[5, 64], 1.0).unwrap();
+        let q = QuantMatrix::quantize(&w, candle_core::quantized::GgmlDType::Q4_1, "w").unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let train = Ctx::train(crate::Rng::new(0));
+        let eval = Ctx::eval();
+        for (mut lin, dense) in [
+            (Linear::new("d", w.clone(), None), w.clone()),
+            (
+                Linear::quantized("q", q.clone()).unwrap(),
+                q.dequantize().unwrap(),
+            ),
+        ] {
+            assert!(lin.use_bf16(true).unwrap(), "{}: bf16 refused", lin.path);
+            assert!(lin.uses_bf16());
+            let packed = ops::Bf16Weight::pack(&dense).unwrap().unwrap();
+            let want_bf16 = ops::bf16_linear(&x, &packed, None).unwrap();
+            let want_f32 = match &lin.quant {
+                Some(q) => ops::quant_linear(&x, q, None).unwrap(),
+                None => ops::frozen_linear(&x, &dense, None).unwrap(),
+            };
+            assert_eq!(diff(&lin.forward(&x, &train).unwrap(), &want_bf16), 0.0);
+            assert_eq!(diff(&lin.forward(&x, &eval).unwrap(), &want_f32), 0.0);
+            // bf16 differs from f32 (the check above is not vacuous).
+            assert!(diff(&want_bf16, &want_f32) > 1e-4, "{}", lin.path);
+
+            // Replace the weight (what merging and dequantizing do): the old copy is unused.
+            let w2 = (&dense * 2.0).unwrap();
+            lin.quant = None;
+            lin.weight = w2.clone();
+            assert!(!lin.uses_bf16(), "{}: stale copy in use", lin.path);
+            let y = lin.forward(&x, &train).unwrap();
+            assert_eq!(
+                diff(&y, &ops::frozen_linear(&x, &w2, None).unwrap()),
+                0.0,
+                "{}",
+                lin.path
+            );
+            assert!(lin.use_bf16(true).unwrap());
+            let packed2 = ops::Bf16Weight::pack(&w2).unwrap().unwrap();
+            let y = lin.forward(&x, &train).unwrap();
+            assert_eq!(
+                diff(&y, &ops::bf16_linear(&x, &packed2, None).unwrap()),
+                0.0
+            );
+        }
+    }
 
     #[test]
     fn all_linear_selects_every_linear_but_the_output_layer() {

@@ -46,7 +46,9 @@ pub struct TrainConfig {
     /// Rotten Tomatoes job's epoch takes 0.56x as long, test accuracy 0.825 against 0.827;
     /// docs/speed.md).
     pub group_by_length: bool,
-    /// Training steps multiply by the frozen (f32) weights in bf16: rounded operands, f32 sums;
+    /// Training steps multiply by the frozen weights in bf16: rounded operands, f32 sums (a
+    /// GGUF decoder's quantized weights through a bf16 copy made once, 4 bytes per weight;
+    /// generation keeps the blocks);
     /// the deltas, norms, softmax, attention and optimizer stay f32, and so do evaluations, so
     /// the accuracy a run reports is what `predict` and `eval` give. Only where the CPU has
     /// AVX-512 BF16; elsewhere f32 anyway (default true: an epoch of the default Rotten Tomatoes

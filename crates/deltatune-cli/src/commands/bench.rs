@@ -187,7 +187,7 @@ pub fn bench(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
 
 /// `deltatune bench --task generate`: the decoder's LoRA training step on a G2P-sized batch
 /// (16 examples, 10 prompt + 14 completion tokens) with the base kept quantized and with an f32
-/// copy of it (time, loss on the same batch, peak memory), and greedy generation at batch 1 and 8,
+/// copy of it, each in f32 and bf16 (time, loss on the same batch, peak memory), and greedy generation at batch 1 and 8,
 /// beside llama.cpp's on the same file when `reference` (scripts/bench_llamacpp.py's JSON) is
 /// given.
 pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
@@ -211,11 +211,15 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
     let prompts: Vec<Vec<u32>> = (0..8).map(|_| tok(16)).collect();
     let decode = |_: &[u32]| String::new();
     let mut rows = Vec::new();
-    let mut variants = vec![
-        ("quantized (GGUF blocks)", false),
-        ("f32 (dequantized copy)", false),
-    ];
-    if deltatune_core::ops::has_bf16() {
+    // The quantized base first (dequantizing is one way): f32 products from the blocks, then
+    // bf16 products from a copy made from them (the default where the CPU has AVX-512 BF16).
+    let bf16 = deltatune_core::ops::has_bf16();
+    let mut variants = vec![("quantized (GGUF blocks)", false)];
+    if bf16 {
+        variants.push(("quantized, bf16 products (default)", true));
+    }
+    variants.push(("f32 (dequantized copy)", false));
+    if bf16 {
         variants.push(("dequantized copy, bf16 products", true));
     }
     for (base, bf16) in variants {
