@@ -476,7 +476,8 @@ pub struct RunArgs {
     /// Batch examples of similar length together (less padding, faster).
     #[arg(long)]
     group_by_length: Option<bool>,
-    /// Multiply by the frozen weights in bf16 (about twice as fast on CPUs with AVX-512 BF16).
+    /// Multiply by the frozen weights in bf16 where this CPU does that faster than f32 (AVX-512
+    /// BF16 on Zen 4: about twice as fast).
     #[arg(long)]
     bf16: Option<bool>,
     /// Stop after this many optimiser steps (smoke runs).

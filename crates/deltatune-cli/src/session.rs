@@ -63,7 +63,7 @@ pub fn attach(loaded: &mut Loaded, settings: &Settings) -> Result<Vec<Trainable>
     };
     let rng = Rng::new(settings.train.seed).derive(delta.name());
     let trainables = delta.attach(&mut loaded.model, &rng, text_ids.as_deref())?;
-    deltatune_core::sites::use_bf16(&mut loaded.model, settings.train.bf16)?;
+    deltatune_core::sites::use_bf16_where_faster(&mut loaded.model, settings.train.bf16)?;
     Ok(trainables)
 }
 

@@ -492,6 +492,12 @@ impl Linear {
     }
 }
 
+/// [`use_bf16`] where bf16 products are faster than f32 on this CPU ([`ops::bf16_pays`]), f32
+/// elsewhere: what the `train.bf16` setting asks for. Returns how many layers now use bf16.
+pub fn use_bf16_where_faster<M: HasSites + ?Sized>(model: &mut M, on: bool) -> Result<usize> {
+    use_bf16(model, on && ops::bf16_pays())
+}
+
 /// [`Linear::use_bf16`] on every linear layer of `model`; returns how many now use bf16.
 pub fn use_bf16<M: HasSites + ?Sized>(model: &mut M, on: bool) -> Result<usize> {
     let mut n = 0;

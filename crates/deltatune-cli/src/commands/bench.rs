@@ -156,6 +156,7 @@ pub fn bench(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
         s.lora.lora_alpha,
         s.lora.target_modules
     );
+    println!("{}", bf16_line());
     println!(
         "| workload | deltatune median ms (min-max) | PyTorch + PEFT median ms (min-max) | ratio | ratio to PyTorch f32 |"
     );
@@ -183,6 +184,22 @@ pub fn bench(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
         super::peak_rss_mib().unwrap_or(0.0)
     );
     Ok(())
+}
+
+/// Whether training uses bf16 products on this CPU by default, and why.
+fn bf16_line() -> String {
+    match deltatune_core::ops::bf16_time_ratio() {
+        None => "bf16 products: this CPU has no AVX-512 BF16; training multiplies in f32".into(),
+        Some(r) => format!(
+            "bf16 products: a MiniLM-sized product took {r:.2}x f32's time on this CPU, so \
+             training multiplies in {} by default (bf16 where at most 0.85x)",
+            if deltatune_core::ops::bf16_pays() {
+                "bf16"
+            } else {
+                "f32"
+            }
+        ),
+    }
 }
 
 /// `deltatune bench --task generate`: the decoder's LoRA training step on a G2P-sized batch
@@ -216,7 +233,7 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
     let bf16 = deltatune_core::ops::has_bf16();
     let mut variants = vec![("quantized (GGUF blocks)", false)];
     if bf16 {
-        variants.push(("quantized, bf16 products (default)", true));
+        variants.push(("quantized, bf16 products", true));
     }
     variants.push(("f32 (dequantized copy)", false));
     if bf16 {
@@ -287,6 +304,7 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
         s.lora.r,
         s.lora.target_modules
     );
+    println!("{}", bf16_line());
     println!("| workload | deltatune median ms (min-max) | tokens/s | PyTorch + PEFT median ms (min-max) | tokens/s | deltatune's time | loss on the batch (before training) | peak RSS so far MiB |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {

@@ -64,6 +64,68 @@ pub fn has_bf16() -> bool {
     }
 }
 
+/// Whether bf16 products are faster than f32 ones on this CPU, measured once per process.
+///
+/// Having AVX-512 BF16 is not enough: on AMD Zen 4 one `vdpbf16ps` does twice an f32 FMA's
+/// work per cycle and the frozen products take about 0.55x the time, but on the Intel Xeons
+/// seen here it issues at half the FMA's rate and the products took 1.4-1.8x as long as f32
+/// (`cargo test --release -p deltatune-core bench_bf16 -- --ignored --nocapture`). So the
+/// first call times one MiniLM-sized product ([512, 384]·[1536, 384]ᵀ, both threads) each
+/// way, best of five taking turns (about 30 ms), and says yes only when bf16 takes at most
+/// 0.85x as long. False without AVX-512 BF16, without a measurement.
+pub fn bf16_pays() -> bool {
+    bf16_time_ratio().is_some_and(|r| r <= 0.85)
+}
+
+/// bf16's time over f32's for the product [`bf16_pays`] measures (once per process); `None`
+/// without AVX-512 BF16.
+pub fn bf16_time_ratio() -> Option<f64> {
+    static RATIO: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    *RATIO.get_or_init(|| {
+        if has_bf16() {
+            measure_bf16_against_f32().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// bf16's time over f32's for one product (see [`bf16_pays`]).
+fn measure_bf16_against_f32() -> Result<f64> {
+    let (m, k, n) = (512, 384, 1536);
+    // Deterministic values in [-1, 1): a cheap hash of the index.
+    let fill = |len: usize, salt: u32| -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                let h = (i ^ salt).wrapping_mul(0x9e37_79b9).rotate_left(13);
+                (h as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    };
+    let dev = candle_core::Device::Cpu;
+    let x = Tensor::from_vec(fill(m * k, 1), (m, k), &dev)?;
+    let w = Tensor::from_vec(fill(n * k, 2), (n, k), &dev)?;
+    let Some(packed) = Bf16Weight::pack(&w)? else {
+        bail!("no AVX-512 BF16");
+    };
+    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+        let t = std::time::Instant::now();
+        f()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let f32_product = || super::frozen_linear(&x, &w, None);
+    let bf16_product = || bf16_linear(&x, &packed, None);
+    // One untimed run each (page faults, thread start-up), then five timed in turns.
+    f32_product()?;
+    bf16_product()?;
+    let (mut best_f32, mut best_bf16) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..5 {
+        best_f32 = best_f32.min(time(&f32_product)?);
+        best_bf16 = best_bf16.min(time(&bf16_product)?);
+    }
+    Ok(best_bf16 / best_f32)
+}
+
 /// `v` rounded to bf16 (nearest, ties to even), as its 16 bits. NaN stays NaN.
 pub(crate) fn to_bf16(v: f32) -> u16 {
     let b = v.to_bits();
@@ -543,6 +605,20 @@ mod tests {
                 (f64::from(g) - w).abs() <= 2e-5 * scale,
                 "{what}[{i}]: {g} vs {w}"
             );
+        }
+    }
+
+    /// The start-up measurement exists exactly where the kernel does, is a sane ratio, and
+    /// decides [`bf16_pays`].
+    #[test]
+    fn bf16_measurement_decides_the_default() {
+        match bf16_time_ratio() {
+            None => assert!(!has_bf16() && !bf16_pays()),
+            Some(r) => {
+                assert!(has_bf16());
+                assert!(r.is_finite() && r > 0.05 && r < 20.0, "ratio {r}");
+                assert_eq!(bf16_pays(), r <= 0.85);
+            }
         }
     }
 
