@@ -10,17 +10,45 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{check_float, contiguous, max, wants_grad, with_slice, Real};
+use super::kernels::{check_float, contiguous, max, simd_kernel, wants_grad, with_slice, Real};
 
 struct CrossEntropy {
     targets: Vec<u32>,
 }
 
-/// `logsumexp` of a row, accumulated in f64.
+/// Independent sums in [`sum_exp`]: one AVX-512 register of f32.
+const EXP_LANES: usize = 16;
+
+simd_kernel! {
+    /// `Σ e^(x - m)` over a row: the exponentials in the row's precision (f32's branch-free
+    /// polynomial vectorises; f64 calls libm), summed in `EXP_LANES` lanes, then in f64.
+    fn sum_exp<T>(row: &[T], m: T) -> f64 {
+        let mut acc = [T::ZERO; EXP_LANES];
+        let mut it = row.chunks_exact(EXP_LANES);
+        for c in &mut it {
+            for l in 0..EXP_LANES {
+                acc[l] = acc[l] + (c[l] - m).fexp();
+            }
+        }
+        let tail: f64 = it.remainder().iter().map(|&v| (v - m).fexp().to_f64()).sum();
+        acc.iter().map(|a| a.to_f64()).sum::<f64>() + tail
+    }
+}
+
+simd_kernel! {
+    /// One row of the backward: `d = e^(x - lse) · g`.
+    fn softmax_scaled_row<T>(row: &[T], lse: T, g: T, d: &mut [T]) {
+        for (o, &xv) in d.iter_mut().zip(row) {
+            *o = (xv - lse).fexp() * g;
+        }
+    }
+}
+
+/// `logsumexp` of a row; the sum of exponentials is taken in the row's precision (see
+/// [`sum_exp`]) and the logarithm in f64.
 fn lse<T: Real>(row: &[T]) -> f64 {
-    let m = max(row).to_f64();
-    let s: f64 = row.iter().map(|&v| (v.to_f64() - m).exp()).sum();
-    m + s.ln()
+    let m = max(row);
+    m.to_f64() + sum_exp(row, m).ln()
 }
 
 fn ce_fwd<T: Real>(x: &[T], l: &Layout, targets: &[u32]) -> T {
@@ -64,10 +92,7 @@ impl CustomOp1 for CrossEntropy {
                     dx.par_chunks_mut(v)
                         .zip(xs.par_chunks(v).zip(self.targets.par_iter()))
                         .for_each(|(d, (row, &t))| {
-                            let m = lse(row);
-                            for (o, &xv) in d.iter_mut().zip(row) {
-                                *o = (((xv as f64) - m).exp() * gs) as $t;
-                            }
+                            softmax_scaled_row(row, lse(row) as $t, gs as $t, d);
                             d[t as usize] -= gs as $t;
                         });
                     Tensor::from_vec(dx, x.shape(), x.device())

@@ -1339,6 +1339,37 @@ fn cross_entropy_matches_candle_and_fd_f64() {
     assert!(cross_entropy(&randn(1, &[2, 3], DType::F32), &[0, 3]).is_err());
 }
 
+/// f32 over a decoder-sized vocabulary (exponentials in f32 lanes) against the same logits in
+/// f64: loss and gradient.
+#[test]
+fn cross_entropy_f32_matches_f64_on_a_wide_vocabulary() {
+    let x64 = randn(94, &[4, 49_157], DType::F64)
+        .affine(4.0, 0.0)
+        .unwrap();
+    let x32 = x64.to_dtype(DType::F32).unwrap();
+    let x64 = x32.to_dtype(DType::F64).unwrap();
+    let targets = [0u32, 49_156, 17, 30_000];
+    let (v64, v32) = (var(&x64), var(&x32));
+    let l64 = cross_entropy(&v64, &targets).unwrap();
+    let l32 = cross_entropy(&v32, &targets).unwrap();
+    let (a, b) = (
+        l64.to_scalar::<f64>().unwrap(),
+        f64::from(l32.to_scalar::<f32>().unwrap()),
+    );
+    assert!((a - b).abs() < 1e-5 * a.abs(), "loss f64 {a} f32 {b}");
+    let g64 = l64.backward().unwrap().get(&v64).unwrap().clone();
+    let g32 = l32.backward().unwrap().get(&v32).unwrap().clone();
+    // Gradients are probabilities / rows: compare against the largest entry.
+    let scale = g64.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let scale = scale.to_scalar::<f64>().unwrap();
+    assert_close(
+        &g64,
+        &g32,
+        1e-5 * scale,
+        "cross-entropy gradient f32 against f64",
+    );
+}
+
 /// Mean of `logsumexp(x) - x[t]` computed directly.
 fn candle_nn_free_cross_entropy(x: &Tensor, t: &Tensor) -> f64 {
     let rows: Vec<Vec<f64>> = x.to_vec2().unwrap();
