@@ -27,7 +27,7 @@ simd_kernel! {
         let mut it = row.chunks_exact(EXP_LANES);
         for c in &mut it {
             for l in 0..EXP_LANES {
-                acc[l] = acc[l] + (c[l] - m).fexp();
+                acc[l] += (c[l] - m).fexp();
             }
         }
         let tail: f64 = it.remainder().iter().map(|&v| (v - m).fexp().to_f64()).sum();
