@@ -16,7 +16,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use rayon::prelude::*;
 
 use super::kernels::{
-    check_float, check_same_dtype, contiguous, min_rows, wants_grad, with_slice, Real,
+    check_float, check_same_dtype, contiguous, min_rows, simd_kernel, wants_grad, with_slice, Real,
 };
 
 fn to_storage<T: Real>(v: Vec<T>) -> CpuStorage {
@@ -384,18 +384,78 @@ fn sigmoid<T: Real>(v: T) -> T {
     T::ONE / (T::ONE + (-v).fexp())
 }
 
+/// Elements per parallel chunk of the SwiGLU kernels.
+const SWIGLU_CHUNK: usize = 4096;
+
+simd_kernel! {
+    /// `y = silu(g) · u` over a chunk.
+    fn swiglu_chunk<T>(g: &[T], u: &[T], y: &mut [T]) {
+        for ((o, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
+            *o = gv * sigmoid(gv) * uv;
+        }
+    }
+}
+
+simd_kernel! {
+    /// Both gradients over a chunk: `du = d · silu(g)`, `dg = d · u · silu'(g)`.
+    fn swiglu_bwd_chunk<T>(g: &[T], u: &[T], d: &[T], dg: &mut [T], du: &mut [T]) {
+        for i in 0..g.len().min(dg.len()).min(du.len()) {
+            let s = sigmoid(g[i]);
+            du[i] = d[i] * g[i] * s;
+            dg[i] = d[i] * u[i] * s * (T::ONE + g[i] * (T::ONE - s));
+        }
+    }
+}
+
+simd_kernel! {
+    /// The gate's gradient alone over a chunk.
+    fn swiglu_bwd_gate_chunk<T>(g: &[T], u: &[T], d: &[T], dg: &mut [T]) {
+        for (((o, &gv), &uv), &dv) in dg.iter_mut().zip(g).zip(u).zip(d) {
+            let s = sigmoid(gv);
+            *o = dv * uv * s * (T::ONE + gv * (T::ONE - s));
+        }
+    }
+}
+
+simd_kernel! {
+    /// The up projection's gradient alone over a chunk.
+    fn swiglu_bwd_up_chunk<T>(g: &[T], d: &[T], du: &mut [T]) {
+        for ((o, &gv), &dv) in du.iter_mut().zip(g).zip(d) {
+            *o = dv * gv * sigmoid(gv);
+        }
+    }
+}
+
 fn swiglu_fwd<T: Real>(g: &[T], gl: &Layout, u: &[T], ul: &Layout) -> Vec<T> {
     let g = contiguous(g, gl);
     let u = contiguous(u, ul);
     let mut y = vec![T::ZERO; g.len()];
-    y.par_chunks_mut(4096)
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-        .for_each(|(yc, (gc, uc))| {
-            for ((o, &gv), &uv) in yc.iter_mut().zip(gc).zip(uc) {
-                *o = gv * sigmoid(gv) * uv;
-            }
-        });
+    y.par_chunks_mut(SWIGLU_CHUNK)
+        .zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK)))
+        .for_each(|(yc, (gc, uc))| swiglu_chunk(gc, uc, yc));
     y
+}
+
+/// The gradients `(dg, du)` that are wanted (empty vectors for the others), in parallel chunks.
+fn swiglu_bwd<T: Real>(g: &[T], u: &[T], d: &[T], wg: bool, wu: bool) -> (Vec<T>, Vec<T>) {
+    let n = g.len();
+    let mut dg = vec![T::ZERO; if wg { n } else { 0 }];
+    let mut du = vec![T::ZERO; if wu { n } else { 0 }];
+    let c = SWIGLU_CHUNK;
+    let inputs = g.par_chunks(c).zip(u.par_chunks(c)).zip(d.par_chunks(c));
+    match (wg, wu) {
+        (true, true) => inputs
+            .zip(dg.par_chunks_mut(c).zip(du.par_chunks_mut(c)))
+            .for_each(|(((gc, uc), dc), (dgc, duc))| swiglu_bwd_chunk(gc, uc, dc, dgc, duc)),
+        (true, false) => inputs
+            .zip(dg.par_chunks_mut(c))
+            .for_each(|(((gc, uc), dc), dgc)| swiglu_bwd_gate_chunk(gc, uc, dc, dgc)),
+        (false, true) => inputs
+            .zip(du.par_chunks_mut(c))
+            .for_each(|(((gc, _), dc), duc)| swiglu_bwd_up_chunk(gc, dc, duc)),
+        (false, false) => {}
+    }
+    (dg, du)
 }
 
 impl CustomOp2 for SwiGlu {
@@ -437,18 +497,7 @@ impl CustomOp2 for SwiGlu {
                 with_slice::<$t, _>(gate, |gs| {
                     with_slice::<$t, _>(up, |us| {
                         with_slice::<$t, _>(grad, |ds| {
-                            let n = gs.len();
-                            let mut dg = vec![<$t>::ZERO; if wg { n } else { 0 }];
-                            let mut du = vec![<$t>::ZERO; if wu { n } else { 0 }];
-                            for i in 0..n {
-                                let s = sigmoid(gs[i]);
-                                if wu {
-                                    du[i] = ds[i] * gs[i] * s;
-                                }
-                                if wg {
-                                    dg[i] = ds[i] * us[i] * s * (1.0 + gs[i] * (1.0 - s));
-                                }
-                            }
+                            let (dg, du) = swiglu_bwd(gs, us, ds, wg, wu);
                             let dg = if wg {
                                 Some(Tensor::from_vec(dg, gate.shape(), dev)?)
                             } else {

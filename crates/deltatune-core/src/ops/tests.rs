@@ -1288,7 +1288,23 @@ fn swiglu_matches_composite_and_fd_f64() {
         &|t| swiglu(&t[0], &t[1]),
         88,
     );
-    check_fd(&[g, u], &[0], &|t| swiglu(&t[0], &t[1]), 89);
+    check_fd(&[g.clone(), u.clone()], &[0], &|t| swiglu(&t[0], &t[1]), 89);
+    check_fd(&[g, u], &[1], &|t| swiglu(&t[0], &t[1]), 90);
+    // Several parallel chunks (4096 elements each, a partial last one), each gradient alone
+    // and both, against the composed ops, in f32 and f64.
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let g = randn(91, &[3, 5000], dtype).affine(3.0, 0.0).unwrap();
+        let u = randn(92, &[3, 5000], dtype);
+        for wrt in [vec![0, 1], vec![0], vec![1]] {
+            kernels_equal_composed(
+                "swiglu, several chunks",
+                &[g.clone(), u.clone()],
+                &wrt,
+                &|t| swiglu(&t[0], &t[1]),
+                tol,
+            );
+        }
+    }
 }
 
 #[test]
