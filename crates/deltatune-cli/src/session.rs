@@ -63,8 +63,34 @@ pub fn attach(loaded: &mut Loaded, settings: &Settings) -> Result<Vec<Trainable>
     };
     let rng = Rng::new(settings.train.seed).derive(delta.name());
     let trainables = delta.attach(&mut loaded.model, &rng, text_ids.as_deref())?;
-    deltatune_core::sites::use_bf16_where_faster(&mut loaded.model, settings.train.bf16)?;
+    let layers =
+        deltatune_core::sites::use_bf16_where_faster(&mut loaded.model, settings.train.bf16)?;
+    report_products(settings.train.bf16, layers);
     Ok(trainables)
+}
+
+/// Says once per process what the frozen weights' products run in, and why (bf16 is used only
+/// where a start-up measurement finds it faster than f32).
+pub fn report_products(bf16_setting: bool, bf16_layers: usize) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let ratio = deltatune_core::ops::bf16_time_ratio;
+        let line = match (bf16_setting, bf16_layers) {
+            (_, n) if n > 0 => format!(
+                "frozen products: bf16 on {n} layers (measured at {:.2}x f32's time here)",
+                ratio().unwrap_or(f64::NAN)
+            ),
+            (false, _) => "frozen products: f32 (train.bf16 = false)".to_string(),
+            (true, _) => match ratio() {
+                Some(r) => format!(
+                    "frozen products: f32 (bf16 measured at {r:.2}x f32's time on this CPU; \
+                     used where at most 0.85x)"
+                ),
+                None => "frozen products: f32 (this CPU has no AVX-512 BF16)".to_string(),
+            },
+        };
+        eprintln!("{line}");
+    });
 }
 
 /// The labelled splits of a run.

@@ -138,7 +138,8 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         .with_context(|| format!("loading the image model in {}", dir.display()))?;
     let delta = s.delta();
     let trainables = delta.attach(&mut model, &Rng::new(seed).derive(delta.name()), None)?;
-    deltatune_core::sites::use_bf16_where_faster(&mut model, s.train.bf16)?;
+    let bf16_layers = deltatune_core::sites::use_bf16_where_faster(&mut model, s.train.bf16)?;
+    crate::session::report_products(s.train.bf16, bf16_layers);
     let n_train: usize = trainables.iter().map(|t| t.var.elem_count()).sum();
     let n_base = model.param_count();
     eprintln!(

@@ -209,7 +209,8 @@ pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
     };
     let rng = Rng::new(s.train.seed).derive(delta.name());
     let trainables = delta.attach(&mut d.model, &rng, text_ids.as_deref())?;
-    deltatune_core::sites::use_bf16_where_faster(&mut d.model, s.train.bf16)?;
+    let bf16_layers = deltatune_core::sites::use_bf16_where_faster(&mut d.model, s.train.bf16)?;
+    crate::session::report_products(s.train.bf16, bf16_layers);
     Ok(trainables)
 }
 
