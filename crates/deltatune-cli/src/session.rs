@@ -74,23 +74,28 @@ pub fn attach(loaded: &mut Loaded, settings: &Settings) -> Result<Vec<Trainable>
 pub fn report_products(bf16_setting: bool, bf16_layers: usize) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let ratio = deltatune_core::ops::bf16_time_ratio;
         let line = match (bf16_setting, bf16_layers) {
             (_, n) if n > 0 => format!(
-                "frozen products: bf16 on {n} layers (measured at {:.2}x f32's time here)",
-                ratio().unwrap_or(f64::NAN)
+                "frozen products: bf16 on {n} layers ({})",
+                bf16_measurement()
             ),
             (false, _) => "frozen products: f32 (train.bf16 = false)".to_string(),
-            (true, _) => match ratio() {
-                Some(r) => format!(
-                    "frozen products: f32 (bf16 measured at {r:.2}x f32's time on this CPU; \
-                     used where at most 0.85x)"
-                ),
-                None => "frozen products: f32 (this CPU has no AVX-512 BF16)".to_string(),
-            },
+            (true, _) => format!("frozen products: f32 ({})", bf16_measurement()),
         };
         eprintln!("{line}");
     });
+}
+
+/// What the start-up measurement found ([`deltatune_core::ops::bf16_time_ratio`]), in words.
+pub fn bf16_measurement() -> String {
+    match deltatune_core::ops::bf16_time_ratio() {
+        Some(r) => format!(
+            "a bf16 product measured at {r:.2}x f32's time on this CPU; bf16 is used where at \
+             most {}x",
+            deltatune_core::ops::BF16_MAX_TIME_RATIO
+        ),
+        None => "this CPU has no AVX-512 BF16".to_string(),
+    }
 }
 
 /// The labelled splits of a run.

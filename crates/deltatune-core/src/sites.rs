@@ -574,18 +574,7 @@ mod tests {
         let w = rng.normal_tensor(&[40, 64], 1.0).unwrap();
         let x = rng.normal_tensor(&[5, 64], 1.0).unwrap();
         let q = QuantMatrix::quantize(&w, candle_core::quantized::GgmlDType::Q4_1, "w").unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::ops::tests::max_abs_diff;
         let train = Ctx::train(crate::Rng::new(0));
         let eval = Ctx::eval();
         for (mut lin, dense) in [

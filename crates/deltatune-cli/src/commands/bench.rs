@@ -188,18 +188,15 @@ pub fn bench(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
 
 /// Whether training uses bf16 products on this CPU by default, and why.
 fn bf16_line() -> String {
-    match deltatune_core::ops::bf16_time_ratio() {
-        None => "bf16 products: this CPU has no AVX-512 BF16; training multiplies in f32".into(),
-        Some(r) => format!(
-            "bf16 products: a MiniLM-sized product took {r:.2}x f32's time on this CPU, so \
-             training multiplies in {} by default (bf16 where at most 0.85x)",
-            if deltatune_core::ops::bf16_pays() {
-                "bf16"
-            } else {
-                "f32"
-            }
-        ),
-    }
+    let default = if deltatune_core::ops::bf16_pays() {
+        "bf16"
+    } else {
+        "f32"
+    };
+    format!(
+        "training multiplies in {default} by default ({})",
+        crate::session::bf16_measurement()
+    )
 }
 
 /// `deltatune bench --task generate`: the decoder's LoRA training step on a G2P-sized batch

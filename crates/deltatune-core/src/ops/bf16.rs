@@ -74,8 +74,11 @@ pub fn has_bf16() -> bool {
 /// way, best of five taking turns (about 30 ms), and says yes only when bf16 takes at most
 /// 0.85x as long. False without AVX-512 BF16, without a measurement.
 pub fn bf16_pays() -> bool {
-    bf16_time_ratio().is_some_and(|r| r <= 0.85)
+    bf16_time_ratio().is_some_and(|r| r <= BF16_MAX_TIME_RATIO)
 }
+
+/// The most of f32's time a bf16 product may take for [`bf16_pays`] to say yes.
+pub const BF16_MAX_TIME_RATIO: f64 = 0.85;
 
 /// bf16's time over f32's for the product [`bf16_pays`] measures (once per process); `None`
 /// without AVX-512 BF16.
@@ -617,7 +620,7 @@ mod tests {
             Some(r) => {
                 assert!(has_bf16());
                 assert!(r.is_finite() && r > 0.05 && r < 20.0, "ratio {r}");
-                assert_eq!(bf16_pays(), r <= 0.85);
+                assert_eq!(bf16_pays(), r <= BF16_MAX_TIME_RATIO);
             }
         }
     }

@@ -100,25 +100,31 @@ pub fn dropout_bits_op(x: &Tensor, keep: Vec<u64>, scale: f32) -> Result<Tensor>
     })
 }
 
+/// The keep mask of a dropout as a tensor in `x`'s shape, dtype and device: `scale` where bit
+/// `i % 64` of word `i / 64` is set (element `i` kept), else 0.
+pub(crate) fn keep_mask(x: &Tensor, keep: &[u64], scale: f32) -> Result<Tensor> {
+    let n = x.elem_count();
+    if keep.len() * 64 < n {
+        bail!("dropout: {} mask bits for {n} elements", keep.len() * 64);
+    }
+    let mask: Vec<f32> = (0..n)
+        .map(|i| if kept(keep, i) { scale } else { 0.0 })
+        .collect();
+    Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())
+}
+
+/// Whether element `i` is kept: bit `i % 64` of word `i / 64`.
+fn kept(keep: &[u64], i: usize) -> bool {
+    keep[i / 64] >> (i % 64) & 1 == 1
+}
+
 struct DropoutProject {
     /// One bit per element of `x` (row-major): kept.
     keep: Arc<Vec<u64>>,
     /// `1 / (1 - p)`.
     scale: f32,
-}
-
-impl DropoutProject {
-    fn kept(&self, i: usize) -> bool {
-        self.keep[i / 64] >> (i % 64) & 1 == 1
-    }
-
-    /// The mask as a `[rows, cols]` f32 tensor (`scale` where kept, else 0).
-    fn mask(&self, rows: usize, cols: usize, dev: &candle_core::Device) -> Result<Tensor> {
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|i| if self.kept(i) { self.scale } else { 0.0 })
-            .collect();
-        Tensor::from_vec(v, (rows, cols), dev)
-    }
 }
 
 impl CustomOp2 for DropoutProject {
@@ -149,7 +155,7 @@ impl CustomOp2 for DropoutProject {
             |buf, (row, zr)| {
                 let base = row * cols;
                 for (k, b) in buf.iter_mut().enumerate() {
-                    *b = if self.kept(base + k) {
+                    *b = if kept(&self.keep, base + k) {
                         x[base + k] * self.scale
                     } else {
                         0.0
@@ -171,8 +177,7 @@ impl CustomOp2 for DropoutProject {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (rows, cols) = x.dims2()?;
-        let mask = self.mask(rows, cols, x.device())?;
+        let mask = keep_mask(x, &self.keep, self.scale)?;
         let g = grad.detach();
         let dx = if wants_grad(x) {
             Some((g.matmul(&a.detach())? * &mask)?)
@@ -219,21 +224,9 @@ pub fn dropout_project(x: &Tensor, a: &Tensor, p: f64, ctx: &Ctx) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::tests::max_abs_diff as max_abs;
     use crate::Rng;
     use candle_core::Var;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// The fused op gives what `ctx.dropout` + matmul gives from the same stream: forward
     /// values and both gradients; and the stream advances the same way (the next draw agrees).
@@ -302,19 +295,7 @@ mod tests {
             let x = Var::from_tensor(&x0).unwrap();
             let n = x0.elem_count();
             let (bits, scale) = Ctx::train(Rng::new(9)).dropout_bits(n, p);
-            let mask: Vec<f32> = (0..n)
-                .map(|i| {
-                    if bits[i / 64] >> (i % 64) & 1 == 1 {
-                        scale
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, x0.shape(), x0.device())
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
+            let mask = keep_mask(&x0, &bits, scale).unwrap();
             let w = r
                 .normal_tensor(dims.as_slice(), 1.0)
                 .unwrap()

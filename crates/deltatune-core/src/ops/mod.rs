@@ -42,10 +42,12 @@ mod quant_linear;
 mod softmax;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use attention::attention;
-pub use bf16::{bf16_linear, bf16_pays, bf16_time_ratio, has_bf16, Bf16Weight};
+pub use bf16::{
+    bf16_linear, bf16_pays, bf16_time_ratio, has_bf16, Bf16Weight, BF16_MAX_TIME_RATIO,
+};
 pub use decoder::{rms_norm, rope, rope_angles, swiglu};
 pub use dropout::{dropout_bits_op, dropout_project};
 pub use gelu::gelu_erf;

@@ -90,20 +90,15 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }
 
-/// `exp(z - max) / sum` over the last dimension. The row maximum is a constant (its gradient
-/// cancels); a row that is all `-inf` gives zeros, not NaN, as the CPU kernel does.
-fn softmax_rows(z: &Tensor) -> Result<Tensor> {
+/// Softmax over the last dimension: `exp(z - max) / sum`. The row maximum is a constant (its
+/// gradient cancels); a row that is all `-inf` gives zeros, not NaN, as the CPU kernel does.
+pub(crate) fn softmax_last_dim(z: &Tensor) -> Result<Tensor> {
     let m = z.max_keepdim(D::Minus1)?.detach();
     // An all `-inf` row has an `-inf` maximum: shift it by 0 instead (`-inf - -inf` is NaN).
     let m = m.maximum(f64::from(f32::MIN))?;
     let e = z.broadcast_sub(&m)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?.maximum(1e-30)?;
     e.broadcast_div(&sum)
-}
-
-/// Softmax over the last dimension.
-pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    softmax_rows(x)
 }
 
 /// `softmax(scores · scale + key_bias)`, `scores` `[B, ..., Tq, Tk]`, `key_bias` `[B, Tk]` (or
@@ -141,36 +136,12 @@ pub(crate) fn attention_softmax(
         let mask = Tensor::from_vec(mask, (tq, tk), scores.device())?.to_dtype(scores.dtype())?;
         z = z.broadcast_add(&mask)?;
     }
-    softmax_rows(&z)
-}
-
-/// The keep mask of a dropout (bit `i % 64` of word `i / 64` keeps element `i`), scaled, in
-/// `x`'s shape, dtype and device.
-pub(crate) fn dropout_mask(x: &Tensor, keep: &[u64], scale: f32) -> Result<Tensor> {
-    if keep.len() * 64 < x.elem_count() {
-        candle_core::bail!(
-            "dropout: {} mask bits for {} elements",
-            keep.len() * 64,
-            x.elem_count()
-        );
-    }
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|i| {
-            if keep[i / 64] >> (i % 64) & 1 == 1 {
-                scale
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+    softmax_last_dim(&z)
 }
 
 /// Dropout from keep-bits: `x · mask`.
 pub(crate) fn dropout(x: &Tensor, keep: &[u64], scale: f32) -> Result<Tensor> {
-    x.mul(&dropout_mask(x, keep, scale)?)
+    x.mul(&super::dropout::keep_mask(x, keep, scale)?)
 }
 
 /// Attention on token-major projections (see [`super::attention`]): `q` `[B, Tq, H·D]`, `k`

@@ -52,7 +52,7 @@ fn randn(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
         .unwrap()
 }
 
-pub(super) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     a.to_dtype(DType::F64)
         .unwrap()
