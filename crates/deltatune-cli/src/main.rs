@@ -215,6 +215,11 @@ enum Command {
         /// Stop when the continuation contains this string (repeatable).
         #[arg(long)]
         stop: Vec<String>,
+        /// Round the activations to 8 bits in the products by a quantized (GGUF) base and use
+        /// integer dot products, as llama.cpp does: 2-3x faster products on CPUs with AVX-512
+        /// VNNI. `false`: f32 activations, the numbers `eval` computes.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        int8_activations: bool,
         /// Also write the prompt's logits ([T, vocab], with its input_ids) to this safetensors
         /// file (for comparisons with PEFT: scripts/check_peft_decoder.py).
         #[arg(long)]
@@ -652,7 +657,40 @@ fn main() -> ExitCode {
     tune_allocator();
     pin_thread_count();
     let cli = Cli::parse();
-    let res = match cli.command {
+    // Commands that compute on this thread run on a worker of rayon's pool instead: a parallel
+    // op started from outside the pool parks this thread until a worker finishes and wakes it
+    // (a futex sleep and wake per op, hundreds per decoded token), where a worker joins the
+    // work and carries on. Commands that block on threads of their own (serving, load
+    // generation, search workers) stay here, so no worker of the pool sits waiting.
+    let on_pool = matches!(
+        cli.command,
+        Command::Train(_)
+            | Command::Eval { .. }
+            | Command::Predict { .. }
+            | Command::Generate { .. }
+            | Command::Merge { .. }
+            | Command::Bench { .. }
+    );
+    let res = if on_pool {
+        rayon::scope(move |_| run(cli))
+    } else {
+        run(cli)
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command.
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Fetch { cache } => commands::fetch(cache),
         Command::Convert { onnx, output } => commands::convert(&onnx, &output),
         Command::Train(a) => train(&a),
@@ -668,6 +706,7 @@ fn main() -> ExitCode {
             top_p,
             seed,
             stop,
+            int8_activations,
             dump_logits,
             texts,
         } => commands::lm::generate(&commands::lm::GenerateArgs {
@@ -684,6 +723,7 @@ fn main() -> ExitCode {
                 top_p,
                 seed,
                 stop,
+                int8_activations,
             },
             dump_logits,
         }),
@@ -868,15 +908,5 @@ fn main() -> ExitCode {
                 }
             })
         }),
-    };
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::FAILURE
-        }
     }
 }

@@ -11,7 +11,7 @@
 //! the [`QTensor`] they were read into and shared behind an `Arc`, so clones are cheap.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -151,6 +151,8 @@ pub struct QuantMatrix {
     rows: usize,
     cols: usize,
     name: Arc<str>,
+    /// The copy repacked for 8-bit activation products (made on first use by generation).
+    int8: Arc<OnceLock<Option<Arc<crate::ops::quant_int8::Packed>>>>,
 }
 
 impl std::fmt::Debug for QuantMatrix {
@@ -210,6 +212,7 @@ impl QuantMatrix {
             rows,
             cols,
             name: Arc::from(name),
+            int8: Arc::default(),
         })
     }
 
@@ -268,6 +271,14 @@ impl QuantMatrix {
     /// The block type and the blocks' bytes in ggml's layout (row after row).
     pub(crate) fn raw(&self) -> (GgmlDType, &[u8]) {
         (self.blocks.dtype(), self.blocks.bytes())
+    }
+
+    /// The blocks repacked for [`crate::ops::quant_int8`] (built once, shared by clones);
+    /// `None` for block types it does not handle.
+    pub(crate) fn int8_packed(&self) -> Option<&crate::ops::quant_int8::Packed> {
+        self.int8
+            .get_or_init(|| crate::ops::quant_int8::pack(self))
+            .as_deref()
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -375,6 +386,7 @@ impl QuantMatrix {
             rows: self.rows,
             cols: self.cols,
             name: self.name.clone(),
+            int8: Arc::default(),
         })
     }
 

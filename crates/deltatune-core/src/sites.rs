@@ -142,6 +142,11 @@ pub struct Ctx {
     /// run reports equals what `predict` and `eval` give later) unless asked with
     /// [`Ctx::with_bf16`].
     pub bf16: bool,
+    /// Whether products by a quantized weight with a few rows of activations (the decoding
+    /// step's) may round the activations to 8 bits per block of 32 and multiply with integer
+    /// dot products, as llama.cpp does: on for generation ([`Ctx::with_int8`]), off
+    /// everywhere else, so evaluation and training use f32 activations.
+    pub int8: bool,
     rng: RefCell<Rng>,
 }
 
@@ -153,6 +158,7 @@ impl Ctx {
             no_grad: false,
             adapter_rows: None,
             bf16: false,
+            int8: false,
             rng: RefCell::new(Rng::new(0)),
         }
     }
@@ -160,6 +166,12 @@ impl Ctx {
     /// The same context with bf16 products allowed or not (see [`Ctx::bf16`]).
     pub fn with_bf16(mut self, on: bool) -> Self {
         self.bf16 = on;
+        self
+    }
+
+    /// The same context with 8-bit activations allowed or not (see [`Ctx::int8`]).
+    pub fn with_int8(mut self, on: bool) -> Self {
+        self.int8 = on;
         self
     }
 
@@ -183,6 +195,7 @@ impl Ctx {
             no_grad: false,
             adapter_rows: None,
             bf16: true,
+            int8: false,
             rng: RefCell::new(rng),
         }
     }
@@ -347,7 +360,10 @@ impl Linear {
             (_, Some(w)) if ctx.bf16 && !ops::portable::active(x) => {
                 ops::bf16_linear(x, w, self.bias.as_ref())
             }
-            (Some(q), _) => ops::quant_linear(x, q, self.bias.as_ref()),
+            (Some(q), _) => {
+                let _int8 = ctx.int8.then(ops::int8_activations);
+                ops::quant_linear(x, q, self.bias.as_ref())
+            }
             _ => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
         }
     }

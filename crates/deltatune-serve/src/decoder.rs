@@ -466,9 +466,10 @@ struct Env<'a> {
 }
 
 /// The context of a pass over `rows`: each row's adapter in the shared model (`u32::MAX`: the
-/// base), or none for a batch of its own.
+/// base), or none for a batch of its own. The rows share one pass, so 8-bit activations
+/// ([`GenerateConfig::int8_activations`]) are used only when every row allows them.
 fn ctx_for(rows: &[Row], route: Option<&BTreeMap<usize, u32>>) -> Ctx {
-    match route {
+    let ctx = match route {
         Some(r) => Ctx::inference().with_adapter_rows(
             rows.iter()
                 .map(|row| {
@@ -479,7 +480,8 @@ fn ctx_for(rows: &[Row], route: Option<&BTreeMap<usize, u32>>) -> Ctx {
                 .collect(),
         ),
         None => Ctx::inference(),
-    }
+    };
+    ctx.with_int8(rows.iter().all(|row| row.cfg.int8_activations))
 }
 
 impl Env<'_> {

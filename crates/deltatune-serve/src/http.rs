@@ -394,6 +394,7 @@ impl Fields {
             top_p: self.float("top_p")?,
             seed: self.uint("seed")?.map_or(d.seed, |s| s as u64),
             stop: self.strings("stop")?.unwrap_or_default(),
+            int8_activations: d.int8_activations,
         };
         if cfg.stop.len() > 4 || cfg.stop.iter().any(|s| s.is_empty()) {
             return Err(ApiError::bad(

@@ -38,6 +38,7 @@ mod loss;
 mod norm;
 pub mod portable;
 pub(crate) mod quant_dot;
+pub(crate) mod quant_int8;
 mod quant_linear;
 mod softmax;
 
@@ -54,5 +55,6 @@ pub use gelu::gelu_erf;
 pub use linear::frozen_linear;
 pub use loss::cross_entropy;
 pub use norm::layer_norm;
+pub use quant_int8::{int8_activations, int8_products_supported, Int8Activations};
 pub use quant_linear::quant_linear;
 pub use softmax::{attention_softmax, causal_attention_softmax, softmax_last_dim};

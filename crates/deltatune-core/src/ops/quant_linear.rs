@@ -56,6 +56,11 @@ const FUSED_MAX_ROWS: usize = 16;
 /// `y = x·Wᵀ` for a row-major `x` `[m, in]`, as a row-major `[m, out]` vector.
 fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool) -> Vec<f32> {
     if fast && m <= FUSED_MAX_ROWS {
+        if super::quant_int8::active() {
+            if let Some(y) = super::quant_int8::forward(x, m, w) {
+                return y;
+            }
+        }
         if let Some(y) = super::quant_dot::forward(x, m, w) {
             return y;
         }

@@ -24,6 +24,11 @@ pub struct GenerateConfig {
     /// Generation stops when the decoded continuation contains one of these (the stop string
     /// is cut from the text).
     pub stop: Vec<String>,
+    /// Round the activations to 8 bits per block of 32 in the products by a quantized (GGUF
+    /// Q4_1 or Q8_0) base and multiply with integer dot products, as llama.cpp does (default
+    /// true): 2-3x faster products where the CPU has AVX-512 VNNI, at the price of that
+    /// rounding. `false`: f32 activations, the numbers evaluation computes.
+    pub int8_activations: bool,
 }
 
 impl Default for GenerateConfig {
@@ -35,6 +40,7 @@ impl Default for GenerateConfig {
             top_p: None,
             seed: 42,
             stop: Vec::new(),
+            int8_activations: true,
         }
     }
 }
@@ -224,7 +230,8 @@ impl Generator<'_> {
         let ctx = match adapter_rows {
             Some(r) => Ctx::inference().with_adapter_rows(r.to_vec()),
             None => Ctx::inference(),
-        };
+        }
+        .with_int8(cfg.int8_activations);
         let mut cache = KvCache::default();
         let mut rngs: Vec<Rng> = (0..b)
             .map(|i| Rng::new(cfg.seed).derive(&format!("generate/{i}")))
