@@ -651,6 +651,14 @@ fn pin_thread_count() {
         // SAFETY (edition 2021: safe): no other thread exists yet.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    // candle's elementwise ops run on its own thread pool, whose worker spins 25,000 `pause`s
+    // after each op before it sleeps (candle-core 0.11's DEFAULT_BARRIER_POOL_SPIN_LIMIT),
+    // taking a core from rayon's workers that run our kernels. With 2,000 the decoder's
+    // training step took 4-16% less time and decoding 10-25% less (two alternating runs each
+    // of `deltatune bench --task generate` on a 2-core Xeon; docs/speed.md).
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000");
+    }
 }
 
 fn main() -> ExitCode {

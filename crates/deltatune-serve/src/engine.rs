@@ -185,7 +185,10 @@ fn run<C: Core>(
             }
         }
         metrics.set_queue(core.name(), queued.load(Ordering::SeqCst));
-        core.step(new);
+        // The step runs on a worker of rayon's pool: its parallel ops then split work with
+        // the other workers directly, where from this thread each op would park it until a
+        // worker finished (a futex sleep and wake per op, hundreds per decoding step).
+        rayon::scope(|_| core.step(new));
     }
 }
 

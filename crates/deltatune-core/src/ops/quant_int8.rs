@@ -125,16 +125,15 @@ pub(crate) fn pack(w: &QuantMatrix) -> Option<Arc<Packed>> {
                     let row = g * LANES + j;
                     let blk = &src[(row * nb + b) * src_rec..(row * nb + b + 1) * src_rec];
                     if dtype == GgmlDType::Q4_1 {
-                        let q = |k: usize| {
-                            if k < 16 {
-                                blk[4 + k] & 0x0F
-                            } else {
-                                blk[4 + k - 16] >> 4
-                            }
-                        };
-                        for c in 0..4 {
+                        // Value k is the low nibble of byte k (k < 16) or the high nibble of
+                        // byte k - 16; packed byte (c, t) holds values 8c + t (low) and
+                        // 8c + 4 + t (high).
+                        let qs: &[u8; 16] = blk[4..20].try_into().unwrap();
+                        for c in 0..2 {
                             for t in 0..4 {
-                                o[c * 64 + j * 4 + t] = q(8 * c + t) | (q(8 * c + 4 + t) << 4);
+                                let (a, b) = (qs[8 * c + t], qs[8 * c + 4 + t]);
+                                o[c * 64 + j * 4 + t] = (a & 0x0F) | (b << 4);
+                                o[(c + 2) * 64 + j * 4 + t] = (a >> 4) | (b & 0xF0);
                             }
                         }
                         o[256 + 2 * j..256 + 2 * j + 2].copy_from_slice(&blk[0..2]);
