@@ -97,6 +97,9 @@ pub struct GenerationSettings {
     pub max_new_tokens: usize,
     /// Generation of an example stops at these strings (default a newline: one-line answers).
     pub stop: Vec<String>,
+    /// Round the activations to 8 bits in the products by a quantized (GGUF) base, as llama.cpp
+    /// does (default true; `false`: f32 activations). See `GenerateConfig::int8_activations`.
+    pub int8_activations: bool,
 }
 
 impl Default for GenerationSettings {
@@ -104,6 +107,7 @@ impl Default for GenerationSettings {
         Self {
             max_new_tokens: 32,
             stop: vec!["\n".into()],
+            int8_activations: true,
         }
     }
 }

@@ -142,9 +142,8 @@ pub struct Ctx {
     /// run reports equals what `predict` and `eval` give later) unless asked with
     /// [`Ctx::with_bf16`].
     pub bf16: bool,
-    /// Whether products by a quantized weight with a few rows of activations (the decoding
-    /// step's) may round the activations to 8 bits per block of 32 and multiply with integer
-    /// dot products, as llama.cpp does: on for generation ([`Ctx::with_int8`]), off
+    /// Whether products by a quantized weight may round the activations to 8 bits per block of
+    /// 32 and multiply with integer dot products, as llama.cpp does: on for generation ([`Ctx::with_int8`]), off
     /// everywhere else, so evaluation and training use f32 activations.
     pub int8: bool,
     rng: RefCell<Rng>,

@@ -72,6 +72,8 @@ pub struct CausalLmTask<'a> {
     pub max_new_tokens: usize,
     /// Generation stops at these strings too (e.g. a newline for one-line answers).
     pub stop: Vec<String>,
+    /// 8-bit activations in the products by a quantized base (`GenerateConfig::int8_activations`).
+    pub int8_activations: bool,
 }
 
 /// Greedy completions of `prompts`, decoded, in batches of `batch_size` (similar lengths
@@ -83,12 +85,14 @@ pub fn generate_texts(
     max_new_tokens: usize,
     stop: &[String],
     batch_size: usize,
+    int8_activations: bool,
 ) -> Result<Vec<String>> {
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     let cfg = GenerateConfig {
         max_new_tokens,
         stop: stop.to_vec(),
+        int8_activations,
         ..Default::default()
     };
     let g = Generator {
@@ -200,6 +204,7 @@ impl Task for CausalLmTask<'_> {
             self.max_new_tokens,
             &self.stop,
             batch_size,
+            self.int8_activations,
         )?;
         let (em, er) = generation_metrics(&texts, self.dev_references);
         Ok(DevScore {

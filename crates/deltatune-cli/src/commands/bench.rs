@@ -251,6 +251,7 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
             decode: &decode,
             max_new_tokens: 1,
             stop: Vec::new(),
+            int8_activations: true,
         };
         let loss0 = task
             .loss(&idx, &Ctx::eval().with_bf16(true))?

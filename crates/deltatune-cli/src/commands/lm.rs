@@ -313,6 +313,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         decode: &decode,
         max_new_tokens: s.generation.max_new_tokens,
         stop: s.generation.stop.clone(),
+        int8_activations: s.generation.int8_activations,
     };
     let report = deltatune_train::train_task_with(
         &task,
@@ -334,6 +335,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
             s.generation.max_new_tokens,
             &s.generation.stop,
             s.train.eval_batch_size,
+            s.generation.int8_activations,
         )?;
         let (em, er) = generation_metrics(&texts, refs);
         Ok((em, er, texts))

@@ -1,5 +1,5 @@
-//! `y = x·Wᵀ` for a few rows of `x` with 8-bit activations and VNNI integer dot products: the
-//! decoding step's products when generating, as llama.cpp computes them.
+//! `y = x·Wᵀ` with 8-bit activations and VNNI integer dot products: the products by a quantized
+//! base when generating (prompt and decoding steps), as llama.cpp computes them.
 //!
 //! [`super::quant_dot`] expands every block of `W` to f32 in registers, several instructions per
 //! weight. Here the work per weight is a fraction of one instruction:
@@ -32,8 +32,7 @@ thread_local! {
     static ON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// While the returned guard lives, products by a Q4_1 or Q8_0 weight with at most 16 rows of
-/// activations on this thread ([`crate::ops::quant_linear`]) round the activations to 8 bits
+/// While the returned guard lives, products by a Q4_1 or Q8_0 weight on this thread ([`crate::ops::quant_linear`]) round the activations to 8 bits
 /// and use this module's integer kernels where the CPU has AVX-512 VNNI. Models turn it on
 /// through [`crate::Ctx::with_int8`]; generation does.
 pub fn int8_activations() -> Int8Activations {
@@ -176,6 +175,27 @@ pub(crate) fn quantize_rows(x: &[f32], m: usize, in_f: usize) -> QuantRows {
     let mut q = vec![0i8; m * in_f];
     let mut d = vec![0f32; m * nb];
     let mut sum = vec![0i32; m * nb];
+    let rows = |(((x, q), d), sum): (((&[f32], &mut [i8]), &mut [f32]), &mut [i32])| {
+        quantize_blocks(x, q, d, sum)
+    };
+    if m * in_f >= 1 << 16 {
+        x.par_chunks_exact(in_f)
+            .zip(q.par_chunks_exact_mut(in_f))
+            .zip(d.par_chunks_exact_mut(nb))
+            .zip(sum.par_chunks_exact_mut(nb))
+            .for_each(rows);
+    } else {
+        x.chunks_exact(in_f)
+            .zip(q.chunks_exact_mut(in_f))
+            .zip(d.chunks_exact_mut(nb))
+            .zip(sum.chunks_exact_mut(nb))
+            .for_each(rows);
+    }
+    QuantRows { q, d, sum }
+}
+
+/// [`quantize_rows`] for the blocks of one row.
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [i32]) {
     for ((xb, qb), (db, sb)) in x
         .chunks_exact(32)
         .zip(q.chunks_exact_mut(32))
@@ -202,7 +222,6 @@ pub(crate) fn quantize_rows(x: &[f32], m: usize, in_f: usize) -> QuantRows {
         };
         *sb = s;
     }
-    QuantRows { q, d, sum }
 }
 
 /// `y = x·Wᵀ` (`x` row-major `[m, in]`) as a row-major `[m, out]` vector with 8-bit
@@ -425,7 +444,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (out_f, in_f), &Device::Cpu).unwrap();
             let q = QuantMatrix::quantize(&w, dtype, "w").unwrap();
             let dense: Vec<Vec<f32>> = q.dequantize().unwrap().to_vec2().unwrap();
-            for m in [1usize, 3, 8, 11] {
+            for m in [1usize, 3, 8, 11, 40] {
                 let x: Vec<f32> = (0..m * in_f)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
                     .collect();
