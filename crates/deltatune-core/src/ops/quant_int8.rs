@@ -179,21 +179,18 @@ pub(crate) fn quantize_rows(x: &[f32], m: usize, in_f: usize) -> QuantRows {
     let mut q = vec![0i8; m * in_f];
     let mut d = vec![0f32; m * nb];
     let mut sum = vec![0i32; m * nb];
-    let rows = |(((x, q), d), sum): (((&[f32], &mut [i8]), &mut [f32]), &mut [i32])| {
-        quantize_blocks(x, q, d, sum)
-    };
     if m * in_f >= 1 << 16 {
         x.par_chunks_exact(in_f)
             .zip(q.par_chunks_exact_mut(in_f))
             .zip(d.par_chunks_exact_mut(nb))
             .zip(sum.par_chunks_exact_mut(nb))
-            .for_each(rows);
+            .for_each(|(((x, q), d), sum)| quantize_blocks(x, q, d, sum));
     } else {
         x.chunks_exact(in_f)
             .zip(q.chunks_exact_mut(in_f))
             .zip(d.chunks_exact_mut(nb))
             .zip(sum.chunks_exact_mut(nb))
-            .for_each(rows);
+            .for_each(|(((x, q), d), sum)| quantize_blocks(x, q, d, sum));
     }
     QuantRows { q, d, sum }
 }
