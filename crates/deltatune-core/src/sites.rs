@@ -143,8 +143,8 @@ pub struct Ctx {
     /// [`Ctx::with_bf16`].
     pub bf16: bool,
     /// Whether products by a quantized weight may round the activations to 8 bits per block of
-    /// 32 and multiply with integer dot products, as llama.cpp does: on for generation ([`Ctx::with_int8`]), off
-    /// everywhere else, so evaluation and training use f32 activations.
+    /// 32 and multiply with integer dot products, as llama.cpp does: on for generation
+    /// ([`Ctx::with_int8`]), off elsewhere, so training steps and losses use f32 activations.
     pub int8: bool,
     rng: RefCell<Rng>,
 }

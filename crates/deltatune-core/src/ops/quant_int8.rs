@@ -280,25 +280,25 @@ unsafe fn group_dots(
     out: &mut [f32],
 ) {
     macro_rules! dispatch {
-        ($f:ident) => {
+        ($q41:literal) => {
             match n {
-                1 => $f::<1>(recs, xq, r0, in_f, out),
-                2 => $f::<2>(recs, xq, r0, in_f, out),
-                3 => $f::<3>(recs, xq, r0, in_f, out),
-                4 => $f::<4>(recs, xq, r0, in_f, out),
-                5 => $f::<5>(recs, xq, r0, in_f, out),
-                6 => $f::<6>(recs, xq, r0, in_f, out),
-                7 => $f::<7>(recs, xq, r0, in_f, out),
-                _ => $f::<8>(recs, xq, r0, in_f, out),
+                1 => group_kernel::<1, $q41>(recs, xq, r0, in_f, out),
+                2 => group_kernel::<2, $q41>(recs, xq, r0, in_f, out),
+                3 => group_kernel::<3, $q41>(recs, xq, r0, in_f, out),
+                4 => group_kernel::<4, $q41>(recs, xq, r0, in_f, out),
+                5 => group_kernel::<5, $q41>(recs, xq, r0, in_f, out),
+                6 => group_kernel::<6, $q41>(recs, xq, r0, in_f, out),
+                7 => group_kernel::<7, $q41>(recs, xq, r0, in_f, out),
+                _ => group_kernel::<8, $q41>(recs, xq, r0, in_f, out),
             }
         };
     }
     // SAFETY: forwarded from the caller.
     unsafe {
         if dtype == GgmlDType::Q4_1 {
-            dispatch!(q4_1_group)
+            dispatch!(true)
         } else {
-            dispatch!(q8_0_group)
+            dispatch!(false)
         }
     }
 }
@@ -325,10 +325,15 @@ unsafe fn four(q: *const i8) -> std::arch::x86_64::__m512i {
     unsafe { std::arch::x86_64::_mm512_set1_epi32(q.cast::<i32>().read_unaligned()) }
 }
 
-/// 16 output rows of Q4_1 against `N` quantized rows of `x` starting at `r0`.
+/// 16 output rows against `N` quantized rows of `x` starting at `r0`: Q4_1 records when
+/// `Q41`, else Q8_0.
+///
+/// Both types come down to eight 64-byte vectors of unsigned weights per block: Q8_0's eight
+/// stored ones, or Q4_1's four split into low and high nibbles. Vector `2c` meets activations
+/// `8c..8c + 4`, vector `2c + 1` activations `8c + 4..8c + 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-unsafe fn q4_1_group<const N: usize>(
+unsafe fn group_kernel<const N: usize, const Q41: bool>(
     recs: &[u8],
     xq: &QuantRows,
     r0: usize,
@@ -336,86 +341,56 @@ unsafe fn q4_1_group<const N: usize>(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    let (rec, scales) = if Q41 {
+        (Q4_1_REC, 256)
+    } else {
+        (Q8_0_REC, 512)
+    };
     let nb = in_f / 32;
-    debug_assert!(recs.len() >= nb * Q4_1_REC && out.len() >= N * LANES);
+    debug_assert!(recs.len() >= nb * rec && out.len() >= N * LANES);
     debug_assert!(xq.q.len() >= (r0 + N) * in_f && xq.d.len() >= (r0 + N) * nb);
     let low = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..nb {
-        // SAFETY: record `b` has Q4_1_REC bytes; row `r0 + r` of `xq` has 32 values at
-        // `b * 32` and a scale and sum at `b`.
+        // SAFETY: record `b` has `rec` bytes; row `r0 + r` of `xq` has 32 values at `b * 32`
+        // and a scale and sum at `b`.
         unsafe {
-            let p = recs.as_ptr().add(b * Q4_1_REC);
-            let mut lo = [_mm512_setzero_si512(); 4];
-            let mut hi = [_mm512_setzero_si512(); 4];
-            for c in 0..4 {
-                let v = _mm512_loadu_si512(p.add(c * 64).cast());
-                lo[c] = _mm512_and_si512(v, low);
-                hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            let p = recs.as_ptr().add(b * rec);
+            let mut w = [_mm512_setzero_si512(); 8];
+            if Q41 {
+                for c in 0..4 {
+                    let v = _mm512_loadu_si512(p.add(c * 64).cast());
+                    w[2 * c] = _mm512_and_si512(v, low);
+                    w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                }
+            } else {
+                for (c, v) in w.iter_mut().enumerate() {
+                    *v = _mm512_loadu_si512(p.add(c * 64).cast());
+                }
             }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(256).cast()));
-            let mw = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(288).cast()));
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(scales).cast()));
             for (r, a) in acc.iter_mut().enumerate() {
                 let row = r0 + r;
                 let xp = xq.q.as_ptr().add(row * in_f + b * 32);
                 let mut s0 = _mm512_setzero_si512();
                 let mut s1 = _mm512_setzero_si512();
                 for c in 0..4 {
-                    s0 = _mm512_dpbusd_epi32(s0, lo[c], four(xp.add(8 * c)));
-                    s1 = _mm512_dpbusd_epi32(s1, hi[c], four(xp.add(8 * c + 4)));
+                    s0 = _mm512_dpbusd_epi32(s0, w[2 * c], four(xp.add(8 * c)));
+                    s1 = _mm512_dpbusd_epi32(s1, w[2 * c + 1], four(xp.add(8 * c + 4)));
                 }
-                let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let mut si = _mm512_add_epi32(s0, s1);
                 let dx = *xq.d.get_unchecked(row * nb + b);
-                let sx = dx * *xq.sum.get_unchecked(row * nb + b) as f32;
-                *a = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), *a);
-                *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx), *a);
-            }
-        }
-    }
-    for (r, a) in acc.iter().enumerate() {
-        // SAFETY: `out` has LANES values for each of the N rows.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * LANES), *a) };
-    }
-}
-
-/// 16 output rows of Q8_0 against `N` quantized rows of `x` starting at `r0`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-unsafe fn q8_0_group<const N: usize>(
-    recs: &[u8],
-    xq: &QuantRows,
-    r0: usize,
-    in_f: usize,
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let nb = in_f / 32;
-    debug_assert!(recs.len() >= nb * Q8_0_REC && out.len() >= N * LANES);
-    debug_assert!(xq.q.len() >= (r0 + N) * in_f && xq.d.len() >= (r0 + N) * nb);
-    let mut acc = [_mm512_setzero_ps(); N];
-    for b in 0..nb {
-        // SAFETY: as in `q4_1_group`, with Q8_0_REC-byte records.
-        unsafe {
-            let p = recs.as_ptr().add(b * Q8_0_REC);
-            let mut wv = [_mm512_setzero_si512(); 8];
-            for (c, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(p.add(c * 64).cast());
-            }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(512).cast()));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let row = r0 + r;
-                let xp = xq.q.as_ptr().add(row * in_f + b * 32);
-                let mut s0 = _mm512_setzero_si512();
-                let mut s1 = _mm512_setzero_si512();
-                for c in 0..4 {
-                    s0 = _mm512_dpbusd_epi32(s0, wv[2 * c], four(xp.add(8 * c)));
-                    s1 = _mm512_dpbusd_epi32(s1, wv[2 * c + 1], four(xp.add(8 * c + 4)));
+                let sum = *xq.sum.get_unchecked(row * nb + b);
+                if Q41 {
+                    // The offsets: m_w · d_x · Σ q_x.
+                    let mw = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(scales + 32).cast()));
+                    *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(dx * sum as f32), *a);
+                } else {
+                    // The weights went in with 128 added: take 128 · Σ q_x off.
+                    si = _mm512_sub_epi32(si, _mm512_set1_epi32(128 * sum));
                 }
-                // The weights went in with 128 added: take 128 · Σ q_x off.
-                let corr = _mm512_set1_epi32(128 * *xq.sum.get_unchecked(row * nb + b));
-                let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), corr));
-                let dx = *xq.d.get_unchecked(row * nb + b);
-                *a = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), *a);
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), scale, *a);
             }
         }
     }
