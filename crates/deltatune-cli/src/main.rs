@@ -216,7 +216,7 @@ enum Command {
         #[arg(long)]
         stop: Vec<String>,
         /// Round the activations to 8 bits in the products by a quantized (GGUF) base and use
-        /// integer dot products, as llama.cpp does: 2-3x faster products on CPUs with AVX-512
+        /// integer dot products, as llama.cpp does: 2-4x faster products on CPUs with AVX-512
         /// VNNI. `false`: f32 activations, the numbers `eval` computes.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         int8_activations: bool,
@@ -654,8 +654,9 @@ fn pin_thread_count() {
     // candle's elementwise ops run on its own thread pool, whose worker spins 25,000 `pause`s
     // after each op before it sleeps (candle-core 0.11's DEFAULT_BARRIER_POOL_SPIN_LIMIT),
     // taking a core from rayon's workers that run our kernels. With 2,000 the decoder's
-    // training step took 4-16% less time and decoding 10-25% less (two alternating runs each
-    // of `deltatune bench --task generate` on a 2-core Xeon; docs/speed.md).
+    // training step (quantized base) took 4-16% less time and batch-1 decoding 11-24% less
+    // (two alternating runs each of `deltatune bench --task generate` on a 2-core Xeon;
+    // batch 8 moved +5% and -14%; docs/speed.md).
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000");
     }

@@ -71,7 +71,8 @@ pub fn has_bf16() -> bool {
 /// seen here the products took 1.4-1.8x as long as f32 (`cargo test --release -p
 /// deltatune-core bench_bf16 -- --ignored --nocapture`). So the first call times one
 /// MiniLM-sized product ([512, 384]·[1536, 384]ᵀ, both threads) each way, best of five taking
-/// turns (45-63 ms on that Xeon), and says yes only when bf16 takes at most 0.85x as long. False without AVX-512 BF16, without a measurement.
+/// turns (45-63 ms on that Xeon), and says yes only when bf16 takes at most 0.85x as long.
+/// False without AVX-512 BF16, without a measurement.
 pub fn bf16_pays() -> bool {
     bf16_time_ratio().is_some_and(|r| r <= BF16_MAX_TIME_RATIO)
 }

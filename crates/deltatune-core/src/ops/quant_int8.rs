@@ -69,21 +69,17 @@ const Q4_1_REC: usize = LANES * 16 + 2 * LANES * 2;
 /// Q8_0: 16 rows x 32 bytes, then `d` as 16 f16.
 const Q8_0_REC: usize = LANES * 32 + LANES * 2;
 
-/// `W` repacked for [`forward`]: groups of [`LANES`] rows, block by block.
-pub(crate) struct Packed {
-    dtype: GgmlDType,
-    rows: usize,
-    cols: usize,
-    bytes: Vec<u8>,
-}
+/// `W` repacked for [`forward`]: groups of [`LANES`] rows, block by block, one record of
+/// [`record_bytes`] bytes per (group, block).
+pub(crate) struct Packed(Vec<u8>);
 
-impl Packed {
-    fn record(&self) -> usize {
-        if self.dtype == GgmlDType::Q4_1 {
-            Q4_1_REC
-        } else {
-            Q8_0_REC
-        }
+/// Bytes per block in the file and per (group, block) record once packed, for the block types
+/// this module handles.
+fn record_bytes(dtype: GgmlDType) -> Option<(usize, usize)> {
+    match dtype {
+        GgmlDType::Q4_1 => Some((20, Q4_1_REC)),
+        GgmlDType::Q8_0 => Some((34, Q8_0_REC)),
+        _ => None,
     }
 }
 
@@ -101,18 +97,14 @@ pub fn int8_products_supported() -> bool {
 
 /// Whether [`forward`] handles `w` on this CPU (Q4_1 and Q8_0).
 pub(crate) fn supports(w: &QuantMatrix) -> bool {
-    matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) && int8_products_supported()
+    record_bytes(w.dtype()).is_some() && int8_products_supported()
 }
 
 /// Repacks the blocks of `w` (Q4_1 or Q8_0) into groups of 16 rows; rows past the end of the
 /// last group are zeros.
 pub(crate) fn pack(w: &QuantMatrix) -> Option<Arc<Packed>> {
     let dtype = w.dtype();
-    let (src_rec, rec) = match dtype {
-        GgmlDType::Q4_1 => (20, Q4_1_REC),
-        GgmlDType::Q8_0 => (34, Q8_0_REC),
-        _ => return None,
-    };
+    let (src_rec, rec) = record_bytes(dtype)?;
     let (rows, cols) = w.dims2();
     let (_, src) = w.raw();
     let nb = cols / 32;
@@ -153,12 +145,7 @@ pub(crate) fn pack(w: &QuantMatrix) -> Option<Arc<Packed>> {
                 }
             }
         });
-    Some(Arc::new(Packed {
-        dtype,
-        rows,
-        cols,
-        bytes,
-    }))
+    Some(Arc::new(Packed(bytes)))
 }
 
 /// Rows of `x` quantized per block of 32 to signed bytes.
@@ -231,8 +218,10 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
     if !supports(w) {
         return None;
     }
-    let p = w.int8_packed()?;
-    let (out_f, in_f) = (p.rows, p.cols);
+    let packed = &w.int8_packed()?.0;
+    let dtype = w.dtype();
+    let (_, rec) = record_bytes(dtype)?;
+    let (out_f, in_f) = w.dims2();
     debug_assert_eq!(x.len(), m * in_f);
     let mut y = vec![0f32; m * out_f];
     if m == 0 || out_f == 0 || in_f == 0 {
@@ -240,18 +229,17 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
     }
     let xq = quantize_rows(x, m, in_f);
     let nb = in_f / 32;
-    let rec = p.record();
     // [group][m][LANES]
     let mut yt = vec![0f32; out_f.div_ceil(LANES) * m * LANES];
     let run = |(g, chunk): (usize, &mut [f32])| {
-        let recs = &p.bytes[g * nb * rec..(g + 1) * nb * rec];
+        let recs = &packed[g * nb * rec..(g + 1) * nb * rec];
         for r0 in (0..m).step_by(ROWS) {
             let n = (m - r0).min(ROWS);
             let out = &mut chunk[r0 * LANES..(r0 + n) * LANES];
             // SAFETY: `supports` checked the CPU features; `recs` holds `nb` records of this
             // type, `xq` holds `m` rows of `in_f` values and `nb` scales and sums each, and
             // `out` has `n * LANES` values.
-            unsafe { group_dots(p.dtype, recs, &xq, r0, n, in_f, out) };
+            unsafe { group_dots(dtype, recs, &xq, r0, n, in_f, out) };
         }
     };
     if out_f * in_f * m < PAR_MIN_MACS {
