@@ -14,6 +14,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "deltatune", version, about)]
 struct Cli {
+    /// Where the model and its deltas live: `cpu` (default), `cuda` (the first GPU) or
+    /// `cuda:N`. A GPU needs a build with `--features cuda` (docs/gpu.md).
+    #[arg(long, global = true, env = "DELTATUNE_DEVICE", default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -666,6 +670,10 @@ fn main() -> ExitCode {
     tune_allocator();
     pin_thread_count();
     let cli = Cli::parse();
+    if let Err(e) = choose_device(&cli) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     // Commands that compute on this thread run on a worker of rayon's pool instead: a parallel
     // op started from outside the pool parks this thread until a worker finishes and wakes it
     // (a futex sleep and wake per op, hundreds per decoded token), where a worker joins the
@@ -695,6 +703,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Puts what the command loads on `--device`, and passes the choice to the processes it starts
+/// (search workers, experiment runs).
+fn choose_device(cli: &Cli) -> anyhow::Result<()> {
+    let device = deltatune_core::device::parse(&cli.device)?;
+    if !device.is_cpu() {
+        if matches!(cli.command, Command::Serve(_)) {
+            anyhow::bail!(
+                "`serve` runs on the CPU for now (its batched multi-adapter products are CPU \
+                 kernels): drop `--device {}`",
+                cli.device
+            );
+        }
+        eprintln!("device: {}", deltatune_core::device::name(&device));
+    }
+    std::env::set_var("DELTATUNE_DEVICE", cli.device.trim());
+    deltatune_core::device::set(device);
+    Ok(())
 }
 
 /// Runs one command.

@@ -255,6 +255,18 @@ fn bad_input_gives_clear_errors_and_no_output() {
         &train_args(&model, "out", &["--r", "0"]),
         &["`r`", "r >= 1"],
     );
+    assert_fails(
+        &t,
+        &train_args(&model, "out", &["--device", "tpu"]),
+        &["unknown device `tpu`", "cuda:N"],
+    );
+    if !cfg!(feature = "cuda") {
+        assert_fails(
+            &t,
+            &train_args(&model, "out", &["--device", "cuda"]),
+            &["built without CUDA", "--features cuda"],
+        );
+    }
     let mut cfg = std::fs::read_to_string(fixtures().join("tiny-bert/config.json")).unwrap();
     cfg = cfg.replace("\"hidden_size\": 32", "\"hidden_size\": 48");
     std::fs::create_dir_all(d.join("badmodel")).unwrap();

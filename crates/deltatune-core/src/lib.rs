@@ -2,6 +2,7 @@
 //! where deltas attach, a seeded random generator, safetensors reading/writing and GGUF and
 //! ONNX readers.
 
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod hooks;

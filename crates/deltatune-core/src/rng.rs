@@ -80,21 +80,21 @@ impl Rng {
         }
     }
 
-    /// An f32 tensor with entries uniform in [lo, hi).
+    /// An f32 tensor with entries uniform in [lo, hi), on [`crate::device::current`].
     pub fn uniform_tensor(&mut self, shape: impl Into<Shape>, lo: f64, hi: f64) -> Result<Tensor> {
         let shape = shape.into();
         let v: Vec<f32> = (0..shape.elem_count())
             .map(|_| (lo + (hi - lo) * self.uniform()) as f32)
             .collect();
-        Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
+        Tensor::from_vec(v, shape, &crate::device::current())
     }
 
-    /// An f32 tensor with entries normal(0, std).
+    /// An f32 tensor with entries normal(0, std), on [`crate::device::current`].
     pub fn normal_tensor(&mut self, shape: impl Into<Shape>, std: f64) -> Result<Tensor> {
         let shape = shape.into();
         let v: Vec<f32> = (0..shape.elem_count())
             .map(|_| (std * self.normal()) as f32)
             .collect();
-        Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
+        Tensor::from_vec(v, shape, &crate::device::current())
     }
 }

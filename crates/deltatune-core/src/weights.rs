@@ -17,7 +17,8 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Reads a whole safetensors file; tensors are converted to `dtype`.
+    /// Reads a whole safetensors file; tensors are converted to `dtype` and placed on
+    /// [`crate::device::current`].
     pub fn load(path: &Path, dtype: DType) -> Result<Self> {
         if !path.exists() {
             return Err(Error::MissingFile {
@@ -36,12 +37,18 @@ impl Weights {
                 ),
             }
         })?;
+        let device = crate::device::current();
         let mut tensors = HashMap::with_capacity(raw.len());
         for (k, t) in raw {
             let t = if t.dtype() == dtype || t.dtype().is_int() {
                 t
             } else {
                 t.to_dtype(dtype)?
+            };
+            let t = if device.is_cpu() {
+                t
+            } else {
+                t.to_device(&device)?
             };
             tensors.insert(k, t);
         }
@@ -129,7 +136,8 @@ impl Weights {
 pub fn to_safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (k, t) in tensors {
-        owned.push((k.clone(), t.contiguous()?));
+        // Tensors on a GPU are copied back first (a no-op on the CPU).
+        owned.push((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
     }
     safetensors::tensor::serialize(owned, None)
         .map_err(|e| Error::Msg(format!("serialising tensors: {e}")))

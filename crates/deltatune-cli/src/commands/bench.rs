@@ -4,6 +4,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use deltatune_core::{Ctx, HasSites, Rng};
+use deltatune_models::Backbone as _;
 use deltatune_train::optim::{collect_grads, AdamW};
 
 use crate::session;
@@ -87,7 +88,7 @@ pub fn bench(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
         .collect();
     let labels: Vec<u32> = (0..BATCH).map(|_| rng.below(2) as u32).collect();
     let inputs = loaded.model.inputs(&seqs)?;
-    let labels_t = Tensor::from_slice(&labels, BATCH, &candle_core::Device::Cpu)?;
+    let labels_t = Tensor::from_slice(&labels, BATCH, loaded.model.device())?;
     let (vars, mut opt) = optimiser(&trainables)?;
     // (workload, reference key, median, min, max)
     let mut rows: Vec<(String, String, f64, f64, f64)> = Vec::new();

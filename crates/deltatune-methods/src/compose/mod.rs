@@ -149,7 +149,7 @@ pub fn attach(
                         let s = Var::from_tensor(&Tensor::zeros(
                             1,
                             candle_core::DType::F32,
-                            &candle_core::Device::Cpu,
+                            &deltatune_core::device::current(),
                         )?)?;
                         out.push(Trainable::new(gate_key(name, i, "logit"), s.clone(), false));
                         Some(s)

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use deltatune_core::{to_safetensors_bytes, write_atomic, Error, Result, Weights};
 
 use crate::prompt::bad;
@@ -288,7 +288,7 @@ pub fn fit_subspace(prompts: &[Tensor], d: usize, origin: Option<&Tensor>) -> Re
             basis[j * d + k] = (s / (n as f64).sqrt()) as f32;
         }
     }
-    let dev = Device::Cpu;
+    let dev = deltatune_core::device::current();
     Ok(Subspace {
         p0: Tensor::from_vec(
             mean.into_iter().map(|x| x as f32).collect::<Vec<_>>(),

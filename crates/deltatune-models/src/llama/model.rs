@@ -227,8 +227,13 @@ impl LlamaModel {
     }
 
     /// Builds the model from a read GGUF file (its tokenizer is left in `g`'s place unused).
+    ///
+    /// On a device other than the CPU ([`deltatune_core::device::current`]) the quantized
+    /// matrices are dequantized to f32 there: the block kernels are CPU code, and the other
+    /// devices multiply through candle's own products.
     pub fn from_gguf(g: super::gguf::LlamaGguf, path: &Path) -> Result<Self> {
         let mut tensors = g.tensors;
+        let device = deltatune_core::device::current();
         Self::from_tensors(g.config, path, &mut |key, shape| {
             let t = tensors.remove(key).ok_or_else(|| Error::MissingTensor {
                 key: key.to_string(),
@@ -236,7 +241,16 @@ impl LlamaModel {
                 nearest: String::new(),
             })?;
             check_shape(&t, key, shape, path)?;
-            Ok(t)
+            if device.is_cpu() {
+                return Ok(t);
+            }
+            let dense = match t {
+                GgufTensor::Dense(t) => t,
+                GgufTensor::Quant(q) => q.dequantize().map_err(|e| {
+                    Error::Msg(format!("dequantizing `{key}` in {}: {e}", path.display()))
+                })?,
+            };
+            Ok(GgufTensor::Dense(dense.to_device(&device)?))
         })
     }
 
