@@ -19,7 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{contiguous, wants_grad, Real};
+use super::kernels::{contiguous, dot, simd_kernel, wants_grad, Real};
 use crate::sites::Ctx;
 
 /// `x · mask` with the mask as bits (`scale` where kept, else 0).
@@ -107,17 +107,46 @@ pub(crate) fn keep_mask(x: &Tensor, keep: &[u64], scale: f32) -> Result<Tensor> 
     if keep.len() * 64 < n {
         bail!("dropout: {} mask bits for {n} elements", keep.len() * 64);
     }
-    let mask: Vec<f32> = (0..n)
-        .map(|i| if kept(keep, i) { scale } else { 0.0 })
-        .collect();
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(64 * 256)
+        .enumerate()
+        .for_each(|(t, chunk)| expand_bits(&keep[t * 256..], scale, chunk));
     Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
         .to_dtype(x.dtype())?
         .to_device(x.device())
 }
 
 /// Whether element `i` is kept: bit `i % 64` of word `i / 64`.
+#[inline(always)]
 fn kept(keep: &[u64], i: usize) -> bool {
     keep[i / 64] >> (i % 64) & 1 == 1
+}
+
+simd_kernel! {
+    /// `out[i] = scale` where bit `i` of `keep` is set, else 0 (`out` starts at a word).
+    fn expand_bits<T>(keep: &[u64], scale: T, out: &mut [T]) {
+        for (w, o) in out.chunks_mut(64).enumerate() {
+            let word = keep[w];
+            for (b, v) in o.iter_mut().enumerate() {
+                *v = if word >> b & 1 == 1 { scale } else { T::ZERO };
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// One row of [`DropoutProject`]'s forward: the row dropped into `buf`
+    /// (`x · scale` where bit `base + k` is set, else 0), then `z[j] = buf · a_j` for
+    /// every row `a_j` of `a` (`[z.len(), buf.len()]`), summed in eight lanes.
+    fn project_row<T>(x: &[T], keep: &[u64], base: usize, scale: T, a: &[T], buf: &mut [T], z: &mut [T]) {
+        for (k, (b, &v)) in buf.iter_mut().zip(x).enumerate() {
+            *b = if kept(keep, base + k) { v * scale } else { T::ZERO };
+        }
+        let cols = buf.len();
+        for (j, zj) in z.iter_mut().enumerate() {
+            *zj = dot(buf, &a[j * cols..(j + 1) * cols]);
+        }
+    }
 }
 
 struct DropoutProject {
@@ -154,17 +183,8 @@ impl CustomOp2 for DropoutProject {
             || vec![0f32; cols],
             |buf, (row, zr)| {
                 let base = row * cols;
-                for (k, b) in buf.iter_mut().enumerate() {
-                    *b = if kept(&self.keep, base + k) {
-                        x[base + k] * self.scale
-                    } else {
-                        0.0
-                    };
-                }
-                for (j, zj) in zr.iter_mut().enumerate() {
-                    let aj = &a[j * cols..(j + 1) * cols];
-                    *zj = buf.iter().zip(aj).map(|(p, q)| p * q).sum();
-                }
+                let xr = &x[base..base + cols];
+                project_row(xr, &self.keep, base, self.scale, &a, buf, zr);
             },
         );
         Ok((CpuStorage::F32(z), Shape::from((rows, r))))
