@@ -1631,3 +1631,61 @@ fn composed_path_equals_the_kernels_for_quantized_and_dropout_products() {
         2e-4,
     );
 }
+
+/// The CPU's f32 peak as our code can reach it: each thread runs 16 independent chains of
+/// 512-bit FMAs from registers (no memory traffic), 1 thread and then every thread of the
+/// pool at once. The ceiling any f32 product (ours or PyTorch's) works under:
+/// `cargo test --release -p deltatune-core bench_fma_peak -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_fma_peak() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !super::gemm::has_avx512() {
+            println!("no AVX-512F");
+            return;
+        }
+        /// FLOPs done: 16 chains x 16 lanes x 2 per FMA x `iters`.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn chains(iters: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let mul = _mm512_set1_ps(0.999_999);
+            let add = _mm512_set1_ps(1e-7);
+            let mut acc = [_mm512_set1_ps(1.0); 16];
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = _mm512_fmadd_ps(*a, mul, add);
+                }
+            }
+            let mut s = _mm512_setzero_ps();
+            for a in acc {
+                s = _mm512_add_ps(s, a);
+            }
+            _mm512_reduce_add_ps(s)
+        }
+        let iters = 20_000_000;
+        let flops = 16.0 * 16.0 * 2.0 * iters as f64;
+        for threads in [1, rayon::current_num_threads()] {
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t0 = std::time::Instant::now();
+                let s: f32 = rayon::broadcast(|ctx| {
+                    if ctx.index() < threads {
+                        // SAFETY: AVX-512F was checked above.
+                        unsafe { chains(iters) }
+                    } else {
+                        0.0
+                    }
+                })
+                .into_iter()
+                .sum();
+                std::hint::black_box(s);
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            println!(
+                "{threads} thread(s): {:.0} GFLOP/s f32 FMA peak (best of 3)",
+                flops * threads as f64 / best * 1e-9
+            );
+        }
+    }
+}
