@@ -168,10 +168,14 @@ impl CustomOp2 for DropoutProject {
         a_s: &CpuStorage,
         al: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, cols) = xl.shape().dims2()?;
+        let cols = *xl.dims().last().unwrap_or(&0);
+        let rows = xl.shape().elem_count() / cols.max(1);
         let (r, a_cols) = al.shape().dims2()?;
         if a_cols != cols {
-            bail!("dropout_project: x is [{rows}, {cols}] but a is [{r}, {a_cols}]");
+            bail!(
+                "dropout_project: x is {:?} but a is [{r}, {a_cols}]",
+                xl.dims()
+            );
         }
         let (CpuStorage::F32(xd), CpuStorage::F32(ad)) = (xs, a_s) else {
             bail!("dropout_project: f32 only");
@@ -187,7 +191,9 @@ impl CustomOp2 for DropoutProject {
                 project_row(xr, &self.keep, base, self.scale, &a, buf, zr);
             },
         );
-        Ok((CpuStorage::F32(z), Shape::from((rows, r))))
+        let mut out_dims = xl.dims().to_vec();
+        *out_dims.last_mut().expect("rank >= 1 checked") = r;
+        Ok((CpuStorage::F32(z), Shape::from(out_dims)))
     }
 
     fn bwd(
@@ -197,15 +203,17 @@ impl CustomOp2 for DropoutProject {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mask = keep_mask(x, &self.keep, self.scale)?;
-        let g = grad.detach();
+        let (r, cols) = a.dims2()?;
+        let rows = x.elem_count() / cols.max(1);
+        let mask = keep_mask(x, &self.keep, self.scale)?.reshape((rows, cols))?;
+        let g = grad.detach().reshape((rows, r))?;
         let dx = if wants_grad(x) {
-            Some((g.matmul(&a.detach())? * &mask)?)
+            Some((g.matmul(&a.detach())? * &mask)?.reshape(x.shape())?)
         } else {
             None
         };
         let da = if wants_grad(a) {
-            let xm = (x.detach() * &mask)?;
+            let xm = (x.detach().reshape((rows, cols))? * &mask)?;
             Some(g.t()?.matmul(&xm)?)
         } else {
             None
@@ -220,16 +228,26 @@ impl CustomOp2 for DropoutProject {
 /// dropout, evaluation, other dtypes or devices) this is `ctx.dropout(x, p)?.matmul(a^T)`.
 ///
 /// # Shapes
-/// `x`: [rows, in], `a`: [r, in] -> [rows, r]
+/// `x`: [..., in], `a`: [r, in] -> [..., r]
 pub fn dropout_project(x: &Tensor, a: &Tensor, p: f64, ctx: &Ctx) -> Result<Tensor> {
     if !ctx.train
         || p <= 0.0
         || x.dtype() != DType::F32
         || a.dtype() != DType::F32
         || super::portable::active(x)
-        || x.rank() != 2
+        || x.rank() == 0
     {
-        return ctx.dropout(x, p)?.matmul(&a.t()?);
+        let (r, cols) = a.dims2()?;
+        let mut out_dims = x.dims().to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = r;
+        }
+        let rows = x.elem_count() / cols.max(1);
+        return ctx
+            .dropout(x, p)?
+            .reshape((rows, cols))?
+            .matmul(&a.t()?)?
+            .reshape(out_dims);
     }
     let (keep, scale) = ctx.dropout_bits(x.elem_count(), p);
     x.apply_op2(

@@ -139,6 +139,14 @@ pub(crate) fn attention_softmax(
     softmax_last_dim(&z)
 }
 
+/// LoRA's up projection added to the frozen product: `base + scale · z · bᵀ`.
+pub(crate) fn lora_up_add(base: &Tensor, z: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let r = b.dim(1)?;
+    let rows = z.elem_count() / r.max(1);
+    let up = z.reshape((rows, r))?.matmul(&b.t()?)?.affine(scale, 0.0)?;
+    base + up.reshape(base.shape())?
+}
+
 /// Dropout from keep-bits: `x · mask`.
 pub(crate) fn dropout(x: &Tensor, keep: &[u64], scale: f32) -> Result<Tensor> {
     x.mul(&super::dropout::keep_mask(x, keep, scale)?)

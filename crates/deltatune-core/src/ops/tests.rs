@@ -1622,13 +1622,65 @@ fn composed_path_equals_the_kernels_for_quantized_and_dropout_products() {
     let a = randn(23, &[4, 64], DType::F32);
     kernels_equal_composed(
         "dropout_project",
-        &[x, a],
+        &[x.clone(), a.clone()],
         &[0, 1],
         &|t| {
             let ctx = crate::sites::Ctx::train(crate::rng::Rng::new(5));
             dropout_project(&t[0], &t[1], 0.2, &ctx)
         },
         2e-4,
+    );
+    // Rank 3, as LoRA calls it: [B, T, in] -> [B, T, r].
+    let x3 = randn(24, &[2, 3, 64], DType::F32);
+    kernels_equal_composed(
+        "dropout_project (rank 3)",
+        &[x3, a],
+        &[0, 1],
+        &|t| {
+            let ctx = crate::sites::Ctx::train(crate::rng::Rng::new(6));
+            dropout_project(&t[0], &t[1], 0.2, &ctx)
+        },
+        2e-4,
+    );
+}
+
+#[test]
+fn lora_up_add_equals_the_composed_sum() {
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5)] {
+        // [B, T, out] + scale · [B, T, r] · [out, r]ᵀ, every input differentiated.
+        let base = randn(30, &[2, 5, 24], dtype);
+        let z = randn(31, &[2, 5, 3], dtype);
+        let b = randn(32, &[24, 3], dtype);
+        kernels_equal_composed(
+            "lora_up_add",
+            &[base, z, b],
+            &[0, 1, 2],
+            &|t| lora_up_add(&t[0], &t[1], &t[2], 0.7),
+            tol,
+        );
+        // 2-D, rank 1, and a transposed (strided) b.
+        let base = randn(33, &[7, 9], dtype);
+        let z = randn(34, &[7, 1], dtype);
+        let bt = randn(35, &[1, 9], dtype);
+        kernels_equal_composed(
+            "lora_up_add (strided b)",
+            &[base, z, bt],
+            &[0, 1, 2],
+            &|t| lora_up_add(&t[0], &t[1], &t[2].t()?, 2.0),
+            tol,
+        );
+    }
+    let bad = lora_up_add(
+        &randn(36, &[4, 6], DType::F32),
+        &randn(37, &[4, 2], DType::F32),
+        &randn(38, &[5, 2], DType::F32),
+        1.0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("lora_up_add") && bad.contains("[5, 2]"),
+        "{bad}"
     );
 }
 

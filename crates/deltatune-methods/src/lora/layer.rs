@@ -16,15 +16,10 @@ pub struct LoraLinear {
 
 impl LinearDelta for LoraLinear {
     fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let inp = dims[dims.len() - 1];
-        let rows = x.elem_count() / inp;
-        let x2 = x.reshape((rows, inp))?;
-        let z = deltatune_core::ops::dropout_project(&x2, self.a.as_tensor(), self.dropout, ctx)?;
-        let z = (z.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.b.dims()[0];
-        base + z.reshape(out_dims)?
+        // Two ops, no reshapes: each graph node costs the backward a zero-filled buffer and an
+        // add over its output (deltatune_core::ops::lora_up_add).
+        let z = deltatune_core::ops::dropout_project(x, self.a.as_tensor(), self.dropout, ctx)?;
+        deltatune_core::ops::lora_up_add(&base, &z, self.b.as_tensor(), self.scale)
     }
 
     fn merge_into(
