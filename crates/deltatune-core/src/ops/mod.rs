@@ -56,7 +56,7 @@ pub use gelu::gelu_erf;
 pub use linear::frozen_linear;
 pub use loss::cross_entropy;
 pub use lowrank::lora_up_add;
-pub use norm::layer_norm;
+pub use norm::{layer_norm, residual_layer_norm};
 pub use quant_int8::{int8_activations, int8_products_supported, Int8Activations};
 pub use quant_linear::quant_linear;
 pub use softmax::{attention_softmax, causal_attention_softmax, softmax_last_dim};

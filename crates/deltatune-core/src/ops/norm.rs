@@ -322,3 +322,248 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     }
     x.apply_op3(gamma, beta, LayerNorm { eps })
 }
+
+/// `layer_norm(dropout(x) + residual)`: the end of a post-norm sub-layer (BERT) as one op.
+///
+/// Composed, the dropout and the sum are two more graph nodes as large as `x`, and candle's
+/// backward zero-fills a gradient buffer for each and adds into it. Here the sum is formed in
+/// the forward pass and again in the backward (one cheap pass, nothing kept between them);
+/// the backward gives `residual` the layer norm's input gradient and `x` the same, masked.
+struct ResidualLayerNorm {
+    eps: f64,
+    /// Dropout on `x`: keep-bits (bit `i % 64` of word `i / 64`) and the scale of kept values.
+    dropout: Option<(std::sync::Arc<Vec<u64>>, f32)>,
+}
+
+impl ResidualLayerNorm {
+    /// `dropout(x) + residual`, row-major.
+    fn sum<T: Real>(&self, x: &[T], r: &[T]) -> Vec<T> {
+        let mut s = r.to_vec();
+        match &self.dropout {
+            None => s
+                .par_chunks_mut(4096)
+                .zip(x.par_chunks(4096))
+                .for_each(|(sc, xc)| add_into(sc, xc)),
+            Some((keep, scale)) => {
+                let scale = T::from_f64(f64::from(*scale));
+                // Whole 64-element words per task.
+                s.par_chunks_mut(64 * 64)
+                    .zip(x.par_chunks(64 * 64))
+                    .enumerate()
+                    .for_each(|(t, (sc, xc))| add_kept_into(sc, xc, &keep[t * 64..], scale));
+            }
+        }
+        s
+    }
+
+    /// `ds` masked as the dropout masked `x`.
+    fn mask<T: Real>(&self, ds: &[T]) -> Vec<T> {
+        let mut dx = vec![T::ZERO; ds.len()];
+        match &self.dropout {
+            None => dx.copy_from_slice(ds),
+            Some((keep, scale)) => {
+                let scale = T::from_f64(f64::from(*scale));
+                dx.par_chunks_mut(64 * 64)
+                    .zip(ds.par_chunks(64 * 64))
+                    .enumerate()
+                    .for_each(|(t, (dc, gc))| add_kept_into(dc, gc, &keep[t * 64..], scale));
+            }
+        }
+        dx
+    }
+}
+
+simd_kernel! {
+    /// `s += x`.
+    fn add_into<T>(s: &mut [T], x: &[T]) {
+        for (a, &b) in s.iter_mut().zip(x) {
+            *a += b;
+        }
+    }
+}
+
+simd_kernel! {
+    /// `s += x · scale` where bit `i` of `keep` is set (`s` and `x` start at a word).
+    fn add_kept_into<T>(s: &mut [T], x: &[T], keep: &[u64], scale: T) {
+        for (w, (sw, xw)) in s.chunks_mut(64).zip(x.chunks(64)).enumerate() {
+            let word = keep[w];
+            for (b, (a, &v)) in sw.iter_mut().zip(xw).enumerate() {
+                *a += if word >> b & 1 == 1 { v * scale } else { T::ZERO };
+            }
+        }
+    }
+}
+
+impl CustomOp3 for ResidualLayerNorm {
+    fn name(&self) -> &'static str {
+        "deltatune-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &ResidualLayerNorm,
+            x: &[T],
+            l1: &Layout,
+            r: &[T],
+            l2: &Layout,
+            gb: &[T],
+            l3: &Layout,
+        ) -> Vec<T> {
+            let d = l1.dims().last().copied().unwrap_or(1);
+            let s = op.sum(&contiguous(x, l1), &contiguous(r, l2));
+            let gb = contiguous(gb, l3);
+            ln_fwd_kernel(&s, &gb[..d], &gb[d..], d, T::from_f64(op.eps))
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(r), CpuStorage::F32(gb)) => {
+                CpuStorage::F32(run(self, x, l1, r, l2, gb, l3))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(r), CpuStorage::F64(gb)) => {
+                CpuStorage::F64(run(self, x, l1, r, l2, gb, l3))
+            }
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(s1.dtype(), self.name()).bt())
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        gb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match x.dtype() {
+            DType::F32 => self.bwd_t::<f32>(x, residual, gb, grad),
+            DType::F64 => self.bwd_t::<f64>(x, residual, gb, grad),
+            dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, self.name()).bt()),
+        }
+    }
+}
+
+impl ResidualLayerNorm {
+    fn bwd_t<T: Real>(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        gb: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (need_x, need_r, need_gb) = (wants_grad(x), wants_grad(residual), wants_grad(gb));
+        if !(need_x || need_r || need_gb) {
+            return Ok((None, None, None));
+        }
+        let d = gb.dim(1)?;
+        let dev = x.device();
+        let eps = T::from_f64(self.eps);
+        let (ds, params) = with_slice::<T, _>(x, |xs| {
+            with_slice::<T, _>(residual, |rs| {
+                with_slice::<T, _>(grad, |gs| {
+                    with_slice::<T, _>(gb, |gbs| {
+                        let s = self.sum(xs, rs);
+                        Ok(ln_bwd_kernel(
+                            &s,
+                            gs,
+                            &gbs[..d],
+                            d,
+                            eps,
+                            need_x || need_r,
+                            need_gb,
+                        ))
+                    })
+                })
+            })
+        })?;
+        let (dx, dr) = match ds {
+            Some(ds) => {
+                let dx = need_x
+                    .then(|| Tensor::from_vec(self.mask(&ds), x.shape(), dev))
+                    .transpose()?;
+                let dr = need_r
+                    .then(|| Tensor::from_vec(ds, residual.shape(), dev))
+                    .transpose()?;
+                (dx, dr)
+            }
+            None => (None, None),
+        };
+        let dgb = match params {
+            Some((dg, db)) if need_gb => {
+                let mut v = dg;
+                v.extend_from_slice(&db);
+                Some(Tensor::from_vec(v, (2, d), dev)?)
+            }
+            _ => None,
+        };
+        Ok((dx, dr, dgb))
+    }
+}
+
+/// `layer_norm(dropout(x) + residual)` as one op (see [`ResidualLayerNorm`]); `dropout` is the
+/// keep-bits and scale of [`crate::Ctx::dropout_bits`] (None: no dropout). Gradients reach
+/// `x`, `residual`, and `gamma` / `beta` where they are trainable.
+///
+/// # Shapes
+/// `x`, `residual`: `[..., d]` (f32 or f64, any layout); `gamma`, `beta`: `[d]` -> `[..., d]`
+pub fn residual_layer_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    dropout: Option<(Vec<u64>, f32)>,
+) -> Result<Tensor> {
+    const OP: &str = "residual_layer_norm";
+    check_float(x, OP)?;
+    check_same_dtype(x, residual, "residual", OP)?;
+    check_same_dtype(x, gamma, "gamma", OP)?;
+    check_same_dtype(x, beta, "beta", OP)?;
+    let d = match x.dims().last() {
+        Some(&d) => d,
+        None => bail!("residual_layer_norm: expected a tensor of rank >= 1"),
+    };
+    if residual.dims() != x.dims() || gamma.dims() != [d] || beta.dims() != [d] {
+        bail!(
+            "residual_layer_norm: x {:?}, residual {:?}, gamma {:?} and beta {:?} do not fit",
+            x.dims(),
+            residual.dims(),
+            gamma.dims(),
+            beta.dims()
+        );
+    }
+    if let Some((keep, _)) = &dropout {
+        if keep.len() * 64 < x.elem_count() {
+            bail!(
+                "residual_layer_norm: {} dropout bits for {} elements",
+                keep.len() * 64,
+                x.elem_count()
+            );
+        }
+    }
+    if super::portable::active(x) {
+        let x = match &dropout {
+            Some((keep, scale)) => super::portable::dropout(x, keep, *scale)?,
+            None => x.clone(),
+        };
+        return super::portable::layer_norm(&(x + residual)?, gamma, beta, eps);
+    }
+    let gb = Tensor::stack(&[gamma, beta], 0)?;
+    x.apply_op3(
+        residual,
+        &gb,
+        ResidualLayerNorm {
+            eps,
+            dropout: dropout.map(|(k, s)| (std::sync::Arc::new(k), s)),
+        },
+    )
+}

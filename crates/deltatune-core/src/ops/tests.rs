@@ -1741,3 +1741,44 @@ fn bench_fma_peak() {
         }
     }
 }
+
+#[test]
+fn residual_layer_norm_equals_dropout_add_and_layer_norm() {
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-4)] {
+        // 3 x 50 x 24: the dropout words straddle rows; every input differentiated.
+        let x = randn(40, &[3, 50, 24], dtype);
+        let r = randn(41, &[3, 50, 24], dtype);
+        let g = randn(42, &[24], dtype);
+        let b = randn(43, &[24], dtype);
+        for p in [0.0, 0.3] {
+            let f = |t: &[Tensor]| {
+                let ctx = crate::sites::Ctx::train(crate::rng::Rng::new(9));
+                let bits = (p > 0.0).then(|| ctx.dropout_bits(t[0].elem_count(), p));
+                residual_layer_norm(&t[0], &t[1], &t[2], &t[3], 1e-5, bits)
+            };
+            let inputs = [x.clone(), r.clone(), g.clone(), b.clone()];
+            kernels_equal_composed("residual_layer_norm", &inputs, &[0, 1, 2, 3], &f, tol);
+            // The unfused ops from the same stream give the same output.
+            let ctx = crate::sites::Ctx::train(crate::rng::Rng::new(9));
+            let want =
+                layer_norm(&(ctx.dropout(&x, p).unwrap() + &r).unwrap(), &g, &b, 1e-5).unwrap();
+            assert_close(
+                &f(&inputs).unwrap(),
+                &want,
+                tol,
+                "residual_layer_norm: unfused",
+            );
+        }
+    }
+    let bad = residual_layer_norm(
+        &randn(44, &[2, 8], DType::F32),
+        &randn(45, &[2, 7], DType::F32),
+        &randn(46, &[8], DType::F32),
+        &randn(47, &[8], DType::F32),
+        1e-5,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("residual [2, 7]"), "{bad}");
+}

@@ -97,6 +97,22 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
+
+    /// `norm(dropout(x, p) + residual)` as one op (`ops::residual_layer_norm`), the dropout
+    /// drawn from `ctx` exactly as `ctx.dropout(x, p)` draws it.
+    ///
+    /// # Shapes
+    /// `x`, `residual`: [..., size] -> [..., size]
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        p: f64,
+        ctx: &deltatune_core::Ctx,
+    ) -> candle_core::Result<Tensor> {
+        let bits = (ctx.train && p > 0.0).then(|| ctx.dropout_bits(x.elem_count(), p));
+        ops::residual_layer_norm(x, residual, &self.weight, &self.bias, self.eps, bits)
+    }
 }
 
 /// Head layout of one attention layer.
