@@ -23,16 +23,16 @@ use super::kernels::{contiguous, dot, simd_kernel, wants_grad, Real};
 use crate::sites::Ctx;
 
 /// `x · mask` with the mask as bits (`scale` where kept, else 0).
-struct Dropout {
+pub(super) struct Dropout {
     /// One bit per element of `x` (row-major): kept.
-    keep: Arc<Vec<u64>>,
+    pub(super) keep: Arc<Vec<u64>>,
     /// `1 / (1 - p)`.
-    scale: f32,
+    pub(super) scale: f32,
 }
 
 impl Dropout {
     /// `out[i] = x[i] · scale` where bit `i` is set, else 0, for a row-major `x`.
-    fn apply<T: Real>(&self, x: &[T]) -> Vec<T> {
+    pub(super) fn apply<T: Real>(&self, x: &[T]) -> Vec<T> {
         let scale = T::from_f64(f64::from(self.scale));
         let mut out = vec![T::ZERO; x.len()];
         // Whole 64-element words per task.

@@ -331,8 +331,8 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 /// the backward gives `residual` the layer norm's input gradient and `x` the same, masked.
 struct ResidualLayerNorm {
     eps: f64,
-    /// Dropout on `x`: keep-bits (bit `i % 64` of word `i / 64`) and the scale of kept values.
-    dropout: Option<(std::sync::Arc<Vec<u64>>, f32)>,
+    /// Dropout on `x` (its keep-bits and scale).
+    dropout: Option<super::dropout::Dropout>,
 }
 
 impl ResidualLayerNorm {
@@ -344,32 +344,24 @@ impl ResidualLayerNorm {
                 .par_chunks_mut(4096)
                 .zip(x.par_chunks(4096))
                 .for_each(|(sc, xc)| add_into(sc, xc)),
-            Some((keep, scale)) => {
-                let scale = T::from_f64(f64::from(*scale));
+            Some(d) => {
+                let scale = T::from_f64(f64::from(d.scale));
                 // Whole 64-element words per task.
                 s.par_chunks_mut(64 * 64)
                     .zip(x.par_chunks(64 * 64))
                     .enumerate()
-                    .for_each(|(t, (sc, xc))| add_kept_into(sc, xc, &keep[t * 64..], scale));
+                    .for_each(|(t, (sc, xc))| add_kept_into(sc, xc, &d.keep[t * 64..], scale));
             }
         }
         s
     }
 
-    /// `ds` masked as the dropout masked `x`.
+    /// `ds` masked as the dropout masked `x` (the dropout op's own masking).
     fn mask<T: Real>(&self, ds: &[T]) -> Vec<T> {
-        let mut dx = vec![T::ZERO; ds.len()];
         match &self.dropout {
-            None => dx.copy_from_slice(ds),
-            Some((keep, scale)) => {
-                let scale = T::from_f64(f64::from(*scale));
-                dx.par_chunks_mut(64 * 64)
-                    .zip(ds.par_chunks(64 * 64))
-                    .enumerate()
-                    .for_each(|(t, (dc, gc))| add_kept_into(dc, gc, &keep[t * 64..], scale));
-            }
+            None => ds.to_vec(),
+            Some(d) => d.apply(ds),
         }
-        dx
     }
 }
 
@@ -563,7 +555,10 @@ pub fn residual_layer_norm(
         &gb,
         ResidualLayerNorm {
             eps,
-            dropout: dropout.map(|(k, s)| (std::sync::Arc::new(k), s)),
+            dropout: dropout.map(|(keep, scale)| super::dropout::Dropout {
+                keep: std::sync::Arc::new(keep),
+                scale,
+            }),
         },
     )
 }
