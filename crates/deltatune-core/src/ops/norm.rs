@@ -126,6 +126,13 @@ simd_kernel! {
     }
 }
 
+/// The blocks' partial sums added in block order. Rayon's `reduce` would add them along a tree
+/// whose shape follows work stealing, so the same step could give gradients that differ in the
+/// last bits from run to run (and a trained delta that differs with them).
+fn sum_in_order<T: Real>(parts: Vec<Partial<T>>) -> Partial<T> {
+    parts.into_iter().fold(None, add_partials)
+}
+
 fn add_partials<T: Real>(a: Partial<T>, b: Partial<T>) -> Partial<T> {
     match (a, b) {
         (Some((mut ga, mut ba)), Some((gb, bb))) => {
@@ -167,15 +174,15 @@ fn ln_bwd_kernel<T: Real>(
             .par_chunks_mut(block)
             .zip(x.par_chunks(block).zip(g.par_chunks(block)))
             .map(|(dxb, (xb, gb))| ln_bwd_block(xb, gb, gamma, d, eps, Some(dxb), need_params))
-            .reduce(|| None, add_partials);
-        (Some(dx), params)
+            .collect::<Vec<_>>();
+        (Some(dx), sum_in_order(params))
     } else {
         let params = x
             .par_chunks(block)
             .zip(g.par_chunks(block))
             .map(|(xb, gb)| ln_bwd_block(xb, gb, gamma, d, eps, None, need_params))
-            .reduce(|| None, add_partials);
-        (None, params)
+            .collect::<Vec<_>>();
+        (None, sum_in_order(params))
     }
 }
 

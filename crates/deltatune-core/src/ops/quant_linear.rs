@@ -11,8 +11,9 @@
 //! * backward (a `CustomOp1` on `x`, so `W` never gets a gradient): `dx = g·W =
 //!   Σ_blocks g[:, o0..o1] · W[o0..o1]`. With many rows of `g` the rows are cut into one chunk
 //!   per thread and each chunk walks all row blocks of `W` (each thread dequantizes `W` once);
-//!   with few rows the row blocks of `W` run in parallel, each thread summing into its own
-//!   partial `dx`, and the partial sums are added at the end.
+//!   with few rows the row blocks of `W` are cut into one contiguous group per thread, each
+//!   summing into its own partial `dx`, and the partials are added in group order (so the
+//!   result does not depend on scheduling).
 //!
 //! A trainable bias is added with `broadcast_add` outside the op so candle differentiates it.
 //! Only f32 on the CPU is supported.
@@ -152,29 +153,34 @@ fn backward(g: &[f32], m: usize, w: &QuantMatrix, fast: bool) -> Vec<f32> {
     }
     let threads = rayon::current_num_threads();
     if m < CHUNKED_BWD_MIN_ROWS {
-        // Few rows: row blocks of W in parallel, one partial dx per rayon split.
+        // Few rows: row blocks of W in parallel, in a fixed number of contiguous groups with one
+        // partial dx each, added in group order (a rayon `fold`'s partials follow work stealing,
+        // which would make the sum, and so training, differ from run to run).
         let nb = out_f.div_ceil(4 * threads).clamp(16, BWD_BLOCK_ROWS);
-        return (0..out_f.div_ceil(nb))
+        let blocks = out_f.div_ceil(nb);
+        let per_group = blocks.div_ceil(threads).max(1);
+        let partials: Vec<Vec<f32>> = (0..blocks.div_ceil(per_group))
             .into_par_iter()
-            .fold(
-                || (vec![0f32; m * in_f], Vec::new()),
-                |(mut acc, mut buf): (Vec<f32>, Vec<f32>), bi| {
+            .map(|gi| {
+                let mut acc = vec![0f32; m * in_f];
+                let mut buf = vec![0f32; nb * in_f];
+                for bi in gi * per_group..((gi + 1) * per_group).min(blocks) {
                     let (o0, o1) = (bi * nb, ((bi + 1) * nb).min(out_f));
                     let nr = o1 - o0;
-                    buf.resize(nr * in_f, 0.0);
                     w.dequantize_rows_unchecked(o0..o1, &mut buf[..nr * in_f]);
                     accumulate_axpy(&mut acc, g, out_f, o0, &buf[..nr * in_f], nr, in_f);
-                    (acc, buf)
-                },
-            )
-            .map(|(acc, _)| acc)
-            .reduce_with(|mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += y;
                 }
-                a
+                acc
             })
-            .unwrap_or_else(|| vec![0f32; m * in_f]);
+            .collect();
+        let mut parts = partials.into_iter();
+        let mut dx = parts.next().unwrap_or_else(|| vec![0f32; m * in_f]);
+        for p in parts {
+            for (x, y) in dx.iter_mut().zip(&p) {
+                *x += y;
+            }
+        }
+        return dx;
     }
     // Many rows: one chunk of rows of g/dx per thread, each walking all of W.
     let chunks = threads.min(m.div_ceil(CHUNKED_BWD_MIN_ROWS)).max(1);

@@ -1782,3 +1782,60 @@ fn residual_layer_norm_equals_dropout_add_and_layer_norm() {
     .to_string();
     assert!(bad.contains("residual [2, 7]"), "{bad}");
 }
+
+/// Gradients are the same bits from run to run: the ops whose backward adds up partial sums
+/// from several threads (the quantized product's input gradient for few rows, the layer norm's
+/// parameter gradients) add them in a fixed order, not in the order work stealing gives.
+/// (A rayon `fold`/`reduce` here made trained adapters differ between identical runs.)
+#[test]
+fn backward_sums_do_not_depend_on_scheduling() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    let w = randn(40, &[1536, 64], DType::F32);
+    let q = crate::quant::QuantMatrix::quantize(&w, candle_core::quantized::GgmlDType::Q4_1, "w")
+        .unwrap();
+    let x = randn(41, &[6, 64], DType::F32);
+    let gy = randn(42, &[6, 1536], DType::F32);
+    let xn = randn(43, &[700, 96], DType::F32);
+    let gamma = randn(44, &[96], DType::F32);
+    let beta = randn(45, &[96], DType::F32);
+    let gn = randn(46, &[700, 96], DType::F32);
+    let grads = || -> Vec<Vec<u32>> {
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = quant_linear(xv.as_tensor(), &q, None).unwrap();
+        let g = (y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(xv.as_tensor()).unwrap().flatten_all().unwrap();
+        let (gv, bv) = (
+            Var::from_tensor(&gamma).unwrap(),
+            Var::from_tensor(&beta).unwrap(),
+        );
+        let y = layer_norm(&xn, gv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
+        let g = (y * &gn).unwrap().sum_all().unwrap().backward().unwrap();
+        [
+            dx,
+            g.get(gv.as_tensor()).unwrap().clone(),
+            g.get(bv.as_tensor()).unwrap().clone(),
+        ]
+        .iter()
+        .map(|t| {
+            t.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        })
+        .collect()
+    };
+    let first = pool.install(grads);
+    for run in 1..60 {
+        let again = pool.install(grads);
+        for (i, what) in ["quant_linear dx", "layer_norm dgamma", "layer_norm dbeta"]
+            .iter()
+            .enumerate()
+        {
+            assert!(first[i] == again[i], "{what}: run {run} differs from run 0");
+        }
+    }
+}
