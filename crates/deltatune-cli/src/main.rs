@@ -131,9 +131,18 @@ enum Command {
         /// The adapter folder written by `train`.
         #[arg(long)]
         adapter: PathBuf,
-        /// A labelled CSV/TSV/JSONL file.
+        /// A labelled CSV/TSV/JSONL file (a decoder's: prompt/completion JSONL; an image
+        /// adapter's: a folder of class folders).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Examples per batch (default: 64 for classifiers, 32 for images, the run's
+        /// `train.eval_batch_size` for decoders, which is what `test_generations.jsonl` used).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// A decoder's adapter: also write its generations here as JSON lines
+        /// (`{"reference", "generated"}`, as `test_generations.jsonl`).
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
     /// Predict labels of texts given as arguments or in a file (one per line).
     Predict {
@@ -775,11 +784,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             dump_logits,
         }),
-        Command::Eval { adapter, data } => {
-            if commands::image::is_image_adapter(&adapter) {
-                commands::image::eval(&adapter, data.as_deref())
+        Command::Eval {
+            adapter,
+            data,
+            batch_size,
+            output,
+        } => {
+            if commands::lm::is_decoder_adapter(&adapter) {
+                commands::lm::eval(&adapter, data.as_deref(), batch_size, output.as_deref())
+            } else if output.is_some() {
+                Err(anyhow::anyhow!(
+                    "--output writes a decoder's generations; {} is a classifier's adapter",
+                    adapter.display()
+                ))
+            } else if batch_size == Some(0) {
+                Err(anyhow::anyhow!("--batch-size must be at least 1"))
+            } else if commands::image::is_image_adapter(&adapter) {
+                commands::image::eval(&adapter, data.as_deref(), batch_size.unwrap_or(32))
             } else {
-                commands::eval(&adapter, data.as_deref())
+                commands::eval(&adapter, data.as_deref(), batch_size.unwrap_or(64))
             }
         }
         Command::Predict {

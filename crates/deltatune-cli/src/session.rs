@@ -225,22 +225,21 @@ fn peft_run_config(
     base: Option<&str>,
     num_labels: usize,
 ) -> Result<RunConfig> {
-    let spec = base
-        .or(named_base)
-        .map(str::to_string)
-        .with_context(|| {
-            format!(
-                "{} has no run_config.json (a folder PEFT wrote?) and its adapter_config.json                  names no base model (base_model_name_or_path): pass the base with --model DIR",
-                dir.display()
-            )
-        })?;
+    let spec = base.or(named_base).map(str::to_string).with_context(|| {
+        format!(
+            "{} has no run_config.json (a folder PEFT wrote?) and its adapter_config.json \
+                 names no base model (base_model_name_or_path): pass the base with --model DIR",
+            dir.display()
+        )
+    })?;
     let settings = Settings {
         model: spec.clone(),
         ..Settings::default()
     };
     let model_dir = model_dir(&spec, &settings.cache).with_context(|| {
         format!(
-            "finding the base model `{spec}` of the PEFT adapter in {} (from its              base_model_name_or_path; pass another with --model DIR)",
+            "finding the base model `{spec}` of the PEFT adapter in {} (from its \
+             base_model_name_or_path; pass another with --model DIR)",
             dir.display()
         )
     })?;

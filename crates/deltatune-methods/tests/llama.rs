@@ -201,3 +201,85 @@ fn bitfit_on_a_model_without_biases_is_refused_by_name() {
         .to_string();
     assert!(err.contains("no bias"), "{err}");
 }
+
+/// Generation batches left-pad their prompts: with every method's delta attached (non-zero),
+/// a prompt's last-position logits are the same alone and left-padded in a batch, in the full
+/// forward and in the cached generation path (prefill, then one step).
+#[test]
+fn left_padding_leaves_each_methods_logits_unchanged() {
+    let base = tiny_llama();
+    let mut all: Vec<(&str, DeltaConfig)> = method_configs()
+        .into_iter()
+        .map(|(n, v)| (n, DeltaConfig::from_json(v).unwrap()))
+        .collect();
+    all.push(("unipelt", unipelt()));
+    let short: Vec<u32> = vec![5, 17, 30];
+    let long: Vec<u32> = vec![8, 9, 40, 41, 60, 61];
+    let pad = (long.len() - short.len()) as u32;
+    let last = |m: &LlamaModel, h: &Tensor, ctx: &Ctx| -> Vec<Vec<f32>> {
+        let t = h.dim(1).unwrap();
+        m.logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap(), ctx)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    for (name, cfg) in all {
+        let mut m = base.clone();
+        let tr = cfg.attach(&mut m, &Rng::new(1), None).unwrap();
+        for part in ["lora_B", "up", "gate"] {
+            randomise(&tr, part, 7, 0.1);
+        }
+        for ctx in [Ctx::eval(), Ctx::inference()] {
+            // Alone: prefill, then one step with token 3.
+            let mut c1 = deltatune_models::KvCache::default();
+            let h = m
+                .forward_hidden(
+                    std::slice::from_ref(&short),
+                    &[vec![1; short.len()]],
+                    Some(&mut c1),
+                    &ctx,
+                )
+                .unwrap();
+            let alone0 = last(&m, &h, &ctx).remove(0);
+            let h = m
+                .forward_hidden(&[vec![3]], &[vec![1]], Some(&mut c1), &ctx)
+                .unwrap();
+            let alone1 = last(&m, &h, &ctx).remove(0);
+            // Left-padded beside a longer prompt.
+            let mut padded = vec![0u32; pad as usize];
+            padded.extend(&short);
+            let mut mask = vec![0u32; pad as usize];
+            mask.extend(vec![1u32; short.len()]);
+            let mut c2 = deltatune_models::KvCache::default();
+            let h = m
+                .forward_hidden(
+                    &[long.clone(), padded],
+                    &[vec![1; long.len()], mask],
+                    Some(&mut c2),
+                    &ctx,
+                )
+                .unwrap();
+            let b0 = last(&m, &h, &ctx).remove(1);
+            let h = m
+                .forward_hidden(
+                    &[vec![4], vec![3]],
+                    &[vec![1], vec![1]],
+                    Some(&mut c2),
+                    &ctx,
+                )
+                .unwrap();
+            let b1 = last(&m, &h, &ctx).remove(1);
+            let (d0, d1) = (diff(&alone0, &b0), diff(&alone1, &b1));
+            assert!(
+                d0 < 1e-4 && d1 < 1e-4,
+                "{name}: left padding changed the logits by {d0} (prefill) and {d1} (next step)"
+            );
+        }
+    }
+}

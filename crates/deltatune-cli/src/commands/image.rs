@@ -336,7 +336,7 @@ pub fn predict(adapter: &Path, images: &[PathBuf], json_out: bool) -> Result<()>
 
 /// `deltatune eval --adapter DIR [--data FOLDER]` for an image adapter: accuracy on the
 /// folder's test split (else dev), or on the run's own test images.
-pub fn eval(adapter: &Path, data: Option<&Path>) -> Result<()> {
+pub fn eval(adapter: &Path, data: Option<&Path>, batch_size: usize) -> Result<()> {
     let run = load_image_adapter(adapter)?;
     let (set, what) = match data {
         Some(root) => {
@@ -365,7 +365,7 @@ pub fn eval(adapter: &Path, data: Option<&Path>) -> Result<()> {
         );
     }
     let ex = ImageExamples::new(Arc::new(set), run.preprocess.clone(), None)?;
-    let (m, _) = evaluate(&run.model, &ex, 32)?;
+    let (m, _) = evaluate(&run.model, &ex, batch_size)?;
     println!(
         "{what}: {} images, accuracy {:.4}, macro-F1 {:.4}",
         m.n, m.accuracy, m.macro_f1

@@ -425,6 +425,97 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether `dir` holds a decoder's adapter (`task_type` CAUSAL_LM).
+pub fn is_decoder_adapter(dir: &Path) -> bool {
+    config_task_type(dir).as_deref() == Some("CAUSAL_LM")
+}
+
+/// `deltatune eval --adapter DIR` for a decoder's adapter: greedy generations of the run's test
+/// examples (its `test.jsonl`, the exact examples training scored) or of `data`, scored by
+/// exact match and error rate with the run's generation settings, in batches of `batch_size`
+/// (default: the run's `train.eval_batch_size`, so the texts equal `test_generations.jsonl`);
+/// `output` gets the generations as JSON lines.
+pub fn eval(
+    adapter: &Path,
+    data: Option<&Path>,
+    batch_size: Option<usize>,
+    output: Option<&Path>,
+) -> Result<()> {
+    let run_config = adapter.join(RUN_CONFIG);
+    let s: Settings = match std::fs::read_to_string(&run_config) {
+        Ok(text) => {
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", run_config.display()))?;
+            serde_json::from_value(v["settings"].clone()).with_context(|| {
+                format!(
+                    "the settings in {} do not parse: was it written by another deltatune version?",
+                    run_config.display()
+                )
+            })?
+        }
+        Err(_) if data.is_some() => Settings::default(),
+        Err(_) => bail!(
+            "{} has no {RUN_CONFIG} (a folder PEFT wrote?), so no test examples of its own: \
+             give a prompt/completion JSONL file with --data",
+            adapter.display()
+        ),
+    };
+    let (path, examples) = match data {
+        Some(p) => (
+            p.to_path_buf(),
+            load_generation_jsonl(p, &s.data.prompt_field, &s.data.completion_field)?,
+        ),
+        None => {
+            let p = adapter.join("test.jsonl");
+            if !p.exists() {
+                bail!(
+                    "{} is missing: the run had no test file; give one with --data",
+                    p.display()
+                );
+            }
+            let ex = load_generation_jsonl(&p, "prompt", "completion")?;
+            (p, ex)
+        }
+    };
+    let batch = batch_size.unwrap_or(s.train.eval_batch_size);
+    if batch == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let d = load_with_adapter(adapter, None, &s.cache)?;
+    let eos = d.model.config.eos_token_ids.first().copied().unwrap_or(0);
+    let prompts = examples
+        .iter()
+        .map(|e| Ok(tokenize(&d, e, &s.data.prompt_template, s.data.max_length, eos)?.prompt))
+        .collect::<Result<Vec<_>>>()?;
+    let decode = |ids: &[u32]| d.decode(ids);
+    let texts = generate_texts(
+        &d.model,
+        &prompts,
+        &decode,
+        s.generation.max_new_tokens,
+        &s.generation.stop,
+        batch,
+        s.generation.int8_activations,
+    )?;
+    let refs: Vec<String> = examples.iter().map(reference).collect();
+    let (em, er) = generation_metrics(&texts, &refs);
+    if let Some(out) = output {
+        let mut bytes = Vec::new();
+        for (r, g) in refs.iter().zip(&texts) {
+            serde_json::to_writer(&mut bytes, &json!({"reference": r, "generated": g}))?;
+            bytes.push(b'\n');
+        }
+        deltatune_core::write_atomic(out, &bytes)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!(
+        "{}: {} examples, exact match {em:.4}, error rate {er:.4}",
+        path.display(),
+        examples.len()
+    );
+    Ok(())
+}
+
 /// `deltatune generate` arguments.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateArgs {

@@ -55,7 +55,7 @@ pub fn predict(
 }
 
 /// `deltatune eval`.
-pub fn eval(adapter: &Path, data: Option<&Path>) -> Result<()> {
+pub fn eval(adapter: &Path, data: Option<&Path>, batch_size: usize) -> Result<()> {
     let run = session::load_adapter(adapter)?;
     let path = match data {
         Some(p) => p.to_path_buf(),
@@ -69,7 +69,7 @@ pub fn eval(adapter: &Path, data: Option<&Path>) -> Result<()> {
     let d = &run.run.settings.data;
     let examples = load_examples(&path, &d.text_column, &d.label_column)?;
     let enc = session::encode(&run.loaded.tokenizer, &examples, &run.labels, "eval")?;
-    let (m, _) = deltatune_train::evaluate(&run.loaded.model, &enc, 64)?;
+    let (m, _) = deltatune_train::evaluate(&run.loaded.model, &enc, batch_size)?;
     println!(
         "{}: {} examples, accuracy {:.4}, macro-F1 {:.4}",
         path.display(),
