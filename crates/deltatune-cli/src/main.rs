@@ -654,12 +654,19 @@ fn train(a: &RunArgs) -> anyhow::Result<()> {
 /// (`clear_page_erms`: 6% of a decoder step's samples). glibc's malloc gives every block over
 /// 32 MiB (the most `M_MMAP_THRESHOLD` allows: the decoder's logits are 75 MiB) straight back
 /// to the system. With mimalloc told never to purge, `deltatune bench --task generate --steps 2`
-/// took 1,846 page faults against 1,332,698 with glibc (`perf stat -e page-faults`). The
-/// process's peak memory is what it was; it just stays allocated until exit, so the
-/// server (`serve`, `loadgen`) keeps mimalloc's default (purge after 10 ms).
+/// took 1,846 page faults against 1,332,698 with glibc (`perf stat -e page-faults`). The price
+/// is peak memory: freed blocks stay with the size class that freed them, so the decoder's
+/// quantized-base step peaked at 1,072 MiB against 967 with mimalloc's default purge (10 ms;
+/// 3.0 M page faults), 1,018 with a 1 s delay (355 K faults) and 914 with glibc. The server
+/// (`serve`, `loadgen`) keeps the default; `MIMALLOC_PURGE_DELAY` (milliseconds) overrides
+/// this.
 fn keep_freed_memory() {
     /// `mi_option_purge_delay` in mimalloc 3's `mi_option_t`.
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // mimalloc's own variable, when set, wins (its value in milliseconds; -1 never purges).
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: sets an allocator option; called once, before this process starts threads.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
