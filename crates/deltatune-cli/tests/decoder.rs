@@ -9,30 +9,10 @@ use std::path::Path;
 use std::process::Output;
 
 mod support;
-use support::{cache, gguf, run_with, stderr, stdout, Tmp};
+use support::{cache, gguf, run_with, stderr, stdout, write_colour_codes, Tmp};
 
 fn run(args: &[&str], dir: &Path) -> Output {
     run_with(args, dir, Some(&cache()))
-}
-
-/// Six prompt/completion pairs (a made-up task: a colour's word to its code).
-fn write_jsonl(path: &Path) {
-    let pairs = [
-        ("red", "R1"),
-        ("green", "G2"),
-        ("blue", "B3"),
-        ("black", "K4"),
-        ("white", "W5"),
-        ("grey", "Y6"),
-    ];
-    let mut s = String::new();
-    for (w, c) in pairs {
-        s.push_str(&format!(
-            "{}\n",
-            serde_json::json!({"prompt": format!("Colour: {w}\nCode:"), "completion": format!(" {c}")})
-        ));
-    }
-    std::fs::write(path, s).unwrap();
 }
 
 fn train_args<'a>(gguf: &'a str, out: &'a str, method: &'a str) -> Vec<&'a str> {
@@ -71,7 +51,7 @@ fn every_method_trains_on_the_decoder_and_its_adapter_generates_the_same_after_r
     let Some(g) = gguf() else { return };
     let g = g.display().to_string();
     let tmp = Tmp::new("methods");
-    write_jsonl(&tmp.0.join("d.jsonl"));
+    write_colour_codes(&tmp.0.join("d.jsonl"), 6);
     for method in ["lora", "ia3", "prefix", "prompt", "adapter", "intrinsic"] {
         let out = format!("run-{method}");
         let o = run(&train_args(&g, &out, method), &tmp.0);
@@ -219,7 +199,7 @@ fn bad_decoder_input_is_a_clear_error() {
     std::fs::write(tmp.0.join("cut.gguf"), &bytes[..100_000]).unwrap();
     check(&["generate", "--model", "cut.gguf", "hi"], "cut.gguf");
     // A decoder adapter given to the classifier, and a classifier adapter to the decoder.
-    write_jsonl(&tmp.0.join("d.jsonl"));
+    write_colour_codes(&tmp.0.join("d.jsonl"), 6);
     let o = run(&train_args(&g, "dec", "lora"), &tmp.0);
     assert!(o.status.success(), "{}", stderr(&o));
     check(

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 mod support;
-use support::{cache, fixtures, gguf, run_with, text, Tmp};
+use support::{cache, fixtures, gguf, run_with, text, write_colour_codes, Tmp};
 
 fn gpu_present() -> bool {
     if candle_core::Device::new_cuda(0).is_ok() {
@@ -144,19 +144,7 @@ fn the_decoder_trains_the_same_on_the_gpu() {
     }
     let Some(g) = gguf() else { return };
     let t = Tmp::new("gpu-decoder");
-    let mut s = String::new();
-    for (w, c) in [
-        ("red", "R1"),
-        ("green", "G2"),
-        ("blue", "B3"),
-        ("grey", "Y6"),
-    ] {
-        s.push_str(&format!(
-            "{}\n",
-            serde_json::json!({"prompt": format!("Colour: {w}\nCode:"), "completion": format!(" {c}")})
-        ));
-    }
-    std::fs::write(t.0.join("d.jsonl"), s).unwrap();
+    write_colour_codes(&t.0.join("d.jsonl"), 4);
     let g = g.display().to_string();
     same_on_both(
         &t,

@@ -59,6 +59,27 @@ pub fn gguf() -> Option<PathBuf> {
     None
 }
 
+/// A made-up decoder task, a colour's word to its code: the first `n` (at most six) of its
+/// prompt/completion pairs as a JSONL file at `path`.
+pub fn write_colour_codes(path: &Path, n: usize) {
+    let pairs = [
+        ("red", "R1"),
+        ("green", "G2"),
+        ("blue", "B3"),
+        ("black", "K4"),
+        ("white", "W5"),
+        ("grey", "Y6"),
+    ];
+    let mut s = String::new();
+    for (w, c) in pairs.iter().take(n) {
+        s.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": format!("Colour: {w}\nCode:"), "completion": format!(" {c}")})
+        ));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
 /// `deltatune ARGS` in `dir`, with `cache` as its assets' cache when given.
 pub fn command<S: AsRef<OsStr>>(args: &[S], dir: &Path, cache: Option<&Path>) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_deltatune"));

@@ -485,6 +485,12 @@ impl ResidualLayerNorm {
             })
         })?;
         let (dx, dr) = match ds {
+            // Without dropout both gradients are the same values: one tensor serves both
+            // (candle's backward adds gradients into new tensors, never in place).
+            Some(ds) if self.dropout.is_none() => {
+                let t = Tensor::from_vec(ds, residual.shape(), dev)?;
+                (need_x.then(|| t.clone()), need_r.then_some(t))
+            }
             Some(ds) => {
                 let dx = need_x
                     .then(|| Tensor::from_vec(self.mask(&ds), x.shape(), dev))
