@@ -74,10 +74,13 @@ pub struct CausalLmTask<'a> {
     pub stop: Vec<String>,
     /// 8-bit activations in the products by a quantized base (`GenerateConfig::int8_activations`).
     pub int8_activations: bool,
+    /// A progress bar while the dev examples are generated.
+    pub show_progress: bool,
 }
 
 /// Greedy completions of `prompts`, decoded, in batches of `batch_size` (similar lengths
-/// together).
+/// together). `progress`: a bar on stderr with this label (examples done, rate, time left).
+#[allow(clippy::too_many_arguments)]
 pub fn generate_texts(
     model: &LlamaModel,
     prompts: &[Vec<u32>],
@@ -86,7 +89,23 @@ pub fn generate_texts(
     stop: &[String],
     batch_size: usize,
     int8_activations: bool,
+    progress: Option<&str>,
 ) -> Result<Vec<String>> {
+    let bar = match progress {
+        Some(label) => {
+            let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} examples | {per_sec} | {elapsed_precise} < {eta_precise}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(label.to_string());
+            bar
+        }
+        None => indicatif::ProgressBar::hidden(),
+    };
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     let cfg = GenerateConfig {
@@ -112,7 +131,9 @@ pub fn generate_texts(
             }
             out[i] = text.trim().to_string();
         }
+        bar.inc(chunk.len() as u64);
     }
+    bar.finish_and_clear();
     Ok(out)
 }
 
@@ -205,6 +226,7 @@ impl Task for CausalLmTask<'_> {
             &self.stop,
             batch_size,
             self.int8_activations,
+            self.show_progress.then_some("dev"),
         )?;
         let (em, er) = generation_metrics(&texts, self.dev_references);
         Ok(DevScore {

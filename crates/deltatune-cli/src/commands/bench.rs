@@ -253,6 +253,7 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
             max_new_tokens: 1,
             stop: Vec::new(),
             int8_activations: true,
+            show_progress: false,
         };
         let loss0 = task
             .loss(&idx, &Ctx::eval().with_bf16(true))?

@@ -314,6 +314,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         max_new_tokens: s.generation.max_new_tokens,
         stop: s.generation.stop.clone(),
         int8_activations: s.generation.int8_activations,
+        show_progress: s.progress,
     };
     let report = deltatune_train::train_task_with(
         &task,
@@ -336,6 +337,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
             &s.generation.stop,
             s.train.eval_batch_size,
             s.generation.int8_activations,
+            s.progress.then_some("test"),
         )?;
         let (em, er) = generation_metrics(&texts, refs);
         Ok((em, er, texts))
@@ -496,6 +498,7 @@ pub fn eval(
         &s.generation.stop,
         batch,
         s.generation.int8_activations,
+        Some("eval"),
     )?;
     let refs: Vec<String> = examples.iter().map(reference).collect();
     let (em, er) = generation_metrics(&texts, &refs);
