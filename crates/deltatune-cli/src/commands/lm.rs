@@ -327,34 +327,15 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         },
     )?;
     ckpt.copy_metrics(&staging)?;
-    let eval = |ex: &[LmExample], refs: &[String]| -> Result<(f64, f64, Vec<String>)> {
-        let prompts: Vec<Vec<u32>> = ex.iter().map(|e| e.prompt.clone()).collect();
-        let texts = generate_texts(
-            &d.model,
-            &prompts,
-            &decode,
-            s.generation.max_new_tokens,
-            &s.generation.stop,
-            s.train.eval_batch_size,
-            s.generation.int8_activations,
-            s.progress.then_some("test"),
-        )?;
-        let (em, er) = generation_metrics(&texts, refs);
-        Ok((em, er, texts))
-    };
     let t_eval = Instant::now();
     let test_m = match (&test, &test_ex) {
         (Some(t), Some(te)) => {
-            let (em, er, texts) = eval(t, &refs(te))?;
-            let mut bytes = Vec::new();
-            for (ex, g) in te.iter().zip(&texts) {
-                serde_json::to_writer(
-                    &mut bytes,
-                    &json!({"reference": reference(ex), "generated": g}),
-                )?;
-                bytes.push(b'\n');
-            }
-            staging.write("test_generations.jsonl", &bytes)?;
+            let prompts: Vec<Vec<u32>> = t.iter().map(|e| e.prompt.clone()).collect();
+            let refs = refs(te);
+            let progress = s.progress.then_some("test");
+            let (em, er, texts) =
+                generate_and_score(&d, &prompts, &refs, s, s.train.eval_batch_size, progress)?;
+            staging.write("test_generations.jsonl", &generations_jsonl(&refs, &texts)?)?;
             Some(json!({"accuracy": em, "exact_match": em, "error_rate": er, "examples": t.len()}))
         }
         _ => None,
@@ -427,6 +408,41 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     Ok(())
 }
 
+/// Greedy generations of `prompts` with the run's generation settings in batches of `batch`,
+/// and their exact match and error rate against `refs`.
+fn generate_and_score(
+    d: &LoadedDecoder,
+    prompts: &[Vec<u32>],
+    refs: &[String],
+    s: &Settings,
+    batch: usize,
+    progress: Option<&str>,
+) -> Result<(f64, f64, Vec<String>)> {
+    let decode = |ids: &[u32]| d.decode(ids);
+    let texts = generate_texts(
+        &d.model,
+        prompts,
+        &decode,
+        s.generation.max_new_tokens,
+        &s.generation.stop,
+        batch,
+        s.generation.int8_activations,
+        progress,
+    )?;
+    let (em, er) = generation_metrics(&texts, refs);
+    Ok((em, er, texts))
+}
+
+/// `{"reference", "generated"}` JSON lines (`test_generations.jsonl`, `eval --output`).
+fn generations_jsonl(refs: &[String], texts: &[String]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    for (r, g) in refs.iter().zip(texts) {
+        serde_json::to_writer(&mut bytes, &json!({"reference": r, "generated": g}))?;
+        bytes.push(b'\n');
+    }
+    Ok(bytes)
+}
+
 /// Whether `dir` holds a decoder's adapter (`task_type` CAUSAL_LM).
 pub fn is_decoder_adapter(dir: &Path) -> bool {
     config_task_type(dir).as_deref() == Some("CAUSAL_LM")
@@ -489,26 +505,10 @@ pub fn eval(
         .iter()
         .map(|e| Ok(tokenize(&d, e, &s.data.prompt_template, s.data.max_length, eos)?.prompt))
         .collect::<Result<Vec<_>>>()?;
-    let decode = |ids: &[u32]| d.decode(ids);
-    let texts = generate_texts(
-        &d.model,
-        &prompts,
-        &decode,
-        s.generation.max_new_tokens,
-        &s.generation.stop,
-        batch,
-        s.generation.int8_activations,
-        Some("eval"),
-    )?;
     let refs: Vec<String> = examples.iter().map(reference).collect();
-    let (em, er) = generation_metrics(&texts, &refs);
+    let (em, er, texts) = generate_and_score(&d, &prompts, &refs, &s, batch, Some("eval"))?;
     if let Some(out) = output {
-        let mut bytes = Vec::new();
-        for (r, g) in refs.iter().zip(&texts) {
-            serde_json::to_writer(&mut bytes, &json!({"reference": r, "generated": g}))?;
-            bytes.push(b'\n');
-        }
-        deltatune_core::write_atomic(out, &bytes)
+        deltatune_core::write_atomic(out, &generations_jsonl(&refs, &texts)?)
             .with_context(|| format!("writing {}", out.display()))?;
     }
     println!(
