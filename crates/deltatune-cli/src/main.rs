@@ -797,15 +797,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch_size,
             output,
         } => {
-            if commands::lm::is_decoder_adapter(&adapter) {
+            if batch_size == Some(0) {
+                Err(anyhow::anyhow!("--batch-size must be at least 1"))
+            } else if commands::lm::is_decoder_adapter(&adapter) {
                 commands::lm::eval(&adapter, data.as_deref(), batch_size, output.as_deref())
             } else if output.is_some() {
                 Err(anyhow::anyhow!(
                     "--output writes a decoder's generations; {} is a classifier's adapter",
                     adapter.display()
                 ))
-            } else if batch_size == Some(0) {
-                Err(anyhow::anyhow!("--batch-size must be at least 1"))
             } else if commands::image::is_image_adapter(&adapter) {
                 commands::image::eval(&adapter, data.as_deref(), batch_size.unwrap_or(32))
             } else {

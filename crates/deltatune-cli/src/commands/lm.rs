@@ -495,10 +495,8 @@ pub fn eval(
             (p, ex)
         }
     };
+    // `--batch-size 0` is refused by the caller; the run's own value was validated in training.
     let batch = batch_size.unwrap_or(s.train.eval_batch_size);
-    if batch == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let d = load_with_adapter(adapter, None, &s.cache)?;
     let eos = d.model.config.eos_token_ids.first().copied().unwrap_or(0);
     let prompts = examples
