@@ -21,6 +21,65 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Word `w` of [`Rng::threshold_bits`] from state `s`: its first `count` (at most 64) bits.
+#[inline]
+fn threshold_word(s: u64, w: usize, count: usize, threshold: u64) -> u64 {
+    let mut acc = 0u64;
+    for k in 0..count.div_ceil(2) {
+        let r = mix(s.wrapping_add(GAMMA.wrapping_mul((32 * w + k) as u64 + 1)));
+        acc |= u64::from((r & 0xffff_ffff) < threshold) << (2 * k);
+        if 2 * k + 1 < count {
+            acc |= u64::from((r >> 32) < threshold) << (2 * k + 1);
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::GAMMA;
+    use std::arch::x86_64::*;
+
+    pub(super) fn usable() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+    }
+
+    /// Full words `w0 ..` of [`super::Rng::threshold_bits`] (threshold below 2³²): eight
+    /// SplitMix64 draws per vector; comparing the vector as sixteen 32-bit lanes puts draw
+    /// `k`'s low half at bit `2k` and its high half at bit `2k + 1`, the scalar order.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512DQ must be available.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub(super) unsafe fn threshold_words(s: u64, w0: usize, words: &mut [u64], threshold: u32) {
+        let lanes = _mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1);
+        let gamma = _mm512_set1_epi64(GAMMA as i64);
+        let step = _mm512_set1_epi64(GAMMA.wrapping_mul(8) as i64);
+        let m1 = _mm512_set1_epi64(0xbf58_476d_1ce4_e5b9u64 as i64);
+        let m2 = _mm512_set1_epi64(0x94d0_49bb_1331_11ebu64 as i64);
+        let t = _mm512_set1_epi32(threshold as i32);
+        // The states of draws 32·w0 + 0..8: s + GAMMA·(index + 1).
+        let base = s.wrapping_add(GAMMA.wrapping_mul(32 * w0 as u64));
+        let mut st = _mm512_add_epi64(
+            _mm512_set1_epi64(base as i64),
+            _mm512_mullo_epi64(lanes, gamma),
+        );
+        for word in words.iter_mut() {
+            let mut acc = 0u64;
+            for g in 0..4 {
+                let mut z = st;
+                z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<30>(z)), m1);
+                z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<27>(z)), m2);
+                z = _mm512_xor_si512(z, _mm512_srli_epi64::<31>(z));
+                acc |= u64::from(_mm512_cmplt_epu32_mask(z, t)) << (16 * g);
+                st = _mm512_add_epi64(st, step);
+            }
+            *word = acc;
+        }
+    }
+}
+
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Self {
@@ -40,14 +99,6 @@ impl Rng {
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(GAMMA);
         mix(self.state)
-    }
-
-    /// The next `k` draws as a function of their index, without advancing: draw `i` (from 0)
-    /// is `at(i)`. SplitMix64's draws depend only on their position, so callers may compute
-    /// them in any order or on several threads; [`Rng::advance`] then skips them.
-    pub fn ahead(&self) -> impl Fn(u64) -> u64 + Send + Sync + Copy {
-        let s = self.state;
-        move |i| mix(s.wrapping_add(GAMMA.wrapping_mul(i + 1)))
     }
 
     /// Skips `k` draws (as `k` calls of [`Rng::next_u64`] would).
@@ -87,6 +138,48 @@ impl Rng {
             .map(|_| (lo + (hi - lo) * self.uniform()) as f32)
             .collect();
         Tensor::from_vec(v, shape, &crate::device::current())
+    }
+
+    /// Bernoulli bits from the next draws, without advancing ([`Rng::advance`] skips them): bit `i % 64` of word `i / 64`
+    /// is set when 32-bit half `i` of the draws (each draw's low half first) is below
+    /// `threshold` (at most 2³²), for `i < n`. The draws depend only on their position, so
+    /// the words fill in parallel for large `n`, eight draws per instruction where the CPU has
+    /// AVX-512 DQ (64-bit multiplies); every path gives the same bits.
+    pub fn threshold_bits(&self, n: usize, threshold: u64) -> Vec<u64> {
+        let s = self.state;
+        let mut bits = vec![0u64; n.div_ceil(64)];
+        let full = n / 64;
+        let fill = |w0: usize, words: &mut [u64]| {
+            for (j, word) in words.iter_mut().enumerate() {
+                let w = w0 + j;
+                *word = if w < full {
+                    threshold_word(s, w, 64, threshold)
+                } else {
+                    threshold_word(s, w, n - 64 * w, threshold)
+                };
+            }
+        };
+        #[cfg(target_arch = "x86_64")]
+        let fill = |w0: usize, words: &mut [u64]| {
+            let fast = words.len().min(full.saturating_sub(w0));
+            if threshold <= u64::from(u32::MAX) && fast > 0 && x86::usable() {
+                // SAFETY: `usable` checked AVX-512F and DQ.
+                unsafe { x86::threshold_words(s, w0, &mut words[..fast], threshold as u32) };
+                fill(w0 + fast, &mut words[fast..]);
+            } else {
+                fill(w0, words);
+            }
+        };
+        const CHUNK: usize = 256;
+        if n >= 1 << 16 {
+            use rayon::prelude::*;
+            bits.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, words)| fill(c * CHUNK, words));
+        } else {
+            fill(0, &mut bits);
+        }
+        bits
     }
 
     /// An f32 tensor with entries normal(0, std), on [`crate::device::current`].

@@ -226,33 +226,8 @@ impl Ctx {
         let scale = (1.0 / keep) as f32;
         let mut rng = self.rng.borrow_mut();
         let threshold = (keep * (1u64 << 32) as f64) as u64;
-        // Two 32-bit draws per 64-bit number: word `w` reads numbers 32w..32w + 32. The
-        // numbers depend only on their position, so the words fill in parallel.
-        let at = rng.ahead();
-        let mut bits = vec![0u64; n.div_ceil(64)];
-        let fill = |w: usize, word: &mut u64| {
-            let mut acc = 0u64;
-            let count = (n - 64 * w).min(64);
-            for k in 0..count.div_ceil(2) {
-                let r = at((32 * w + k) as u64);
-                acc |= u64::from((r & 0xffff_ffff) < threshold) << (2 * k);
-                if 2 * k + 1 < count {
-                    acc |= u64::from((r >> 32) < threshold) << (2 * k + 1);
-                }
-            }
-            *word = acc;
-        };
-        if n >= 1 << 16 {
-            use rayon::prelude::*;
-            bits.par_iter_mut()
-                .enumerate()
-                .with_min_len(256)
-                .for_each(|(w, word)| fill(w, word));
-        } else {
-            bits.iter_mut()
-                .enumerate()
-                .for_each(|(w, word)| fill(w, word));
-        }
+        // Two 32-bit draws per 64-bit number: word `w` reads numbers 32w..32w + 32.
+        let bits = rng.threshold_bits(n, threshold);
         rng.advance(n.div_ceil(2) as u64);
         (bits, scale)
     }
@@ -663,6 +638,8 @@ mod tests {
             (64, 0.2),
             (129, 0.9),
             ((1 << 16) + 77, 0.1),
+            (3 * 64 * 256 + 5, 0.3),
+            (1000, 0.0),
         ] {
             let ctx = Ctx::train(Rng::new(21));
             let (bits, scale) = ctx.dropout_bits(n, p);

@@ -72,7 +72,8 @@ fn stats(ms: &mut [f64]) -> (f64, f64, f64) {
 /// `deltatune bench`: one LoRA training step (forward + backward + AdamW) and forward-only
 /// inference on a batch of 16 x 128 random tokens, as `scripts/bench_peft.py` times PyTorch +
 /// PEFT, each with the frozen weights' products in f32 and in bf16 (where the CPU has AVX-512
-/// BF16; PyTorch's side is `autocast(bfloat16)`).
+/// BF16 and `train.bf16` is not turned off: `--bf16 false` times the f32 rows only; PyTorch's
+/// side is `autocast(bfloat16)`).
 pub fn bench(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
     let dir = session::model_dir(&s.model, &s.cache)?;
     let mut loaded = session::load_model(&dir, 2, s.pooling, SEQ, s.train.seed)?;
@@ -92,7 +93,7 @@ pub fn bench(s: &Settings, steps: usize, reference: &[PathBuf]) -> Result<()> {
     let (vars, mut opt) = optimiser(&trainables)?;
     // (workload, reference key, median, min, max)
     let mut rows: Vec<(String, String, f64, f64, f64)> = Vec::new();
-    let precisions: &[bool] = if deltatune_core::ops::has_bf16() {
+    let precisions: &[bool] = if deltatune_core::ops::has_bf16() && s.train.bf16 {
         &[false, true]
     } else {
         &[false]
@@ -228,7 +229,7 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
     let mut rows = Vec::new();
     // The quantized base first (dequantizing is one way): f32 products from the blocks, then
     // bf16 products from a copy made from them (the default where the CPU has AVX-512 BF16).
-    let bf16 = deltatune_core::ops::has_bf16();
+    let bf16 = deltatune_core::ops::has_bf16() && s.train.bf16;
     let mut variants = vec![("quantized (GGUF blocks)", false)];
     if bf16 {
         variants.push(("quantized, bf16 products", true));

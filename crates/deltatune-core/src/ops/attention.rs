@@ -26,6 +26,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::dropout::{keep_times, keep_times_in_place};
 use super::kernels::{contiguous, dot, simd_kernel, with_slice, Real};
 
 /// Geometry and settings of one attention call.
@@ -64,28 +65,37 @@ struct Attention {
     probs: Mutex<Option<CpuStorage>>,
 }
 
-/// `out = (out +) Σ_r coef[r] · m[r·stride ..][..out.len()]`: a row vector times the first
-/// `coef.len()` rows of a row-major matrix, for [`combo4`] where its AVX-512 kernel does not
-/// apply (f64, or a CPU without AVX-512). The columns go in blocks of 32 with two sets of
-/// accumulators (even and odd rows), so the compiler keeps them in registers.
+/// `out = (out +) Σ_i coef[i·ce] · m[i·stride ..][..out.len()]` (`i < n`): a row vector (read
+/// with element stride `ce`) times the first `n` rows of a row-major matrix, for [`combo4`]
+/// where its AVX-512 kernel does not apply (f64, or a CPU without AVX-512). The columns go in
+/// blocks of 32 with two sets of accumulators (even and odd rows), so the compiler keeps them
+/// in registers.
 #[inline(always)]
-fn combo<T: Real>(coef: &[T], m: &[T], stride: usize, out: &mut [T], accumulate: bool) {
-    if coef.is_empty() {
+fn combo<T: Real>(
+    coef: &[T],
+    ce: usize,
+    n: usize,
+    m: &[T],
+    stride: usize,
+    out: &mut [T],
+    accumulate: bool,
+) {
+    if n == 0 {
         if !accumulate {
             out.fill(T::ZERO);
         }
         return;
     }
-    debug_assert!(m.len() >= (coef.len() - 1) * stride + out.len());
+    debug_assert!(coef.len() > (n - 1) * ce);
+    debug_assert!(m.len() >= (n - 1) * stride + out.len());
     const W: usize = 32;
     let w = out.len();
-    let n = coef.len();
     let mut c0 = 0;
     while c0 + W <= w {
         let mut a = [T::ZERO; W];
         let mut b = [T::ZERO; W];
         for r in 0..n / 2 {
-            let (x0, x1) = (coef[2 * r], coef[2 * r + 1]);
+            let (x0, x1) = (coef[2 * r * ce], coef[(2 * r + 1) * ce]);
             let m0 = &m[2 * r * stride + c0..][..W];
             let m1 = &m[(2 * r + 1) * stride + c0..][..W];
             for l in 0..W {
@@ -94,7 +104,7 @@ fn combo<T: Real>(coef: &[T], m: &[T], stride: usize, out: &mut [T], accumulate:
             }
         }
         if n % 2 == 1 {
-            let x = coef[n - 1];
+            let x = coef[(n - 1) * ce];
             let m0 = &m[(n - 1) * stride + c0..][..W];
             for l in 0..W {
                 a[l] += x * m0[l];
@@ -109,22 +119,25 @@ fn combo<T: Real>(coef: &[T], m: &[T], stride: usize, out: &mut [T], accumulate:
     }
     for (c, o) in out.iter_mut().enumerate().skip(c0) {
         let mut s = T::ZERO;
-        for (r, &x) in coef.iter().enumerate() {
-            s += x * m[r * stride + c];
+        for r in 0..n {
+            s += coef[r * ce] * m[r * stride + c];
         }
         *o = if accumulate { *o + s } else { s };
     }
 }
 
-/// Up to four rows of `out[r·os ..][..w] = (out +) Σ_i coef[r·cs + i] · m[i·stride ..][..w]`
-/// (`r < rows`, `i < n`) at once over the same matrix, the core of every product here. f32 with
-/// AVX-512 (`fast`) takes [`x86::combo4_f32`], where each load of `m` feeds four FMAs; otherwise
-/// each row goes through [`combo`].
+/// Up to four rows of `out[r·os ..][..w] = (out +) Σ_i coef[r·cs + i·ce] · m[i·stride ..][..w]`
+/// (`r < rows`, `i < n`) at once over the same matrix, the core of every product here. The
+/// strides let each operand be read where it lies: a head's rows inside a token-major tensor
+/// (`stride` or `cs` = heads·D) and a transposed left operand (`cs` = 1, `ce` = row length).
+/// f32 with AVX-512 (`fast`) takes [`x86::combo4_f32`], where each load of `m` feeds four FMAs;
+/// otherwise each row goes through [`combo`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn combo4<T: Real>(
     coef: &[T],
     cs: usize,
+    ce: usize,
     n: usize,
     rows: usize,
     m: &[T],
@@ -137,8 +150,11 @@ fn combo4<T: Real>(
 ) {
     debug_assert!((1..=4).contains(&rows));
     #[cfg(target_arch = "x86_64")]
-    if fast && n > 0 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        assert!(coef.len() >= (rows - 1) * cs + n, "combo4: coef too short");
+    if fast && n > 0 && w > 0 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        assert!(
+            coef.len() > (rows - 1) * cs + (n - 1) * ce,
+            "combo4: coef too short"
+        );
         assert!(out.len() >= (rows - 1) * os + w, "combo4: out too short");
         assert!(m.len() >= (n - 1) * stride + w, "combo4: m too short");
         // SAFETY: `T` is f32 (checked); `fast` is only set with AVX-512F; the extents were
@@ -147,6 +163,7 @@ fn combo4<T: Real>(
             x86::combo4_f32(
                 &*(coef as *const [T] as *const [f32]),
                 cs,
+                ce,
                 n,
                 rows,
                 &*(m as *const [T] as *const [f32]),
@@ -161,7 +178,9 @@ fn combo4<T: Real>(
     }
     for r in 0..rows {
         combo(
-            &coef[r * cs..r * cs + n],
+            &coef[r * cs..],
+            ce,
+            n,
             m,
             stride,
             &mut out[r * os..r * os + w],
@@ -178,13 +197,14 @@ mod x86 {
     /// eight accumulators; each pair of loads of `m` feeds eight FMAs.
     ///
     /// # Safety
-    /// AVX-512F must be available; `coef` must hold `(rows - 1)·cs + n` values, `m`
-    /// `(n - 1)·stride + w`, `out` `(rows - 1)·os + w`; `1 <= rows <= 4`, `n >= 1`.
+    /// AVX-512F must be available; `coef` must hold `(rows - 1)·cs + (n - 1)·ce + 1` values,
+    /// `m` `(n - 1)·stride + w`, `out` `(rows - 1)·os + w`; `1 <= rows <= 4`, `n >= 1`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn combo4_f32(
         coef: &[f32],
         cs: usize,
+        ce: usize,
         n: usize,
         rows: usize,
         m: &[f32],
@@ -209,7 +229,7 @@ mod x86 {
                 let b0 = _mm512_maskz_loadu_ps(k0, row);
                 let b1 = _mm512_maskz_loadu_ps(k1, row.wrapping_add(16));
                 for (a, c) in acc.iter_mut().zip(cp) {
-                    let x = _mm512_set1_ps(*c.add(i));
+                    let x = _mm512_set1_ps(*c.add(i * ce));
                     a[0] = _mm512_fmadd_ps(x, b0, a[0]);
                     a[1] = _mm512_fmadd_ps(x, b1, a[1]);
                 }
@@ -241,19 +261,6 @@ fn softmax_row<T: Real>(s: &mut [T], bias: &[T], scale: T, limit: usize) {
     super::softmax::softmax_logits_inplace(live);
 }
 
-/// `out[j] = scale` where bit `base + j` of the keep-mask is set, else 0.
-#[inline(always)]
-fn mask_row<T: Real>(keep: &[u64], base: usize, scale: T, out: &mut [T]) {
-    for (j, o) in out.iter_mut().enumerate() {
-        let i = base + j;
-        *o = if keep[i >> 6] >> (i & 63) & 1 == 1 {
-            scale
-        } else {
-            T::ZERO
-        };
-    }
-}
-
 /// Keys row `i` of a causal (or not) attention sees.
 #[inline(always)]
 fn limit_of(g: &Geometry, i: usize) -> usize {
@@ -263,18 +270,17 @@ fn limit_of(g: &Geometry, i: usize) -> usize {
     }
 }
 
-/// Rows `[T, D]` of head `h` of a token-major `[B, T, heads·D]` tensor, for example `b`.
+/// The first query row that sees key `j` (`tq` if none does).
 #[inline(always)]
-fn gather_head<T: Copy>(x: &[T], b: usize, t: usize, heads: usize, dh: usize, h: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(t * dh);
-    for r in 0..t {
-        let s = (b * t + r) * heads * dh + h * dh;
-        out.extend_from_slice(&x[s..s + dh]);
+fn first_query_of(g: &Geometry, j: usize) -> usize {
+    match g.causal {
+        Some(off) => j.saturating_sub(off).min(g.tq),
+        None => 0,
     }
-    out
 }
 
-/// The transpose `[D, T]` of head `h` of a token-major tensor.
+/// The transpose `[D, T]` of head `h` of a token-major `[B, T, heads·D]` tensor, example `b`.
+/// Sixteen tokens at a time, so each head dimension's row is written sixteen values at once.
 #[inline(always)]
 fn gather_head_t<T: Real>(
     x: &[T],
@@ -284,11 +290,17 @@ fn gather_head_t<T: Real>(
     dh: usize,
     h: usize,
 ) -> Vec<T> {
+    const R: usize = 16;
     let mut out = vec![T::ZERO; t * dh];
-    for r in 0..t {
-        let s = (b * t + r) * heads * dh + h * dh;
-        for (d, &v) in x[s..s + dh].iter().enumerate() {
-            out[d * t + r] = v;
+    let row = |r: usize| &x[(b * t + r) * heads * dh + h * dh..][..dh];
+    for r0 in (0..t).step_by(R) {
+        let n = (t - r0).min(R);
+        let src: [&[T]; R] = std::array::from_fn(|i| row(r0 + i.min(n - 1)));
+        for d in 0..dh {
+            let o = &mut out[d * t + r0..d * t + r0 + n];
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = src[i][d];
+            }
         }
     }
     out
@@ -317,45 +329,45 @@ simd_kernel! {
             dh,
             ..
         } = *g;
+        let (qw, kw) = (heads * dh, kv_heads * dh);
         let group = g.group();
         let scale = T::from_f64(g.scale);
         let (bi, kvh) = (task / kv_heads, task % kv_heads);
         let kt = gather_head_t(k, bi, tk, kv_heads, dh, kvh);
-        let vh = gather_head(v, bi, tk, kv_heads, dh, kvh);
+        // The head's rows of V, read in place (row stride `kw`).
+        let vh = &v[bi * tk * kw + kvh * dh..];
         let brow = &bias[bi * tk..(bi + 1) * tk];
         let mut out = vec![T::ZERO; group * tq * dh];
         // The kept (dropped-out) probabilities of up to four rows.
         let mut kept = vec![T::ZERO; 4 * tk];
         for hg in 0..group {
             let h = kvh * group + hg;
-            let qh = gather_head(q, bi, tq, heads, dh, h);
+            let qh = &q[bi * tq * qw + h * dh..];
             for i0 in (0..tq).step_by(4) {
                 let rows = (tq - i0).min(4);
+                // Rows see more keys further down: the last row sees the most.
+                let span = limit_of(g, i0 + rows - 1);
                 let pb = &mut p[(hg * tq + i0) * tk..(hg * tq + i0 + rows) * tk];
-                // Scores S = Q_rows · Kᵀ.
-                combo4(&qh[i0 * dh..], dh, dh, rows, &kt, tk, pb, tk, tk, false, fast);
-                let mut span = 0;
+                // Scores S = Q_rows · Kᵀ over the keys any of the rows sees.
+                combo4(&qh[i0 * qw..], qw, 1, dh, rows, &kt, tk, pb, tk, span, false, fast);
                 for r in 0..rows {
                     let i = i0 + r;
                     let limit = limit_of(g, i);
-                    span = span.max(limit);
                     let row = &mut pb[r * tk..(r + 1) * tk];
                     softmax_row(row, brow, scale, limit);
                     if let Some(dr) = drop {
                         let base = ((bi * heads + h) * tq + i) * tk;
-                        let kr = &mut kept[r * tk..(r + 1) * tk];
-                        mask_row(&dr.keep, base, T::from_f64(dr.scale), &mut kr[..limit]);
-                        for (o, &pv) in kr[..limit].iter_mut().zip(row.iter()) {
-                            *o *= pv;
-                        }
-                        kr[limit..].fill(T::ZERO);
+                        let kr = &mut kept[r * tk..r * tk + span];
+                        let (live, masked) = kr.split_at_mut(limit);
+                        keep_times(&dr.keep, base, T::from_f64(dr.scale), &row[..limit], live);
+                        masked.fill(T::ZERO);
                     }
                 }
                 // out_rows = P̃_rows · V over the keys any of the rows sees (P is 0 past a
                 // row's own).
                 let pr: &[T] = if drop.is_some() { &kept } else { pb };
                 let o = &mut out[(hg * tq + i0) * dh..];
-                combo4(pr, tk, span, rows, &vh, dh, o, dh, dh, false, fast);
+                combo4(pr, tk, 1, span, rows, vh, kw, o, dh, dh, false, fast);
             }
         }
         out
@@ -389,14 +401,26 @@ fn forward<T: Real>(
         tq, tk, heads, dh, ..
     } = *g;
     let fast = super::gemm::has_avx512();
-    let mut probs = vec![T::ZERO; g.b * heads * tq * tk];
+    let n = g.b * heads * tq * tk;
+    let mut probs: Vec<T> = Vec::with_capacity(n);
     let per_task = g.group() * tq * tk;
-    // Each task: one example and one key/value head (its `group` query heads).
-    let outs: Vec<Vec<T>> = probs
+    // Each task: one example and one key/value head (its `group` query heads). It zeroes its
+    // own rows of `P` first (on its thread, while they stay in cache) rather than one
+    // zero-filled allocation of all of `P` before the tasks.
+    let outs: Vec<Vec<T>> = probs.spare_capacity_mut()[..n]
         .par_chunks_mut(per_task.max(1))
         .enumerate()
-        .map(|(task, p)| forward_task(q, k, v, bias, g, drop, task, p, fast))
+        .map(|(task, p)| {
+            for x in p.iter_mut() {
+                x.write(T::ZERO);
+            }
+            // SAFETY: every element of `p` was initialised just above.
+            let p = unsafe { &mut *(p as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            forward_task(q, k, v, bias, g, drop, task, p, fast)
+        })
         .collect();
+    // SAFETY: the chunks cover `0..n` and each task initialised its chunk.
+    unsafe { probs.set_len(n) };
     let mut y = vec![T::ZERO; g.b * tq * heads * dh];
     for (task, out) in outs.iter().enumerate() {
         scatter_query_heads(out, task, g, &mut y);
@@ -406,7 +430,7 @@ fn forward<T: Real>(
 
 simd_kernel! {
     /// One backward task (as [`forward_task`]): `dq` rows `[group, Tq, D]` of its query heads,
-    /// and `dkᵀ`, `dvᵀ` `[D, Tk]` of its key/value head.
+    /// and `dk`, `dv` rows `[Tk, D]` of its key/value head.
     #[allow(clippy::too_many_arguments)]
     fn backward_task<T>(
         q: &[T],
@@ -427,62 +451,69 @@ simd_kernel! {
             dh,
             ..
         } = *g;
+        let (qw, kw) = (heads * dh, kv_heads * dh);
         let group = g.group();
         let scale = T::from_f64(g.scale);
         let (bi, kvh) = (task / kv_heads, task % kv_heads);
-        let kh = gather_head(k, bi, tk, kv_heads, dh, kvh);
+        let kh = &k[bi * tk * kw + kvh * dh..];
         let vt = gather_head_t(v, bi, tk, kv_heads, dh, kvh);
         let mut dq = vec![T::ZERO; group * tq * dh];
         let mut dk = vec![T::ZERO; tk * dh];
         let mut dv = vec![T::ZERO; tk * dh];
         let mut dp = vec![T::ZERO; 4 * tk];
-        let mut mask = vec![T::ONE; tk];
         // P̃ and dS of one head, [Tq, Tk] (zero past each row's visible keys).
         let mut pd = vec![T::ZERO; tq * tk];
         let mut dsm = vec![T::ZERO; tq * tk];
         for hg in 0..group {
             let h = kvh * group + hg;
-            let qt = gather_head_t(q, bi, tq, heads, dh, h);
-            let goh = gather_head(dout, bi, tq, heads, dh, h);
-            let got = gather_head_t(dout, bi, tq, heads, dh, h);
+            let qh = &q[bi * tq * qw + h * dh..];
+            let goh = &dout[bi * tq * qw + h * dh..];
             for i0 in (0..tq).step_by(4) {
                 let rows = (tq - i0).min(4);
-                let span = (i0..i0 + rows).map(|i| limit_of(g, i)).max().unwrap_or(0);
+                let span = limit_of(g, i0 + rows - 1);
                 // dP̃ = dO_rows · Vᵀ over the visible keys.
-                combo4(&goh[i0 * dh..], dh, dh, rows, &vt, tk, &mut dp, tk, span, false, fast);
+                combo4(&goh[i0 * qw..], qw, 1, dh, rows, &vt, tk, &mut dp, tk, span, false, fast);
                 for r in 0..rows {
                     let i = i0 + r;
                     let base = ((bi * heads + h) * tq + i) * tk;
-                    let p = &probs[base..base + tk];
                     let limit = limit_of(g, i);
-                    let dpr = &mut dp[r * tk..(r + 1) * tk];
+                    let p = &probs[base..base + limit];
+                    let dpr = &mut dp[r * tk..r * tk + limit];
+                    let (pdr, pd_masked) = pd[i * tk..(i + 1) * tk].split_at_mut(limit);
                     // Dropout: P̃ and dP masked alike.
                     if let Some(dr) = drop {
-                        mask_row(&dr.keep, base, T::from_f64(dr.scale), &mut mask[..limit]);
+                        let s = T::from_f64(dr.scale);
+                        keep_times(&dr.keep, base, s, p, pdr);
+                        keep_times_in_place(&dr.keep, base, s, dpr);
+                    } else {
+                        pdr.copy_from_slice(p);
                     }
-                    let pdr = &mut pd[i * tk..(i + 1) * tk];
-                    for j in 0..limit {
-                        pdr[j] = p[j] * mask[j];
-                        dpr[j] *= mask[j];
-                    }
-                    pdr[limit..].fill(T::ZERO);
+                    pd_masked.fill(T::ZERO);
                     // Softmax backward: dS = scale · P ⊙ (dP - Σ dP⊙P).
-                    let s = dot(&dpr[..limit], &p[..limit]);
-                    let dsr = &mut dsm[i * tk..(i + 1) * tk];
-                    for j in 0..limit {
-                        dsr[j] = scale * p[j] * (dpr[j] - s);
+                    let sum = dot(dpr, p);
+                    let (dsr, ds_masked) = dsm[i * tk..(i + 1) * tk].split_at_mut(limit);
+                    for ((d, &pj), &dpj) in dsr.iter_mut().zip(p).zip(dpr.iter()) {
+                        *d = scale * pj * (dpj - sum);
                     }
-                    dsr[limit..].fill(T::ZERO);
+                    ds_masked.fill(T::ZERO);
                 }
                 // dQ_rows = dS_rows · K.
                 let dqr = &mut dq[(hg * tq + i0) * dh..];
-                combo4(&dsm[i0 * tk..], tk, span, rows, &kh, dh, dqr, dh, dh, false, fast);
+                combo4(&dsm[i0 * tk..], tk, 1, span, rows, kh, kw, dqr, dh, dh, false, fast);
             }
-            // dVᵀ += dOᵀ · P̃ and dKᵀ += Qᵀ · dS, one head dimension at a time.
-            for d0 in (0..dh).step_by(4) {
-                let rows = (dh - d0).min(4);
-                combo4(&got[d0 * tq..], tq, tq, rows, &pd, tk, &mut dv[d0 * tk..], tk, tk, true, fast);
-                combo4(&qt[d0 * tq..], tq, tq, rows, &dsm, tk, &mut dk[d0 * tk..], tk, tk, true, fast);
+            // dV += P̃ᵀ · dO and dK += dSᵀ · Q, four keys at a time (the transposes are read
+            // in place: key j's coefficients are column j, element stride Tk), over the
+            // queries that see the keys.
+            for j0 in (0..tk).step_by(4) {
+                let rows = (tk - j0).min(4);
+                let i0 = first_query_of(g, j0);
+                let n = tq - i0;
+                if n == 0 {
+                    continue;
+                }
+                let c = i0 * tk + j0;
+                combo4(&pd[c..], 1, tk, n, rows, &goh[i0 * qw..], qw, &mut dv[j0 * dh..], dh, dh, true, fast);
+                combo4(&dsm[c..], 1, tk, n, rows, &qh[i0 * qw..], qw, &mut dk[j0 * dh..], dh, dh, true, fast);
             }
         }
         (dq, dk, dv)
@@ -504,7 +535,7 @@ fn backward<T: Real>(
         tk, kv_heads, dh, ..
     } = *g;
     let fast = super::gemm::has_avx512();
-    // Per task: dq rows [group, Tq, D], dkᵀ and dvᵀ [D, Tk].
+    // Per task: dq rows [group, Tq, D], dk and dv rows [Tk, D].
     let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..g.b * kv_heads)
         .into_par_iter()
         .map(|task| backward_task(q, k, v, probs, dout, g, drop, task, fast))
@@ -517,10 +548,8 @@ fn backward<T: Real>(
         let (bi, kvh) = (task / kv_heads, task % kv_heads);
         for j in 0..tk {
             let d0 = (bi * tk + j) * kv_heads * dh + kvh * dh;
-            for d in 0..dh {
-                gk[d0 + d] = dk[d * tk + j];
-                gv[d0 + d] = dv[d * tk + j];
-            }
+            gk[d0..d0 + dh].copy_from_slice(&dk[j * dh..(j + 1) * dh]);
+            gv[d0..d0 + dh].copy_from_slice(&dv[j * dh..(j + 1) * dh]);
         }
     }
     (gq, gk, gv)
