@@ -27,7 +27,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::dropout::{keep_times, keep_times_in_place};
-use super::kernels::{contiguous, dot, simd_kernel, with_slice, Real};
+use super::kernels::{contiguous, dot, par_new, simd_kernel, with_slice, Real};
 
 /// Geometry and settings of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -374,15 +374,14 @@ simd_kernel! {
     }
 }
 
-/// Copies the query-head rows `[group, Tq, D]` of task `task` (example `task / kv_heads`,
-/// key/value head `task % kv_heads`) into the token-major `[B, Tq, heads·D]` `dst`.
-fn scatter_query_heads<T: Copy>(rows: &[T], task: usize, g: &Geometry, dst: &mut [T]) {
+/// Copies the query-head rows `[group, Tq, D]` of key/value head `kvh`'s task into `dst`, the
+/// example's token-major `[Tq, heads·D]` rows.
+fn scatter_query_heads<T: Copy>(rows: &[T], kvh: usize, g: &Geometry, dst: &mut [T]) {
     let (tq, heads, dh, group) = (g.tq, g.heads, g.dh, g.group());
-    let (bi, kvh) = (task / g.kv_heads, task % g.kv_heads);
     for hg in 0..group {
         let h = kvh * group + hg;
         for i in 0..tq {
-            let d0 = (bi * tq + i) * heads * dh + h * dh;
+            let d0 = i * heads * dh + h * dh;
             dst[d0..d0 + dh].copy_from_slice(&rows[(hg * tq + i) * dh..(hg * tq + i + 1) * dh]);
         }
     }
@@ -421,10 +420,12 @@ fn forward<T: Real>(
         .collect();
     // SAFETY: the chunks cover `0..n` and each task initialised its chunk.
     unsafe { probs.set_len(n) };
-    let mut y = vec![T::ZERO; g.b * tq * heads * dh];
-    for (task, out) in outs.iter().enumerate() {
-        scatter_query_heads(out, task, g, &mut y);
-    }
+    let kv = g.kv_heads;
+    let y = par_new(g.b * tq * heads * dh, tq * heads * dh, |bi, ye| {
+        for (kvh, out) in outs[bi * kv..(bi + 1) * kv].iter().enumerate() {
+            scatter_query_heads(out, kvh, g, ye);
+        }
+    });
     (y, probs)
 }
 
@@ -532,7 +533,12 @@ fn backward<T: Real>(
     drop: Option<&ProbDropout>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let Geometry {
-        tk, kv_heads, dh, ..
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        dh,
+        ..
     } = *g;
     let fast = super::gemm::has_avx512();
     // Per task: dq rows [group, Tq, D], dk and dv rows [Tk, D].
@@ -540,18 +546,26 @@ fn backward<T: Real>(
         .into_par_iter()
         .map(|task| backward_task(q, k, v, probs, dout, g, drop, task, fast))
         .collect();
-    let mut gq = vec![T::ZERO; q.len()];
-    let mut gk = vec![T::ZERO; k.len()];
-    let mut gv = vec![T::ZERO; v.len()];
-    for (task, (dq, dk, dv)) in parts.iter().enumerate() {
-        scatter_query_heads(dq, task, g, &mut gq);
-        let (bi, kvh) = (task / kv_heads, task % kv_heads);
-        for j in 0..tk {
-            let d0 = (bi * tk + j) * kv_heads * dh + kvh * dh;
-            gk[d0..d0 + dh].copy_from_slice(&dk[j * dh..(j + 1) * dh]);
-            gv[d0..d0 + dh].copy_from_slice(&dv[j * dh..(j + 1) * dh]);
+    // Into the token-major shapes, one example per chunk.
+    let example = |bi: usize| &parts[bi * kv_heads..(bi + 1) * kv_heads];
+    let gq = par_new(q.len(), tq * heads * dh, |bi, c| {
+        for (kvh, (dq, _, _)) in example(bi).iter().enumerate() {
+            scatter_query_heads(dq, kvh, g, c);
         }
-    }
+    });
+    let key_rows = |pick: fn(&(Vec<T>, Vec<T>, Vec<T>)) -> &Vec<T>| {
+        par_new(k.len(), tk * kv_heads * dh, |bi, c| {
+            for (kvh, part) in example(bi).iter().enumerate() {
+                let rows = pick(part);
+                for j in 0..tk {
+                    let d0 = j * kv_heads * dh + kvh * dh;
+                    c[d0..d0 + dh].copy_from_slice(&rows[j * dh..(j + 1) * dh]);
+                }
+            }
+        })
+    };
+    let gk = key_rows(|p| &p.1);
+    let gv = key_rows(|p| &p.2);
     (gq, gk, gv)
 }
 

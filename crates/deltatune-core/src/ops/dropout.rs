@@ -19,7 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{contiguous, dot, simd_kernel, wants_grad, Real};
+use super::kernels::{contiguous, dot, par_new, simd_kernel, wants_grad, Real};
 use crate::sites::Ctx;
 
 /// `x · mask` with the mask as bits (`scale` where kept, else 0).
@@ -34,23 +34,12 @@ impl Dropout {
     /// `out[i] = x[i] · scale` where bit `i` is set, else 0, for a row-major `x`.
     pub(super) fn apply<T: Real>(&self, x: &[T]) -> Vec<T> {
         let scale = T::from_f64(f64::from(self.scale));
-        let mut out = vec![T::ZERO; x.len()];
         // Whole 64-element words per task.
-        const WORDS: usize = 256;
-        out.par_chunks_mut(64 * WORDS)
-            .zip(x.par_chunks(64 * WORDS))
-            .enumerate()
-            .for_each(|(c, (o, x))| {
-                let words = &self.keep[c * WORDS..];
-                for ((o, x), &w) in o.chunks_mut(64).zip(x.chunks(64)).zip(words) {
-                    for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                        if w >> j & 1 == 1 {
-                            *o = x * scale;
-                        }
-                    }
-                }
-            });
-        out
+        const CHUNK: usize = 64 * 256;
+        par_new(x.len(), CHUNK, |c, o| {
+            let base = c * CHUNK;
+            keep_chunk(&self.keep, base, scale, &x[base..base + o.len()], o)
+        })
     }
 }
 
@@ -107,10 +96,9 @@ pub(crate) fn keep_mask(x: &Tensor, keep: &[u64], scale: f32) -> Result<Tensor> 
     if keep.len() * 64 < n {
         bail!("dropout: {} mask bits for {n} elements", keep.len() * 64);
     }
-    let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(64 * 256)
-        .enumerate()
-        .for_each(|(t, chunk)| expand_bits(&keep[t * 256..], scale, chunk));
+    let mask = par_new(n, 64 * 256, |t, chunk| {
+        expand_bits(&keep[t * 256..], scale, chunk)
+    });
     Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
         .to_dtype(x.dtype())?
         .to_device(x.device())
@@ -158,6 +146,13 @@ pub(super) fn keep_times_in_place<T: Real>(keep: &[u64], base: usize, scale: T, 
                 T::ZERO
             };
         }
+    }
+}
+
+simd_kernel! {
+    /// [`keep_times`] over a chunk.
+    fn keep_chunk<T>(keep: &[u64], base: usize, scale: T, x: &[T], out: &mut [T]) {
+        keep_times(keep, base, scale, x, out)
     }
 }
 

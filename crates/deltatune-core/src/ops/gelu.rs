@@ -13,9 +13,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::kernels::{check_float, contiguous, simd_kernel, with_slice, Real};
+use super::kernels::{check_float, contiguous, par_new, simd_kernel, with_slice, Real};
 
 /// Elements per rayon task (GELU is cheap per element).
 const CHUNK: usize = 4096;
@@ -42,19 +41,16 @@ simd_kernel! {
 
 fn gelu_fwd_kernel<T: Real>(x: &[T], layout: &Layout) -> Vec<T> {
     let x = contiguous(x, layout);
-    let mut y = vec![T::ZERO; x.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| gelu_chunk(xc, yc));
-    y
+    par_new(x.len(), CHUNK, |i, yc| {
+        gelu_chunk(&x[i * CHUNK..][..yc.len()], yc)
+    })
 }
 
 fn gelu_bwd_kernel<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
-    let mut dx = vec![T::ZERO; x.len()];
-    dx.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(dc, (xc, gc))| gelu_bwd_chunk(xc, gc, dc));
-    dx
+    par_new(x.len(), CHUNK, |i, dc| {
+        let r = i * CHUNK..i * CHUNK + dc.len();
+        gelu_bwd_chunk(&x[r.clone()], &g[r], dc)
+    })
 }
 
 impl CustomOp1 for GeluErf {

@@ -405,6 +405,45 @@ pub(crate) fn min_rows(row_len: usize) -> usize {
     (4096 / row_len.max(1)).max(1)
 }
 
+/// A new vector of `n` values written chunk by chunk on the thread pool: `f(i, c)` gets chunk
+/// `i` (`chunk` values, the last one shorter) and returns a value; the results come back in
+/// chunk order. Each chunk is zeroed on its task's thread right before `f` writes it, while it
+/// sits in cache: the alternative, `vec![0; n]` first, is one more single-threaded pass
+/// through memory, which for cheap elementwise ops costs about as much as the op itself.
+pub(crate) fn par_new_map<T, R, F>(n: usize, chunk: usize, f: F) -> (Vec<T>, Vec<R>)
+where
+    T: Real,
+    R: Send,
+    F: Fn(usize, &mut [T]) -> R + Sync + Send,
+{
+    use rayon::prelude::*;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let results = v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .map(|(i, c)| {
+            for x in c.iter_mut() {
+                x.write(T::ZERO);
+            }
+            // SAFETY: every element of `c` was initialised just above.
+            let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            f(i, c)
+        })
+        .collect();
+    // SAFETY: the chunks cover `0..n` and each was initialised by its task.
+    unsafe { v.set_len(n) };
+    (v, results)
+}
+
+/// [`par_new_map`] without per-chunk results.
+pub(crate) fn par_new<T, F>(n: usize, chunk: usize, f: F) -> Vec<T>
+where
+    T: Real,
+    F: Fn(usize, &mut [T]) + Sync + Send,
+{
+    par_new_map(n, chunk, |i, c| f(i, c)).0
+}
+
 /// The elements of `layout` over `data`, in row-major order: borrowed when
 /// the layout is contiguous (any start offset), gathered otherwise.
 pub(crate) fn contiguous<'a, T: Copy>(data: &'a [T], layout: &Layout) -> Cow<'a, [T]> {

@@ -15,8 +15,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::kernels::{
-    check_float, check_same_dtype, contiguous, min_rows, simd_kernel, sum, sum_sq_dev, wants_grad,
-    with_slice, Real,
+    check_float, check_same_dtype, contiguous, min_rows, par_new, par_new_map, simd_kernel, sum,
+    sum_sq_dev, wants_grad, with_slice, Real,
 };
 
 struct LayerNorm {
@@ -33,15 +33,15 @@ fn row_stats<T: Real>(x: &[T], eps: T) -> (T, T) {
 }
 
 fn ln_fwd_kernel<T: Real>(x: &[T], gamma: &[T], beta: &[T], d: usize, eps: T) -> Vec<T> {
-    let mut y = vec![T::ZERO; x.len()];
     if d == 0 {
-        return y;
+        return vec![T::ZERO; x.len()];
     }
-    y.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .with_min_len(min_rows(d))
-        .for_each(|(yr, xr)| ln_fwd_row(xr, gamma, beta, eps, yr));
-    y
+    let chunk = min_rows(d) * d;
+    par_new(x.len(), chunk, |i, yc| {
+        for (yr, xr) in yc.chunks_mut(d).zip(x[i * chunk..].chunks(d)) {
+            ln_fwd_row(xr, gamma, beta, eps, yr);
+        }
+    })
 }
 
 simd_kernel! {
@@ -169,12 +169,10 @@ fn ln_bwd_kernel<T: Real>(
     let block_rows = rows.div_ceil(blocks).max(min_rows(d));
     let block = block_rows * d;
     if need_dx {
-        let mut dx = vec![T::ZERO; x.len()];
-        let params = dx
-            .par_chunks_mut(block)
-            .zip(x.par_chunks(block).zip(g.par_chunks(block)))
-            .map(|(dxb, (xb, gb))| ln_bwd_block(xb, gb, gamma, d, eps, Some(dxb), need_params))
-            .collect::<Vec<_>>();
+        let (dx, params) = par_new_map(x.len(), block, |i, dxb| {
+            let r = i * block..i * block + dxb.len();
+            ln_bwd_block(&x[r.clone()], &g[r], gamma, d, eps, Some(dxb), need_params)
+        });
         (Some(dx), sum_in_order(params))
     } else {
         let params = x
