@@ -521,6 +521,9 @@ simd_kernel! {
     }
 }
 
+/// One backward task's `(dq, dk, dv)` rows.
+type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
+
 /// Backward: `(dq, dk, dv)` in the inputs' token-major shapes.
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Real>(
@@ -542,7 +545,7 @@ fn backward<T: Real>(
     } = *g;
     let fast = super::gemm::has_avx512();
     // Per task: dq rows [group, Tq, D], dk and dv rows [Tk, D].
-    let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..g.b * kv_heads)
+    let parts: Vec<Grads<T>> = (0..g.b * kv_heads)
         .into_par_iter()
         .map(|task| backward_task(q, k, v, probs, dout, g, drop, task, fast))
         .collect();
@@ -553,7 +556,7 @@ fn backward<T: Real>(
             scatter_query_heads(dq, kvh, g, c);
         }
     });
-    let key_rows = |pick: fn(&(Vec<T>, Vec<T>, Vec<T>)) -> &Vec<T>| {
+    let key_rows = |pick: fn(&Grads<T>) -> &Vec<T>| {
         par_new(k.len(), tk * kv_heads * dh, |bi, c| {
             for (kvh, part) in example(bi).iter().enumerate() {
                 let rows = pick(part);
