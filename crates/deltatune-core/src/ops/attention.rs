@@ -27,7 +27,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::dropout::{keep_times, keep_times_in_place};
-use super::kernels::{contiguous, dot, par_new, simd_kernel, with_slice, Real};
+use super::kernels::{contiguous, dot, par_new, par_new_map, simd_kernel, with_slice, Real};
 
 /// Geometry and settings of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -401,25 +401,11 @@ fn forward<T: Real>(
     } = *g;
     let fast = super::gemm::has_avx512();
     let n = g.b * heads * tq * tk;
-    let mut probs: Vec<T> = Vec::with_capacity(n);
     let per_task = g.group() * tq * tk;
-    // Each task: one example and one key/value head (its `group` query heads). It zeroes its
-    // own rows of `P` first (on its thread, while they stay in cache) rather than one
-    // zero-filled allocation of all of `P` before the tasks.
-    let outs: Vec<Vec<T>> = probs.spare_capacity_mut()[..n]
-        .par_chunks_mut(per_task.max(1))
-        .enumerate()
-        .map(|(task, p)| {
-            for x in p.iter_mut() {
-                x.write(T::ZERO);
-            }
-            // SAFETY: every element of `p` was initialised just above.
-            let p = unsafe { &mut *(p as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-            forward_task(q, k, v, bias, g, drop, task, p, fast)
-        })
-        .collect();
-    // SAFETY: the chunks cover `0..n` and each task initialised its chunk.
-    unsafe { probs.set_len(n) };
+    // Each task: one example and one key/value head (its `group` query heads), its rows of `P`.
+    let (probs, outs) = par_new_map(n, per_task, |task, p| {
+        forward_task(q, k, v, bias, g, drop, task, p, fast)
+    });
     let kv = g.kv_heads;
     let y = par_new(g.b * tq * heads * dh, tq * heads * dh, |bi, ye| {
         for (kvh, out) in outs[bi * kv..(bi + 1) * kv].iter().enumerate() {
