@@ -13,11 +13,14 @@ pub struct Rng {
 /// SplitMix64's increment (the golden ratio in 64 bits).
 const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
+/// SplitMix64's output multipliers (the scalar [`mix`] and the vector copy use the same).
+const MIX_MUL: [u64; 2] = [0xbf58_476d_1ce4_e5b9, 0x94d0_49bb_1331_11eb];
+
 /// SplitMix64's output function.
 #[inline(always)]
 fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z = (z ^ (z >> 30)).wrapping_mul(MIX_MUL[0]);
+    z = (z ^ (z >> 27)).wrapping_mul(MIX_MUL[1]);
     z ^ (z >> 31)
 }
 
@@ -37,7 +40,7 @@ fn threshold_word(s: u64, w: usize, count: usize, threshold: u64) -> u64 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::GAMMA;
+    use super::{GAMMA, MIX_MUL};
     use std::arch::x86_64::*;
 
     pub(super) fn usable() -> bool {
@@ -56,8 +59,8 @@ mod x86 {
         let lanes = _mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1);
         let gamma = _mm512_set1_epi64(GAMMA as i64);
         let step = _mm512_set1_epi64(GAMMA.wrapping_mul(8) as i64);
-        let m1 = _mm512_set1_epi64(0xbf58_476d_1ce4_e5b9u64 as i64);
-        let m2 = _mm512_set1_epi64(0x94d0_49bb_1331_11ebu64 as i64);
+        let m1 = _mm512_set1_epi64(MIX_MUL[0] as i64);
+        let m2 = _mm512_set1_epi64(MIX_MUL[1] as i64);
         let t = _mm512_set1_epi32(threshold as i32);
         // The states of draws 32·w0 + 0..8: s + GAMMA·(index + 1).
         let base = s.wrapping_add(GAMMA.wrapping_mul(32 * w0 as u64));
@@ -140,9 +143,9 @@ impl Rng {
         Tensor::from_vec(v, shape, &crate::device::current())
     }
 
-    /// Bernoulli bits from the next draws, without advancing ([`Rng::advance`] skips them): bit `i % 64` of word `i / 64`
-    /// is set when 32-bit half `i` of the draws (each draw's low half first) is below
-    /// `threshold` (at most 2³²), for `i < n`. The draws depend only on their position, so
+    /// Bernoulli bits from the next draws, without advancing ([`Rng::advance`] skips them):
+    /// bit `i % 64` of word `i / 64` is set when 32-bit half `i` of the draws (each draw's low
+    /// half first) is below `threshold` (at most 2³²), for `i < n`. The draws depend only on their position, so
     /// the words fill in parallel for large `n`, eight draws per instruction where the CPU has
     /// AVX-512 DQ (64-bit multiplies); every path gives the same bits.
     pub fn threshold_bits(&self, n: usize, threshold: u64) -> Vec<u64> {
@@ -152,11 +155,7 @@ impl Rng {
         let fill = |w0: usize, words: &mut [u64]| {
             for (j, word) in words.iter_mut().enumerate() {
                 let w = w0 + j;
-                *word = if w < full {
-                    threshold_word(s, w, 64, threshold)
-                } else {
-                    threshold_word(s, w, n - 64 * w, threshold)
-                };
+                *word = threshold_word(s, w, (n - 64 * w).min(64), threshold);
             }
         };
         #[cfg(target_arch = "x86_64")]
