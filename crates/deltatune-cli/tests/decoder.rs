@@ -214,6 +214,18 @@ fn bad_decoder_input_is_a_clear_error() {
         &["eval", "--adapter", "dec", "--data", "missing.jsonl"],
         "missing.jsonl",
     );
+    // A run_config.json that exists but cannot be read (a folder in its place) is an error
+    // naming it, not a PEFT folder without one, even with --data.
+    std::fs::create_dir_all(tmp.0.join("unreadable/run_config.json")).unwrap();
+    std::fs::copy(
+        tmp.0.join("dec/adapter_config.json"),
+        tmp.0.join("unreadable/adapter_config.json"),
+    )
+    .unwrap();
+    check(
+        &["eval", "--adapter", "unreadable", "--data", "d.jsonl"],
+        "cannot read",
+    );
     std::fs::create_dir_all(tmp.0.join("cls")).unwrap();
     std::fs::write(
         tmp.0.join("cls/adapter_config.json"),

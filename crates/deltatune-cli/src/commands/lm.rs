@@ -471,6 +471,9 @@ pub fn eval(
                 )
             })?
         }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot read {}", run_config.display()))
+        }
         Err(_) if data.is_some() => Settings::default(),
         Err(_) => bail!(
             "{} has no {RUN_CONFIG} (a folder PEFT wrote?), so no test examples of its own: \

@@ -360,14 +360,6 @@ impl ResidualLayerNorm {
         }
         s
     }
-
-    /// `ds` masked as the dropout masked `x` (the dropout op's own masking).
-    fn mask<T: Real>(&self, ds: &[T]) -> Vec<T> {
-        match &self.dropout {
-            None => ds.to_vec(),
-            Some(d) => d.apply(ds),
-        }
-    }
 }
 
 simd_kernel! {
@@ -482,23 +474,24 @@ impl ResidualLayerNorm {
                 })
             })
         })?;
-        let (dx, dr) = match ds {
+        let (dx, dr) = match (ds, &self.dropout) {
             // Without dropout both gradients are the same values: one tensor serves both
             // (candle's backward adds gradients into new tensors, never in place).
-            Some(ds) if self.dropout.is_none() => {
+            (Some(ds), None) => {
                 let t = Tensor::from_vec(ds, residual.shape(), dev)?;
                 (need_x.then(|| t.clone()), need_r.then_some(t))
             }
-            Some(ds) => {
+            // `x`'s gradient is masked as the dropout masked `x` (the dropout op's own masking).
+            (Some(ds), Some(drop)) => {
                 let dx = need_x
-                    .then(|| Tensor::from_vec(self.mask(&ds), x.shape(), dev))
+                    .then(|| Tensor::from_vec(drop.apply(&ds), x.shape(), dev))
                     .transpose()?;
                 let dr = need_r
                     .then(|| Tensor::from_vec(ds, residual.shape(), dev))
                     .transpose()?;
                 (dx, dr)
             }
-            None => (None, None),
+            (None, _) => (None, None),
         };
         let dgb = match params {
             Some((dg, db)) if need_gb => {
