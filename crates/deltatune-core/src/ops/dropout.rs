@@ -116,6 +116,16 @@ fn keep_word(keep: &[u64], bit: usize) -> u64 {
     }
 }
 
+/// `x · scale` where bit `b` of `word` is set, else 0: one lane of the masks below.
+#[inline(always)]
+pub(super) fn kept<T: Real>(word: u64, b: usize, x: T, scale: T) -> T {
+    if word >> b & 1 == 1 {
+        x * scale
+    } else {
+        T::ZERO
+    }
+}
+
 /// `out[j] = x[j]·scale` where bit `base + j` of the keep-mask is set, else 0. The bits are
 /// read a word at a time and tested per lane, which vectorises (a per-element word lookup
 /// does not).
@@ -125,11 +135,7 @@ pub(super) fn keep_times<T: Real>(keep: &[u64], base: usize, scale: T, x: &[T], 
     for (c, (o, xs)) in out.chunks_mut(64).zip(x.chunks(64)).enumerate() {
         let word = keep_word(keep, base + 64 * c);
         for (b, (ov, &xv)) in o.iter_mut().zip(xs).enumerate() {
-            *ov = if word >> b & 1 == 1 {
-                xv * scale
-            } else {
-                T::ZERO
-            };
+            *ov = kept(word, b, xv, scale);
         }
     }
 }
@@ -140,11 +146,7 @@ pub(super) fn keep_times_in_place<T: Real>(keep: &[u64], base: usize, scale: T, 
     for (c, xs) in x.chunks_mut(64).enumerate() {
         let word = keep_word(keep, base + 64 * c);
         for (b, v) in xs.iter_mut().enumerate() {
-            *v = if word >> b & 1 == 1 {
-                *v * scale
-            } else {
-                T::ZERO
-            };
+            *v = kept(word, b, *v, scale);
         }
     }
 }
@@ -162,7 +164,7 @@ simd_kernel! {
         for (w, o) in out.chunks_mut(64).enumerate() {
             let word = keep[w];
             for (b, v) in o.iter_mut().enumerate() {
-                *v = if word >> b & 1 == 1 { scale } else { T::ZERO };
+                *v = kept(word, b, T::ONE, scale);
             }
         }
     }

@@ -377,7 +377,7 @@ simd_kernel! {
         for (w, (sw, xw)) in s.chunks_mut(64).zip(x.chunks(64)).enumerate() {
             let word = keep[w];
             for (b, (a, &v)) in sw.iter_mut().zip(xw).enumerate() {
-                *a += if word >> b & 1 == 1 { v * scale } else { T::ZERO };
+                *a += super::dropout::kept(word, b, v, scale);
             }
         }
     }
