@@ -123,6 +123,10 @@ enum Command {
         /// The folder to write.
         #[arg(long, short)]
         output: PathBuf,
+        /// Replace the output when an earlier deltatune command wrote it (a folder holding
+        /// anything deltatune did not write is never replaced).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Train a delta; prints dev and test accuracy and where the adapter was saved.
     Train(RunArgs),
@@ -132,7 +136,8 @@ enum Command {
         #[arg(long)]
         adapter: PathBuf,
         /// A labelled CSV/TSV/JSONL file (a decoder's: prompt/completion JSONL; an image
-        /// adapter's: a folder of class folders).
+        /// adapter's: a dataset root with train/ and test/ (or dev/), each holding one folder
+        /// per class; its test/ split is evaluated, dev/ when there is no test/).
         #[arg(long)]
         data: Option<PathBuf>,
         /// Examples per batch (default: 64 for classifiers, 32 for images, the run's
@@ -198,6 +203,10 @@ enum Command {
         /// The model folder (or, with --adapters, the adapter folder) to write.
         #[arg(long, short)]
         output: PathBuf,
+        /// Replace the output folder when an earlier deltatune command wrote it (a folder
+        /// holding anything else is never replaced).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Generate text with a decoder (default SmolLM2-135M-Instruct), with or without an
     /// adapter trained by `train --task generate` or saved by PEFT; streams to the terminal.
@@ -221,11 +230,13 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         /// Softmax temperature; 0 is greedy.
-        #[arg(long, default_value_t = 0.0)]
+        // A negative value is read as a (bad) number for the sampling check to refuse by
+        // name, not as a flag (clap's `-- -1` tip).
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         temperature: f64,
-        #[arg(long)]
-        top_k: Option<usize>,
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
+        top_k: Option<i64>,
+        #[arg(long, allow_negative_numbers = true)]
         top_p: Option<f64>,
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -266,6 +277,10 @@ enum Command {
         /// Folder for the runs' adapter folders.
         #[arg(long)]
         runs: Option<PathBuf>,
+        /// Replace the output when an earlier deltatune command wrote it (a folder holding
+        /// anything deltatune did not write is never replaced).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Learned intrinsic subspaces: `fit` runs PCA over several trained prompt-tuning adapters
     /// and writes the decoder (P0 and basis) for `--method intrinsic --set intrinsic.subspace=`.
@@ -290,6 +305,10 @@ enum Command {
         /// The artifact to write (safetensors).
         #[arg(long, short)]
         output: PathBuf,
+        /// Replace the output when an earlier deltatune command wrote it (a folder holding
+        /// anything deltatune did not write is never replaced).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Choose the delta method for the task within a time budget: task features and a rule
     /// prior, successive halving across methods on dev accuracy, the winner trained to the end,
@@ -333,6 +352,10 @@ enum Command {
         /// export/report: the file to write (export prints to stdout without it).
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Replace the output when an earlier deltatune command wrote it (a folder holding
+        /// anything deltatune did not write is never replaced).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Time one LoRA training step and forward-only inference (batch 16 x 128) on the model.
     Bench {
@@ -432,6 +455,10 @@ pub struct RunArgs {
     /// Output adapter folder.
     #[arg(long, short)]
     output: Option<PathBuf>,
+    /// Replace the output folder when an earlier deltatune run completed it (a folder holding
+    /// anything deltatune did not write is never replaced).
+    #[arg(long)]
+    overwrite: bool,
     /// Delta method (lora).
     #[arg(long)]
     method: Option<String>,
@@ -606,7 +633,8 @@ impl RunArgs {
             );
         }
         let env = |k: &str| std::env::var(k).ok();
-        let (s, sources) = settings::resolve(self.config.as_deref(), &env, &self.flags()?)?;
+        let (mut s, sources) = settings::resolve(self.config.as_deref(), &env, &self.flags()?)?;
+        s.overwrite = self.overwrite;
         if self.show_config {
             print!("{}", settings::show(&s, &sources)?);
             return Ok(None);
@@ -619,13 +647,14 @@ impl RunArgs {
 fn train(a: &RunArgs) -> anyhow::Result<()> {
     let env = |k: &str| std::env::var(k).ok();
     let (given, sources) = settings::resolve(a.config.as_deref(), &env, &a.flags()?)?;
-    let (s, resume) = match &a.resume {
+    let (mut s, resume) = match &a.resume {
         Some(out) => (
             commands::resume::resumed_settings(out, &given, &sources)?,
             true,
         ),
         None => (given, false),
     };
+    s.overwrite = a.overwrite;
     if a.show_config {
         print!("{}", settings::show(&s, &sources)?);
         return Ok(());
@@ -640,6 +669,10 @@ fn train(a: &RunArgs) -> anyhow::Result<()> {
             eprintln!("{}", commands::resume::resume_hint(&s.output));
             std::process::exit(130);
         }
+        Err(e) => match commands::resume::after_failure(&s.output) {
+            Some(kept) => Err(anyhow::anyhow!("{e:#}; {kept}")),
+            None => Err(e),
+        },
         r => r,
     }
 }
@@ -756,7 +789,11 @@ fn choose_device(cli: &Cli) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Fetch { cache } => commands::fetch(cache),
-        Command::Convert { onnx, output } => commands::convert(&onnx, &output),
+        Command::Convert {
+            onnx,
+            output,
+            overwrite,
+        } => commands::convert(&onnx, &output, overwrite),
         Command::Train(a) => train(&a),
         Command::Generate {
             adapter,
@@ -773,24 +810,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             int8_activations,
             dump_logits,
             texts,
-        } => commands::lm::generate(&commands::lm::GenerateArgs {
-            adapter,
-            model,
-            cache,
-            file,
-            texts,
-            chat,
-            config: deltatune_models::llama::GenerateConfig {
-                max_new_tokens,
-                temperature,
-                top_k,
-                top_p,
-                seed,
-                stop,
-                int8_activations,
-            },
-            dump_logits,
-        }),
+        } => {
+            let top_k = match top_k {
+                Some(k) if k < 1 => {
+                    anyhow::bail!("--top-k {k}: must be at least 1 (or leave it out: every token)")
+                }
+                k => k.map(|k| k as usize),
+            };
+            commands::lm::generate(&commands::lm::GenerateArgs {
+                adapter,
+                model,
+                cache,
+                file,
+                texts,
+                chat,
+                config: deltatune_models::llama::GenerateConfig {
+                    max_new_tokens,
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                    stop,
+                    int8_activations,
+                },
+                dump_logits,
+            })
+        }
         Command::Eval {
             adapter,
             data,
@@ -847,11 +892,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             majority_sign,
             seed,
             output,
+            overwrite,
         } => match adapter {
             Some(_) if !weights.is_empty() || density.is_some() => Err(anyhow::anyhow!(
                 "--weights and --density combine adapters: use them with --adapters A,B,..."
             )),
-            Some(adapter) => commands::merge(&adapter, &output),
+            Some(adapter) => commands::merge(&adapter, &output, overwrite),
             None => commands::merge::combine_adapters(
                 &adapters,
                 &weights,
@@ -860,6 +906,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &majority_sign,
                 seed,
                 &output,
+                overwrite,
             ),
         },
         Command::Inspect(a) => a
@@ -872,6 +919,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             table,
             task,
             runs,
+            overwrite,
         } => {
             let ExperimentKind::Methods = which;
             commands::experiment::experiment(task.name()).and_then(|exp| {
@@ -882,6 +930,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     epochs,
                     &runs.unwrap_or(r),
                     &table.unwrap_or(t),
+                    overwrite,
                 )
             })
         }
@@ -892,12 +941,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             origin,
             seed,
             output,
+            overwrite,
         } => match action {
             SubspaceAction::Fit => {
-                commands::subspace::fit(&adapters, dim, origin.as_deref(), &output)
+                commands::subspace::fit(&adapters, dim, origin.as_deref(), &output, overwrite)
             }
             SubspaceAction::Random => match &origin {
-                Some(o) => commands::subspace::random(o, dim, seed, &output),
+                Some(o) => commands::subspace::random(o, dim, seed, &output, overwrite),
                 None => Err(anyhow::anyhow!(
                     "`subspace random` needs --origin (a prompt-tuning adapter whose prompt is P0)"
                 )),
@@ -941,6 +991,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             storage,
             format,
             output,
+            overwrite,
         } => {
             let need = || {
                 name.clone().ok_or_else(|| {
@@ -955,13 +1006,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 StudyAction::Show => need().and_then(|n| commands::study::show(&storage, &n, 0)),
                 StudyAction::Best => need().and_then(|n| commands::study::best_cmd(&storage, &n)),
                 StudyAction::Export => need().and_then(|n| {
-                    commands::study::export(&storage, &n, format.name(), output.as_deref())
+                    commands::study::export(
+                        &storage,
+                        &n,
+                        format.name(),
+                        output.as_deref(),
+                        overwrite,
+                    )
                 }),
                 StudyAction::Report => need().and_then(|n| {
                     let out = output
                         .clone()
                         .unwrap_or_else(|| PathBuf::from(format!("runs/{n}-report.html")));
-                    commands::study::report(&storage, &n, &out)
+                    commands::study::report(&storage, &n, &out, overwrite)
                 }),
                 StudyAction::Compare => need().and_then(|n| {
                     let b = against.clone().ok_or_else(|| {

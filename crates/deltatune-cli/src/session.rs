@@ -177,14 +177,29 @@ pub fn load_splits(settings: &Settings) -> Result<Splits> {
 
 /// Tokenises examples and maps their labels.
 pub fn encode(
-    tok: &TextTokenizer,
+    loaded: &Loaded,
     examples: &[Example],
     labels: &LabelMap,
     split: &str,
 ) -> Result<Encoded> {
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let ids = loaded.tokenizer.encode_batch(&texts)?;
+    // An example longer than the model's positions would fail mid-run: named here instead.
+    let positions = loaded.model.config.max_position_embeddings;
+    if let Some((i, long)) = ids.iter().enumerate().find(|(_, x)| x.len() > positions) {
+        let text = &examples[i].text;
+        let shown: String = text.chars().take(60).collect();
+        anyhow::bail!(
+            "{split} example {} (\"{shown}{}\") is {} tokens long, more than the model's {positions} \
+             positions (max_position_embeddings); set --max-length {positions} or less so longer \
+             texts are cut",
+            i + 1,
+            if shown.len() < text.len() { "..." } else { "" },
+            long.len()
+        );
+    }
     Ok(Encoded {
-        ids: tok.encode_batch(&texts)?,
+        ids,
         labels: labels.encode(examples, split)?,
     })
 }

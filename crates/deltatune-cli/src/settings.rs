@@ -233,6 +233,10 @@ pub struct Settings {
     pub compose: ComposeSettings,
     pub generation: GenerationSettings,
     pub train: TrainConfig,
+    /// `--overwrite`: replace an output folder an earlier deltatune run completed. Not a
+    /// setting of the run (not saved, not shown): a resumed run is told again.
+    #[serde(skip)]
+    pub overwrite: bool,
 }
 
 impl Settings {
@@ -325,6 +329,7 @@ impl Default for Settings {
             compose: ComposeSettings::default(),
             generation: GenerationSettings::default(),
             train: TrainConfig::default(),
+            overwrite: false,
         }
     }
 }

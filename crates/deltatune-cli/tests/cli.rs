@@ -510,6 +510,8 @@ fn learned_subspace_is_fitted_from_prompts_and_travels_with_the_adapter() {
                 dim,
                 "-o",
                 "so.safetensors",
+                // Fitted again below with another dimension.
+                "--overwrite",
             ],
             &t.0,
         )

@@ -194,7 +194,7 @@ fn image_task_trains_predicts_and_evaluates_on_a_folder() {
             "--model",
             model,
             "--output",
-            "out2",
+            "out3",
             "--no-progress",
             "--set",
             "data.train=imgs",

@@ -119,6 +119,12 @@ impl TrainConfig {
                 "must be at least 1 (or unset: checkpoint at epoch ends only)",
             );
         }
+        if self.max_steps == Some(0) {
+            return bad(
+                "max_steps",
+                "must be at least 1 (or unset: train every epoch); 0 would train nothing",
+            );
+        }
         if self.keep_checkpoints == 0 {
             return bad("keep_checkpoints", "must be at least 1");
         }

@@ -68,6 +68,7 @@ fn train_run(
     c: &Candidate,
     out: &Path,
     extra: &[(String, String)],
+    overwrite: bool,
 ) -> Result<(serde_json::Value, f64)> {
     let t = Instant::now();
     let command = |resume: bool| {
@@ -77,6 +78,9 @@ fn train_run(
             cmd.arg("--resume").arg(out);
         } else {
             cmd.arg("--output").arg(out);
+        }
+        if overwrite {
+            cmd.arg("--overwrite");
         }
         cmd.arg("--method").arg(&c.method);
         for (k, v) in c.settings.iter().chain(extra) {
@@ -173,8 +177,17 @@ pub fn auto(
     let report_path = report
         .map(Path::to_path_buf)
         .unwrap_or_else(|| s.output.join("auto-report.html"));
+    let rules = super::run_output_rules(s);
+    if report.is_some() {
+        let report_rules = rules.clone();
+        let report_rules = deltatune_train::artifact::OutputRules {
+            flag: "--report".into(),
+            ..report_rules
+        };
+        deltatune_train::artifact::check_output_file(&report_path, &report_rules, true)?;
+    }
+    deltatune_train::artifact::check_output_folder(&s.output, &rules)?;
     super::check_writable(&report_path, "the report (--report)", false)?;
-    super::check_writable(&s.output, "the output folder (--output)", true)?;
     super::check_writable(
         &s.output.with_extension("auto-runs"),
         "the rungs' folder",
@@ -287,6 +300,7 @@ pub fn auto(
         &candidates[0],
         &work.join("calibration"),
         &calib,
+        true,
     )?;
     let train_secs = res["mean_train_seconds_per_epoch"].as_f64().unwrap_or(secs);
     let step_seconds = (train_secs / calib_steps as f64).max(1e-3);
@@ -379,6 +393,7 @@ pub fn auto(
                 c,
                 &work.join(format!("rung{k}-{}", c.method)),
                 &extra,
+                true,
             )?;
             let r = RungResult {
                 rung: k,
@@ -419,6 +434,7 @@ pub fn auto(
         &winner,
         &s.output,
         &[("train.epochs".into(), epochs.to_string())],
+        s.overwrite,
     )?;
     record(
         &winner,
@@ -490,7 +506,7 @@ pub fn auto(
 fn write_report(path: &Path, v: &serde_json::Value) -> Result<()> {
     let e = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
     let mut h = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>deltatune auto</title><style>\
+        "<!doctype html><!-- written by deltatune --><html><head><meta charset=\"utf-8\"><title>deltatune auto</title><style>\
          body{font-family:sans-serif;max-width:1000px;margin:2em auto}td,th{border:1px solid #ccc;\
          padding:2px 8px}table{border-collapse:collapse}</style></head><body><h1>deltatune auto</h1>",
     );

@@ -4,14 +4,16 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use deltatune_train::artifact::Staging;
+use deltatune_train::artifact::{check_output_folder, OutputRules, Staging};
 
-pub fn convert(onnx: &Path, output: &Path) -> Result<()> {
-    super::check_writable(output, "the output folder", true)?;
+pub fn convert(onnx: &Path, output: &Path, overwrite: bool) -> Result<()> {
+    // Checked before reading (nothing is created until the conversion succeeded).
+    let rules = OutputRules::new("--output", overwrite).input("--onnx", onnx);
+    check_output_folder(output, &rules)?;
     let (cfg, tensors) = deltatune_models::vit::dinov2_from_onnx(onnx)
         .with_context(|| format!("converting {}", onnx.display()))?;
     let params: usize = tensors.values().map(|t| t.elem_count()).sum();
-    let staging = Staging::create(output)?;
+    let staging = Staging::create(output, &rules)?;
     staging.write_json("config.json", &cfg.to_hf_json())?;
     staging.write(
         "model.safetensors",

@@ -486,6 +486,7 @@ pub fn methods(
     epochs: Option<usize>,
     runs: &Path,
     table: &Path,
+    overwrite: bool,
 ) -> Result<()> {
     let presets = exp.presets;
     for m in only {
@@ -500,6 +501,20 @@ pub fn methods(
                     .join(", ")
             );
         }
+    }
+    // The table is deltatune's when the results file beside it is (the table is rendered from
+    // it); anything else there needs --overwrite.
+    let json_beside = table.with_extension("json");
+    let own_table = std::fs::read_to_string(&json_beside)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Vec<Row>>(&t).ok())
+        .is_some();
+    let table_rules =
+        deltatune_train::artifact::OutputRules::new("--table", overwrite || own_table)
+            .input("--runs", runs);
+    deltatune_train::artifact::check_output_file(table, &table_rules, false)?;
+    if !own_table {
+        deltatune_train::artifact::check_output_file(&json_beside, &table_rules, false)?;
     }
     super::check_writable(table, "the table (--table)", false)?;
     super::check_writable(runs, "the runs folder (--runs)", true)?;
@@ -535,6 +550,7 @@ pub fn methods(
         cmd.arg("train")
             .arg("--output")
             .arg(&out)
+            .args(overwrite.then_some("--overwrite"))
             .arg("--no-progress")
             .args(&args)
             .args(exp.data);

@@ -106,7 +106,7 @@ pub const DATA_MANIFEST: &str = "data.json";
 
 /// `deltatune train --task image`.
 pub fn train(s: &Settings, resume: bool) -> Result<()> {
-    let staging = Staging::create(&s.output)?;
+    let staging = Staging::create(&s.output, &super::run_output_rules(s))?;
     let ckpt = RunCheckpoints::prepare(s, resume)?;
     let dir = model_dir(&s.model, &s.cache)?;
     let splits = load_splits(s)?;
@@ -237,7 +237,7 @@ pub fn is_image_adapter(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join(RUN_CONFIG))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["task"] == "image")
+        .is_some_and(|v| v["task"] == "image" || v["settings"]["task"] == "image")
 }
 
 /// A saved image adapter on its base model, with its labels, settings and preprocessing.
@@ -258,13 +258,27 @@ pub fn load_image_adapter(dir: &Path) -> Result<ImageRun> {
     };
     let run: serde_json::Value = serde_json::from_str(&read(RUN_CONFIG)?)
         .with_context(|| format!("parsing {}", dir.join(RUN_CONFIG).display()))?;
-    if run["task"] != "image" {
+    // The task is recorded in the run's settings (older runs also at the top level).
+    let task = run["task"]
+        .as_str()
+        .or(run["settings"]["task"].as_str())
+        .unwrap_or("classify");
+    if task != "image" {
+        let how = if task == "generate" {
+            format!(
+                "generate text with it (`deltatune generate --adapter {} PROMPT`)",
+                dir.display()
+            )
+        } else {
+            format!(
+                "predict texts with it (`deltatune predict --adapter {} TEXT`)",
+                dir.display()
+            )
+        };
         bail!(
-            "{} is not an image classifier's adapter (its run_config.json has task {}): \
-             predict texts with it (`deltatune predict --adapter {} TEXT`)",
+            "{} is not an image classifier's adapter (its run_config.json has task `{task}`): \
+             {how}",
             dir.display(),
-            run["task"],
-            dir.display()
         );
     }
     let settings: Settings = serde_json::from_value(run["settings"].clone())

@@ -216,7 +216,7 @@ pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
 
 /// `deltatune train --task generate`.
 pub fn train(s: &Settings, resume: bool) -> Result<()> {
-    let staging = Staging::create(&s.output)?;
+    let staging = Staging::create(&s.output, &super::run_output_rules(s))?;
     let ckpt = super::resume::RunCheckpoints::prepare(s, resume)?;
     let (train_file, dev_file, test_file) = data_files(s)?;
     let read = |p: &Path| -> Result<Vec<GenExample>> {
@@ -573,6 +573,8 @@ pub fn load_with_adapter(dir: &Path, model: Option<&str>, cache: &Path) -> Resul
 
 /// `deltatune generate`.
 pub fn generate(a: &GenerateArgs) -> Result<()> {
+    // Bad sampling settings are refused before the model loads.
+    a.config.validate()?;
     let cache = a
         .cache
         .clone()
@@ -599,7 +601,6 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     if texts.is_empty() {
         bail!("nothing to generate from: give a text or --file");
     }
-    a.config.validate()?;
     for text in &texts {
         let prompt = if a.chat {
             let msgs = [ChatMessage {
@@ -642,21 +643,25 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         let mut so_far: Vec<u32> = Vec::new();
         let mut printed = 0usize;
         let mut out = std::io::stdout().lock();
+        let stops = &a.config.stop;
         let res = g.generate(&[ids], &a.config, &mut |_, tok| {
             so_far.push(tok);
             let text = d.decode(&so_far);
-            // Print only complete characters; the rest waits for the next token.
-            if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{FFFD}')
+            // Print only complete characters, never a stop string or what follows it, and
+            // hold back an end that may be the start of one; the rest waits for the next token.
+            let end = printable_end(&text, stops, false);
+            if end > printed && text.is_char_boundary(printed) && !text[..end].ends_with('\u{FFFD}')
             {
-                let _ = write!(out, "{}", &text[printed..]);
+                let _ = write!(out, "{}", &text[printed..end]);
                 let _ = out.flush();
-                printed = text.len();
+                printed = end;
             }
             true
         })?;
         let text = d.decode(&res[0].ids);
-        if text.len() > printed && text.is_char_boundary(printed) {
-            write!(out, "{}", &text[printed..])?;
+        let end = printable_end(&text, stops, true);
+        if end > printed && text.is_char_boundary(printed) {
+            write!(out, "{}", &text[printed..end])?;
         }
         writeln!(out)?;
         eprintln!("[{} tokens, stopped: {:?}]", res[0].ids.len(), res[0].stop);
@@ -664,9 +669,57 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// How much of a streamed `text` may be shown: up to the first stop string (which is not
+/// shown, as OpenAI's `stop` works), and, while the text may still grow (`done` false), short
+/// of an end that could be the beginning of a stop string. Always a character boundary.
+fn printable_end(text: &str, stops: &[String], done: bool) -> usize {
+    let first_stop = stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min();
+    let mut end = match first_stop {
+        Some(at) => at,
+        None if done => text.len(),
+        None => {
+            // The longest end of `text` that begins some stop string is held back.
+            let held = stops
+                .iter()
+                .flat_map(|s| {
+                    (1..s.len())
+                        .filter(move |&k| s.is_char_boundary(k))
+                        .map(move |k| &s[..k])
+                })
+                .filter(|p| text.ends_with(p))
+                .map(str::len)
+                .max()
+                .unwrap_or(0);
+            text.len() - held
+        }
+    };
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A streamed answer never shows its stop string or what follows it, and a partial stop
+    /// string waits until it is known not to be one.
+    #[test]
+    fn streamed_text_stops_before_the_stop_string() {
+        let stops = vec!["\n".to_string(), "</s>".to_string()];
+        assert_eq!(printable_end(" AE0 K\n\n /a/", &stops, false), 6);
+        assert_eq!(printable_end(" AE0 K\n\n /a/", &stops, true), 6);
+        assert_eq!(printable_end("word </", &stops, false), 5);
+        assert_eq!(printable_end("word </", &stops, true), 7);
+        assert_eq!(printable_end("word <b", &stops, false), 7);
+        assert_eq!(printable_end("no stops", &[], false), 8);
+        assert_eq!(printable_end("é\n", &stops, false), "é".len());
+    }
 
     /// The GGUF's chat template rendered here equals transformers' rendering (fixture).
     #[test]

@@ -12,6 +12,7 @@ use deltatune_data::images::{ImageExample, ImageSet, ImageSource, Preprocess};
 use deltatune_data::text::LabelMap;
 use deltatune_models::vit::VitFamily;
 use deltatune_models::{Backbone, BertClassifier, VitClassifier};
+use deltatune_train::artifact::{check_output_folder, OutputRules, Staging};
 use deltatune_train::image::ImageExamples;
 
 use crate::session;
@@ -23,7 +24,9 @@ const CHECK_TEXTS: &[&str] = &[
     "it is what it is.",
 ];
 
-pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
+pub fn merge(adapter: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    let rules = OutputRules::new("--output", overwrite).input("--adapter", adapter);
+    check_output_folder(out, &rules)?;
     let cfg_text = std::fs::read_to_string(adapter.join(deltatune_train::artifact::ADAPTER_CONFIG))
         .with_context(|| format!("reading the adapter config in {}", adapter.display()))?;
     let delta = deltatune_methods::DeltaConfig::from_json(serde_json::from_str(&cfg_text)?)?;
@@ -36,10 +39,10 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
     }
     let v: serde_json::Value = serde_json::from_str(&cfg_text)?;
     if v["task_type"].as_str() == Some("CAUSAL_LM") {
-        return merge_decoder(adapter, out, delta.name());
+        return merge_decoder(adapter, out, delta.name(), &rules);
     }
     if super::image::is_image_adapter(adapter) {
-        return merge_image(adapter, out, delta.name());
+        return merge_image(adapter, out, delta.name(), &rules);
     }
     let mut run = session::load_adapter(adapter)?;
     let refs: Vec<&str> = CHECK_TEXTS.to_vec();
@@ -54,7 +57,7 @@ pub fn merge(adapter: &Path, out: &Path) -> Result<()> {
     )?;
     let n = run.labels.len();
     set_labels(&mut config, &run.labels, "BertForSequenceClassification");
-    let staging = deltatune_train::artifact::Staging::create(out)?;
+    let staging = Staging::create(out, &rules.clone().input("the base model", base_dir))?;
     staging.write(
         "model.safetensors",
         &deltatune_core::to_safetensors_bytes(&tensors)?,
@@ -147,7 +150,7 @@ fn check_images(classes: Arc<[String]>) -> ImageSet {
 /// full fine-tuning) into the ViT and writes a Hugging Face `...ForImageClassification` folder
 /// with the adapter's labels and a `preprocessor_config.json` of its preprocessing (image size
 /// included); then reloads it and checks its probabilities against the adapter's.
-fn merge_image(adapter: &Path, out: &Path, name: &str) -> Result<()> {
+fn merge_image(adapter: &Path, out: &Path, name: &str, rules: &OutputRules) -> Result<()> {
     let mut run = super::image::load_image_adapter(adapter)?;
     let set = Arc::new(check_images(run.labels_arc()));
     let ex = ImageExamples::new(set.clone(), run.preprocess.clone(), None)?;
@@ -163,7 +166,7 @@ fn merge_image(adapter: &Path, out: &Path, name: &str) -> Result<()> {
         VitFamily::Vit => "ViTForImageClassification",
     };
     set_labels(&mut config, &run.labels, architecture);
-    let staging = deltatune_train::artifact::Staging::create(out)?;
+    let staging = Staging::create(out, &rules.clone().input("the base model", base_dir))?;
     staging.write(
         "model.safetensors",
         &deltatune_core::to_safetensors_bytes(&tensors)?,
@@ -195,7 +198,7 @@ fn merge_image(adapter: &Path, out: &Path, name: &str) -> Result<()> {
 /// Folds a decoder adapter into its (dequantized) base and writes a Hugging Face Llama folder
 /// (`config.json`, `model.safetensors` in f32, `tokenizer.json`), then reloads it and checks its
 /// logits against the adapter's.
-fn merge_decoder(adapter: &Path, out: &Path, name: &str) -> Result<()> {
+fn merge_decoder(adapter: &Path, out: &Path, name: &str, rules: &OutputRules) -> Result<()> {
     let cache = deltatune_data::assets::default_cache_dir();
     let mut d = super::lm::load_with_adapter(adapter, None, &cache)?;
     let prompt = "Pronounce: deltatune\nPhonemes:";
@@ -211,7 +214,7 @@ fn merge_decoder(adapter: &Path, out: &Path, name: &str) -> Result<()> {
     } else {
         config["tie_word_embeddings"] = false.into();
     }
-    let staging = deltatune_train::artifact::Staging::create(out)?;
+    let staging = Staging::create(out, rules)?;
     staging.write(
         "model.safetensors",
         &deltatune_core::to_safetensors_bytes(&tensors)?,
@@ -293,6 +296,7 @@ pub fn combine_adapters(
     majority_sign: &str,
     seed: u64,
     out: &Path,
+    overwrite: bool,
 ) -> Result<()> {
     use deltatune_methods::lora::combine::{
         combine, Combination, CombineOptions, MajoritySign, SeededMasks, Source,
@@ -301,6 +305,11 @@ pub fn combine_adapters(
     if adapters.is_empty() {
         bail!("--adapters needs at least one adapter folder");
     }
+    let mut rules = OutputRules::new("--output", overwrite);
+    for a in adapters {
+        rules = rules.input("--adapters", a);
+    }
+    check_output_folder(out, &rules)?;
     let opts = CombineOptions {
         combination: Combination::parse(combination)?,
         density,
@@ -365,7 +374,7 @@ pub fn combine_adapters(
     let c = combine(&sources, &weights, &opts, &mut SeededMasks(seed))?;
     let mut cfg = serde_json::to_value(&c.config)?;
     cfg["peft_type"] = "LORA".into();
-    let staging = deltatune_train::artifact::Staging::create(out)?;
+    let staging = Staging::create(out, &rules)?;
     staging.write_json(ADAPTER_CONFIG, &cfg)?;
     staging.write(
         ADAPTER_WEIGHTS,

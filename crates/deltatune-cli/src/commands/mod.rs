@@ -33,6 +33,28 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The output rules of a run writing `s.output`: its data files, model and cache are inputs.
+pub fn run_output_rules(s: &crate::settings::Settings) -> deltatune_train::artifact::OutputRules {
+    let model = std::path::Path::new(&s.model);
+    let mut rules = deltatune_train::artifact::OutputRules::new("--output", s.overwrite);
+    for (what, p) in [
+        ("data.train", &s.data.train),
+        ("data.dev", &s.data.dev),
+        ("data.test", &s.data.test),
+    ] {
+        if let Some(p) = p {
+            rules = rules.input(what, p);
+        }
+    }
+    if model.exists() {
+        rules = rules.input("the model", model);
+    }
+    if let Some(sub) = &s.intrinsic.subspace {
+        rules = rules.input("intrinsic.subspace", sub);
+    }
+    rules
+}
+
 /// Checks, before any long work, that `path` can be written later: a folder (`folder`) that
 /// exists or can be created, or a file whose folder can be created and is writable, and that is
 /// not a folder itself. `what` names it in the error (`--report`, `the output folder`).

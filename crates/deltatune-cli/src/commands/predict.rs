@@ -68,7 +68,7 @@ pub fn eval(adapter: &Path, data: Option<&Path>, batch_size: usize) -> Result<()
     };
     let d = &run.run.settings.data;
     let examples = load_examples(&path, &d.text_column, &d.label_column)?;
-    let enc = session::encode(&run.loaded.tokenizer, &examples, &run.labels, "eval")?;
+    let enc = session::encode(&run.loaded, &examples, &run.labels, "eval")?;
     let (m, _) = deltatune_train::evaluate(&run.loaded.model, &enc, batch_size)?;
     println!(
         "{}: {} examples, accuracy {:.4}, macro-F1 {:.4}",

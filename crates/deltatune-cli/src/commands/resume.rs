@@ -90,6 +90,29 @@ impl RunCheckpoints {
                 dir.display()
             );
         }
+        // A folder of that name that deltatune did not make is the user's: never written into
+        // or removed. deltatune's holds its settings, metrics log, search attempt number or
+        // checkpoint folders.
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            let names: Vec<String> = rd
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let ours = |n: &String| {
+                [SETTINGS_FILE, METRICS, "attempt"].contains(&n.as_str())
+                    || n.starts_with(".tmp-")
+                    || (n.starts_with('e') && n.contains("-b"))
+            };
+            if !names.is_empty() && !names.iter().any(ours) {
+                bail!(
+                    "{} holds files deltatune did not write ({}); deltatune keeps the run's \
+                     checkpoints in a folder of that name and removes it when the run ends: \
+                     move it away or choose another --output",
+                    dir.display(),
+                    names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
         let held = deltatune_train::checkpoint::list(&dir)?;
         if !resume && !held.is_empty() {
             bail!(
@@ -224,4 +247,32 @@ pub fn resume_hint(output: &Path) -> String {
         "training stopped; its state is saved. Continue with:\n  deltatune train --resume {}",
         output.display()
     )
+}
+
+/// After a run failed: its checkpoint folder goes when it holds no checkpoint (only the
+/// settings and log written before the first step), so a failed run leaves nothing behind; one
+/// with checkpoints stays for `--resume`, and the message says so.
+pub fn after_failure(output: &Path) -> Option<String> {
+    let dir = checkpoint_dir(output);
+    if !dir.join(SETTINGS_FILE).is_file() {
+        return None;
+    }
+    match deltatune_train::checkpoint::list(&dir) {
+        Ok(held) if held.is_empty() => {
+            for f in [SETTINGS_FILE, METRICS] {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+            // Only if that emptied it (a search worker's attempt file stays with its folder).
+            let _ = std::fs::remove_dir(&dir);
+            None
+        }
+        Ok(held) => Some(format!(
+            "its checkpoints are kept in {} (newest {}); after fixing the cause, continue with \
+             `deltatune train --resume {}`",
+            dir.display(),
+            held.last().unwrap().display(),
+            output.display()
+        )),
+        Err(_) => None,
+    }
 }

@@ -108,6 +108,10 @@ impl TrainObjective {
         let mut a = vec![
             "train".to_string(),
             "--no-progress".into(),
+            // The trial's own folder in the study's runs folder (a retried trial replaces an
+            // attempt that finished but was not recorded); a folder holding anything else is
+            // still refused.
+            "--overwrite".into(),
             "--output".into(),
             out.display().to_string(),
         ];

@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use deltatune_search::space::{Direction, Dist, METHOD_KEY};
 use deltatune_search::storage::{self, StudyRow, StudyStore, TrialRow, TrialState};
+use deltatune_train::artifact::{check_output_file, OutputRules};
 
 fn load(storage: &str, name: &str) -> Result<(StudyRow, Vec<TrialRow>)> {
     let mut store = storage::open(storage)?;
@@ -209,7 +210,16 @@ pub fn best_cmd(storage: &str, name: &str) -> Result<()> {
 }
 
 /// `study export`: every trial as CSV or JSON.
-pub fn export(storage: &str, name: &str, format: &str, out: Option<&Path>) -> Result<()> {
+pub fn export(
+    storage: &str,
+    name: &str,
+    format: &str,
+    out: Option<&Path>,
+    overwrite: bool,
+) -> Result<()> {
+    if let Some(p) = out {
+        check_output_file(p, &OutputRules::new("--output", overwrite), false)?;
+    }
     let (study, trials) = load(storage, name)?;
     let text = match format {
         "json" => serde_json::to_string_pretty(&serde_json::json!({
@@ -385,10 +395,11 @@ fn svg_plot_axis(title: &str, xlabel: &str, series: &[Series], axis: &XAxis) -> 
 
 /// `study report`: one self-contained HTML file with the optimisation history, each parameter
 /// against the objective, and the intermediate values of complete and pruned trials.
-pub fn report(storage: &str, name: &str, out: &Path) -> Result<()> {
+pub fn report(storage: &str, name: &str, out: &Path, overwrite: bool) -> Result<()> {
+    check_output_file(out, &OutputRules::new("--output", overwrite), true)?;
     let (study, trials) = load(storage, name)?;
     let mut html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>deltatune study {0}</title>\
+        "<!doctype html><!-- written by deltatune --><html><head><meta charset=\"utf-8\"><title>deltatune study {0}</title>\
          <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}figure{{display:inline-block;margin:8px}}\
          table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}}</style></head><body>\
          <h1>Study {0}</h1><p>{1}; direction {2}; sampler {3}; pruner {4}; budget {5} trials.</p>\n",

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use deltatune_methods::intrinsic::fit_subspace;
 use deltatune_methods::DeltaConfig;
+use deltatune_train::artifact::{check_output_file, OutputRules};
 use deltatune_train::artifact::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 
 /// The soft prompt [P, hidden] of a prompt-tuning adapter folder.
@@ -39,7 +40,18 @@ fn prompt_of(dir: &Path) -> Result<(Tensor, Option<String>)> {
 
 /// Fits a `dim`-dimensional subspace (PCA) to the prompts of `adapters` and writes it to `out`;
 /// with `origin` (a prompt-tuning adapter), around that adapter's prompt instead of the mean.
-pub fn fit(adapters: &[PathBuf], dim: usize, origin: Option<&Path>, out: &Path) -> Result<()> {
+pub fn fit(
+    adapters: &[PathBuf],
+    dim: usize,
+    origin: Option<&Path>,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    let mut rules = OutputRules::new("--output", overwrite);
+    for a in adapters.iter().map(PathBuf::as_path).chain(origin) {
+        rules = rules.input("the adapter", a);
+    }
+    check_output_file(out, &rules, false)?;
     if adapters.len() < 2 {
         bail!(
             "`subspace fit` needs at least 2 prompt-tuning adapters (got {}); the subspace \
@@ -112,7 +124,12 @@ pub fn fit(adapters: &[PathBuf], dim: usize, origin: Option<&Path>, out: &Path) 
 
 /// `subspace random`: a random dense subspace of dimension `dim` around the prompt of the
 /// adapter `origin` (the random counterpart of a subspace fitted with `--origin`).
-pub fn random(origin: &Path, dim: usize, seed: u64, out: &Path) -> Result<()> {
+pub fn random(origin: &Path, dim: usize, seed: u64, out: &Path, overwrite: bool) -> Result<()> {
+    check_output_file(
+        out,
+        &OutputRules::new("--output", overwrite).input("--origin", origin),
+        false,
+    )?;
     let (p, _) = prompt_of(origin)?;
     let s = deltatune_methods::intrinsic::Subspace::random_around(&p, dim, seed)?;
     if let Some(dir) = out.parent() {

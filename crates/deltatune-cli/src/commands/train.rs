@@ -21,7 +21,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         return super::image::train(s, resume);
     }
     // Fail on an unwritable output or checkpoint folder before spending any time.
-    let staging = Staging::create(&s.output)?;
+    let staging = Staging::create(&s.output, &super::run_output_rules(s))?;
     let ckpt = RunCheckpoints::prepare(s, resume)?;
     let model_dir = session::model_dir(&s.model, &s.cache)?;
     let splits = session::load_splits(s)?;
@@ -34,10 +34,10 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         s.train.seed,
     )?;
     let t_tok = Instant::now();
-    let train = session::encode(&loaded.tokenizer, &splits.train, &labels, "train")?;
-    let dev = session::encode(&loaded.tokenizer, &splits.dev, &labels, "dev")?;
+    let train = session::encode(&loaded, &splits.train, &labels, "train")?;
+    let dev = session::encode(&loaded, &splits.dev, &labels, "dev")?;
     let test = match &splits.test {
-        Some(t) => Some(session::encode(&loaded.tokenizer, t, &labels, "test")?),
+        Some(t) => Some(session::encode(&loaded, t, &labels, "test")?),
         None => None,
     };
     let tok_secs = t_tok.elapsed().as_secs_f64();
