@@ -279,6 +279,28 @@ fn bad_combinations_are_refused_by_name() {
         &mut SeededMasks(0),
     ));
     assert!(e.contains("needs a density"), "{e}");
+    // A density outside (0, 1] is refused (2 acted as `linear`, 0 wrote an all-zero adapter),
+    // and so is a density that the combination would ignore.
+    for (c, d, want) in [
+        (Combination::Ties, 2.0, "outside (0, 1]"),
+        (Combination::DareLinear, 0.0, "outside (0, 1]"),
+        (Combination::MagnitudePrune, -0.5, "outside (0, 1]"),
+        (Combination::DareTies, f64::NAN, "outside (0, 1]"),
+        (Combination::Linear, 0.5, "does not use a density"),
+        (Combination::Cat, 0.5, "does not use a density"),
+    ] {
+        let e = err(combine(
+            &[s("a"), s("b")],
+            &[1.0, 1.0],
+            &CombineOptions {
+                combination: c,
+                density: Some(d),
+                majority_sign: MajoritySign::Total,
+            },
+            &mut SeededMasks(0),
+        ));
+        assert!(e.contains(want) && e.contains("density"), "{c:?} {d}: {e}");
+    }
     let e = err(combine(
         &[s("a"), s("b")],
         &[1.0],

@@ -397,6 +397,27 @@ pub fn combine(
         return bad("weights", format!("{w} is not a finite number"));
     }
     let mut opts = *opts;
+    if let Some(d) = opts.density {
+        if !opts.combination.prunes() {
+            return bad(
+                "density",
+                format!(
+                    "`{}` keeps every value and does not use a density ({d}); drop --density \
+                     or choose ties, dare_linear, dare_ties or magnitude_prune",
+                    opts.combination.name()
+                ),
+            );
+        }
+        if !(d > 0.0 && d <= 1.0) {
+            return bad(
+                "density",
+                format!(
+                    "{d} is outside (0, 1]: it is the fraction of values kept (e.g. 0.5; 1 \
+                     keeps all)"
+                ),
+            );
+        }
+    }
     if sources.len() == 1 {
         opts.combination = Combination::Linear;
     }
@@ -411,9 +432,6 @@ pub fn combine(
                         c.name()
                     ),
                 )
-            }
-            Some(d) if d.is_nan() || d < 0.0 => {
-                return bad("density", format!("{d} must be 0 or more (at most 1)"))
             }
             _ => {}
         }
