@@ -124,10 +124,22 @@ fn decode_err(path: &Path, e: impl std::fmt::Display) -> DataError {
     }
 }
 
+/// A file that cannot be opened: missing (moved or deleted since the folder was listed) or
+/// unreadable, not damaged.
+fn open_err(path: &Path, e: std::io::Error) -> DataError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        DataError::FileNotFound {
+            path: path.to_path_buf(),
+        }
+    } else {
+        DataError::io("open", path, e)
+    }
+}
+
 /// Decodes a PNG or JPEG file (the format is guessed from the content).
 pub fn decode_file(path: &Path) -> Result<Pixels<'static>> {
     let img = image::ImageReader::open(path)
-        .map_err(|e| decode_err(path, e))?
+        .map_err(|e| open_err(path, e))?
         .with_guessed_format()
         .map_err(|e| decode_err(path, e))?
         .decode()
@@ -157,7 +169,7 @@ pub fn decode_file(path: &Path) -> Result<Pixels<'static>> {
 fn probe_channels(path: &Path) -> Result<usize> {
     use image::ImageDecoder;
     let dec = image::ImageReader::open(path)
-        .map_err(|e| decode_err(path, e))?
+        .map_err(|e| open_err(path, e))?
         .with_guessed_format()
         .map_err(|e| decode_err(path, e))?
         .into_decoder()
