@@ -556,8 +556,7 @@ mod tests {
     /// the blocks; a replaced weight is never multiplied by the copy of the old one.
     #[test]
     fn bf16_copies_serve_training_passes_only_and_never_go_stale() {
-        if !ops::has_bf16() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
+        if ops::lacks_cpu_feature(ops::has_bf16(), "AVX-512 BF16") {
             return;
         }
         let mut rng = crate::Rng::new(3);

@@ -480,7 +480,10 @@ fn gen_jsonl_seeds() -> anyhow::Result<Seeds> {
 
 fn cmudict_seeds() -> anyhow::Result<Seeds> {
     let mut v = vec![
-        b"hello HH AH0 L OW1\nhello(2) HH EH0 L OW1\nworld W ER1 L D # comment\n;;; x\n".to_vec(),
+        b"hello HH AH0 L OW1\nhello(2) HH EH0 L OW1\nworld W ER1 L D # comment\n# only a comment\n"
+            .to_vec(),
+        // cmudict-0.7b's `;;;` comment lines, which the loader refuses by line number.
+        b";;; # CMUdict  --  Major Version: 0.07\nhello HH AH0 L OW1\n".to_vec(),
     ];
     if let Some(b) = head(&cache_dir().join("data/cmudict/cmudict.dict"), 4096) {
         v.push(b);

@@ -643,8 +643,7 @@ mod tests {
     /// enough to run on several threads and in several depth blocks.
     #[test]
     fn bf16_linear_matches_rounded_f64_products() {
-        if !has_bf16() {
-            eprintln!("skipped: this CPU lacks AVX-512 BF16");
+        if crate::ops::lacks_cpu_feature(has_bf16(), "AVX-512 BF16") {
             return;
         }
         for (seed, (lead, out_f, in_f, bias)) in [
@@ -705,7 +704,7 @@ mod tests {
     /// The bf16 products differ from the f32 ones only by the rounding of the operands.
     #[test]
     fn bf16_linear_is_close_to_f32() {
-        if !has_bf16() {
+        if crate::ops::lacks_cpu_feature(has_bf16(), "AVX-512 BF16") {
             return;
         }
         let x = randn(1, &[64, 384]);
@@ -735,7 +734,7 @@ mod tests {
 
     #[test]
     fn trainable_bias_gets_its_gradient_and_bad_inputs_are_named() {
-        if !has_bf16() {
+        if crate::ops::lacks_cpu_feature(has_bf16(), "AVX-512 BF16") {
             return;
         }
         let w = randn(5, &[8, 6]);

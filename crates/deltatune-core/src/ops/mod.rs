@@ -59,4 +59,22 @@ pub use lowrank::lora_up_add;
 pub use norm::{layer_norm, residual_layer_norm};
 pub use quant_int8::{int8_activations, int8_products_supported, Int8Activations};
 pub use quant_linear::quant_linear;
+
+/// For tests of CPU-specific kernels: `true` (skip the test, with a note) when this CPU lacks
+/// `what` (`has` is false), unless `DELTATUNE_REQUIRE_CPU_KERNELS=1`, which turns the skip into
+/// a failure, so a machine meant to run the kernels proves that it did (CI sets it where
+/// /proc/cpuinfo lists AVX-512 BF16 and VNNI).
+#[doc(hidden)]
+pub fn lacks_cpu_feature(has: bool, what: &str) -> bool {
+    if has {
+        return false;
+    }
+    assert!(
+        std::env::var("DELTATUNE_REQUIRE_CPU_KERNELS").as_deref() != Ok("1"),
+        "this CPU lacks {what}, and DELTATUNE_REQUIRE_CPU_KERNELS=1 requires the kernels that \
+         use it to be tested"
+    );
+    eprintln!("NOTE: skipping: this CPU lacks {what}");
+    true
+}
 pub use softmax::{attention_softmax, causal_attention_softmax, softmax_last_dim};

@@ -274,7 +274,7 @@ mod tests {
     /// The AVX-512 dequantization gives candle's values exactly.
     #[test]
     fn fast_dequantization_equals_candles() {
-        if !crate::ops::gemm::has_avx512() {
+        if crate::ops::lacks_cpu_feature(crate::ops::gemm::has_avx512(), "AVX-512") {
             return;
         }
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
@@ -299,8 +299,7 @@ mod tests {
     /// (a partial group of 8 included), and a row's result does not depend on its batch.
     #[test]
     fn fused_product_equals_the_dequantized_product() {
-        if !crate::ops::gemm::has_avx512() {
-            eprintln!("NOTE: skipping: no AVX-512 on this CPU");
+        if crate::ops::lacks_cpu_feature(crate::ops::gemm::has_avx512(), "AVX-512") {
             return;
         }
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {

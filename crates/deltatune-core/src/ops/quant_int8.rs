@@ -399,8 +399,7 @@ mod tests {
     /// and a partial group of 8 rows of `x`.
     #[test]
     fn int8_product_equals_the_product_with_rounded_activations() {
-        if !int8_products_supported() {
-            eprintln!("NOTE: skipping: no AVX-512 VNNI on this CPU");
+        if crate::ops::lacks_cpu_feature(int8_products_supported(), "AVX-512 VNNI") {
             return;
         }
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
