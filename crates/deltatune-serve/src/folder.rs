@@ -41,12 +41,21 @@ pub fn resolve_in(root: &Path, rel: &str) -> Result<PathBuf> {
         )
     })?;
     if !full_c.starts_with(&root_c) {
-        return Err(outside());
+        return Err(ServeError::field(
+            "path",
+            format!(
+                "`{rel}` in the adapter directory {} leads to {}, outside it: adapters are served only from inside the directory (copy the folder in, or name it with --adapter NAME=DIR)",
+                root.display(),
+                full_c.display()
+            ),
+        ));
     }
     Ok(full_c)
 }
 
 /// The adapter folders directly under `root` (those holding an adapter_config.json), by name.
+/// An entry that leads outside `root` (a link) is refused as [`resolve_in`] refuses it at run
+/// time.
 pub fn scan(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(root).map_err(|e| {
@@ -59,6 +68,7 @@ pub fn scan(root: &Path) -> Result<Vec<(String, PathBuf)>> {
         let p = entry.path();
         if p.join(ADAPTER_CONFIG).is_file() {
             if let Some(n) = p.file_name().and_then(|n| n.to_str()) {
+                resolve_in(root, n)?;
                 out.push((n.to_string(), p));
             }
         }
@@ -86,7 +96,16 @@ mod tests {
         {
             std::os::unix::fs::symlink(out.path(), d.path().join("link")).unwrap();
             let e = resolve_in(d.path(), "link").unwrap_err();
-            assert!(e.message.contains("not a folder inside"), "{}", e.message);
+            let want = format!(
+                "`link` in the adapter directory {} leads to {}, outside it: adapters are served only from inside the directory (copy the folder in, or name it with --adapter NAME=DIR)",
+                d.path().display(),
+                out.path().canonicalize().unwrap().display()
+            );
+            assert_eq!(e.message, want);
+            // The directory read at start-up refuses it the same way, once it holds an adapter.
+            std::fs::write(out.path().join(ADAPTER_CONFIG), "{}").unwrap();
+            assert_eq!(scan(d.path()).unwrap_err().message, want);
+            std::fs::remove_file(d.path().join("link")).unwrap();
         }
         assert!(resolve_in(d.path(), "missing")
             .unwrap_err()

@@ -9,7 +9,10 @@
 //! - `GET /health`, `GET /metrics` (Prometheus text).
 //!
 //! Every refusal is a 4xx (or 503 when the queue is full) with
-//! `{"error": {"message", "type", "param", "code"}}`, `param` naming the request field at fault.
+//! `{"error": {"message", "type", "param", "code"}}`, `param` naming the request field at fault;
+//! a method an endpoint does not take gets 405 with an `Allow` header, and a body that stops
+//! arriving before its end gets 408 after `body_timeout` without a byte, then the connection
+//! closes.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -20,14 +23,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 use deltatune_data::generation::{apply_chat_template, ChatMessage};
 use deltatune_models::llama::{GenerateConfig, StopReason};
+use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -64,6 +69,9 @@ pub struct ServerOptions {
     pub max_inputs: usize,
     /// A request not answered in this time is abandoned (504).
     pub timeout: Duration,
+    /// A request body with no new byte for this long is abandoned (408, then the connection
+    /// closes); a slow body that keeps arriving is read to its end.
+    pub body_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -77,6 +85,7 @@ impl Default for ServerOptions {
             max_tokens: 2048,
             max_inputs: 64,
             timeout: Duration::from_secs(120),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -96,6 +105,8 @@ pub struct ApiError {
     status: StatusCode,
     err: ServeError,
     retry_after: Option<u64>,
+    /// Answer with `Connection: close` (the request's body was not read to its end).
+    close: bool,
 }
 
 impl ApiError {
@@ -104,6 +115,7 @@ impl ApiError {
             status,
             err,
             retry_after: None,
+            close: false,
         }
     }
 
@@ -119,7 +131,7 @@ impl IntoResponse for ApiError {
             404 => "not_found_error",
             413 => "request_too_large",
             429 | 503 => "overloaded_error",
-            504 => "timeout_error",
+            408 | 504 => "timeout_error",
             s if s >= 500 => "server_error",
             _ => "invalid_request_error",
         };
@@ -134,6 +146,10 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        if self.close {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }
@@ -146,7 +162,7 @@ pub fn router(backend: Backend, opts: ServerOptions, metrics: Arc<Metrics>) -> R
         metrics,
         ids: AtomicU64::new(0),
     });
-    Router::new()
+    let api = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/v1/models", get(models))
@@ -163,7 +179,39 @@ pub fn router(backend: Backend, opts: ServerOptions, metrics: Arc<Metrics>) -> R
                 ),
             )
         })
-        .with_state(state)
+        .with_state(state);
+    // Around the whole router, so that axum's 405 carries its `Allow` header when it is seen.
+    Router::new()
+        .fallback_service(api)
+        .layer(middleware::from_fn(method_not_allowed))
+}
+
+/// A method an endpoint does not take: axum's 405 (with its `Allow` header) gets the JSON error
+/// body every other refusal has.
+async fn method_not_allowed(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let r = next.run(req).await;
+    if r.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return r;
+    }
+    let allow = r.headers().get(header::ALLOW).cloned();
+    let takes = allow
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(',').map(str::trim).collect::<Vec<_>>().join(" or "))
+        .unwrap_or_default();
+    let msg = if takes.is_empty() {
+        format!("{path} does not take {method}")
+    } else {
+        format!("{path} does not take {method}: send {takes} (see the Allow header)")
+    };
+    let mut out =
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, ServeError::new(msg)).into_response();
+    if let Some(a) = allow {
+        out.headers_mut().insert(header::ALLOW, a);
+    }
+    out
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then finishes the requests in flight.
@@ -261,9 +309,11 @@ impl AppState {
 fn busy(e: SubmitError) -> ApiError {
     match e {
         SubmitError::Busy => ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            err: ServeError::new("the server's queue is full: retry after a moment"),
             retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ServeError::new("the server's queue is full: retry after a moment"),
+            )
         },
         SubmitError::Stopped => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -272,7 +322,9 @@ fn busy(e: SubmitError) -> ApiError {
     }
 }
 
-/// Reads the body (at most `max_body_bytes`) as a JSON object.
+/// Reads the body (at most `max_body_bytes`) as a JSON object. A body with no new byte for
+/// `body_timeout` (a client that sent less than its Content-Length and waits) is abandoned:
+/// 408, and the connection closes.
 async fn read_json(
     s: &AppState,
     headers: &HeaderMap,
@@ -295,9 +347,45 @@ async fn read_json(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_big());
     }
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_big())?;
+    let wait = s.opts.body_timeout;
+    let mut chunks = body.into_data_stream();
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0));
+    loop {
+        match tokio::time::timeout(wait, chunks.next()).await {
+            Err(_) => {
+                let of = declared.map_or(String::new(), |n| {
+                    format!(" of the {n} its Content-Length announced")
+                });
+                return Err(ApiError {
+                    close: true,
+                    ..ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        ServeError::field(
+                            "body",
+                            format!(
+                                "the request body stopped arriving: {} bytes{of} came, then nothing for {} s (--body-timeout)",
+                                bytes.len(),
+                                wait.as_secs_f64()
+                            ),
+                        ),
+                    )
+                });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError {
+                    close: true,
+                    ..ApiError::bad("body", format!("reading the request body: {e}"))
+                })
+            }
+            Ok(Some(Ok(c))) => {
+                if bytes.len() + c.len() > limit {
+                    return Err(too_big());
+                }
+                bytes.extend_from_slice(&c);
+            }
+        }
+    }
     let v: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad("body", format!("the request body is not valid JSON: {e}")))?;
     match v {
@@ -384,13 +472,15 @@ impl Fields {
             return Err(ApiError::bad("n", "only n = 1 is supported"));
         }
         let d = GenerateConfig::default();
+        // The field the client gave (chat takes `max_completion_tokens` or `max_tokens`).
+        let (max_tokens_key, max_tokens) = match self.uint(max_tokens_key)? {
+            Some(n) => (max_tokens_key, Some(n)),
+            None => ("max_tokens", self.uint("max_tokens")?),
+        };
         let cfg = GenerateConfig {
-            max_new_tokens: self
-                .uint(max_tokens_key)?
-                .or(self.uint("max_tokens")?)
-                .unwrap_or(16),
+            max_new_tokens: max_tokens.unwrap_or(16),
             temperature: self.float("temperature")?.unwrap_or(1.0),
-            top_k: self.uint("top_k")?.filter(|&k| k > 0),
+            top_k: self.uint("top_k")?,
             top_p: self.float("top_p")?,
             seed: self.uint("seed")?.map_or(d.seed, |s| s as u64),
             stop: self.strings("stop")?.unwrap_or_default(),
@@ -529,6 +619,18 @@ async fn classify_inner(
             ),
         ));
     };
+    if f.flag("stream")? {
+        return Err(ApiError::bad(
+            "stream",
+            "classification answers in one response: `stream` must be false or absent",
+        ));
+    }
+    if f.uint("n")?.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad(
+            "n",
+            "classification gives one answer per input: `n` must be 1 or absent",
+        ));
+    }
     let inputs = f
         .strings("inputs")?
         .or(f.strings("input")?)

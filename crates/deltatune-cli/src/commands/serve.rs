@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Seconds before an unanswered request is abandoned (504).
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Seconds a request body may go without a new byte (a client that sends less than its
+    /// Content-Length) before it is abandoned with 408 and the connection closed.
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout: u64,
     /// The bearer token of `POST/DELETE /v1/adapters` (off without it).
     #[arg(long, env = "DELTATUNE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -79,8 +83,62 @@ fn is_decoder(spec: &str, cache: &Path) -> bool {
     })
 }
 
+/// The longest `--timeout` and `--body-timeout`: a day.
+const MAX_WAIT_S: u64 = 86_400;
+
+/// Refuses limits under which the server would refuse (or abandon) every request.
+fn check_limits(a: &ServeArgs) -> Result<()> {
+    let zero = [
+        (
+            a.max_queue == 0,
+            "--max-queue",
+            "requests waiting at most: 0 refuses every request",
+        ),
+        (
+            a.max_batch == 0,
+            "--max-batch",
+            "requests running together at most: 0 runs none",
+        ),
+        (
+            a.max_body_bytes == 0,
+            "--max-body-bytes",
+            "the largest request body: 0 refuses every request",
+        ),
+        (
+            a.max_tokens == 0,
+            "--max-tokens",
+            "prompt plus completion tokens of a request at most: 0 refuses every generation",
+        ),
+        (
+            a.timeout == 0,
+            "--timeout",
+            "seconds to answer a request: 0 abandons every request",
+        ),
+        (
+            a.body_timeout == 0,
+            "--body-timeout",
+            "seconds a request body may pause: 0 abandons every request with a body",
+        ),
+    ];
+    for (is_zero, flag, what) in zero {
+        if is_zero {
+            bail!(
+                "{flag} 0: it is {what}; give at least 1 (or leave the flag out for its default)"
+            );
+        }
+    }
+    for (v, flag) in [(a.timeout, "--timeout"), (a.body_timeout, "--body-timeout")] {
+        if v > MAX_WAIT_S {
+            bail!("{flag} {v}: give at most {MAX_WAIT_S} seconds (a day)");
+        }
+    }
+    Ok(())
+}
+
+/// The adapters to serve at start-up, by name: each `--adapter NAME=DIR`, then the folders of
+/// `--adapter-dir`. A name given twice is refused, naming both folders.
 fn parse_adapters(a: &ServeArgs) -> Result<Vec<(String, PathBuf)>> {
-    let mut out = Vec::new();
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
     for spec in &a.adapters {
         let Some((name, dir)) = spec.split_once('=') else {
             bail!("--adapter {spec}: give NAME=DIR (e.g. --adapter sentiment=runs/lora)");
@@ -88,19 +146,24 @@ fn parse_adapters(a: &ServeArgs) -> Result<Vec<(String, PathBuf)>> {
         if name.is_empty() || dir.is_empty() {
             bail!("--adapter {spec}: give NAME=DIR with both parts");
         }
+        if let Some((_, first)) = out.iter().find(|(m, _)| m == name) {
+            bail!(
+                "two adapters are named `{name}`: --adapter {name}={} and --adapter {spec}; give each --adapter a name of its own",
+                first.display()
+            );
+        }
         out.push((name.to_string(), PathBuf::from(dir)));
     }
     if let Some(root) = &a.adapter_dir {
         for (n, d) in folder::scan(root).map_err(anyhow::Error::msg)? {
-            if !out.iter().any(|(m, _)| *m == n) {
-                out.push((n, d));
+            if let Some((_, first)) = out.iter().find(|(m, _)| *m == n) {
+                bail!(
+                    "two adapters are named `{n}`: --adapter {n}={} and {} in --adapter-dir; give the --adapter another name (or rename the folder)",
+                    first.display(),
+                    d.display()
+                );
             }
-        }
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for (n, _) in &out {
-        if !seen.insert(n) {
-            bail!("two adapters are named `{n}`: give each --adapter a name of its own");
+            out.push((n, d));
         }
     }
     Ok(out)
@@ -112,6 +175,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         .cache
         .clone()
         .unwrap_or_else(deltatune_data::assets::default_cache_dir);
+    check_limits(a)?;
     let named = parse_adapters(a)?;
     // The first adapter's base when no --model is given.
     let spec = match &a.model {
@@ -177,7 +241,8 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         max_tokens: a.max_tokens,
         max_inputs: 64,
-        timeout: Duration::from_secs(a.timeout.max(1)),
+        timeout: Duration::from_secs(a.timeout),
+        body_timeout: Duration::from_secs(a.body_timeout),
     };
     let app = http::router(backend, sopts, metrics);
     let rt = tokio::runtime::Builder::new_multi_thread()
