@@ -422,19 +422,14 @@ pub fn combine(
         opts.combination = Combination::Linear;
     }
     let c = opts.combination;
-    if c.prunes() {
-        match opts.density {
-            None => {
-                return bad(
-                    "density",
-                    format!(
-                        "`{}` needs a density (the fraction of values kept, e.g. 0.5)",
-                        c.name()
-                    ),
-                )
-            }
-            _ => {}
-        }
+    if c.prunes() && opts.density.is_none() {
+        return bad(
+            "density",
+            format!(
+                "`{}` needs a density (the fraction of values kept, e.g. 0.5)",
+                c.name()
+            ),
+        );
     }
     for s in sources {
         s.config.validate()?;
