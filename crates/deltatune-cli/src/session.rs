@@ -167,12 +167,42 @@ pub fn load_splits(settings: &Settings) -> Result<Splits> {
             ),
         }
     }
+    refuse_one_class(&train_examples, &train, d)?;
     Ok(Splits {
         train: train_examples,
         dev: load(&dev)?,
         test: test.as_deref().map(load).transpose()?,
         files,
     })
+}
+
+/// A training split whose examples all have one label would train to loss 0 and report
+/// accuracy 1.0: refused, naming the file and the class.
+fn refuse_one_class(
+    train: &[Example],
+    file: &Path,
+    d: &crate::settings::DataSettings,
+) -> Result<()> {
+    let mut classes = train.iter().map(|e| e.label.as_str());
+    let Some(first) = classes.next() else {
+        return Ok(());
+    };
+    if classes.all(|c| c == first) {
+        let shard = if d.train_shard.is_empty() {
+            String::new()
+        } else {
+            format!(" (in its shard {}, data.train_shard)", d.train_shard)
+        };
+        bail!(
+            "the training split has one class: all {} examples of {}{shard} are labelled `{first}` \
+             (column `{}`). A classifier learns nothing from one class (it would report loss 0 and \
+             accuracy 1.0): add examples of the other classes, or check data.label_column",
+            train.len(),
+            file.display(),
+            d.label_column
+        );
+    }
+    Ok(())
 }
 
 /// Tokenises examples and maps their labels.

@@ -43,6 +43,15 @@ pub enum Error {
     #[error("cannot read weights {path}: {msg}")]
     Weights { path: PathBuf, msg: String },
 
+    /// A tensor holds NaN or infinite values (see [`crate::finite`]).
+    #[error("tensor `{key}` in {path} holds {found}: {hint}")]
+    NonFinite {
+        path: PathBuf,
+        key: String,
+        found: String,
+        hint: String,
+    },
+
     /// A tensor the model needs is not in the weights file.
     #[error("tensor `{key}` not found in {path} (closest keys: {nearest})")]
     MissingTensor {

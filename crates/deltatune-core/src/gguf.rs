@@ -798,7 +798,24 @@ impl GgufFile {
             )
         };
         match read {
-            Ok(Ok(t)) => Ok(t),
+            Ok(Ok(t)) => {
+                // Non-finite values: every value of a float tensor, each block's scales of a
+                // quantized one.
+                let data = t.data().map_err(|e| Error::Weights {
+                    path: self.path.clone(),
+                    msg: format!("{}: {e}", what()),
+                })?;
+                if let Some((found, unit)) = crate::finite::scan_ggml(t.dtype(), &data) {
+                    return Err(crate::finite::non_finite_error(
+                        &self.path,
+                        name,
+                        &found,
+                        &format!("{} {unit}", ggml_type_name(info.ggml_dtype)),
+                    ));
+                }
+                drop(data);
+                Ok(t)
+            }
             Ok(Err(e)) => Err(Error::Weights {
                 path: self.path.clone(),
                 msg: format!("{}: {e}", what()),
@@ -986,6 +1003,42 @@ mod tests {
             std::fs::write(&path, &bytes[..cut]).unwrap();
             assert!(GgufFile::open(&path).is_err(), "prefix of {cut} bytes");
         }
+    }
+
+    #[test]
+    fn non_finite_values_and_block_scales_are_refused_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut bytes) = write_file(dir.path(), &[]);
+        let g = GgufFile::open(&path).unwrap();
+        let base = g.content().tensor_data_offset as usize;
+        let wq = base + g.tensor_info("weight_matrix").unwrap().offset as usize;
+        let nv = base + g.tensor_info("norm_vector").unwrap().offset as usize;
+        drop(g);
+        // The second Q4_1 block's scale d (an f16 at byte 0 of each 20-byte block) becomes
+        // +inf, and the norm's third value NaN.
+        bytes[wq + 20..wq + 22].copy_from_slice(&0x7c00u16.to_le_bytes());
+        bytes[nv + 8..nv + 12].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        let hint = "the model file is damaged: fetch it again (`deltatune fetch` for the default \
+                    models) or download it again from its source";
+        assert_eq!(
+            g.tensor("weight_matrix").unwrap_err().to_string(),
+            format!(
+                "tensor `weight_matrix` in {} holds 1 infinite among its 8 Q4_1 block scales \
+                 (the first at index 1): {hint}",
+                path.display()
+            )
+        );
+        assert!(g.quant_matrix("weight_matrix").is_err());
+        assert_eq!(
+            g.tensor("norm_vector").unwrap_err().to_string(),
+            format!(
+                "tensor `norm_vector` in {} holds 1 NaN among its 64 F32 values (the first at \
+                 index 2): {hint}",
+                path.display()
+            )
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod device;
 pub mod error;
+pub mod finite;
 pub mod gguf;
 pub mod hooks;
 pub mod onnx;

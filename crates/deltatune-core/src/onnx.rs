@@ -338,8 +338,17 @@ impl OnnxModel {
             path: self.path.clone(),
             nearest: nearest_names(name, self.initializer_names(), 3),
         })?;
-        let values = self.f32_values(info)?;
+        let values = self.weight_values(info)?;
         Ok(Tensor::from_vec(values, info.shape(), &Device::Cpu)?)
+    }
+
+    /// [`OnnxModel::f32_values`] of a tensor that holds weights: a NaN or an infinity is
+    /// refused, naming the tensor (graph constants such as attention masks may hold -inf, so
+    /// `f32_values` itself does not check).
+    pub fn weight_values(&self, t: &OnnxTensorInfo) -> Result<Vec<f32>> {
+        let values = self.f32_values(t)?;
+        crate::finite::check_f32(&self.path, &t.name, &values)?;
+        Ok(values)
     }
 
     fn tensor_err(&self, t: &OnnxTensorInfo, msg: String) -> Error {

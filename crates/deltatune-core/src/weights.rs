@@ -33,17 +33,23 @@ impl Weights {
             Error::Weights {
                 path: path.to_path_buf(),
                 msg: format!(
-                    "{e} (the file is truncated or not a safetensors file; fetch it again)"
+                    "{e} (the file is truncated or not a safetensors file; {})",
+                    truncated_hint(path)
                 ),
             }
         })?;
         let device = crate::device::current();
         let mut tensors = HashMap::with_capacity(raw.len());
         for (k, t) in raw {
+            // Every tensor read passes the non-finite check, as stored and as converted (a
+            // large f32 turns infinite in f16).
+            crate::finite::check_tensor(path, &k, &t)?;
             let t = if t.dtype() == dtype || t.dtype().is_int() {
                 t
             } else {
-                t.to_dtype(dtype)?
+                let converted = t.to_dtype(dtype)?;
+                crate::finite::check_tensor(path, &k, &converted)?;
+                converted
             };
             let t = if device.is_cpu() {
                 t
@@ -132,6 +138,20 @@ impl Weights {
     }
 }
 
+/// What to do about a safetensors file that cannot be parsed, by the kind of file it is.
+fn truncated_hint(path: &Path) -> &'static str {
+    match path.file_name().and_then(|n| n.to_str()).unwrap_or("") {
+        "adapter_model.safetensors" => {
+            "the adapter is damaged: copy it again from where it came from, or train it again"
+        }
+        "tensors.safetensors" => "a damaged checkpoint",
+        "subspace.safetensors" => {
+            "the subspace artifact is damaged: compute it again with `deltatune subspace`"
+        }
+        _ => "fetch it again",
+    }
+}
+
 /// Serialises named tensors to safetensors bytes (keys sorted, contiguous f32 data).
 pub fn to_safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
     let mut owned = Vec::with_capacity(tensors.len());
@@ -189,4 +209,99 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines().nth(1)?.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, tensors: &[(&str, Tensor)]) {
+        let map: BTreeMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, t)| (k.to_string(), t.clone()))
+            .collect();
+        std::fs::write(path, to_safetensors_bytes(&map).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn non_finite_tensors_are_refused_naming_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Tensor::new(&[[0.5f32, -1.0], [2.0, 3.0]], &Device::Cpu).unwrap();
+        let bad = Tensor::new(&[[0.5f32, f32::NAN], [f32::INFINITY, 3.0]], &Device::Cpu).unwrap();
+        let adapter = dir.path().join("adapter_model.safetensors");
+        write(
+            &adapter,
+            &[
+                ("a.lora_A.weight", ok.clone()),
+                ("a.lora_B.weight", bad.clone()),
+            ],
+        );
+        assert_eq!(
+            Weights::load(&adapter, DType::F32).unwrap_err().to_string(),
+            format!(
+                "tensor `a.lora_B.weight` in {} holds 1 NaN and 1 infinite among its 4 values \
+                 (the first at index 1): the adapter is damaged, or the run that trained it \
+                 diverged: copy it again from where it came from, or train it again (a run \
+                 whose loss turns NaN stops with an error, so a finished deltatune run never \
+                 saves one)",
+                adapter.display()
+            )
+        );
+        // A base model's file, stored in f16: read as stored.
+        let model = dir.path().join("model.safetensors");
+        write(&model, &[("w", bad.to_dtype(DType::F16).unwrap())]);
+        let e = Weights::load(&model, DType::F32).unwrap_err();
+        assert!(
+            matches!(&e, Error::NonFinite { key, .. } if key == "w"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().ends_with(
+                "fetch it again (`deltatune fetch` for the default \
+                 models) or download it again from its source"
+            ),
+            "{e}"
+        );
+        // Finite as stored, infinite once converted (f32 beyond f16's range).
+        let big = Tensor::new(&[1e6f32], &Device::Cpu).unwrap();
+        write(&model, &[("big", big)]);
+        Weights::load(&model, DType::F32).unwrap();
+        let e = Weights::load(&model, DType::F16).unwrap_err().to_string();
+        assert!(
+            e.contains("tensor `big`") && e.contains("1 infinite"),
+            "{e}"
+        );
+        // Finite tensors and integer tensors load.
+        write(
+            &model,
+            &[
+                ("w", ok),
+                ("ids", Tensor::new(&[1i64, 2], &Device::Cpu).unwrap()),
+            ],
+        );
+        assert_eq!(Weights::load(&model, DType::F32).unwrap().keys().count(), 2);
+    }
+
+    #[test]
+    fn an_unreadable_file_gets_advice_for_its_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, hint) in [
+            ("model.safetensors", "fetch it again"),
+            (
+                "adapter_model.safetensors",
+                "the adapter is damaged: copy it again from where it came from, or train it again",
+            ),
+            ("tensors.safetensors", "a damaged checkpoint"),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"\x10\x00\x00").unwrap();
+            let e = Weights::load(&p, DType::F32).unwrap_err().to_string();
+            assert!(
+                e.ends_with(&format!(
+                    "(the file is truncated or not a safetensors file; {hint})"
+                )),
+                "{e}"
+            );
+        }
+    }
 }

@@ -221,6 +221,24 @@ fn hand_built_model_reads() {
 }
 
 #[test]
+fn non_finite_initializers_are_refused_naming_the_tensor() {
+    for (bad, what) in [(f32::NAN, "1 NaN"), (f32::NEG_INFINITY, "1 infinite")] {
+        let raw: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, bad, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            tensor_err(model_with(&[2, 3], &raw)),
+            format!(
+                "tensor `w` in hostile.onnx holds {what} among its 6 values (the first at index \
+                 4): the model file is damaged: fetch it again (`deltatune fetch` for the \
+                 default models) or download it again from its source"
+            )
+        );
+    }
+}
+
+#[test]
 fn hostile_headers_are_errors_naming_the_file() {
     for (bytes, want) in [
         (Vec::new(), "no graph"),

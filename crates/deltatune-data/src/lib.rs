@@ -92,8 +92,14 @@ pub(crate) fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
+/// SHA-256 of bytes, as lower-case hex.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    to_hex(&Sha256::digest(bytes))
+}
+
 /// SHA-256 of a file, streamed, as lower-case hex.
-pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;

@@ -206,3 +206,38 @@ impl AdapterFolder {
         self.delta.name()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn an_adapter_with_a_nan_is_refused_naming_the_file_and_tensor() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join(ADAPTER_CONFIG),
+            r#"{"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 2, "lora_alpha": 4,
+                "target_modules": ["query"]}"#,
+        )
+        .unwrap();
+        let t = BTreeMap::from([(
+            "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight".to_string(),
+            Tensor::new(&[[0f32, 1.0], [f32::NAN, 2.0]], &Device::Cpu).unwrap(),
+        )]);
+        let w = d.path().join(ADAPTER_WEIGHTS);
+        std::fs::write(&w, deltatune_core::to_safetensors_bytes(&t).unwrap()).unwrap();
+        let e = AdapterFolder::read("a", d.path(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "tensor `base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight` \
+                 in {} holds 1 NaN among its 4 values (the first at index 2): the adapter is \
+                 damaged",
+                w.display()
+            )),
+            "{e}"
+        );
+    }
+}

@@ -17,7 +17,7 @@ use deltatune_train::image::ImageExamples;
 use deltatune_train::{evaluate, train_task_with, ClassificationTask, TrainOptions};
 use serde_json::json;
 
-use super::resume::RunCheckpoints;
+use super::resume::{DataPrint, RunCheckpoints};
 use crate::settings::Settings;
 
 /// The folder of an image model: a path, or the short name of the default backbone in the
@@ -104,14 +104,69 @@ fn preprocess(model_dir: &Path, channels: usize, size: usize) -> Result<Preproce
 /// [`ImageSet::manifest`]).
 pub const DATA_MANIFEST: &str = "data.json";
 
+/// The record of an image run's data: an image folder's images (relative path, size and
+/// SHA-256 of each), or Fashion-MNIST's four IDX files.
+fn data_prints(s: &Settings, splits: &ImageSplits) -> Result<Vec<DataPrint>> {
+    match &s.data.train {
+        Some(root) => {
+            let files = [
+                Some(&splits.train),
+                splits.dev.as_ref(),
+                splits.test.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .flat_map(|set| set.examples.iter().filter_map(|e| e.source.path()));
+            Ok(vec![DataPrint::image_folder("image folder", root, files)?])
+        }
+        None => {
+            use deltatune_data::fashion_mnist::{
+                fashion_mnist_ready_dir, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
+            };
+            let dir = fashion_mnist_ready_dir(&s.cache)?;
+            [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS]
+                .iter()
+                .map(|f| DataPrint::file(f, &dir.join(f)))
+                .collect()
+        }
+    }
+}
+
+/// A training split of one class would train to loss 0 and report accuracy 1.0: refused,
+/// naming the folder and the class.
+fn refuse_one_class(full: &ImageSet, train: &ImageSet, limit: usize) -> Result<()> {
+    let counts = train.class_counts();
+    let mut present = counts.iter().enumerate().filter(|(_, &n)| n > 0);
+    let (Some((c, &n)), None) = (present.next(), present.next()) else {
+        return Ok(());
+    };
+    let class = &train.classes[c];
+    if full.classes.len() == 1 {
+        bail!(
+            "the training split has one class: {} holds one class folder, `{class}` ({n} \
+             images). A classifier learns nothing from one class (it would report loss 0 and \
+             accuracy 1.0): add a folder of images for each other class beside it",
+            full.origin.display()
+        );
+    }
+    bail!(
+        "the training split has one class: the {n} images data.train_limit = {limit} draws from \
+         {} are all of class `{class}`. A classifier learns nothing from one class (it would \
+         report loss 0 and accuracy 1.0): raise data.train_limit (0 takes every image)",
+        full.origin.display()
+    )
+}
+
 /// `deltatune train --task image`.
 pub fn train(s: &Settings, resume: bool) -> Result<()> {
     let staging = Staging::create(&s.output, &super::run_output_rules(s))?;
     let ckpt = RunCheckpoints::prepare(s, resume)?;
     let dir = model_dir(&s.model, &s.cache)?;
     let splits = load_splits(s)?;
+    ckpt.check_data(&data_prints(s, &splits)?)?;
     let seed = s.train.seed;
     let train_set = subset(&splits.train, s.data.train_limit, seed, "train");
+    refuse_one_class(&splits.train, &train_set, s.data.train_limit)?;
     let dev_full = splits.dev.clone().context(
         "the image data has no dev split: add a dev/ folder beside train/ (dev accuracy picks \
          the best epoch)",

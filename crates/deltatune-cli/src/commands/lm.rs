@@ -219,6 +219,14 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     let staging = Staging::create(&s.output, &super::run_output_rules(s))?;
     let ckpt = super::resume::RunCheckpoints::prepare(s, resume)?;
     let (train_file, dev_file, test_file) = data_files(s)?;
+    let mut prints = vec![
+        super::resume::DataPrint::file("train", &train_file)?,
+        super::resume::DataPrint::file("dev", &dev_file)?,
+    ];
+    if let Some(t) = &test_file {
+        prints.push(super::resume::DataPrint::file("test", t)?);
+    }
+    ckpt.check_data(&prints)?;
     let read = |p: &Path| -> Result<Vec<GenExample>> {
         Ok(load_generation_jsonl(
             p,

@@ -6,6 +6,10 @@
 //! folder once its output is in place. SIGINT or SIGTERM makes the trainer finish its step,
 //! write a checkpoint and stop; `train --resume runs/x` continues from the newest checkpoint
 //! with the saved settings.
+//!
+//! The run also records its data (`data.json`: each data file's size and SHA-256; for an image
+//! folder each image's relative path, size and SHA-256) and a resume whose data differ is
+//! refused, naming the file: a resumed run must train on what the run started with.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,12 +18,16 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, Context, Result};
 use deltatune_train::artifact::{Staging, METRICS};
 use deltatune_train::Checkpointing;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::settings::{Settings, Source};
 
 /// The resolved settings of the run, in its checkpoint folder.
 pub const SETTINGS_FILE: &str = "settings.json";
+
+/// The record of the run's data files, in its checkpoint folder.
+pub const DATA_FILE: &str = "data.json";
 
 /// Settings a resumed run may change: they do not change what the finished steps computed.
 pub const MAY_CHANGE: &[&str] = &[
@@ -75,6 +83,8 @@ fn stop_flag() -> Arc<AtomicBool> {
 pub struct RunCheckpoints {
     pub dir: PathBuf,
     pub checkpointing: Checkpointing,
+    /// Whether this run continues an interrupted one.
+    pub resume: bool,
 }
 
 impl RunCheckpoints {
@@ -142,7 +152,59 @@ impl RunCheckpoints {
             keep: s.train.keep_checkpoints,
             stop: Some(stop_flag()),
         };
-        Ok(Self { dir, checkpointing })
+        Ok(Self {
+            dir,
+            checkpointing,
+            resume,
+        })
+    }
+
+    /// Records the run's data (a fresh run) or checks that they are what the run started with
+    /// (a resumed run): a file whose size or contents differ is refused by name. A run started
+    /// by an older deltatune has no record; it resumes with a note.
+    pub fn check_data(&self, now: &[DataPrint]) -> Result<()> {
+        let file = self.dir.join(DATA_FILE);
+        if !self.resume {
+            let mut text = serde_json::to_string_pretty(now)?;
+            text.push('\n');
+            deltatune_core::write_atomic(&file, text.as_bytes())?;
+            return Ok(());
+        }
+        if !file.exists() {
+            eprintln!(
+                "note: this run has no record of its data files ({} is missing: it was started \
+                 by an older deltatune), so they cannot be checked for changes",
+                file.display()
+            );
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let then: Vec<DataPrint> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not the data record of a run (delete it to resume without the check)",
+                file.display()
+            )
+        })?;
+        for old in &then {
+            let Some(new) = now.iter().find(|n| n.split == old.split) else {
+                bail!(
+                    "the run started with {} data ({}), and this resume has none: a resumed run \
+                     must train on the same data; start a new run with another --output",
+                    old.split,
+                    old.path.display()
+                );
+            };
+            if let Some(why) = old.differs(new) {
+                bail!(
+                    "the data changed since the run started: {why}. A resumed run must train on \
+                     the data it started with: put the original back, or start a new run (another \
+                     --output, or delete {} to start this one over)",
+                    self.dir.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Where the metrics log grows while the run trains.
@@ -259,7 +321,7 @@ pub fn after_failure(output: &Path) -> Option<String> {
     }
     match deltatune_train::checkpoint::list(&dir) {
         Ok(held) if held.is_empty() => {
-            for f in [SETTINGS_FILE, METRICS] {
+            for f in [SETTINGS_FILE, METRICS, DATA_FILE] {
                 let _ = std::fs::remove_file(dir.join(f));
             }
             // Only if that emptied it (a search worker's attempt file stays with its folder).
@@ -274,5 +336,152 @@ pub fn after_failure(output: &Path) -> Option<String> {
             output.display()
         )),
         Err(_) => None,
+    }
+}
+
+/// One file of a run's data: its size and SHA-256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// The path (relative to the image folder for an image).
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl FileEntry {
+    fn read(path: &Path, name: PathBuf) -> Result<Self> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Self {
+            path: name,
+            bytes: meta.len(),
+            sha256: deltatune_data::sha256_file(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        })
+    }
+}
+
+/// The fingerprint of one split's data: a file (size and SHA-256), or an image folder (each
+/// image's relative path, size and SHA-256 of its contents, sorted by path).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataPrint {
+    /// `train`, `dev`, `test`, or for data read as a whole (an image folder, Fashion-MNIST's
+    /// files) what it is.
+    pub split: String,
+    /// The file or folder.
+    pub path: PathBuf,
+    /// The file's entry, or the folder's images.
+    pub files: Vec<FileEntry>,
+    /// Whether `path` is a folder.
+    pub folder: bool,
+}
+
+impl DataPrint {
+    /// A data file.
+    pub fn file(split: &str, path: &Path) -> Result<Self> {
+        Ok(Self {
+            split: split.to_string(),
+            path: path.to_path_buf(),
+            files: vec![FileEntry::read(path, path.to_path_buf())?],
+            folder: false,
+        })
+    }
+
+    /// The data files of each split.
+    pub fn files<'a>(
+        splits: impl IntoIterator<Item = (&'a String, &'a PathBuf)>,
+    ) -> Result<Vec<Self>> {
+        splits
+            .into_iter()
+            .map(|(split, path)| Self::file(split, path))
+            .collect()
+    }
+
+    /// The images `files` of the image folder `root` (its splits' images as the loader found
+    /// them), by path relative to `root`, with their contents' SHA-256.
+    pub fn image_folder<'a>(
+        split: &str,
+        root: &Path,
+        files: impl IntoIterator<Item = &'a Path>,
+    ) -> Result<Self> {
+        let mut entries = Vec::new();
+        for f in files {
+            let rel = f.strip_prefix(root).unwrap_or(f).to_path_buf();
+            entries.push(FileEntry::read(f, rel)?);
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Self {
+            split: split.to_string(),
+            path: root.to_path_buf(),
+            files: entries,
+            folder: true,
+        })
+    }
+
+    /// How `now` differs from this record (the run's), naming the file; `None` when it does
+    /// not.
+    pub fn differs(&self, now: &DataPrint) -> Option<String> {
+        let short = |h: &str| h.chars().take(16).collect::<String>();
+        if !self.folder {
+            let (a, b) = (self.files.first()?, now.files.first()?);
+            if a.bytes != b.bytes {
+                return Some(format!(
+                    "{} ({} data) was {} bytes and is now {} bytes",
+                    now.path.display(),
+                    self.split,
+                    a.bytes,
+                    b.bytes
+                ));
+            }
+            if a.sha256 != b.sha256 {
+                return Some(format!(
+                    "{} ({} data) has the same size ({} bytes) but other contents (SHA-256 {}… \
+                     then, {}… now)",
+                    now.path.display(),
+                    self.split,
+                    a.bytes,
+                    short(&a.sha256),
+                    short(&b.sha256)
+                ));
+            }
+            return None;
+        }
+        let name = |e: &FileEntry| now.path.join(&e.path).display().to_string();
+        let old: std::collections::BTreeMap<&Path, &FileEntry> =
+            self.files.iter().map(|e| (e.path.as_path(), e)).collect();
+        let new: std::collections::BTreeMap<&Path, &FileEntry> =
+            now.files.iter().map(|e| (e.path.as_path(), e)).collect();
+        for (p, a) in &old {
+            match new.get(p) {
+                None => {
+                    return Some(format!(
+                        "the image {} of the image folder {} is gone",
+                        name(a),
+                        now.path.display()
+                    ))
+                }
+                Some(b) if a.bytes != b.bytes || a.sha256 != b.sha256 => {
+                    return Some(format!(
+                        "the image {} of the image folder {} has other contents ({} bytes then, \
+                         {} now)",
+                        name(a),
+                        now.path.display(),
+                        a.bytes,
+                        b.bytes
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if let Some((_, b)) = new.iter().find(|(p, _)| !old.contains_key(*p)) {
+            return Some(format!(
+                "the image {} is new in the image folder {} ({} images then, {} now)",
+                name(b),
+                now.path.display(),
+                self.files.len(),
+                now.files.len()
+            ));
+        }
+        None
     }
 }

@@ -25,6 +25,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     let ckpt = RunCheckpoints::prepare(s, resume)?;
     let model_dir = session::model_dir(&s.model, &s.cache)?;
     let splits = session::load_splits(s)?;
+    ckpt.check_data(&super::resume::DataPrint::files(&splits.files)?)?;
     let labels = LabelMap::from_train(&splits.train);
     let mut loaded = session::load_model(
         &model_dir,

@@ -543,7 +543,7 @@ impl Graph<'_> {
             let dims = t.shape();
             if let [1, n, h] = dims.as_slice() {
                 if let (Some(g), true) = (n.checked_sub(1).and_then(square), *h == hidden) {
-                    let values = self.m.f32_values(t)?;
+                    let values = self.m.weight_values(t)?;
                     return Ok(PosEmb {
                         tensor: Tensor::from_vec(values, (1, *n, hidden), &Device::Cpu)?,
                         grid: g,
@@ -584,8 +584,8 @@ impl Graph<'_> {
                         "{what}: the grid `{cur}` is {dims:?}, not G*G x {hidden}"
                     )));
                 }
-                let mut values = self.m.f32_values(cls_t)?;
-                values.extend(self.m.f32_values(t)?);
+                let mut values = self.m.weight_values(cls_t)?;
+                values.extend(self.m.weight_values(t)?);
                 return Ok(PosEmb {
                     tensor: Tensor::from_vec(values, (1, 1 + n, hidden), &Device::Cpu)?,
                     grid: g,
