@@ -20,11 +20,24 @@ checked). Each adapter's trainable tensors are randomised (seeded) so it changes
   lora-patterns    rank_pattern {"value": 2}, alpha_pattern {"layer.1.attention.self.query": 2}
   ia3              IA3 on key, value, output.dense (feed-forward)
   prompt           prompt tuning, 4 virtual tokens (PEFT saves the head as base_model.classifier.*)
-(No prefix-tuning folder: PEFT 0.21 refuses prefix tuning on transformers 5's BERT, "Model
-does not support past key values".)
+  lora-bias-all    LoRA with bias "all": every bias of the model trains and is saved (targeted
+                   layers' as <layer>.base_layer.bias, the norms' as ...LayerNorm.bias, and the
+                   head's bias again as classifier.modules_to_save.bias and
+                   classifier.original_module.bias)
+  lora-bias-lora-only  LoRA with bias "lora_only": the targeted layers' biases
+                   (<layer>.base_layer.bias)
+  prefix           prefix tuning, 8 virtual tokens (PEFT 0.22 on transformers 5.25; PEFT 0.21
+                   refused it on transformers 5's BERT, "Model does not support past key
+                   values"). transformers' BERT takes the prefix as a past cache, so the tokens'
+                   position ids start at 8.
 
 expected.json: {folder: [[p0, p1, p2] per text]} with the texts in "texts"; each text is run
-alone (no padding), softmax of PEFT's logits.
+alone (no padding), softmax of PEFT's logits. "versions" are those every folder was made with,
+"versions_of" those of a folder made later alone.
+
+With folder names as arguments (`gen_peft_folders.py prefix lora-bias-all`), only those folders
+are made again and their entries of expected.json replaced; the base and the other folders stay
+as they are.
 """
 
 import json
@@ -35,8 +48,8 @@ from pathlib import Path
 import torch
 import peft
 import transformers
-from peft import (IA3Config, LoraConfig, PeftModel, PromptTuningConfig, TaskType,
-                  get_peft_model)
+from peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig,
+                  TaskType, get_peft_model)
 from tokenizers import Tokenizer
 from transformers import BertForSequenceClassification
 
@@ -96,12 +109,17 @@ def probs(pm, tok):
 
 
 def main():
+    only = sys.argv[1:]
     if not (TINY / "model.safetensors").exists():
         sys.exit(f"{TINY} is missing: run scripts/gen_fixtures.py first")
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    OUT.mkdir(parents=True)
-    make_base()
+    if only:
+        if not (OUT / "expected.json").exists():
+            sys.exit(f"{OUT} is missing: run without arguments first")
+    else:
+        if OUT.exists():
+            shutil.rmtree(OUT)
+        OUT.mkdir(parents=True)
+        make_base()
     tok = Tokenizer.from_file(str(BASE / "tokenizer.json"))
     tok.no_padding()
     seq = TaskType.SEQ_CLS
@@ -122,14 +140,31 @@ def main():
         "ia3": IA3Config(task_type=seq, target_modules=["key", "value", "output.dense"],
                          feedforward_modules=["output.dense"]),
         "prompt": PromptTuningConfig(task_type=seq, num_virtual_tokens=4),
+        "lora-bias-all": LoraConfig(task_type=seq, r=4, lora_alpha=8,
+                                    target_modules=["query", "value"], bias="all"),
+        "lora-bias-lora-only": LoraConfig(task_type=seq, r=4, lora_alpha=8,
+                                          target_modules=["query", "value"], bias="lora_only"),
+        "prefix": PrefixTuningConfig(task_type=seq, num_virtual_tokens=8),
     }
-    expected = {"texts": TEXTS, "labels": LABELS}
+    unknown = [n for n in only if n not in folders]
+    if unknown:
+        sys.exit(f"unknown folders {unknown}; known: {list(folders)}")
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "peft": peft.__version__}
+    if only:
+        expected = json.loads((OUT / "expected.json").read_text())
+    else:
+        expected = {"texts": TEXTS, "labels": LABELS}
     for i, (name, cfg) in enumerate(folders.items()):
+        if only and name not in only:
+            continue
         torch.manual_seed(100 + i)
         pm = get_peft_model(load_base(), cfg)
         randomise(pm, 200 + i)
         pm.peft_config["default"].base_model_name_or_path = "tests/fixtures/peft-folders/base"
         d = OUT / name
+        if d.exists():
+            shutil.rmtree(d)
         pm.save_pretrained(str(d), safe_serialization=True)
         (d / "README.md").unlink(missing_ok=True)
         cfg_path = d / "adapter_config.json"
@@ -145,8 +180,10 @@ def main():
         moved = max(abs(a - b) for r1, r2 in zip(expected[name], base_p) for a, b in zip(r1, r2))
         assert moved > 1e-3, f"{name}: the adapter does not change the output ({moved})"
         print(f"  {name}: {sorted(p.name for p in d.iterdir())}", file=sys.stderr)
-    expected["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                            "peft": peft.__version__}
+        if only:
+            expected.setdefault("versions_of", {})[name] = versions
+    if not only:
+        expected["versions"] = versions
     (OUT / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
 
 

@@ -1,12 +1,13 @@
 //! Adapter folders exactly as PEFT's `save_pretrained` writes them (no run_config.json or
 //! labels.json; fixtures of scripts/gen_peft_folders.py): `deltatune predict` loads each on the
 //! base its config names, with the base's labels, and gives PEFT's probabilities to 1e-5.
+//! A tensor that neither the config nor PEFT's own naming explains is refused by name.
 
 use std::path::Path;
 use std::process::Output;
 
 mod support;
-use support::{root, run_with, text};
+use support::{root, run_with, text, Tmp};
 
 fn run(args: &[&str], dir: &Path) -> Output {
     run_with(args, dir, None)
@@ -38,6 +39,13 @@ fn peft_written_folders_predict_like_peft() {
         "lora-patterns",
         "ia3",
         "prompt",
+        // The biases PEFT's `bias` option trains replace the base's (the targeted layers'
+        // under `<layer>.base_layer.bias`, with `all` the norms' and the head's copies too).
+        "lora-bias-all",
+        "lora-bias-lora-only",
+        // Prefix tuning: the tokens' positions start after the prefix, as transformers' BERT
+        // counts the prefix as past positions.
+        "prefix",
     ];
     for name in folders {
         let dir = format!("tests/fixtures/peft-folders/{name}");
@@ -87,4 +95,151 @@ fn peft_written_folders_predict_like_peft() {
         t.path(),
     );
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A copy of fixture folder `name` in a scratch folder, its adapter_config.json edited by
+/// `config` and `extra` tensors (`[2]` zeros) added to its weights.
+fn edited_copy(name: &str, config: impl Fn(&mut serde_json::Value), extra: &[&str]) -> Tmp {
+    let src = root().join("tests/fixtures/peft-folders").join(name);
+    let t = Tmp::new(&format!("peft-{name}"));
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    config(&mut cfg);
+    std::fs::write(t.0.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let zeros = vec![0u8; 8];
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    for k in extra {
+        let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &zeros);
+        tensors.push((k.to_string(), v.unwrap()));
+    }
+    let out = safetensors::serialize(tensors, None).unwrap();
+    std::fs::write(t.0.join("adapter_model.safetensors"), out).unwrap();
+    t
+}
+
+#[test]
+fn peft_bias_folders_refuse_what_nothing_explains() {
+    let predict = |dir: &Path| {
+        let o = run(
+            &[
+                "predict",
+                "--adapter",
+                dir.to_str().unwrap(),
+                "a good movie",
+            ],
+            &root(),
+        );
+        assert!(!o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    // A bias tensor of a layer the model does not have.
+    let bad = "base_model.model.bert.encoder.layer.0.attention.self.qkv.bias";
+    let t = edited_copy("lora-bias-all", |_| {}, &[bad]);
+    let e = predict(&t.0);
+    assert!(
+        e.contains("tensors the adapter config does not explain") && e.contains(bad),
+        "{e}"
+    );
+    // Saved biases with a config that trains none (`bias` "none"): named, not dropped.
+    let t = edited_copy("lora-bias-lora-only", |c| c["bias"] = "none".into(), &[]);
+    let e = predict(&t.0);
+    assert!(
+        e.contains("base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"),
+        "{e}"
+    );
+    // The norms' biases of `all` with a config that says `lora_only`.
+    let t = edited_copy("lora-bias-all", |c| c["bias"] = "lora_only".into(), &[]);
+    let e = predict(&t.0);
+    assert!(
+        e.contains("base_model.model.bert.embeddings.LayerNorm.bias"),
+        "{e}"
+    );
+}
+
+/// The keys of an adapter folder's weights.
+fn weight_keys(dir: &Path) -> Vec<String> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut keys: Vec<String> = st.names().into_iter().map(String::from).collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn deltatune_writes_bias_and_prefix_tensors_under_peft_keys() {
+    // What PEFT's loader looks for (a tensor under another key is skipped by PEFT with a
+    // warning, a silent difference): a LoRA-targeted layer's bias on its base layer, and a
+    // prompt-learning method's head under `base_model.<module>`.
+    let t = Tmp::new("peft-keys");
+    let mut csv = String::from("text,label\n");
+    for i in 0..16 {
+        csv.push_str(if i % 2 == 0 {
+            "a great film it is,pos\n"
+        } else {
+            "a dull mess it is,neg\n"
+        });
+    }
+    std::fs::write(t.0.join("train.csv"), &csv).unwrap();
+    std::fs::write(t.0.join("dev.csv"), &csv).unwrap();
+    let model = root().join("tests/fixtures/tiny-bert");
+    let train = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--train-file",
+            "train.csv",
+            "--dev-file",
+            "dev.csv",
+            "--output",
+            out,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ];
+        args.extend(extra);
+        let o = run_with(&args, &t.0, Some(&t.0.join("cache")));
+        assert!(o.status.success(), "{out}: {}", text(&o));
+        weight_keys(&t.0.join(out))
+    };
+    let keys = train(
+        "prefix",
+        &["--method", "prefix", "--set", "prefix.num_virtual_tokens=4"],
+    );
+    assert_eq!(
+        keys,
+        [
+            "base_model.classifier.bias",
+            "base_model.classifier.weight",
+            "prompt_embeddings"
+        ],
+    );
+    let q = "base_model.model.bert.encoder.layer.0.attention.self.query";
+    let keys = train("lora-only", &["--method", "lora", "--bias", "lora_only"]);
+    assert!(keys.contains(&format!("{q}.base_layer.bias")), "{keys:?}");
+    assert!(!keys.contains(&format!("{q}.bias")), "{keys:?}");
+    assert!(!keys.iter().any(|k| k.contains("LayerNorm")), "{keys:?}");
+    let keys = train("all", &["--method", "lora", "--bias", "all"]);
+    for k in [
+        format!("{q}.base_layer.bias"),
+        "base_model.model.bert.encoder.layer.0.attention.self.key.bias".into(),
+        "base_model.model.bert.embeddings.LayerNorm.bias".into(),
+        "base_model.model.bert.encoder.layer.1.output.LayerNorm.bias".into(),
+    ] {
+        assert!(keys.contains(&k), "{k} not in {keys:?}");
+    }
+    // And each loads back (`predict`).
+    for out in ["prefix", "lora-only", "all"] {
+        let o = run_with(
+            &["predict", "--adapter", out, "a great film"],
+            &t.0,
+            Some(&t.0.join("cache")),
+        );
+        assert!(o.status.success(), "{out}: {}", text(&o));
+    }
 }

@@ -89,7 +89,59 @@ pub fn state_dict(trainables: &[Trainable]) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
+/// The module wrappers under which PEFT's `bias="all"` also saves a `modules_to_save` head's
+/// bias: `<head>.modules_to_save.bias` (a second copy of `<head>.bias`, which PEFT's own loader
+/// skips) and `<head>.original_module.bias` (the untrained head, unused once the trained one is
+/// loaded).
+const HEAD_BIAS_COPIES: &[&str] = &[".modules_to_save.bias", ".original_module.bias"];
+
+/// `tensors` under the keys `expected` holds where a file names a tensor another way, or `None`
+/// when nothing needs renaming:
+/// - a LoRA-targeted layer's bias under `<path>.bias` (deltatune's files before it wrote PEFT's
+///   `<path>.base_layer.bias`) is taken as `<path>.base_layer.bias`;
+/// - the copies PEFT's `bias="all"` writes of a trained head's bias ([`HEAD_BIAS_COPIES`]) are
+///   dropped when `<head>.bias` itself is expected, as PEFT's loader does.
+///
+/// Any other key is left as it is (and refused by name when nothing expects it).
+fn peft_aliases(
+    expected: &BTreeSet<&str>,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Option<BTreeMap<String, Tensor>> {
+    let alias = |k: &str| -> Option<Option<String>> {
+        if expected.contains(k) {
+            return None;
+        }
+        for copy in HEAD_BIAS_COPIES {
+            if let Some(head) = k.strip_suffix(copy) {
+                if expected.contains(format!("{head}.bias").as_str()) {
+                    return Some(None);
+                }
+            }
+        }
+        let stem = k.strip_suffix(".bias")?;
+        let wrapped = format!("{stem}.{}", crate::lora::BASE_LAYER_BIAS);
+        (expected.contains(wrapped.as_str()) && !tensors.contains_key(&wrapped))
+            .then_some(Some(wrapped))
+    };
+    if !tensors.keys().any(|k| alias(k).is_some()) {
+        return None;
+    }
+    Some(
+        tensors
+            .iter()
+            .filter_map(|(k, t)| match alias(k) {
+                None => Some((k.clone(), t.clone())),
+                Some(None) => None,
+                Some(Some(new)) => Some((new, t.clone())),
+            })
+            .collect(),
+    )
+}
+
 /// Sets every trainable from `tensors`; an error on any missing, unexpected or misshapen tensor.
+/// Keys PEFT writes another way are taken under deltatune's (prompt-learning heads under
+/// `base_model.<module>`; a LoRA-targeted layer's bias under `<layer>.bias`, as deltatune wrote
+/// it before; the copies of a head's bias PEFT's `bias="all"` writes are skipped).
 pub fn load_state_dict(
     trainables: &[Trainable],
     tensors: &BTreeMap<String, Tensor>,
@@ -122,6 +174,8 @@ pub fn load_state_dict(
     } else {
         tensors
     };
+    let aliased = peft_aliases(&expected, tensors);
+    let tensors = aliased.as_ref().unwrap_or(tensors);
     let unused: Vec<&str> = tensors
         .keys()
         .map(|k| k.as_str())

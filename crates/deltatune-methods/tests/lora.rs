@@ -75,13 +75,19 @@ fn only_delta_params_get_gradients_and_all_of_them_do() {
             "target_modules": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]}"#,
     );
     let trainables = lora::attach(&mut m, &c, &Rng::new(3)).unwrap();
-    // 2 layers x 6 targets x (A, B, bias) + pooler bias + classifier weight and bias
-    assert_eq!(
-        trainables.len(),
-        2 * 6 * 3 + 1 + 2,
-        "{:?}",
-        trainables.iter().map(|t| &t.key).collect::<Vec<_>>()
-    );
+    // 2 layers x 6 targets x (A, B, bias) + pooler bias + classifier weight and bias + the
+    // norms' biases (PEFT's `all`: the embeddings' and 2 per layer)
+    let keys: Vec<&str> = trainables.iter().map(|t| t.key.as_str()).collect();
+    assert_eq!(keys.len(), 2 * 6 * 3 + 1 + 2 + 5, "{keys:?}");
+    // Under PEFT's keys: a targeted layer's bias on its wrapped base layer.
+    for k in [
+        "base_model.model.bert.encoder.layer.1.attention.self.query.base_layer.bias",
+        "base_model.model.bert.pooler.dense.bias",
+        "base_model.model.bert.embeddings.LayerNorm.bias",
+        "base_model.model.bert.encoder.layer.0.output.LayerNorm.bias",
+    ] {
+        assert!(keys.contains(&k), "{k} not in {keys:?}");
+    }
     let logits = m.forward(&inp, &Ctx::train(Rng::new(5))).unwrap();
     let labels = Tensor::new(&[0u32, 2, 1], &candle_core::Device::Cpu).unwrap();
     let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
@@ -149,6 +155,17 @@ fn save_then_load_is_identical() {
     let la = a.forward(&inp, &Ctx::eval()).unwrap();
     let lb = b.forward(&inp, &Ctx::eval()).unwrap();
     assert_eq!(max_abs(&la, &lb), 0.0);
+    // The biases of targeted layers are saved under PEFT's `<layer>.base_layer.bias`; files of
+    // deltatune before it wrote PEFT's key (`<layer>.bias`) load the same.
+    let q = "base_model.model.bert.encoder.layer.0.attention.self.query";
+    assert!(reread.contains_key(&format!("{q}.base_layer.bias")));
+    let mut old = reread.clone();
+    let t = old.remove(&format!("{q}.base_layer.bias")).unwrap();
+    old.insert(format!("{q}.bias"), t);
+    let mut c2 = tiny();
+    let tc = lora::attach(&mut c2, &c, &Rng::new(5)).unwrap();
+    load_state_dict(&tc, &old, Path::new("old.safetensors")).unwrap();
+    assert_eq!(max_abs(&la, &c2.forward(&inp, &Ctx::eval()).unwrap()), 0.0);
     // An adapter with an extra or a misshapen tensor is refused by name.
     let mut extra = reread.clone();
     extra.insert(

@@ -1,6 +1,7 @@
-//! Classification through the server: the PEFT-written classifier folders (LoRA in every layout,
-//! IA3, prompt tuning; fixtures of scripts/gen_peft_folders.py) on one encoder base, asked
-//! concurrently so their requests share batches: each answer is PEFT's probabilities to 1e-5.
+//! Classification through the server: the PEFT-written classifier folders (LoRA in every layout
+//! and with trained biases, IA3, prompt and prefix tuning; fixtures of
+//! scripts/gen_peft_folders.py) on one encoder base, asked concurrently so their requests share
+//! batches: each answer is PEFT's probabilities to 1e-5.
 
 mod common;
 
@@ -17,7 +18,7 @@ use deltatune_serve::metrics::Metrics;
 use deltatune_serve::AdapterFolder;
 use serde_json::json;
 
-const FOLDERS: [&str; 8] = [
+const FOLDERS: [&str; 11] = [
     "lora",
     "lora-regex",
     "lora-all-linear",
@@ -26,6 +27,10 @@ const FOLDERS: [&str; 8] = [
     "lora-patterns",
     "ia3",
     "prompt",
+    // LoRA with trained biases (each on its own model) and prefix tuning.
+    "lora-bias-all",
+    "lora-bias-lora-only",
+    "prefix",
 ];
 
 #[test]

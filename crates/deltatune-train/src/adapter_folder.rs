@@ -193,10 +193,12 @@ impl AdapterFolder {
         !self.dir.join(RUN_CONFIG).exists()
     }
 
-    /// The LoRA config, when the adapter is a LoRA adapter (these share a batch).
+    /// The LoRA config, when the adapter is a LoRA adapter that shares a batch: one that trains
+    /// no bias (an adapter with trained biases, PEFT's `bias` `all` or `lora_only`, replaces
+    /// the base's biases, so it runs on its own copy of the model).
     pub fn lora(&self) -> Option<&LoraConfig> {
         match &self.delta {
-            DeltaConfig::Lora(c) => Some(c),
+            DeltaConfig::Lora(c) if c.bias == deltatune_methods::lora::LoraBias::None => Some(c),
             _ => None,
         }
     }

@@ -14,9 +14,10 @@ pub enum LoraBias {
     /// No bias trains (default).
     #[default]
     None,
-    /// Every bias of every linear layer trains.
+    /// Every bias of the model trains: the linear layers' and the norms' (PEFT's `all`).
     All,
-    /// Only the biases of the LoRA-targeted layers train.
+    /// Only the biases of the LoRA-targeted layers train (saved, as PEFT saves them, under
+    /// `<layer>.base_layer.bias`).
     LoraOnly,
 }
 

@@ -7,13 +7,18 @@ pub mod multi;
 
 use std::sync::Arc;
 
+use candle_core::Var;
 use deltatune_core::{Error, HasSites, Result, Rng};
 
 pub use config::{LoraBias, LoraConfig, Patterns};
 pub use layer::LoraLinear;
 
-use crate::delta::{peft_key, Trainable};
+use crate::delta::{peft_key, Trainable, PEFT_PREFIX};
 use crate::method::{method_basics, GatePlacement, Method};
+
+/// The leaf of a LoRA-targeted layer's bias in PEFT's files: PEFT wraps the layer, so its bias is
+/// `<path>.base_layer.bias` (`bias` `lora_only` or `all`).
+pub const BASE_LAYER_BIAS: &str = "base_layer.bias";
 
 /// Attaches LoRA to the sites `cfg` selects and makes the requested biases and
 /// `modules_to_save` trainable. Returns the trainable tensors under their PEFT keys.
@@ -80,9 +85,10 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
                 scale: cfg.scale_for(&path)?,
                 dropout: cfg.lora_dropout,
             }));
-            if cfg.bias == LoraBias::LoraOnly && lin.bias.is_some() {
+            // PEFT saves a targeted layer's bias under its wrapped base layer's name.
+            if cfg.bias != LoraBias::None && lin.bias.is_some() {
                 out.push(Trainable::new(
-                    peft_key(&path, "bias"),
+                    peft_key(&path, BASE_LAYER_BIAS),
                     lin.make_bias_trainable()?,
                     false,
                 ));
@@ -102,11 +108,24 @@ pub fn attach(model: &mut dyn HasSites, cfg: &LoraConfig, rng: &Rng) -> Result<V
             }
             continue;
         }
-        if cfg.bias == LoraBias::All && lin.bias.is_some() && !targets.is_empty() {
-            let key = peft_key(&path, "bias");
-            if !out.iter().any(|t| t.key == key) {
-                out.push(Trainable::new(key, lin.make_bias_trainable()?, false));
-            }
+        if cfg.bias == LoraBias::All
+            && lin.bias.is_some()
+            && !targets.is_empty()
+            && !targets.contains(&path.as_str())
+        {
+            out.push(Trainable::new(
+                peft_key(&path, "bias"),
+                lin.make_bias_trainable()?,
+                false,
+            ));
+        }
+    }
+    // PEFT's `all` trains every bias of the model, the norms' too (`...LayerNorm.bias`).
+    if cfg.bias == LoraBias::All && !targets.is_empty() {
+        for (path, bias) in model.norm_biases_mut() {
+            let v = Var::from_tensor(&bias.detach().copy()?)?;
+            *bias = v.as_tensor().clone();
+            out.push(Trainable::new(format!("{PEFT_PREFIX}{path}"), v, false));
         }
     }
     Ok(out)

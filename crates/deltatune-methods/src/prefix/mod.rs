@@ -13,7 +13,7 @@ use deltatune_core::{Ctx, Error, HasSites, Result, Rng};
 
 pub use config::{PrefixTuningConfig, DEFAULT_PREFIX_INIT_STD};
 
-use crate::delta::{state_dict, train_modules, Trainable};
+use crate::delta::{state_dict, train_modules, Trainable, PEFT_PREFIX};
 use crate::method::{method_basics, unmergeable, GatePlacement, Method, ToFields};
 
 /// The key of the (folded) prefix table in `adapter_model.safetensors` (PEFT's).
@@ -214,6 +214,19 @@ pub fn export(trainables: &[Trainable]) -> Result<BTreeMap<String, Tensor>> {
     Ok(sd)
 }
 
+/// `sd` under the keys PEFT writes for a prompt-learning method, whose model it does not wrap
+/// twice: a trained module (`modules_to_save`) under `base_model.<module>`, not
+/// `base_model.model.<module>` (PEFT's loader finds nothing under the longer key; deltatune's
+/// [`crate::load_state_dict`] reads both).
+fn prompt_learning_keys(sd: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    sd.into_iter()
+        .map(|(k, t)| match k.strip_prefix(PEFT_PREFIX) {
+            Some(rest) => (format!("base_model.{rest}"), t),
+            None => (k, t),
+        })
+        .collect()
+}
+
 impl Method for PrefixTuningConfig {
     method_basics!("prefix", "PREFIX_TUNING", attach);
 
@@ -226,11 +239,12 @@ impl Method for PrefixTuningConfig {
     }
 
     fn export(&self, trainables: &[Trainable]) -> Result<BTreeMap<String, Tensor>> {
-        if self.prefix_projection {
-            export(trainables)
+        let sd = if self.prefix_projection {
+            export(trainables)?
         } else {
-            Ok(state_dict(trainables))
-        }
+            state_dict(trainables)
+        };
+        Ok(prompt_learning_keys(sd))
     }
 
     fn merge_blocker(&self) -> Option<String> {

@@ -238,20 +238,25 @@ impl BertClassifier {
         })
     }
 
-    fn position_ids(&self, inputs: &Inputs) -> candle_core::Result<Tensor> {
+    /// Position ids of `inputs`, after `past` earlier positions (the prefix keys and values of
+    /// prefix tuning, which transformers' encoders take as a past cache: PEFT's first token is
+    /// at position `past`).
+    fn position_ids(&self, inputs: &Inputs, past: usize) -> candle_core::Result<Tensor> {
         let (b, t) = inputs.input_ids.dims2()?;
+        let past = past as u32;
         match self.config.family {
-            Family::Bert => Tensor::arange(0u32, t as u32, &self.device)?
+            Family::Bert => Tensor::arange(past, past + t as u32, &self.device)?
                 .unsqueeze(0)?
                 .broadcast_as((b, t))?
                 .contiguous(),
             Family::Roberta => {
-                // Positions count real tokens, starting after the padding id; padding keeps it.
+                // Positions count real tokens (after `past`), starting after the padding id;
+                // padding keeps it.
                 let mask = inputs.attention_mask.to_vec2::<u32>()?;
                 let pad = self.config.pad_token_id;
                 let mut out = Vec::with_capacity(b * t);
                 for row in mask {
-                    let mut c = 0u32;
+                    let mut c = past;
                     for m in row {
                         c += m;
                         out.push(if m == 1 { pad + c } else { pad });
@@ -331,9 +336,26 @@ impl BertClassifier {
             Tensor::cat(&parts, 1)?
         };
         let t = words.dim(1)?;
-        if t > cfg.max_position_embeddings {
+        // Prefix keys and values count as earlier positions, as PEFT passes them to
+        // transformers' BERT as a past cache: the first token's position is the prefix length.
+        // Every layer with a prefix has the same number of prefix positions: the first such
+        // layer tells (each call may run a prefix's reparameterisation MLP, so stop there).
+        let mut past = 0;
+        for i in 0..self.layers.len() {
+            past = layers::prefix_len(&self.site_deltas, i, ctx)?;
+            if past > 0 {
+                break;
+            }
+        }
+        if past + t > cfg.max_position_embeddings {
+            let with = if past > 0 {
+                format!(" after {past} prefix positions")
+            } else {
+                String::new()
+            };
             return Err(Error::Msg(format!(
-                "sequence length {t} (with prompt tokens) exceeds max_position_embeddings {}",
+                "sequence length {t} (with prompt tokens){with} exceeds \
+                 max_position_embeddings {}",
                 cfg.max_position_embeddings
             )));
         }
@@ -345,7 +367,7 @@ impl BertClassifier {
         };
         let pos = emb
             .position
-            .index_select(&self.position_ids(&full)?.flatten_all()?, 0)?
+            .index_select(&self.position_ids(&full, past)?.flatten_all()?, 0)?
             .reshape((b, t, h))?;
         let types = emb
             .token_type
