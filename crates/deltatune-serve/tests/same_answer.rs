@@ -536,3 +536,72 @@ fn the_server_alone_and_under_mixed_load_answers_as_generate_does_smollm2() {
     let prompts = smollm2_prompts(&dec.tokenizer);
     check_engine(dec, folders, &prompts, 12);
 }
+
+/// Time decoding on SmolLM2 with the row-invariant kernels (`Ctx::inference`, what generation
+/// and the server use) against the batch-shaped ones (`Ctx::eval`, what they used before):
+/// `cargo test --release -p deltatune-serve --test same_answer bench_row_invariant_decoding
+/// -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_row_invariant_decoding() {
+    let Some(p) = smollm2() else { return };
+    let dec = deltatune_models::llama::load_decoder(&p).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let folders = smollm2_folders(&dec.model, dir.path());
+    let lora: Vec<&AdapterFolder> = folders.iter().filter(|f| f.lora().is_some()).collect();
+    let models = [
+        ("base", dec.model.clone()),
+        ("2 LoRA", shared(&dec.model, &lora)),
+    ];
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|i| {
+            (0..16)
+                .map(|j| 100 + ((i * 31 + j * 17) % 4000) as u32)
+                .collect()
+        })
+        .collect();
+    for (what, m) in &models {
+        for b in [1usize, 8] {
+            for int8 in [true, false] {
+                let mut line = format!("{what}, batch {b}, int8 {int8}:");
+                for (name, base_ctx) in [("before", Ctx::eval()), ("rows", Ctx::inference())] {
+                    let routes: Vec<u32> = (0..b as u32)
+                        .map(|i| i % 3)
+                        .map(|r| if r == 2 { u32::MAX } else { r })
+                        .collect();
+                    let mk = || {
+                        base_ctx_clone(&base_ctx)
+                            .with_adapter_rows(routes.clone())
+                            .with_int8(int8)
+                    };
+                    let mut times = Vec::new();
+                    for rep in 0..4 {
+                        let c = mk();
+                        let t = std::time::Instant::now();
+                        let mut cache = KvCache::default();
+                        let (ids, mask) = left_padded(&prompts[..b].iter().collect::<Vec<_>>());
+                        pass(m, &ids, &mask, &mut cache, &c);
+                        for s in 0..32 {
+                            let ids: Vec<Vec<u32>> = (0..b).map(|r| vec![fed(r, s)]).collect();
+                            pass(m, &ids, &vec![vec![1]; b], &mut cache, &c);
+                        }
+                        if rep > 0 {
+                            times.push(t.elapsed().as_secs_f64() * 1e3 / (33 * b) as f64);
+                        }
+                    }
+                    times.sort_by(f64::total_cmp);
+                    line += &format!(" {name} {:.2} ms/token", times[times.len() / 2]);
+                }
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+fn base_ctx_clone(c: &Ctx) -> Ctx {
+    if c.no_grad {
+        Ctx::inference()
+    } else {
+        Ctx::eval()
+    }
+}
