@@ -131,7 +131,10 @@ pub struct SiteInfo {
 pub struct Ctx {
     pub train: bool,
     /// No gradient will be asked for: models cut the autograd graph between layers
-    /// ([`Ctx::cut`]), so a forward pass holds one layer's intermediate tensors, not all.
+    /// ([`Ctx::cut`]), so a forward pass holds one layer's intermediate tensors, not all. Such
+    /// passes (generation, serving, evaluation) also use kernels whose result for one batch
+    /// row does not depend on the other rows (`ops::quant_linear_rows`, `ops::lora_down`,
+    /// `ops::attention_rows`): a sequence gets the same numbers alone and in any batch.
     pub no_grad: bool,
     /// For a batch mixing adapters (serving): the adapter of each batch row, an index into a
     /// multi-adapter delta's adapters (`u32::MAX`: the base model alone). `None`: every row
@@ -336,7 +339,13 @@ impl Linear {
             }
             (Some(q), _) => {
                 let _int8 = ctx.int8.then(ops::int8_activations);
-                ops::quant_linear(x, q, self.bias.as_ref())
+                if ctx.no_grad {
+                    // Inference batches unrelated sequences: a row's numbers must not depend
+                    // on how many rows share the product.
+                    ops::quant_linear_rows(x, q, self.bias.as_ref())
+                } else {
+                    ops::quant_linear(x, q, self.bias.as_ref())
+                }
             }
             _ => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
         }

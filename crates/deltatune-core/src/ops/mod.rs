@@ -41,6 +41,7 @@ pub mod portable;
 pub(crate) mod quant_dot;
 pub(crate) mod quant_int8;
 mod quant_linear;
+mod rowwise;
 mod softmax;
 
 #[cfg(test)]
@@ -58,7 +59,8 @@ pub use loss::cross_entropy;
 pub use lowrank::lora_up_add;
 pub use norm::{layer_norm, residual_layer_norm};
 pub use quant_int8::{int8_activations, int8_products_supported, Int8Activations};
-pub use quant_linear::quant_linear;
+pub use quant_linear::{quant_linear, quant_linear_rows};
+pub use rowwise::{attention_rows, lora_down};
 
 /// For tests of CPU-specific kernels: `true` (skip the test, with a note) when this CPU lacks
 /// `what` (`has` is false), unless `DELTATUNE_REQUIRE_CPU_KERNELS=1`, which turns the skip into

@@ -54,8 +54,10 @@ fn forward_block_rows(out_f: usize) -> usize {
 /// ([`super::quant_dot`]) instead of dequantizing `W` for the GEMM.
 const FUSED_MAX_ROWS: usize = 16;
 
-/// `y = x·Wᵀ` for a row-major `x` `[m, in]`, as a row-major `[m, out]` vector.
-fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool) -> Vec<f32> {
+/// `y = x·Wᵀ` for a row-major `x` `[m, in]`, as a row-major `[m, out]` vector. `rows`: the
+/// kernel is chosen without looking at `m`, so each row of `y` has the same bits whatever the
+/// number of rows (see [`quant_linear_rows`]).
+fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool, rows: bool) -> Vec<f32> {
     // 8-bit activations for any number of rows: a group's packed weights (16 rows) stay in
     // L1 while every row of `x` passes over them, and the integer products take half the
     // instructions per multiply-add of the f32 GEMM, with no dequantized copy of `W`.
@@ -64,7 +66,7 @@ fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool) -> Vec<f32> {
             return y;
         }
     }
-    if fast && m <= FUSED_MAX_ROWS {
+    if fast && (rows || m <= FUSED_MAX_ROWS) {
         if let Some(y) = super::quant_dot::forward(x, m, w) {
             return y;
         }
@@ -83,7 +85,7 @@ fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool) -> Vec<f32> {
             buf.resize(nr * in_f, 0.0);
             let wb = &mut buf[..nr * in_f];
             w.dequantize_rows_unchecked(o0..o1, wb);
-            strip_forward(x, m, in_f, wb, nr, fast)
+            strip_forward(x, m, in_f, wb, nr, fast, rows)
         })
         .collect();
     for (bi, strip) in strips.iter().enumerate() {
@@ -96,9 +98,18 @@ fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool) -> Vec<f32> {
     y
 }
 
-/// `x · wbᵀ` (`[m, nr]`) for `wb` the `nr` dequantized rows of one block.
-fn strip_forward(x: &[f32], m: usize, in_f: usize, wb: &[f32], nr: usize, fast: bool) -> Vec<f32> {
-    if fast && m >= GEMM_MIN_ROWS {
+/// `x · wbᵀ` (`[m, nr]`) for `wb` the `nr` dequantized rows of one block (with `rows`, the
+/// GEMM, whose rows do not depend on each other, for any `m`).
+fn strip_forward(
+    x: &[f32],
+    m: usize,
+    in_f: usize,
+    wb: &[f32],
+    nr: usize,
+    fast: bool,
+    rows: bool,
+) -> Vec<f32> {
+    if fast && (rows || m >= GEMM_MIN_ROWS) {
         let a = MatRef {
             data: x,
             rs: in_f,
@@ -230,6 +241,8 @@ struct QuantLinear {
     w: QuantMatrix,
     /// `[out]` f32, fused into the forward; `None` when absent or trainable.
     b: Option<Tensor>,
+    /// The kernel does not depend on the number of rows ([`quant_linear_rows`]).
+    rows: bool,
 }
 
 impl CustomOp1 for QuantLinear {
@@ -254,7 +267,7 @@ impl CustomOp1 for QuantLinear {
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank >= 1 checked") = out_f;
         let x = contiguous(xd, l);
-        let mut y = forward(&x, m, &self.w, fast_path());
+        let mut y = forward(&x, m, &self.w, fast_path(), self.rows);
         if let Some(b) = &self.b {
             with_slice::<f32, _>(b, |bias| {
                 if out_f > 0 {
@@ -300,6 +313,28 @@ impl CustomOp1 for QuantLinear {
 /// * `b`: `[out]` f32;
 /// * returns `[..., out]`.
 pub fn quant_linear(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Result<Tensor> {
+    quant_linear_impl(x, w, bias, false)
+}
+
+/// [`quant_linear`] whose rows do not depend on each other: each row of `y` has the same bits
+/// whether `x` has 1 row or 500, for inference passes that batch unrelated sequences
+/// (generation, serving). [`quant_linear`] picks its kernel by the number of rows (fused dot
+/// products up to 16 rows, dequantize-and-GEMM above), and those kernels round differently;
+/// here the kernel depends only on the weight's type and the CPU: the 8-bit products while
+/// [`super::int8_activations`] is held, else the fused dot products (Q4_1, Q8_0), else the
+/// GEMM on dequantized blocks (or, without AVX-512, dot products). Slower than
+/// [`quant_linear`] for many rows with f32 activations (a prompt's prefill); the same speed
+/// otherwise.
+pub fn quant_linear_rows(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Result<Tensor> {
+    quant_linear_impl(x, w, bias, true)
+}
+
+fn quant_linear_impl(
+    x: &Tensor,
+    w: &QuantMatrix,
+    bias: Option<&Tensor>,
+    rows: bool,
+) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2();
     if x.dtype() != DType::F32 {
         bail!(
@@ -333,6 +368,7 @@ pub fn quant_linear(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Resul
     let y = x.apply_op1(QuantLinear {
         w: w.clone(),
         b: fused,
+        rows,
     })?;
     add_unfused_bias(y, added)
 }
@@ -426,6 +462,46 @@ mod tests {
     #[test]
     fn quant_linear_matches_frozen_linear_q8_0() {
         check_all_paths(GgmlDType::Q8_0);
+    }
+
+    /// `quant_linear_rows` gives a row the same bits alone and among up to 40 rows, across the
+    /// row counts where `quant_linear` changes kernels (8 and 16), with f32 and 8-bit
+    /// activations, for the types with fused kernels and one without; and stays within f32
+    /// rounding of `quant_linear`.
+    #[test]
+    fn quant_linear_rows_gives_a_row_the_same_bits_in_any_batch() {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let w = QuantMatrix::quantize(&randn(3, &[100, 256]), dtype, "w").unwrap();
+            let x = randn(4, &[40, 256]);
+            for int8 in [false, true] {
+                let _g = int8.then(crate::ops::int8_activations);
+                let alone = quant_linear_rows(&x.narrow(0, 0, 1).unwrap(), &w, None).unwrap();
+                for m in [2, 7, 8, 9, 16, 17, 40] {
+                    let y = quant_linear_rows(&x.narrow(0, 0, m).unwrap(), &w, None).unwrap();
+                    assert_eq!(
+                        bits(&y.narrow(0, 0, 1).unwrap()),
+                        bits(&alone),
+                        "{dtype:?} int8 {int8}: row 0 among {m} rows"
+                    );
+                }
+                if !int8 {
+                    let e = rel_err(
+                        &quant_linear_rows(&x, &w, None).unwrap(),
+                        &quant_linear(&x, &w, None).unwrap(),
+                    );
+                    assert!(e < 1e-5, "{dtype:?}: {e}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -37,17 +37,37 @@ impl Bottleneck {
     /// # Shapes
     /// `x`: [B, T, hidden] -> [B, T, hidden]
     pub fn forward(&self, x: &Tensor, act: NonLinearity) -> candle_core::Result<Tensor> {
+        self.forward_in(x, act, &Ctx::eval())
+    }
+
+    /// [`Bottleneck::forward`] in a pass `ctx`: without gradients the products go through
+    /// `ops::frozen_linear`, whose rows do not depend on each other (candle's matmul picks its
+    /// kernel by the number of rows), so a sequence gets the same numbers in any batch.
+    pub fn forward_in(
+        &self,
+        x: &Tensor,
+        act: NonLinearity,
+        ctx: &Ctx,
+    ) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let h = dims[dims.len() - 1];
         let x2 = x.reshape((x.elem_count() / h, h))?;
-        let z = x2.matmul(&self.down_w.t()?)?.broadcast_add(&self.down_b)?;
+        let rows = ctx.no_grad && !ctx.train;
+        let lin = |x: &Tensor, w: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> {
+            if rows {
+                ops::frozen_linear(x, w, Some(b))
+            } else {
+                x.matmul(&w.t()?)?.broadcast_add(b)
+            }
+        };
+        let z = lin(&x2, &self.down_w, &self.down_b)?;
         let z = match act {
             NonLinearity::Relu => z.relu()?,
             NonLinearity::Gelu => ops::gelu_erf(&z)?,
             NonLinearity::Tanh => z.tanh()?,
             NonLinearity::Silu => z.silu()?,
         };
-        let y = z.matmul(&self.up_w.t()?)?.broadcast_add(&self.up_b)?;
+        let y = lin(&z, &self.up_w, &self.up_b)?;
         y.reshape(dims)
     }
 }
@@ -82,11 +102,11 @@ impl SiteDelta for AdapterDelta {
         };
         match self.placement {
             Placement::Parallel => {
-                let y = a.forward(&ctx.dropout(input, self.dropout)?, self.act)?;
+                let y = a.forward_in(&ctx.dropout(input, self.dropout)?, self.act, ctx)?;
                 output + (y * self.scaling)?
             }
             Placement::Houlsby | Placement::Pfeiffer => {
-                let y = a.forward(&ctx.dropout(&output, self.dropout)?, self.act)?;
+                let y = a.forward_in(&ctx.dropout(&output, self.dropout)?, self.act, ctx)?;
                 if self.residual {
                     output + y
                 } else {

@@ -14,12 +14,36 @@ pub struct LoraLinear {
     pub dropout: f64,
 }
 
+/// `base + scale · x Aᵀ Bᵀ` for the rows of `x`: in a pass without gradients through
+/// [`deltatune_core::ops::lora_down`] (each row's numbers independent of the other rows, so a
+/// sequence gets the same bits alone, in a batch, and in a server's batch mixing adapters,
+/// [`super::multi::MultiLora`]); in a pass that may be differentiated through `project` (the
+/// down projection with dropout).
+pub(crate) fn lora_term(
+    x: &Tensor,
+    base: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    ctx: &Ctx,
+    project: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    // Two ops, no reshapes: each graph node costs the backward a zero-filled buffer and an
+    // add over its output (deltatune_core::ops::lora_up_add).
+    let z = if ctx.no_grad && !ctx.train {
+        deltatune_core::ops::lora_down(x, a)?
+    } else {
+        project(x)?
+    };
+    deltatune_core::ops::lora_up_add(base, &z, b, scale)
+}
+
 impl LinearDelta for LoraLinear {
     fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        // Two ops, no reshapes: each graph node costs the backward a zero-filled buffer and an
-        // add over its output (deltatune_core::ops::lora_up_add).
-        let z = deltatune_core::ops::dropout_project(x, self.a.as_tensor(), self.dropout, ctx)?;
-        deltatune_core::ops::lora_up_add(&base, &z, self.b.as_tensor(), self.scale)
+        let a = self.a.as_tensor();
+        lora_term(x, &base, a, self.b.as_tensor(), self.scale, ctx, |x| {
+            deltatune_core::ops::dropout_project(x, a, self.dropout, ctx)
+        })
     }
 
     fn merge_into(

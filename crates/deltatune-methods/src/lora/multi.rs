@@ -25,66 +25,56 @@ struct Branch {
 /// adapter each batch row uses (rows of an adapter without a branch here, and rows marked
 /// `u32::MAX`, get the base output).
 ///
-/// The adapters' matrices are stacked once (ranks padded with zeros to the largest, the scale
-/// folded into B, a last all-zero slot for rows without a branch), so a batch costs the same
-/// few operations however many adapters it mixes: each row's A and B are gathered, then two
-/// batched products (as Punica's and S-LoRA's gathered kernels do on GPUs).
+/// Each row gets exactly the numbers a model with its adapter alone gives it
+/// ([`super::LoraLinear`] in a pass without gradients): the rows of each adapter in the batch
+/// go through the same two row-by-row ops ([`deltatune_core::ops::lora_down`] and
+/// [`deltatune_core::ops::lora_up_add`], scale applied the same way), and the results are put
+/// back in place by copying rows. An earlier form stacked every adapter's matrices (ranks
+/// padded, the scale folded into B) for two gathered batched products: fewer ops per batch,
+/// but its rounding differed from the adapter alone and changed with the batch, so a greedy
+/// answer from the server could differ from `generate`'s and from itself under other load.
 #[derive(Debug)]
 pub struct MultiLora {
-    /// [K + 1, r_max, in]
-    a: Tensor,
-    /// [K + 1, out, r_max], scaled.
-    b: Tensor,
-    /// Adapters (the zero slot is index K).
-    k: usize,
+    /// Per adapter: its branch here, if any.
+    branches: Vec<Option<Branch>>,
 }
 
-impl MultiLora {
-    fn new(branches: &[Option<Branch>], out: usize, inp: usize) -> candle_core::Result<Self> {
-        let r = branches
-            .iter()
-            .flatten()
-            .map(|b| b.a.dim(0))
-            .collect::<candle_core::Result<Vec<_>>>()?
-            .into_iter()
-            .max()
-            .unwrap_or(1);
-        let dev = candle_core::Device::Cpu;
-        let mut a_parts = Vec::with_capacity(branches.len() + 1);
-        let mut b_parts = Vec::with_capacity(branches.len() + 1);
-        for br in branches.iter().map(Some).chain([None]) {
-            match br.and_then(|b| b.as_ref()) {
-                Some(br) => {
-                    let ri = br.a.dim(0)?;
-                    let (a, b) = if ri < r {
-                        (
-                            Tensor::cat(
-                                &[&br.a, &Tensor::zeros((r - ri, inp), DType::F32, &dev)?],
-                                0,
-                            )?,
-                            Tensor::cat(
-                                &[&br.b, &Tensor::zeros((out, r - ri), DType::F32, &dev)?],
-                                1,
-                            )?,
-                        )
-                    } else {
-                        (br.a.clone(), br.b.clone())
-                    };
-                    a_parts.push(a.unsqueeze(0)?);
-                    b_parts.push((b * br.scale)?.unsqueeze(0)?);
-                }
-                None => {
-                    a_parts.push(Tensor::zeros((1, r, inp), DType::F32, &dev)?);
-                    b_parts.push(Tensor::zeros((1, out, r), DType::F32, &dev)?);
-                }
-            }
+/// `rows[i]`: the index of batch row `i`'s part in the rows of `groups`, for [`put_rows`].
+type Groups = Vec<(usize, Vec<u32>)>;
+
+/// The rows of each value of `rows` below `k` (adapters in first-row order), or `None` when
+/// every row is outside `0..k`.
+fn groups(rows: &[u32], k: usize) -> Option<Groups> {
+    let mut out: Groups = Vec::new();
+    for (i, &r) in rows.iter().enumerate() {
+        if (r as usize) >= k {
+            continue;
         }
-        Ok(Self {
-            a: Tensor::cat(&a_parts, 0)?.contiguous()?,
-            b: Tensor::cat(&b_parts, 0)?.contiguous()?,
-            k: branches.len(),
-        })
+        match out.iter_mut().find(|(a, _)| *a == r as usize) {
+            Some((_, v)) => v.push(i as u32),
+            None => out.push((r as usize, vec![i as u32])),
+        }
     }
+    (!out.is_empty()).then_some(out)
+}
+
+/// `base` with the rows listed in `parts` replaced by the rows of each part's tensor (copied,
+/// so every row keeps its exact bits).
+fn put_rows(base: Tensor, parts: Vec<(Vec<u32>, Tensor)>) -> candle_core::Result<Tensor> {
+    let b = base.dim(0)?;
+    let mut pick: Vec<u32> = (0..b as u32).collect();
+    let mut all = vec![base];
+    let mut at = b as u32;
+    for (idx, t) in parts {
+        for (j, &i) in idx.iter().enumerate() {
+            pick[i as usize] = at + j as u32;
+        }
+        at += idx.len() as u32;
+        all.push(t);
+    }
+    let dev = all[0].device().clone();
+    let n = pick.len();
+    Tensor::cat(&all, 0)?.index_select(&Tensor::from_vec(pick, (n,), &dev)?, 0)
 }
 
 /// The adapter of each of the batch's `b` rows, as a multi-adapter layer needs them: an error
@@ -105,32 +95,36 @@ impl LinearDelta for MultiLora {
     fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
         let rows = rows_for(ctx, b)?;
-        if rows.iter().all(|&r| r as usize >= self.k) {
-            return Ok(base);
-        }
-        let slots: Vec<u32> = rows
+        let with_branch: Vec<u32> = rows
             .iter()
-            .map(|&r| {
-                if (r as usize) < self.k {
-                    r
-                } else {
-                    self.k as u32
-                }
+            .map(|&r| match self.branches.get(r as usize) {
+                Some(Some(_)) => r,
+                _ => u32::MAX,
             })
             .collect();
-        let idx = Tensor::from_vec(slots, (b,), x.device())?;
-        let a = self.a.index_select(&idx, 0)?; // [B, r, in]
-        let bm = self.b.index_select(&idx, 0)?; // [B, out, r]
-        let dims = x.dims().to_vec();
-        let inp = dims[dims.len() - 1];
-        let t = x.elem_count() / (b * inp);
-        let xs = x.reshape((b, t, inp))?;
-        let h = xs.matmul(&a.transpose(1, 2)?)?; // [B, t, r]
-        let z = h.matmul(&bm.transpose(1, 2)?)?; // [B, t, out]
-        let mut od = dims;
-        *od.last_mut().unwrap() = self.b.dim(1)?;
-        let z = z.reshape(od)?.to_dtype(base.dtype())?;
-        base + z
+        let Some(groups) = groups(&with_branch, self.branches.len()) else {
+            return Ok(base);
+        };
+        let term = |k: usize, x: &Tensor, base: &Tensor| -> candle_core::Result<Tensor> {
+            let br = self.branches[k]
+                .as_ref()
+                .expect("grouped rows have a branch");
+            super::layer::lora_term(x, base, &br.a, &br.b, br.scale, ctx, |x| {
+                deltatune_core::ops::lora_down(x, &br.a)
+            })
+        };
+        // The whole batch on one adapter: no gathering.
+        if groups.len() == 1 && groups[0].1.len() == b {
+            return term(groups[0].0, x, &base);
+        }
+        let mut parts = Vec::with_capacity(groups.len());
+        for (k, idx) in groups {
+            let n = idx.len();
+            let t = Tensor::from_vec(idx.clone(), (n,), x.device())?;
+            let y = term(k, &x.index_select(&t, 0)?, &base.index_select(&t, 0)?)?;
+            parts.push((idx, y));
+        }
+        put_rows(base, parts)
     }
 
     fn merge_into(
@@ -155,7 +149,7 @@ impl LinearDelta for MultiHead {
     fn forward(&self, x: &Tensor, base: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
         let rows = rows_for(ctx, b)?;
-        let mut out = base;
+        let mut parts = Vec::new();
         for (k, head) in self.heads.iter().enumerate() {
             let Some((w, bias)) = head else { continue };
             let idx: Vec<u32> = (0..b as u32)
@@ -165,16 +159,15 @@ impl LinearDelta for MultiHead {
                 continue;
             }
             let n = idx.len();
-            let idx = Tensor::from_vec(idx, (n,), x.device())?;
-            let xs = x.index_select(&idx, 0)?;
-            let mut y = xs.broadcast_matmul(&w.t()?)?;
-            if let Some(bias) = bias {
-                y = y.broadcast_add(bias)?;
-            }
-            let old = out.index_select(&idx, 0)?;
-            out = out.index_add(&idx, &(y - old)?, 0)?;
+            let t = Tensor::from_vec(idx.clone(), (n,), x.device())?;
+            // The product the adapter's own model makes with the trained head.
+            let y = deltatune_core::ops::frozen_linear(&x.index_select(&t, 0)?, w, bias.as_ref())?;
+            parts.push((idx, y.to_dtype(base.dtype())?));
         }
-        Ok(out)
+        if parts.is_empty() {
+            return Ok(base);
+        }
+        put_rows(base, parts)
     }
 
     fn merge_into(
@@ -284,7 +277,7 @@ pub fn attach_multi(
                     )));
                 }
             }
-            lin.deltas.push(Arc::new(MultiLora::new(&branches, o, i)?));
+            lin.deltas.push(Arc::new(MultiLora { branches }));
         }
         if let Some(hs) = heads.remove(&lin.path) {
             let (o, i) = (lin.out_features(), lin.in_features());

@@ -190,6 +190,18 @@ pub fn attention(
     let tk = k.dim(2)?;
     let group = nh / nkv;
     let scale = 1.0 / (dh as f64).sqrt();
+    if ctx.no_grad && !ctx.train && !ops::portable::active(q) {
+        // Inference batches unrelated sequences, padded: each row's numbers from its own
+        // visible keys only, the same alone and in any batch.
+        return Ok(ops::attention_rows(
+            q,
+            &k,
+            &v,
+            &bias,
+            scale,
+            causal.then(|| tk - tq),
+        )?);
+    }
     let qg = q.contiguous()?.reshape((b, nkv, group * tq, dh))?;
     let scores = qg.matmul(&k.contiguous()?.t()?)?.reshape((b, nh, tq, tk))?;
     let probs = if causal {
