@@ -259,7 +259,22 @@ pub fn write(
     }
     let all = list(&ck.dir)?;
     for old in all.iter().take(all.len().saturating_sub(ck.keep.max(1))) {
-        let _ = std::fs::remove_dir_all(old);
+        // Renamed out of the checkpoints' names first, so a process killed while removing it
+        // never leaves a half-removed folder that looks like a checkpoint (the next run removes
+        // the `.tmp-` folder).
+        let gone = ck.dir.join(format!(
+            ".tmp-removing-{}-{}",
+            old.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        match std::fs::rename(old, &gone) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&gone);
+            }
+            Err(_) => {
+                let _ = std::fs::remove_dir_all(old);
+            }
+        }
     }
     Ok(final_path)
 }
