@@ -286,6 +286,23 @@ fn convert_subspace_study_experiment_and_auto_refuse_a_users_files() {
         .display()
         .to_string();
     let model = tiny_bert();
+    let auto = |extra: &[&'static str]| -> Vec<&str> {
+        let mut v = vec![
+            "auto",
+            "--model",
+            &model,
+            "--train-file",
+            "data/train.csv",
+            "--dev-file",
+            "data/dev.csv",
+            "--budget",
+            "1m",
+            "--storage",
+            "st.db",
+        ];
+        v.extend_from_slice(extra);
+        v
+    };
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["convert", "--onnx", &onnx, "-o", "mine", "--overwrite"],
@@ -339,43 +356,8 @@ fn convert_subspace_study_experiment_and_auto_refuse_a_users_files() {
             ],
             "deltatune did not write it",
         ),
-        (
-            vec![
-                "auto",
-                "--model",
-                &model,
-                "--train-file",
-                "data/train.csv",
-                "--dev-file",
-                "data/dev.csv",
-                "--budget",
-                "1m",
-                "--storage",
-                "st.db",
-                "-o",
-                "mine",
-                "--overwrite",
-            ],
-            "photo.jpg",
-        ),
-        (
-            vec![
-                "auto",
-                "--model",
-                &model,
-                "--train-file",
-                "data/train.csv",
-                "--dev-file",
-                "data/dev.csv",
-                "--budget",
-                "1m",
-                "--storage",
-                "st.db",
-                "-o",
-                "data",
-            ],
-            "contains data.train",
-        ),
+        (auto(&["-o", "mine", "--overwrite"]), "photo.jpg"),
+        (auto(&["-o", "data"]), "contains data.train"),
     ];
     for (args, needle) in cases {
         let o = run(&args, d);
