@@ -52,6 +52,11 @@ fn train_args(out: &str) -> Vec<String> {
         "--no-progress",
         "--set",
         "train.checkpoint_every=1",
+        // f32 products in every process: with `train.bf16` on, each process decides bf16 or
+        // f32 by timing one product at start-up, and on a loaded machine runs compared byte
+        // for byte can come out on different sides of the threshold.
+        "--set",
+        "train.bf16=false",
     ]
     .iter()
     .map(|s| s.to_string())
