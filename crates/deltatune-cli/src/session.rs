@@ -88,6 +88,10 @@ pub fn report_products(bf16_setting: bool, bf16_layers: usize) {
 
 /// What the start-up measurement found ([`deltatune_core::ops::bf16_time_ratio`]), in words.
 pub fn bf16_measurement() -> String {
+    if deltatune_core::ops::bf16_decided().is_some() {
+        return "as the run's first process decided (products.json in its checkpoint folder)"
+            .to_string();
+    }
     match deltatune_core::ops::bf16_time_ratio() {
         Some(r) => format!(
             "a bf16 product measured at {r:.2}x f32's time on this CPU; bf16 is used where at \

@@ -552,3 +552,31 @@ fn a_training_split_of_one_class_is_refused_naming_the_file_and_the_class() {
     );
     assert!(!t.0.join("img").exists());
 }
+
+/// A resumed run multiplies by the frozen weights in the precision its first process chose
+/// (recorded in `products.json`), not in whatever a new timing on a loaded machine says: the
+/// record is followed even when it is changed to the other precision.
+#[test]
+fn a_resumed_run_keeps_the_precision_its_first_process_chose() {
+    let t = setup("products");
+    let ck = t.0.join("p.checkpoints");
+    let mut args = train_args("p", 2, &[]);
+    // train_args pins f32; this is about the bf16 default.
+    args.extend(["--set".to_string(), "train.bf16=true".to_string()]);
+    interrupt(&args, &t.0, &ck, 4);
+    let file = ck.join("products.json");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let first = rec["bf16"].as_bool().expect("products.json records bf16");
+    std::fs::write(&file, format!("{{\"bf16\": {}}}\n", !first)).unwrap();
+    let o = run(&resume_args("p"), &t.0);
+    assert!(o.status.success(), "{}", text(&o));
+    let msg = text(&o);
+    let want = if !first && deltatune_core::ops::has_bf16() {
+        "frozen products: bf16 on"
+    } else {
+        "frozen products: f32 (as the run's first process decided"
+    };
+    assert!(msg.contains(want), "{msg}");
+    assert!(msg.contains("as the run's first process decided"), "{msg}");
+}

@@ -29,6 +29,10 @@ pub const SETTINGS_FILE: &str = "settings.json";
 /// The record of the run's data files, in its checkpoint folder.
 pub const DATA_FILE: &str = "data.json";
 
+/// The precision the run's frozen products use (`{"bf16": true}`), decided by its first
+/// process and kept by a resumed one.
+pub const PRODUCTS_FILE: &str = "products.json";
+
 /// Settings a resumed run may change: they do not change what the finished steps computed.
 pub const MAY_CHANGE: &[&str] = &[
     "train.epochs",
@@ -145,6 +149,29 @@ impl RunCheckpoints {
             deltatune_core::write_atomic(&dir.join(SETTINGS_FILE), text.as_bytes())?;
             // A fresh run's log starts empty.
             let _ = std::fs::remove_file(dir.join(METRICS));
+        }
+        // The frozen products' precision is measured once, by the run's first process, and a
+        // resumed run takes that decision (a measurement on a loaded machine could fall on the
+        // other side of the threshold and change the adapter's bits half way).
+        let products = dir.join(PRODUCTS_FILE);
+        if s.train.bf16 {
+            if resume {
+                let recorded = std::fs::read(&products)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .and_then(|v| v["bf16"].as_bool());
+                if let Some(bf16) = recorded {
+                    deltatune_core::ops::decide_bf16(bf16);
+                }
+            } else {
+                let record = serde_json::json!({
+                    "bf16": deltatune_core::ops::bf16_pays(),
+                    "bf16_time_ratio": deltatune_core::ops::bf16_time_ratio(),
+                });
+                let mut text = serde_json::to_string_pretty(&record)?;
+                text.push('\n');
+                deltatune_core::write_atomic(&products, text.as_bytes())?;
+            }
         }
         let checkpointing = Checkpointing {
             dir: dir.clone(),
@@ -321,7 +348,7 @@ pub fn after_failure(output: &Path) -> Option<String> {
     }
     match deltatune_train::checkpoint::list(&dir) {
         Ok(held) if held.is_empty() => {
-            for f in [SETTINGS_FILE, METRICS, DATA_FILE] {
+            for f in [SETTINGS_FILE, METRICS, DATA_FILE, PRODUCTS_FILE] {
                 let _ = std::fs::remove_file(dir.join(f));
             }
             // Only if that emptied it (a search worker's attempt file stays with its folder).

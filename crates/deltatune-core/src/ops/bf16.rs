@@ -74,7 +74,25 @@ pub fn has_bf16() -> bool {
 /// turns (45-63 ms on that Xeon), and says yes only when bf16 takes at most 0.85x as long.
 /// False without AVX-512 BF16, without a measurement.
 pub fn bf16_pays() -> bool {
+    if let Some(&decided) = DECIDED.get() {
+        return decided && has_bf16();
+    }
     bf16_time_ratio().is_some_and(|r| r <= BF16_MAX_TIME_RATIO)
+}
+
+static DECIDED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Fixes [`bf16_pays`]'s answer for this process instead of measuring: a resumed run takes the
+/// decision its first process made, so a measurement on the other side of the threshold (a
+/// loaded machine) cannot change the precision of its products half way, and the resumed
+/// adapter is the same bytes. Only the first call counts; `true` still needs AVX-512 BF16.
+pub fn decide_bf16(pays: bool) {
+    let _ = DECIDED.set(pays);
+}
+
+/// The decision [`decide_bf16`] fixed, if any.
+pub fn bf16_decided() -> Option<bool> {
+    DECIDED.get().copied()
 }
 
 /// The most of f32's time a bf16 product may take for [`bf16_pays`] to say yes.

@@ -49,7 +49,8 @@ pub(crate) mod tests;
 
 pub use attention::attention;
 pub use bf16::{
-    bf16_linear, bf16_pays, bf16_time_ratio, has_bf16, Bf16Weight, BF16_MAX_TIME_RATIO,
+    bf16_decided, bf16_linear, bf16_pays, bf16_time_ratio, decide_bf16, has_bf16, Bf16Weight,
+    BF16_MAX_TIME_RATIO,
 };
 pub use decoder::{rms_norm, rope, rope_angles, swiglu};
 pub use dropout::{dropout_bits_op, dropout_project};
