@@ -565,8 +565,7 @@ fn a_resumed_run_keeps_the_precision_its_first_process_chose() {
     args.extend(["--set".to_string(), "train.bf16=true".to_string()]);
     interrupt(&args, &t.0, &ck, 4);
     let file = ck.join("products.json");
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     let first = rec["bf16"].as_bool().expect("products.json records bf16");
     std::fs::write(&file, format!("{{\"bf16\": {}}}\n", !first)).unwrap();
     let o = run(&resume_args("p"), &t.0);
