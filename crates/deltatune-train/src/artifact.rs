@@ -68,16 +68,6 @@ impl OutputRules {
         self.inputs.push((what.into(), path.into()));
         self
     }
-
-    /// Adds inputs that may be absent (unset settings).
-    pub fn inputs<'a>(mut self, inputs: impl IntoIterator<Item = (&'a str, &'a Path)>) -> Self {
-        for (what, path) in inputs {
-            if !path.as_os_str().is_empty() {
-                self.inputs.push((what.to_string(), path.to_path_buf()));
-            }
-        }
-        self
-    }
 }
 
 /// `path` made absolute with symlinks and `..` resolved as far as it exists: the longest
@@ -187,7 +177,8 @@ pub fn folder_state(dir: &Path) -> FolderState {
     }
 }
 
-fn some_names(names: &[String]) -> String {
+/// The first three names, and how many more (for messages).
+pub fn some_names(names: &[String]) -> String {
     let shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
     let more = names.len().saturating_sub(shown.len());
     if more > 0 {

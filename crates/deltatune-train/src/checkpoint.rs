@@ -178,6 +178,11 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> TrainError {
 }
 
 /// The complete checkpoints in `dir`, oldest first.
+/// Whether a folder name is a checkpoint's (`e0001-b0000012`).
+pub fn is_checkpoint_name(name: &str) -> bool {
+    name.starts_with('e') && name.contains("-b")
+}
+
 pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.exists() {
         return Ok(Vec::new());
@@ -190,7 +195,7 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
             p.is_dir()
                 && p.file_name()
                     .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with('e') && n.contains("-b"))
+                    .is_some_and(is_checkpoint_name)
         })
         .collect();
     v.sort();

@@ -179,10 +179,9 @@ pub fn auto(
         .unwrap_or_else(|| s.output.join("auto-report.html"));
     let rules = super::run_output_rules(s);
     if report.is_some() {
-        let report_rules = rules.clone();
         let report_rules = deltatune_train::artifact::OutputRules {
             flag: "--report".into(),
-            ..report_rules
+            ..rules.clone()
         };
         deltatune_train::artifact::check_output_file(&report_path, &report_rules, true)?;
     }

@@ -33,7 +33,8 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// The output rules of a run writing `s.output`: its data files, model and cache are inputs.
+/// The output rules of a run writing `s.output`: its data files, model folder (when given as a
+/// path) and subspace are inputs.
 pub fn run_output_rules(s: &crate::settings::Settings) -> deltatune_train::artifact::OutputRules {
     let model = std::path::Path::new(&s.model);
     let mut rules = deltatune_train::artifact::OutputRules::new("--output", s.overwrite);

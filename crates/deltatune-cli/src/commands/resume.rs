@@ -115,7 +115,7 @@ impl RunCheckpoints {
             let ours = |n: &String| {
                 [SETTINGS_FILE, METRICS, "attempt"].contains(&n.as_str())
                     || n.starts_with(".tmp-")
-                    || (n.starts_with('e') && n.contains("-b"))
+                    || deltatune_train::checkpoint::is_checkpoint_name(n)
             };
             if !names.is_empty() && !names.iter().any(ours) {
                 bail!(
@@ -123,7 +123,7 @@ impl RunCheckpoints {
                      checkpoints in a folder of that name and removes it when the run ends: \
                      move it away or choose another --output",
                     dir.display(),
-                    names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                    deltatune_train::artifact::some_names(&names)
                 );
             }
         }
