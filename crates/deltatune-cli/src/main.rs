@@ -824,7 +824,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 file,
                 texts,
                 chat,
-                config: deltatune_models::llama::GenerateConfig {
+                config: deltatune_models::decoder::GenerateConfig {
                     max_new_tokens,
                     temperature,
                     top_k,

@@ -219,7 +219,7 @@ pub struct SeedOpts {
     pub bos_eos: bool,
 }
 
-/// A tiny llama GGUF that `LlamaModel::load` accepts: hidden 64 (256 for K-quants, whose
+/// A tiny llama GGUF that `Decoder::load` accepts: hidden 64 (256 for K-quants, whose
 /// blocks span 256 values), 2 heads, 1 kv head, ffn = hidden, a 20-token byte-level BPE
 /// vocabulary with special and user-defined tokens.
 pub fn seed(o: &SeedOpts) -> anyhow::Result<Vec<u8>> {

@@ -47,7 +47,7 @@ pub fn all() -> Vec<Target> {
         },
         Target {
             name: "gguf",
-            about: "GgufFile::open, every tensor read, the GGUF tokenizer, LlamaModel::load",
+            about: "GgufFile::open, every tensor read, the GGUF tokenizer, Decoder::load",
             file: "model.gguf",
             seeds: gguf_mut::seeds,
             mutate: |rng, s| gguf_mut::case(rng, s),
@@ -143,7 +143,7 @@ pub fn all() -> Vec<Target> {
         },
         Target {
             name: "llama-config",
-            about: "config.json of a Llama folder: LlamaModel::load (tiny-llama weights)",
+            about: "config.json of a Llama folder: Decoder::load (tiny-llama weights)",
             file: "config.json",
             seeds: llama_config_seeds,
             mutate: |rng, s| json_case(rng, s, MODEL_CONFIG_KEYS),
@@ -661,7 +661,7 @@ fn run_bert_config(p: &Path) -> Result<(), String> {
 
 fn run_llama_config(p: &Path) -> Result<(), String> {
     let dir = siblings(p, "tiny-llama", &["model.safetensors"])?;
-    deltatune_models::LlamaModel::load(&dir)
+    deltatune_models::Decoder::load(&dir)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -722,9 +722,9 @@ fn run_gguf(p: &Path) -> Result<(), String> {
         }
     }
     drop(file);
-    let g = deltatune_models::llama::gguf::load_llama_gguf(p).map_err(s)?;
+    let g = deltatune_models::decoder::gguf::load_gguf(p).map_err(s)?;
     let _ = g.tokenizer.encode("hello world", true);
-    let m = deltatune_models::LlamaModel::from_gguf(g, p).map_err(s)?;
+    let m = deltatune_models::Decoder::from_gguf(g, p).map_err(s)?;
     let _ = m.config.kv_width();
     match first_err {
         Some(e) => Err(e),

@@ -13,7 +13,7 @@ use deltatune_methods::lora::combine::{
     combine, Combination, CombineOptions, KeepMasks, MajoritySign, SeededMasks, Side, Source,
 };
 use deltatune_methods::{load_state_dict, DeltaConfig, LoraConfig};
-use deltatune_models::LlamaModel;
+use deltatune_models::Decoder;
 
 fn dir() -> std::path::PathBuf {
     fixtures().join("tiny-llama-combine")
@@ -68,7 +68,7 @@ fn tiny_llama_logits(
     exp: &BTreeMap<String, Tensor>,
 ) -> Tensor {
     let cfg = DeltaConfig::Lora(c.config.clone());
-    let mut m = LlamaModel::load(&fixtures().join("tiny-llama")).unwrap();
+    let mut m = Decoder::load(&fixtures().join("tiny-llama")).unwrap();
     let tr = cfg.attach_saved(&mut m, &Rng::new(0)).unwrap();
     load_state_dict(&tr, &c.tensors, std::path::Path::new("combined")).unwrap();
     let rows = |t: &Tensor| -> Vec<Vec<u32>> { t.to_dtype(DType::U32).unwrap().to_vec2().unwrap() };

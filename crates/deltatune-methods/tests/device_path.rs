@@ -10,7 +10,7 @@ use common::{fixtures, inputs, load_map, max_abs, randomise, tiny};
 use deltatune_core::{ops, Ctx, Rng};
 use deltatune_methods::compose::ComposeConfig;
 use deltatune_methods::{DeltaConfig, Trainable};
-use deltatune_models::{LlamaModel, VitClassifier};
+use deltatune_models::{Decoder, VitClassifier};
 use serde_json::json;
 
 /// UniPELT (gated LoRA + prefix + adapter) plus IA3: deltas on the attention products, keys and
@@ -111,7 +111,7 @@ fn vit_step_is_the_same_composed() {
 
 #[test]
 fn llama_step_is_the_same_composed() {
-    let mut m = LlamaModel::load(&fixtures().join("tiny-llama")).unwrap();
+    let mut m = Decoder::load(&fixtures().join("tiny-llama")).unwrap();
     let mut cfg = deltas(
         json!(["q_proj", "v_proj", "gate_proj"]),
         json!({"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"],

@@ -10,10 +10,10 @@ use common::{abs_sum, fixtures, load_map, max_abs, randomise};
 use deltatune_core::{Ctx, HasSites, Rng};
 use deltatune_methods::compose::ComposeConfig;
 use deltatune_methods::{load_state_dict, DeltaConfig, Trainable};
-use deltatune_models::LlamaModel;
+use deltatune_models::Decoder;
 
-fn tiny_llama() -> LlamaModel {
-    LlamaModel::load(&fixtures().join("tiny-llama")).unwrap()
+fn tiny_llama() -> Decoder {
+    Decoder::load(&fixtures().join("tiny-llama")).unwrap()
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<u32>> {
@@ -21,7 +21,7 @@ fn rows(t: &Tensor) -> Vec<Vec<u32>> {
 }
 
 /// Loads a PEFT adapter folder onto the tiny Llama.
-fn with_peft(dir: &str) -> (LlamaModel, Vec<Trainable>) {
+fn with_peft(dir: &str) -> (Decoder, Vec<Trainable>) {
     let d = fixtures().join(dir);
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
@@ -117,7 +117,7 @@ fn unipelt() -> DeltaConfig {
 }
 
 /// Next-token cross-entropy on the fixture batch.
-fn lm_loss(m: &LlamaModel) -> Tensor {
+fn lm_loss(m: &Decoder) -> Tensor {
     let exp = load_map(&fixtures().join("tiny-llama/expected.safetensors"));
     let ids = rows(&exp["input_ids"]);
     let mask = rows(&exp["attention_mask"]);
@@ -216,7 +216,7 @@ fn left_padding_leaves_each_methods_logits_unchanged() {
     let short: Vec<u32> = vec![5, 17, 30];
     let long: Vec<u32> = vec![8, 9, 40, 41, 60, 61];
     let pad = (long.len() - short.len()) as u32;
-    let last = |m: &LlamaModel, h: &Tensor, ctx: &Ctx| -> Vec<Vec<f32>> {
+    let last = |m: &Decoder, h: &Tensor, ctx: &Ctx| -> Vec<Vec<f32>> {
         let t = h.dim(1).unwrap();
         m.logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap(), ctx)
             .unwrap()

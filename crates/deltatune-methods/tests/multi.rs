@@ -11,7 +11,7 @@ use common::{fixtures, load_map, max_abs};
 use deltatune_core::{Ctx, Rng};
 use deltatune_methods::lora::multi::attach_multi;
 use deltatune_methods::{load_state_dict, DeltaConfig, LoraConfig};
-use deltatune_models::LlamaModel;
+use deltatune_models::Decoder;
 
 fn source(name: &str) -> (LoraConfig, BTreeMap<String, Tensor>) {
     let d = fixtures().join("tiny-llama-combine").join(name);
@@ -24,8 +24,8 @@ fn source(name: &str) -> (LoraConfig, BTreeMap<String, Tensor>) {
     )
 }
 
-fn tiny() -> LlamaModel {
-    LlamaModel::load(&fixtures().join("tiny-llama")).unwrap()
+fn tiny() -> Decoder {
+    Decoder::load(&fixtures().join("tiny-llama")).unwrap()
 }
 
 #[test]
@@ -103,7 +103,7 @@ fn mixed_adapter_batch_equals_each_adapter_alone() {
 /// gives.
 #[test]
 fn mixed_adapter_greedy_generation_equals_each_adapter_alone() {
-    use deltatune_models::llama::{GenerateConfig, Generator};
+    use deltatune_models::decoder::{GenerateConfig, Generator};
     let names = ["a", "b", "c", "e"];
     let sources: Vec<_> = names.iter().map(|n| source(n)).collect();
     let mut multi = tiny();

@@ -5,12 +5,12 @@ pub mod backbone;
 pub mod bert;
 pub mod gguf_tokenizer;
 pub mod layers;
-pub mod llama;
+pub mod decoder;
 pub mod tokenizer;
 pub mod vit;
 
 pub use backbone::{Backbone, CausalLm, SequenceClassifier, TextBackbone};
 pub use bert::{BertClassifier, Inputs, Pooling};
-pub use llama::{KvCache, LlamaConfig, LlamaModel, TokenRows};
+pub use decoder::{KvCache, DecoderConfig, Decoder, TokenRows};
 pub use tokenizer::TextTokenizer;
 pub use vit::{VitClassifier, VitConfig};

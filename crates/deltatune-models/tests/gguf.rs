@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use deltatune_core::{Error, GgufFile, Rng};
 use deltatune_models::gguf_tokenizer::tokenizer_from_gguf;
-use deltatune_models::llama::gguf::{hf_rows_from_gguf, load_llama_gguf, GgufTensor};
+use deltatune_models::decoder::gguf::{hf_rows_from_gguf, load_gguf, GgufTensor};
 
 const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -220,7 +220,7 @@ fn write_llama(dir: &Path, spec: &Spec) -> PathBuf {
 fn synthetic_llama_loads_with_hf_names_and_unpermuted_q() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_llama(dir.path(), &Spec::default());
-    let g = load_llama_gguf(&path).unwrap();
+    let g = load_gguf(&path).unwrap();
     let c = &g.config;
     assert_eq!(
         (
@@ -237,7 +237,7 @@ fn synthetic_llama_loads_with_hf_names_and_unpermuted_q() {
         (LAYERS, 259, 512)
     );
     assert!(c.tie_word_embeddings);
-    assert_eq!(c.rope_theta, 100000.0);
+    assert_eq!(c.rope.theta, 100000.0);
     assert_eq!(
         (c.bos_token_id, c.eos_token_ids.clone(), c.pad_token_id),
         (Some(257), vec![257], Some(257))
@@ -291,7 +291,7 @@ fn synthetic_llama_errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let err = |spec: Spec| -> Error {
         let path = write_llama(dir.path(), &spec);
-        load_llama_gguf(&path).unwrap_err()
+        load_gguf(&path).unwrap_err()
     };
     let e = err(Spec {
         bad_ffn_up: Some((FFN + 1, HIDDEN)),
@@ -348,7 +348,7 @@ fn hf_row_map_inverts_the_converter_for_k_with_kv_heads() {
 #[test]
 fn real_smollm2_config_and_tensors() {
     let Some(path) = real_gguf() else { return };
-    let g = load_llama_gguf(&path).unwrap();
+    let g = load_gguf(&path).unwrap();
     let c = &g.config;
     assert_eq!(
         (
@@ -362,7 +362,7 @@ fn real_smollm2_config_and_tensors() {
         (30, 576, 1536, 9, 3, 64)
     );
     assert_eq!(c.vocab_size, 49152);
-    assert_eq!(c.rope_theta, 100000.0);
+    assert_eq!(c.rope.theta, 100000.0);
     assert!((c.rms_norm_eps - 1e-5).abs() < 1e-12);
     assert!(c.tie_word_embeddings);
     assert_eq!(c.bos_token_id, Some(1));

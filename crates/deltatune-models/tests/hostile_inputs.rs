@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use deltatune_core::{Error, Rng};
-use deltatune_models::llama::gguf::load_llama_gguf;
-use deltatune_models::{BertClassifier, LlamaModel, Pooling, TextTokenizer};
+use deltatune_models::decoder::gguf::load_gguf;
+use deltatune_models::{BertClassifier, Decoder, Pooling, TextTokenizer};
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -73,10 +73,10 @@ fn gguf_block_count_beyond_the_tensors_is_an_error_not_an_allocation() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.gguf");
     write_llama_gguf(&p, 1);
-    load_llama_gguf(&p).expect("the well-formed file loads");
+    load_gguf(&p).expect("the well-formed file loads");
     for count in [2, 1000, u32::MAX] {
         write_llama_gguf(&p, count);
-        let err = load_llama_gguf(&p).unwrap_err();
+        let err = load_gguf(&p).unwrap_err();
         assert!(matches!(err, Error::MalformedConfig { .. }), "{err:?}");
         let msg = err.to_string();
         assert!(
@@ -217,7 +217,7 @@ fn bert_config_huge_num_hidden_layers_is_an_error_not_a_capacity_overflow() {
 fn llama_config_huge_num_hidden_layers_is_an_error_not_a_capacity_overflow() {
     for layers in [7_130_735_639_373_133_823u64, 100_000_000, 3] {
         let dir = model_dir("tiny-llama", &["model.safetensors"], layers);
-        let err = LlamaModel::load(dir.path()).unwrap_err().to_string();
+        let err = Decoder::load(dir.path()).unwrap_err().to_string();
         assert!(
             err.contains("layers.2") && err.contains("model.safetensors"),
             "{layers}: {err}"

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use deltatune_core::{Ctx, Weights};
-use deltatune_models::llama::{GenerateConfig, Generator};
-use deltatune_models::{KvCache, LlamaModel};
+use deltatune_models::decoder::{GenerateConfig, Generator};
+use deltatune_models::{KvCache, Decoder};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -44,7 +44,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn tiny_llama_matches_transformers_logits_and_hidden() {
     for dir in ["tiny-llama", "tiny-llama-tied"] {
-        let m = LlamaModel::load(&fixtures().join(dir)).unwrap();
+        let m = Decoder::load(&fixtures().join(dir)).unwrap();
         let exp = load_map(&fixtures().join(dir).join("expected.safetensors"));
         let ids = rows(&exp["input_ids"]);
         let mask = rows(&exp["attention_mask"]);
@@ -63,7 +63,7 @@ fn tiny_llama_matches_transformers_logits_and_hidden() {
 #[test]
 fn tiny_llama_kv_cache_matches_full_pass() {
     let dir = fixtures().join("tiny-llama");
-    let m = LlamaModel::load(&dir).unwrap();
+    let m = Decoder::load(&dir).unwrap();
     let exp = load_map(&dir.join("expected.safetensors"));
     let ids = rows(&exp["input_ids"]);
     let ctx = Ctx::eval();
@@ -90,7 +90,7 @@ fn tiny_llama_kv_cache_matches_full_pass() {
 #[test]
 fn left_padding_does_not_change_a_rows_logits() {
     let dir = fixtures().join("tiny-llama");
-    let m = LlamaModel::load(&dir).unwrap();
+    let m = Decoder::load(&dir).unwrap();
     let exp = load_map(&dir.join("expected.safetensors"));
     let ids = rows(&exp["input_ids"]);
     let ctx = Ctx::eval();
@@ -112,7 +112,7 @@ fn left_padding_does_not_change_a_rows_logits() {
 
 #[test]
 fn greedy_generation_stops_at_eos_and_respects_budget() {
-    let m = LlamaModel::load(&fixtures().join("tiny-llama")).unwrap();
+    let m = Decoder::load(&fixtures().join("tiny-llama")).unwrap();
     let g = Generator {
         model: &m,
         decode: None,
@@ -177,7 +177,7 @@ fn smollm2() -> Option<PathBuf> {
 #[test]
 fn smollm2_greedy_tokens_equal_transformers() {
     let Some(path) = smollm2() else { return };
-    let m = LlamaModel::load(&path).unwrap();
+    let m = Decoder::load(&path).unwrap();
     let fx: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("smollm2/greedy.json")).unwrap(),
     )
@@ -233,7 +233,7 @@ fn smollm2_greedy_tokens_equal_transformers() {
             // transformers and llama.cpp keep the end-of-sequence id in their output; ours
             // reports it as the stop.
             let mut got = out[0].ids.clone();
-            if out[0].stop == deltatune_models::llama::StopReason::Eos {
+            if out[0].stop == deltatune_models::decoder::StopReason::Eos {
                 got.push(2);
             }
             got
@@ -265,7 +265,7 @@ fn smollm2_greedy_tokens_equal_transformers() {
 #[test]
 fn smollm2_tokenizer_from_gguf_equals_transformers() {
     let Some(path) = smollm2() else { return };
-    let d = deltatune_models::llama::load_decoder(&path).unwrap();
+    let d = deltatune_models::decoder::load_decoder(&path).unwrap();
     let fx: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("smollm2/tokens.json")).unwrap(),
     )
@@ -286,7 +286,7 @@ fn smollm2_tokenizer_from_gguf_equals_transformers() {
 }
 
 /// The logits at the last position of a one-row batch.
-fn last_logits(m: &LlamaModel, h: &Tensor, ctx: &Ctx) -> Vec<f32> {
+fn last_logits(m: &Decoder, h: &Tensor, ctx: &Ctx) -> Vec<f32> {
     let t = h.dim(1).unwrap();
     m.logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap(), ctx)
         .unwrap()
@@ -298,7 +298,7 @@ fn last_logits(m: &LlamaModel, h: &Tensor, ctx: &Ctx) -> Vec<f32> {
 
 /// Greedy next-token logits of `prompt` alone for `steps` tokens (the serving engine's
 /// reference): `(tokens fed after the prompt, logits before each)`.
-fn alone_steps(m: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+fn alone_steps(m: &Decoder, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
     let ctx = Ctx::inference();
     let mut cache = KvCache::default();
     let mut ids = vec![prompt.to_vec()];
@@ -309,7 +309,7 @@ fn alone_steps(m: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
             .forward_hidden(&ids, &mask, Some(&mut cache), &ctx)
             .unwrap();
         let l = last_logits(m, &h, &ctx);
-        let next = deltatune_models::llama::generate::argmax(&l);
+        let next = deltatune_models::decoder::generate::argmax(&l);
         out.push(l);
         ids = vec![vec![next]];
         mask = vec![vec![1]];
@@ -322,7 +322,7 @@ fn alone_steps(m: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
 /// row's logits at every step equal those of its sequence run alone.
 #[test]
 fn cache_rows_join_and_leave_a_running_batch() {
-    let m = LlamaModel::load(&fixtures().join("tiny-llama")).unwrap();
+    let m = Decoder::load(&fixtures().join("tiny-llama")).unwrap();
     let prompts: [Vec<u32>; 3] = [vec![5, 17, 30], vec![8, 9, 40, 41, 60], vec![70, 3]];
     let want: Vec<Vec<Vec<f32>>> = prompts.iter().map(|p| alone_steps(&m, p, 8)).collect();
     let ctx = Ctx::inference();
@@ -350,7 +350,7 @@ fn cache_rows_join_and_leave_a_running_batch() {
             assert!(close(&l, &want[k][0]) < 1e-5);
             cache.append(c).unwrap();
             rows.push((k, 1));
-            last.push(deltatune_models::llama::generate::argmax(&l));
+            last.push(deltatune_models::decoder::generate::argmax(&l));
         };
     let step = |cache: &mut KvCache, rows: &mut Vec<(usize, usize)>, last: &mut Vec<u32>| {
         let ids: Vec<Vec<u32>> = last.iter().map(|&t| vec![t]).collect();
@@ -365,7 +365,7 @@ fn cache_rows_join_and_leave_a_running_batch() {
             let d = close(&l[r], &want[*k][*s]);
             assert!(d < 1e-5, "sequence {k} step {s}: {d}");
             *s += 1;
-            last[r] = deltatune_models::llama::generate::argmax(&l[r]);
+            last[r] = deltatune_models::decoder::generate::argmax(&l[r]);
         }
     };
     join(0, &mut cache, &mut rows, &mut last);

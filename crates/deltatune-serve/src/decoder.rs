@@ -14,9 +14,9 @@ use std::sync::Arc;
 use deltatune_core::{Ctx, Rng};
 use deltatune_methods::lora::multi::attach_multi;
 use deltatune_methods::LoraConfig;
-use deltatune_models::llama::generate::sample;
-use deltatune_models::llama::{GenerateConfig, LoadedDecoder, StopReason};
-use deltatune_models::{KvCache, LlamaModel};
+use deltatune_models::decoder::generate::sample;
+use deltatune_models::decoder::{GenerateConfig, LoadedDecoder, StopReason};
+use deltatune_models::{KvCache, Decoder};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -120,7 +120,7 @@ struct Row {
 
 /// A batch running on one model.
 struct Group {
-    model: LlamaModel,
+    model: Decoder,
     rows: Vec<Row>,
     cache: KvCache,
 }
@@ -132,7 +132,7 @@ struct Slot {
 }
 
 struct Core {
-    base: LlamaModel,
+    base: Decoder,
     tokenizer: Tokenizer,
     metrics: Arc<Metrics>,
     slots: Vec<Option<Slot>>,
@@ -242,7 +242,7 @@ impl Row {
 }
 
 impl Core {
-    fn new(base: LlamaModel, tokenizer: Tokenizer, metrics: Arc<Metrics>) -> Self {
+    fn new(base: Decoder, tokenizer: Tokenizer, metrics: Arc<Metrics>) -> Self {
         Self {
             shared: Group {
                 model: base.clone(),

@@ -31,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 use deltatune_data::generation::{apply_chat_template, ChatMessage};
-use deltatune_models::llama::{GenerateConfig, StopReason};
+use deltatune_models::decoder::{GenerateConfig, StopReason};
 use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -684,7 +684,7 @@ async fn classify_inner(
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let best = deltatune_models::llama::generate::argmax(p) as usize;
+            let best = deltatune_models::decoder::generate::argmax(p) as usize;
             json!({
                 "index": i,
                 "label": info.labels.get(best),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use deltatune_models::llama::{GenerateConfig, StopReason};
+use deltatune_models::decoder::{GenerateConfig, StopReason};
 use deltatune_serve::decoder::{self, GenEvent, GenRequest};
 use deltatune_serve::engine::EngineOptions;
 use deltatune_serve::metrics::Metrics;

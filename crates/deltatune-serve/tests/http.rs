@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use deltatune_models::llama::GenerateConfig;
+use deltatune_models::decoder::GenerateConfig;
 use deltatune_serve::decoder;
 use deltatune_serve::engine::EngineOptions;
 use deltatune_serve::http::{router, Backend, ServerOptions};

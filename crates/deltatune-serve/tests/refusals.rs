@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use deltatune_core::Rng;
-use deltatune_models::llama::GenerateConfig;
+use deltatune_models::decoder::GenerateConfig;
 use deltatune_models::{BertClassifier, Pooling};
 use deltatune_serve::engine::EngineOptions;
 use deltatune_serve::http::{router, Backend, ServerOptions};

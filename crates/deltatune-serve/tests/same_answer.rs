@@ -26,8 +26,8 @@ use common::{fixtures, folder, tiny, tokenizer, CHAT_TEMPLATE};
 use deltatune_core::{Ctx, Rng};
 use deltatune_methods::lora::multi::attach_multi;
 use deltatune_methods::{load_state_dict, DeltaConfig};
-use deltatune_models::llama::{GenerateConfig, Generator, LoadedDecoder};
-use deltatune_models::{KvCache, LlamaModel};
+use deltatune_models::decoder::{GenerateConfig, Generator, LoadedDecoder};
+use deltatune_models::{KvCache, Decoder};
 use deltatune_serve::decoder::{self, GenEvent, GenRequest};
 use deltatune_serve::engine::EngineOptions;
 use deltatune_serve::metrics::Metrics;
@@ -36,7 +36,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 /// `model` with `folder`'s adapter attached on its own, as `deltatune generate` builds it.
-fn with_adapter(model: &LlamaModel, folder: Option<&AdapterFolder>) -> LlamaModel {
+fn with_adapter(model: &Decoder, folder: Option<&AdapterFolder>) -> Decoder {
     let mut m = model.clone();
     if let Some(f) = folder {
         let tr = f.delta.attach_saved(&mut m, &Rng::new(0)).unwrap();
@@ -47,7 +47,7 @@ fn with_adapter(model: &LlamaModel, folder: Option<&AdapterFolder>) -> LlamaMode
 
 /// `model` with every LoRA folder of `folders` attached for per-row routing, as the server's
 /// shared batch has them (row value `i` = `folders[i]`).
-fn shared(model: &LlamaModel, folders: &[&AdapterFolder]) -> LlamaModel {
+fn shared(model: &Decoder, folders: &[&AdapterFolder]) -> Decoder {
     let mut m = model.clone();
     let list: Vec<_> = folders
         .iter()
@@ -72,7 +72,7 @@ fn ctx(routes: Option<Vec<u32>>) -> Ctx {
 
 /// The next-token logits of each row of a pass over `ids` (left-padded to one length).
 fn pass(
-    model: &LlamaModel,
+    model: &Decoder,
     ids: &[Vec<u32>],
     mask: &[Vec<u32>],
     cache: &mut KvCache,
@@ -110,7 +110,7 @@ fn left_padded(prompts: &[&Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
 /// on their own and appended (their cache padded to the batch's); 3 steps of all; row 0 leaves;
 /// 1 more step. `routes`: each row's adapter in a shared model.
 fn batch_run(
-    model: &LlamaModel,
+    model: &Decoder,
     prompts: &[Vec<u32>],
     routes: Option<&[u32]>,
     split: usize,
@@ -161,7 +161,7 @@ fn batch_run(
 }
 
 /// Row `r`'s logits alone: its prompt, then `steps - 1` fed tokens.
-fn alone_run(model: &LlamaModel, prompt: &[u32], r: usize, steps: usize) -> Vec<Vec<f32>> {
+fn alone_run(model: &Decoder, prompt: &[u32], r: usize, steps: usize) -> Vec<Vec<f32>> {
     let mut cache = KvCache::default();
     let c = ctx(None);
     let mut out = pass(
@@ -187,7 +187,7 @@ fn assert_rows_alone(
     what: &str,
     batch: &[Vec<Vec<f32>>],
     prompts: &[Vec<u32>],
-    alone_model: impl Fn(usize) -> LlamaModel,
+    alone_model: impl Fn(usize) -> Decoder,
 ) {
     for (r, steps) in batch.iter().enumerate() {
         let alone = alone_run(&alone_model(r), &prompts[r], r, steps.len());
@@ -219,7 +219,7 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
 /// random weights (LoRA's B, prompts, prefixes and bottlenecks `N(0, std²)`, IA3 vectors
 /// `1 + N(0, 0.3²)`, LoRA's A as initialised) and reads it back.
 fn random_folder(
-    model: &LlamaModel,
+    model: &Decoder,
     name: &str,
     mut cfg: serde_json::Value,
     dir: &Path,
@@ -285,7 +285,7 @@ fn tiny_folders(dir: &Path) -> Vec<AdapterFolder> {
 
 /// Bit-for-bit logits of every method, batched as the server batches them, against the row
 /// alone with its adapter attached on its own.
-fn check_logits(base: &LlamaModel, folders: &[AdapterFolder], prompts: &[Vec<u32>]) {
+fn check_logits(base: &Decoder, folders: &[AdapterFolder], prompts: &[Vec<u32>]) {
     let lora: Vec<&AdapterFolder> = folders.iter().filter(|f| f.lora().is_some()).collect();
     let model = shared(base, &lora);
     // Rows: each LoRA adapter and the base, mixed.
@@ -356,7 +356,7 @@ fn check_engine(dec: LoadedDecoder, folders: Vec<AdapterFolder>, prompts: &[Vec<
         }
     }
     let tok = dec.tokenizer.clone();
-    let models: BTreeMap<Option<String>, LlamaModel> = names
+    let models: BTreeMap<Option<String>, Decoder> = names
         .iter()
         .map(|n| {
             let f = n
@@ -465,7 +465,7 @@ fn smollm2() -> Option<PathBuf> {
 
 /// Random adapters of every method on SmolLM2: two LoRA adapters (different targets and
 /// ranks), IA3, prefix, prompt and a bottleneck adapter.
-fn smollm2_folders(base: &LlamaModel, dir: &Path) -> Vec<AdapterFolder> {
+fn smollm2_folders(base: &Decoder, dir: &Path) -> Vec<AdapterFolder> {
     let cfgs = [
         (
             "lora-qv",
@@ -521,7 +521,7 @@ fn smollm2_prompts(tok: &Tokenizer) -> Vec<Vec<u32>> {
 #[test]
 fn every_row_gets_the_logits_it_gets_alone_smollm2() {
     let Some(p) = smollm2() else { return };
-    let dec = deltatune_models::llama::load_decoder(&p).unwrap();
+    let dec = deltatune_models::decoder::load_decoder(&p).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let folders = smollm2_folders(&dec.model, dir.path());
     check_logits(&dec.model, &folders, &smollm2_prompts(&dec.tokenizer));
@@ -530,7 +530,7 @@ fn every_row_gets_the_logits_it_gets_alone_smollm2() {
 #[test]
 fn the_server_alone_and_under_mixed_load_answers_as_generate_does_smollm2() {
     let Some(p) = smollm2() else { return };
-    let dec = deltatune_models::llama::load_decoder(&p).unwrap();
+    let dec = deltatune_models::decoder::load_decoder(&p).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let folders = smollm2_folders(&dec.model, dir.path());
     let prompts = smollm2_prompts(&dec.tokenizer);
@@ -545,7 +545,7 @@ fn the_server_alone_and_under_mixed_load_answers_as_generate_does_smollm2() {
 #[ignore]
 fn bench_row_invariant_decoding() {
     let Some(p) = smollm2() else { return };
-    let dec = deltatune_models::llama::load_decoder(&p).unwrap();
+    let dec = deltatune_models::decoder::load_decoder(&p).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let folders = smollm2_folders(&dec.model, dir.path());
     let lora: Vec<&AdapterFolder> = folders.iter().filter(|f| f.lora().is_some()).collect();

@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Tensor};
 use deltatune_core::Ctx;
-use deltatune_models::llama::{GenerateConfig, Generator};
-use deltatune_models::LlamaModel;
+use deltatune_models::decoder::{GenerateConfig, Generator};
+use deltatune_models::Decoder;
 
 use crate::trainer::{DevScore, Task};
 use crate::{Result, TrainError};
@@ -61,7 +61,7 @@ pub fn generation_metrics(generated: &[String], references: &[String]) -> (f64, 
 /// prompt (prompt tokens carry no loss, as PEFT's examples mask them with -100), averaged over
 /// the batch's completion tokens.
 pub struct CausalLmTask<'a> {
-    pub model: &'a LlamaModel,
+    pub model: &'a Decoder,
     pub train: &'a [LmExample],
     /// Dev examples with their reference completion texts.
     pub dev: &'a [LmExample],
@@ -82,7 +82,7 @@ pub struct CausalLmTask<'a> {
 /// together). `progress`: a bar on stderr with this label (examples done, rate, time left).
 #[allow(clippy::too_many_arguments)]
 pub fn generate_texts(
-    model: &LlamaModel,
+    model: &Decoder,
     prompts: &[Vec<u32>],
     decode: &dyn Fn(&[u32]) -> String,
     max_new_tokens: usize,

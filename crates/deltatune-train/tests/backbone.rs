@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use deltatune_core::{Ctx, Rng, Weights};
 use deltatune_methods::DeltaConfig;
-use deltatune_models::{Backbone, BertClassifier, LlamaModel, Pooling, TextBackbone};
+use deltatune_models::{Backbone, BertClassifier, Decoder, Pooling, TextBackbone};
 use deltatune_train::{predict_proba, Encoded};
 
 fn fixture(name: &str) -> PathBuf {
@@ -95,7 +95,7 @@ fn the_encoder_is_a_backbone() {
 #[test]
 fn the_decoder_is_a_backbone() {
     let dir = fixture("tiny-llama");
-    let m = LlamaModel::load(&dir).unwrap();
+    let m = Decoder::load(&dir).unwrap();
     named_tensors_are_the_checkpoint(&m, &dir.join("model.safetensors"), &[]);
     hidden_states_follow_the_deltas(&m);
 }

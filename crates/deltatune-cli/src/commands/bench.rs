@@ -317,11 +317,11 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
     // 8-bit activations (the default, as llama.cpp) and f32 activations, each after one
     // untimed run (the first 8-bit run repacks the weights).
     for (b, int8) in [(1usize, true), (1, false), (8, true), (8, false)] {
-        let g = deltatune_models::llama::Generator {
+        let g = deltatune_models::decoder::Generator {
             model: &d.model,
             decode: None,
         };
-        let cfg = deltatune_models::llama::GenerateConfig {
+        let cfg = deltatune_models::decoder::GenerateConfig {
             max_new_tokens: 64,
             int8_activations: int8,
             ..Default::default()

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use deltatune_core::{HasSites, Rng};
 use deltatune_data::generation::{load_generation_jsonl, ChatMessage, GenExample};
 use deltatune_methods::{load_state_dict, Trainable};
-use deltatune_models::llama::{load_decoder, GenerateConfig, Generator, LoadedDecoder};
+use deltatune_models::decoder::{load_decoder, GenerateConfig, Generator, LoadedDecoder};
 use deltatune_train::adapter_folder::config_task_type;
 use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG};
 use deltatune_train::{

@@ -232,7 +232,7 @@ fn merge_decoder(adapter: &Path, out: &Path, name: &str, rules: &OutputRules) ->
         )?;
     }
     let dir = staging.commit()?;
-    let plain = deltatune_models::LlamaModel::load(&dir)?;
+    let plain = deltatune_models::Decoder::load(&dir)?;
     let after = plain.forward(std::slice::from_ref(&ids), &mask, None, &Ctx::eval())?;
     let diff: f32 = (before - after)?
         .abs()?

@@ -345,12 +345,25 @@ pub fn rope_angles(
     theta: f64,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..head_dim / 2)
+        .map(|j| (1.0 / theta.powf((2 * j) as f64 / head_dim as f64)) as f32)
+        .collect();
+    rope_angles_inv(positions, &inv, device)
+}
+
+/// `cos` and `sin` of the rotary angles `pos · inv[j]` for every position id, from given
+/// inverse frequencies (scaled ropes compute their own).
+///
+/// # Shapes
+/// `positions`: B rows of T ids, `inv`: D/2 -> (`cos`, `sin`): [B, T, D/2] f32
+pub fn rope_angles_inv(
+    positions: &[Vec<u32>],
+    inv: &[f32],
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv.len();
     let b = positions.len();
     let t = positions.first().map_or(0, |p| p.len());
-    let inv: Vec<f64> = (0..half)
-        .map(|j| 1.0 / theta.powf((2 * j) as f64 / head_dim as f64))
-        .collect();
     let mut c = Vec::with_capacity(b * t * half);
     let mut s = Vec::with_capacity(b * t * half);
     for row in positions {
@@ -361,9 +374,9 @@ pub fn rope_angles(
             );
         }
         for &p in row {
-            for &f in &inv {
+            for &f in inv {
                 // Angles in f32 as transformers computes them (inv_freq f32, product f32).
-                let a = (p as f32) * (f as f32);
+                let a = (p as f32) * f;
                 c.push(a.cos());
                 s.push(a.sin());
             }

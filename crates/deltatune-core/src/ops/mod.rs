@@ -52,7 +52,7 @@ pub use bf16::{
     bf16_decided, bf16_linear, bf16_pays, bf16_time_ratio, decide_bf16, has_bf16, Bf16Weight,
     BF16_MAX_TIME_RATIO,
 };
-pub use decoder::{rms_norm, rope, rope_angles, swiglu};
+pub use decoder::{rms_norm, rope, rope_angles, rope_angles_inv, swiglu};
 pub use dropout::{dropout_bits_op, dropout_project};
 pub use gelu::gelu_erf;
 pub use linear::frozen_linear;

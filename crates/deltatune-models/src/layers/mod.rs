@@ -175,6 +175,55 @@ pub fn attention(
     dropout: f64,
     ctx: &Ctx,
 ) -> Result<Tensor> {
+    let scale = 1.0 / (heads.head_dim as f64).sqrt();
+    attention_with(
+        q,
+        k,
+        v,
+        key_bias,
+        heads,
+        AttnOptions {
+            scale,
+            window: None,
+            softcap: None,
+        },
+        layer,
+        deltas,
+        causal,
+        dropout,
+        ctx,
+    )
+}
+
+/// How a decoder family's attention differs from the plain scaled dot product.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnOptions {
+    /// Scores are multiplied by this (usually `head_dim^-1/2`).
+    pub scale: f64,
+    /// A query sees only the `window` keys ending at its own position (prefix and cached keys
+    /// count as earlier positions), as transformers' and llama.cpp's sliding windows.
+    pub window: Option<usize>,
+    /// `cap · tanh(score / cap)` on the scaled scores before masking (Gemma 2).
+    pub softcap: Option<f64>,
+}
+
+/// [`attention`] with a family's [`AttnOptions`]. A window that hides nothing (no more keys
+/// than the window) and no soft-capping run the fast kernels; otherwise the scores are
+/// composed from candle ops with a per-query mask (training and inference alike).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_bias: &Tensor,
+    heads: Heads,
+    opts: AttnOptions,
+    layer: usize,
+    deltas: &[Arc<dyn SiteDelta>],
+    causal: bool,
+    dropout: f64,
+    ctx: &Ctx,
+) -> Result<Tensor> {
     let Heads {
         heads: nh,
         kv_heads: nkv,
@@ -189,7 +238,11 @@ pub fn attention(
     })?;
     let tk = k.dim(2)?;
     let group = nh / nkv;
-    let scale = 1.0 / (dh as f64).sqrt();
+    let scale = opts.scale;
+    let window = opts.window.filter(|&w| tk > w);
+    if window.is_some() || opts.softcap.is_some() {
+        return masked_attention(q, &k, &v, &bias, heads, scale, window, opts.softcap, causal, dropout, ctx);
+    }
     if ctx.no_grad && !ctx.train && !ops::portable::active(q) {
         // Inference batches unrelated sequences, padded: each row's numbers from its own
         // visible keys only, the same alone and in any batch.
@@ -209,6 +262,60 @@ pub fn attention(
     } else {
         ops::attention_softmax(&scores, &bias, scale)?
     };
+    let probs = ctx.dropout(&probs, dropout)?;
+    Ok(probs
+        .reshape((b, nkv, group * tq, tk))?
+        .matmul(&v.contiguous()?)?
+        .reshape((b, nh, tq, dh))?
+        .transpose(1, 2)?
+        .reshape((b, tq, nh * dh))?)
+}
+
+/// Attention composed from candle ops with a mask per query: soft-capped scores and sliding
+/// windows. Query `i` sits at key index `i + Tk - Tq`; it sees key `j` when `j` is not after
+/// it (causal) and, with a window `w`, when it is fewer than `w` keys before it.
+#[allow(clippy::too_many_arguments)]
+fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: &Tensor,
+    heads: Heads,
+    scale: f64,
+    window: Option<usize>,
+    softcap: Option<f64>,
+    causal: bool,
+    dropout: f64,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let Heads {
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: dh,
+    } = heads;
+    let (b, _, tq, _) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let group = nh / nkv;
+    let qg = q.contiguous()?.reshape((b, nkv, group * tq, dh))?;
+    let mut scores = (qg.matmul(&k.contiguous()?.t()?)?.reshape((b, nh, tq, tk))? * scale)?;
+    if let Some(cap) = softcap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
+    let off = tk - tq;
+    let mut pos_mask = vec![0f32; tq * tk];
+    for i in 0..tq {
+        let me = i + off;
+        for j in 0..tk {
+            let hidden = (causal && j > me) || window.is_some_and(|w| j + w <= me);
+            if hidden {
+                pos_mask[i * tk + j] = -1e9;
+            }
+        }
+    }
+    let pos_mask = Tensor::from_vec(pos_mask, (1, 1, tq, tk), q.device())?;
+    let mask = pos_mask.broadcast_add(&key_bias.to_dtype(DType::F32)?.reshape((b, 1, 1, tk))?)?;
+    let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    let probs = ops::softmax_last_dim(&scores)?;
     let probs = ctx.dropout(&probs, dropout)?;
     Ok(probs
         .reshape((b, nkv, group * tq, tk))?

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use deltatune_core::Rng;
 use deltatune_methods::load_state_dict;
-use deltatune_models::llama::{GenerateConfig, Generator, LoadedDecoder};
-use deltatune_models::LlamaModel;
+use deltatune_models::decoder::{GenerateConfig, Generator, LoadedDecoder};
+use deltatune_models::Decoder;
 use deltatune_serve::AdapterFolder;
 use tokenizers::Tokenizer;
 
@@ -43,8 +43,8 @@ pub fn tokenizer() -> Tokenizer {
 pub const CHAT_TEMPLATE: &str =
     "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}w90{% endif %}";
 
-pub fn tiny() -> LlamaModel {
-    LlamaModel::load(&fixtures().join("tiny-llama")).unwrap()
+pub fn tiny() -> Decoder {
+    Decoder::load(&fixtures().join("tiny-llama")).unwrap()
 }
 
 pub fn decoder() -> LoadedDecoder {

@@ -7,11 +7,55 @@ use std::path::{Path, PathBuf};
 use deltatune_core::{Error, Result};
 use tokenizers::Tokenizer;
 
-use super::model::LlamaModel;
+use super::model::Decoder;
+
+/// The weights of a Hugging Face folder: `model.safetensors`, or the shards a
+/// `model.safetensors.index.json` lists (f32, f16 or bf16; read as f32).
+pub fn read_safetensors(dir: &Path) -> Result<deltatune_core::Weights> {
+    use candle_core::DType;
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.exists() || !index.exists() {
+        return deltatune_core::Weights::load(&single, DType::F32);
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io("reading", &index, e))?;
+    let bad = |msg: String| Error::MalformedConfig {
+        path: index.clone(),
+        msg,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(bad("no `weight_map` object".into()));
+    };
+    let mut shards: Vec<&str> = Vec::new();
+    for (key, file) in map {
+        let Some(f) = file.as_str() else {
+            return Err(bad(format!("weight_map[{key}] is not a file name")));
+        };
+        // A shard is a file name in the folder, never a path out of it.
+        if f.is_empty() || f.contains('/') || f.contains('\\') || f == ".." {
+            return Err(bad(format!(
+                "weight_map[{key}] = `{f}`: shards must be file names in the folder"
+            )));
+        }
+        if !shards.contains(&f) {
+            shards.push(f);
+        }
+    }
+    let mut tensors = std::collections::HashMap::new();
+    for f in shards {
+        let w = deltatune_core::Weights::load(&dir.join(f), DType::F32)?;
+        for (k, t) in w.tensors() {
+            tensors.insert(k.to_string(), t.clone());
+        }
+    }
+    Ok(deltatune_core::Weights::from_map(&index, tensors))
+}
 
 /// A loaded decoder.
 pub struct LoadedDecoder {
-    pub model: LlamaModel,
+    pub model: Decoder,
     pub tokenizer: Tokenizer,
     /// The Jinja chat template, when the model has one.
     pub chat_template: Option<String>,
@@ -22,13 +66,13 @@ pub struct LoadedDecoder {
 /// Loads the decoder at `path` (a `.gguf` file or a Hugging Face folder).
 pub fn load_decoder(path: &Path) -> Result<LoadedDecoder> {
     if path.extension().is_some_and(|e| e == "gguf") {
-        let mut g = super::gguf::load_llama_gguf(path)?;
+        let mut g = super::gguf::load_gguf(path)?;
         let tokenizer = std::mem::replace(
             &mut g.tokenizer,
             Tokenizer::new(tokenizers::models::bpe::BPE::default()),
         );
         let chat_template = g.chat_template.take();
-        let model = LlamaModel::from_gguf(g, path)?;
+        let model = Decoder::from_gguf(g, path)?;
         return Ok(LoadedDecoder {
             model,
             tokenizer,
@@ -36,7 +80,7 @@ pub fn load_decoder(path: &Path) -> Result<LoadedDecoder> {
             source: path.to_path_buf(),
         });
     }
-    let model = LlamaModel::load(path)?;
+    let model = Decoder::load(path)?;
     let tok_path = path.join("tokenizer.json");
     if !tok_path.exists() {
         return Err(Error::MissingFile {

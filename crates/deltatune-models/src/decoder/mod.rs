@@ -7,8 +7,8 @@ pub mod gguf;
 pub mod loader;
 pub mod model;
 
-pub use config::{LlamaConfig, LlamaConfigFile};
+pub use config::{DecoderConfig, HfDecoderConfig};
 pub use generate::{GenerateConfig, Generated, Generator, StopReason};
-pub use gguf::{load_llama_gguf, GgufTensor, LlamaGguf};
+pub use gguf::{load_gguf, GgufTensor, DecoderGguf};
 pub use loader::{load_decoder, LoadedDecoder};
-pub use model::{KvCache, LlamaModel, TokenRows};
+pub use model::{KvCache, Decoder, TokenRows};

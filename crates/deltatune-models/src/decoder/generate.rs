@@ -5,7 +5,7 @@
 use deltatune_core::{Ctx, Error, Result, Rng};
 use serde::{Deserialize, Serialize};
 
-use super::model::{KvCache, LlamaModel};
+use super::model::{KvCache, Decoder};
 
 /// Decoding settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,7 +96,7 @@ pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
 
 /// Runs generation for a batch of prompts.
 pub struct Generator<'a> {
-    pub model: &'a LlamaModel,
+    pub model: &'a Decoder,
     /// Decodes ids to text, for stop strings (required when `stop` is not empty).
     pub decode: Option<Decode<'a>>,
 }

@@ -15,7 +15,7 @@ use deltatune_core::hooks::{SiteDelta, Sublayer};
 use deltatune_core::quant::QuantMatrix;
 use deltatune_core::{ops, Ctx, Error, HasSites, Linear, Result, SiteInfo, SiteKind, Weights};
 
-use super::config::{LlamaConfig, LlamaConfigFile};
+use super::config::{Activation, DecoderConfig, Family, HfDecoderConfig};
 use super::gguf::GgufTensor;
 use crate::backbone::{Backbone, CausalLm, TextBackbone};
 use crate::layers;
@@ -61,17 +61,93 @@ impl Embedding {
     }
 }
 
+/// q, k and v as three projections or one (`qkv_proj`, Phi-3).
+#[derive(Debug, Clone)]
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The feed-forward's gate and up projections, or one `gate_up_proj` (Phi-3; gate first).
+#[derive(Debug, Clone)]
+enum GateUp {
+    Split { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
+    /// RMSNorm over each query / key head before rope (Qwen3, Gemma 3).
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
     o: Linear,
-    post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// On the attention output before the residual (Gemma 2/3).
+    post_attn_norm: Option<Tensor>,
+    /// Before the feed-forward (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
+    ffn_norm: Tensor,
+    /// On the feed-forward output before the residual (Gemma 2/3).
+    post_ffn_norm: Option<Tensor>,
+    gate_up: GateUp,
     down: Linear,
+}
+
+impl Layer {
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v = Vec::with_capacity(7);
+        match &self.qkv {
+            Qkv::Split { q, k, v: vv } => v.extend([q, k, vv]),
+            Qkv::Fused(l) => v.push(l),
+        }
+        v.push(&self.o);
+        match &self.gate_up {
+            GateUp::Split { gate, up } => v.extend([gate, up]),
+            GateUp::Fused(l) => v.push(l),
+        }
+        v.push(&self.down);
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = Vec::with_capacity(7);
+        match &mut self.qkv {
+            Qkv::Split { q, k, v: vv } => v.extend([q, k, vv]),
+            Qkv::Fused(l) => v.push(l),
+        }
+        v.push(&mut self.o);
+        match &mut self.gate_up {
+            GateUp::Split { gate, up } => v.extend([gate, up]),
+            GateUp::Fused(l) => v.push(l),
+        }
+        v.push(&mut self.down);
+        v
+    }
+
+    /// The layer's norm weights under their Hugging Face names (after `model.layers.N.`).
+    fn norms(&self, family: Family) -> Vec<(&'static str, &Tensor)> {
+        let ffn_name = if family.sandwich_norms() {
+            "pre_feedforward_layernorm.weight"
+        } else {
+            "post_attention_layernorm.weight"
+        };
+        let mut v = vec![("input_layernorm.weight", &self.input_norm)];
+        if let Some(t) = &self.q_norm {
+            v.push(("self_attn.q_norm.weight", t));
+        }
+        if let Some(t) = &self.k_norm {
+            v.push(("self_attn.k_norm.weight", t));
+        }
+        if let Some(t) = &self.post_attn_norm {
+            v.push(("post_attention_layernorm.weight", t));
+        }
+        v.push((ffn_name, &self.ffn_norm));
+        if let Some(t) = &self.post_ffn_norm {
+            v.push(("post_feedforward_layernorm.weight", t));
+        }
+        v
+    }
 }
 
 /// Keys and values of the positions run so far, per layer, for incremental decoding.
@@ -192,10 +268,11 @@ impl KvCache {
     }
 }
 
-/// `LlamaForCausalLM` with deltas attachable at its sites.
+/// A decoder-only causal LM of any supported family (`LlamaForCausalLM`,
+/// `Gemma3ForCausalLM`, ...) with deltas attachable at its sites.
 #[derive(Debug, Clone)]
-pub struct LlamaModel {
-    pub config: LlamaConfig,
+pub struct Decoder {
+    pub config: DecoderConfig,
     embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -206,23 +283,150 @@ pub struct LlamaModel {
     device: Device,
 }
 
-fn linear_from(path: &str, t: GgufTensor) -> Result<Linear> {
+fn linear_from(path: &str, t: GgufTensor, bias: Option<Tensor>) -> Result<Linear> {
     Ok(match t {
-        GgufTensor::Dense(w) => Linear::new(path, w, None),
-        GgufTensor::Quant(q) => Linear::quantized(path, q)?,
+        GgufTensor::Dense(w) => Linear::new(path, w, bias),
+        GgufTensor::Quant(q) => {
+            let mut l = Linear::quantized(path, q)?;
+            l.bias = bias;
+            l
+        }
     })
 }
 
-impl LlamaModel {
-    /// Loads a Hugging Face folder (`config.json` + `model.safetensors`) or a GGUF file
-    /// (quantized weights stay quantized).
+/// One tensor the model reads: its Hugging Face key and shape, and the llama.cpp name it has
+/// in a GGUF file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub hf: String,
+    pub gguf: String,
+    pub shape: Vec<usize>,
+}
+
+/// Every tensor a model of `cfg` reads, in load order.
+pub fn tensor_specs(cfg: &DecoderConfig) -> Vec<TensorSpec> {
+    let fam = cfg.family;
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (qw, kvw, dh) = (cfg.q_width(), cfg.kv_width(), cfg.head_dim);
+    let mut out = Vec::new();
+    let mut add = |hf: String, gguf: String, shape: Vec<usize>| {
+        out.push(TensorSpec { hf, gguf, shape })
+    };
+    add(
+        "model.embed_tokens.weight".into(),
+        "token_embd.weight".into(),
+        vec![v, h],
+    );
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        let mut t = |hf: &str, gguf: &str, shape: Vec<usize>| {
+            add(format!("{p}.{hf}"), format!("blk.{l}.{gguf}"), shape)
+        };
+        t("input_layernorm.weight", "attn_norm.weight", vec![h]);
+        if fam.fused_projections() {
+            t(
+                "self_attn.qkv_proj.weight",
+                "attn_qkv.weight",
+                vec![qw + 2 * kvw, h],
+            );
+        } else {
+            t("self_attn.q_proj.weight", "attn_q.weight", vec![qw, h]);
+            t("self_attn.k_proj.weight", "attn_k.weight", vec![kvw, h]);
+            t("self_attn.v_proj.weight", "attn_v.weight", vec![kvw, h]);
+            if cfg.qkv_bias {
+                t("self_attn.q_proj.bias", "attn_q.bias", vec![qw]);
+                t("self_attn.k_proj.bias", "attn_k.bias", vec![kvw]);
+                t("self_attn.v_proj.bias", "attn_v.bias", vec![kvw]);
+            }
+        }
+        if fam.qk_norm() {
+            t("self_attn.q_norm.weight", "attn_q_norm.weight", vec![dh]);
+            t("self_attn.k_norm.weight", "attn_k_norm.weight", vec![dh]);
+        }
+        t("self_attn.o_proj.weight", "attn_output.weight", vec![h, qw]);
+        if cfg.o_bias {
+            t("self_attn.o_proj.bias", "attn_output.bias", vec![h]);
+        }
+        if fam.sandwich_norms() {
+            t(
+                "post_attention_layernorm.weight",
+                "post_attention_norm.weight",
+                vec![h],
+            );
+            t("pre_feedforward_layernorm.weight", "ffn_norm.weight", vec![h]);
+            t(
+                "post_feedforward_layernorm.weight",
+                "post_ffw_norm.weight",
+                vec![h],
+            );
+        } else {
+            t("post_attention_layernorm.weight", "ffn_norm.weight", vec![h]);
+        }
+        if fam.fused_projections() {
+            t("mlp.gate_up_proj.weight", "ffn_up.weight", vec![2 * i, h]);
+        } else {
+            t("mlp.gate_proj.weight", "ffn_gate.weight", vec![i, h]);
+            t("mlp.up_proj.weight", "ffn_up.weight", vec![i, h]);
+        }
+        t("mlp.down_proj.weight", "ffn_down.weight", vec![h, i]);
+    }
+    add(
+        "model.norm.weight".into(),
+        "output_norm.weight".into(),
+        vec![h],
+    );
+    if !cfg.tie_word_embeddings {
+        add("lm_head.weight".into(), "output.weight".into(), vec![v, h]);
+    }
+    out
+}
+
+/// A plain f32 tensor of `t` (dequantizing a quantized one).
+fn dense_of(t: GgufTensor, key: &str, source: &Path) -> Result<Tensor> {
+    match t {
+        GgufTensor::Dense(t) => Ok(t),
+        GgufTensor::Quant(q) => q.dequantize().map_err(|e| {
+            Error::Msg(format!("dequantizing `{key}` in {}: {e}", source.display()))
+        }),
+    }
+}
+
+/// The tensors of one layer (`p` is its path) from a loader's source.
+struct Source<'a, 'g> {
+    get: &'a mut dyn FnMut(&str, &[usize]) -> Result<GgufTensor>,
+    source: &'g Path,
+    p: &'g str,
+}
+
+impl Source<'_, '_> {
+    fn norm(&mut self, name: &str, size: usize) -> Result<Tensor> {
+        let key = format!("{}.{name}.weight", self.p);
+        dense_of((self.get)(&key, &[size])?, &key, self.source)
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let path = format!("{}.{name}", self.p);
+        let w = (self.get)(&format!("{path}.weight"), &[out, inp])?;
+        let b = if bias {
+            let key = format!("{path}.bias");
+            Some(dense_of((self.get)(&key, &[out])?, &key, self.source)?)
+        } else {
+            None
+        };
+        linear_from(&path, w, b)
+    }
+}
+
+impl Decoder {
+    /// Loads a Hugging Face folder (`config.json` + `model.safetensors` or a sharded
+    /// `model.safetensors.index.json`) or a GGUF file (quantized weights stay quantized).
     pub fn load(path: &Path) -> Result<Self> {
         if path.extension().is_some_and(|e| e == "gguf") {
-            return Self::from_gguf(super::gguf::load_llama_gguf(path)?, path);
+            return Self::from_gguf(super::gguf::load_gguf(path)?, path);
         }
         let cfg_path = path.join("config.json");
-        let config = LlamaConfigFile::read(&cfg_path)?.into_config(&cfg_path)?;
-        let weights = Weights::load(&path.join("model.safetensors"), DType::F32)?;
+        let config = HfDecoderConfig::read(&cfg_path)?.into_config(&cfg_path)?;
+        let weights = super::loader::read_safetensors(path)?;
         Self::from_weights(config, &weights)
     }
 
@@ -231,7 +435,7 @@ impl LlamaModel {
     /// On a device other than the CPU ([`deltatune_core::device::current`]) the quantized
     /// matrices are dequantized to f32 there: the block kernels are CPU code, and the other
     /// devices multiply through candle's own products.
-    pub fn from_gguf(g: super::gguf::LlamaGguf, path: &Path) -> Result<Self> {
+    pub fn from_gguf(g: super::gguf::DecoderGguf, path: &Path) -> Result<Self> {
         let mut tensors = g.tensors;
         let device = deltatune_core::device::current();
         Self::from_tensors(g.config, path, &mut |key, shape| {
@@ -254,10 +458,12 @@ impl LlamaModel {
         })
     }
 
-    /// Builds the model from a parsed config and safetensors weights.
-    pub fn from_weights(config: LlamaConfig, weights: &Weights) -> Result<Self> {
+    /// Builds the model from a parsed config and safetensors weights (Hugging Face names and
+    /// conventions: Gemma's norm weights are stored as `w` for `1 + w`).
+    pub fn from_weights(config: DecoderConfig, weights: &Weights) -> Result<Self> {
         let hint = "the sizes in config.json";
         let path = weights.path().to_path_buf();
+        let plus_one = config.family.norm_plus_one();
         Self::from_tensors(config, &path, &mut |key, shape| {
             if key == "lm_head.weight" && !weights.contains(key) {
                 return Err(Error::MissingTensor {
@@ -266,32 +472,31 @@ impl LlamaModel {
                     nearest: "set tie_word_embeddings in config.json if the head is tied".into(),
                 });
             }
-            Ok(GgufTensor::Dense(weights.get(key, shape, hint)?))
+            let t = weights.get(key, shape, hint)?;
+            Ok(GgufTensor::Dense(if plus_one && key.ends_with("norm.weight") {
+                (t + 1.0)?
+            } else {
+                t
+            }))
         })
     }
 
-    /// Builds the model from a tensor source keyed by Hugging Face names; `source` names the
-    /// file in errors.
+    /// Builds the model from a tensor source keyed by Hugging Face names (norm weights as the
+    /// model multiplies by them: Gemma's `1 + w` already added); `source` names the file in
+    /// errors.
     pub fn from_tensors(
-        config: LlamaConfig,
+        config: DecoderConfig,
         source: &Path,
         get: &mut dyn FnMut(&str, &[usize]) -> Result<GgufTensor>,
     ) -> Result<Self> {
         config.validate(source)?;
+        let fam = config.family;
         let (h, i, kv) = (
             config.hidden_size,
             config.intermediate_size,
             config.kv_width(),
         );
-        let qw = config.num_heads * config.head_dim;
-        let dense = |t: GgufTensor, key: &str| -> Result<Tensor> {
-            match t {
-                GgufTensor::Dense(t) => Ok(t),
-                GgufTensor::Quant(q) => q.dequantize().map_err(|e| {
-                    Error::Msg(format!("dequantizing `{key}` in {}: {e}", source.display()))
-                }),
-            }
-        };
+        let (qw, dh) = (config.q_width(), config.head_dim);
         let embed = match get("model.embed_tokens.weight", &[config.vocab_size, h])? {
             GgufTensor::Dense(t) => Embedding::Dense(t),
             GgufTensor::Quant(q) => Embedding::Quant(q),
@@ -301,41 +506,74 @@ impl LlamaModel {
         let mut layers = Vec::new();
         for l in 0..config.num_layers {
             let p = format!("model.layers.{l}");
-            let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-                let path = format!("{p}.{name}");
-                linear_from(&path, get(&format!("{path}.weight"), &[out, inp])?)
+            let mut src = Source {
+                get: &mut *get,
+                source,
+                p: &p,
             };
-            let q = lin("self_attn.q_proj", qw, h)?;
-            let k = lin("self_attn.k_proj", kv, h)?;
-            let v = lin("self_attn.v_proj", kv, h)?;
-            let o = lin("self_attn.o_proj", h, qw)?;
-            let gate = lin("mlp.gate_proj", i, h)?;
-            let up = lin("mlp.up_proj", i, h)?;
-            let down = lin("mlp.down_proj", h, i)?;
-            let key = format!("{p}.input_layernorm.weight");
-            let input_norm = dense(get(&key, &[h])?, &key)?;
-            let key = format!("{p}.post_attention_layernorm.weight");
-            let post_norm = dense(get(&key, &[h])?, &key)?;
+            let input_norm = src.norm("input_layernorm", h)?;
+            let qkv = if fam.fused_projections() {
+                Qkv::Fused(src.linear("self_attn.qkv_proj", qw + 2 * kv, h, false)?)
+            } else {
+                let qb = config.qkv_bias;
+                Qkv::Split {
+                    q: src.linear("self_attn.q_proj", qw, h, qb)?,
+                    k: src.linear("self_attn.k_proj", kv, h, qb)?,
+                    v: src.linear("self_attn.v_proj", kv, h, qb)?,
+                }
+            };
+            let (q_norm, k_norm) = if fam.qk_norm() {
+                (
+                    Some(src.norm("self_attn.q_norm", dh)?),
+                    Some(src.norm("self_attn.k_norm", dh)?),
+                )
+            } else {
+                (None, None)
+            };
+            let o = src.linear("self_attn.o_proj", h, qw, config.o_bias)?;
+            let (post_attn_norm, ffn_norm, post_ffn_norm) = if fam.sandwich_norms() {
+                (
+                    Some(src.norm("post_attention_layernorm", h)?),
+                    src.norm("pre_feedforward_layernorm", h)?,
+                    Some(src.norm("post_feedforward_layernorm", h)?),
+                )
+            } else {
+                (None, src.norm("post_attention_layernorm", h)?, None)
+            };
+            let gate_up = if fam.fused_projections() {
+                GateUp::Fused(src.linear("mlp.gate_up_proj", 2 * i, h, false)?)
+            } else {
+                GateUp::Split {
+                    gate: src.linear("mlp.gate_proj", i, h, false)?,
+                    up: src.linear("mlp.up_proj", i, h, false)?,
+                }
+            };
+            let down = src.linear("mlp.down_proj", h, i, false)?;
             layers.push(Layer {
                 input_norm,
-                q,
-                k,
-                v,
+                qkv,
+                q_norm,
+                k_norm,
                 o,
-                post_norm,
-                gate,
-                up,
+                post_attn_norm,
+                ffn_norm,
+                post_ffn_norm,
+                gate_up,
                 down,
             });
         }
-        let norm = dense(get("model.norm.weight", &[h])?, "model.norm.weight")?;
+        let norm = dense_of(get("model.norm.weight", &[h])?, "model.norm.weight", source)?;
         let lm_head = if config.tie_word_embeddings {
             match &embed {
                 Embedding::Dense(t) => Linear::new("lm_head", t.clone(), None),
                 Embedding::Quant(q) => Linear::quantized("lm_head", q.clone())?,
             }
         } else {
-            linear_from("lm_head", get("lm_head.weight", &[config.vocab_size, h])?)?
+            linear_from(
+                "lm_head",
+                get("lm_head.weight", &[config.vocab_size, h])?,
+                None,
+            )?
         };
         // Where the weights live; every tensor the model makes goes there.
         let device = norm.device().clone();
@@ -410,6 +648,11 @@ impl LlamaModel {
                 x = Tensor::cat(&parts, 1)?;
             }
         }
+        if cfg.family.scales_embeddings() {
+            // Gemma multiplies whatever enters the first layer (prompt vectors included, as
+            // PEFT passes them in `inputs_embeds`) by sqrt(hidden), rounded to the dtype.
+            x = (x * f64::from((h as f32).sqrt()))?;
+        }
         let t = x.dim(1)?;
         // Prefix keys count as earlier positions (PEFT passes them as a past cache): the
         // first real token's position is the prefix length.
@@ -452,7 +695,16 @@ impl LlamaModel {
                 cfg.max_position_embeddings
             )));
         }
-        let (cos, sin) = ops::rope_angles(&positions, cfg.head_dim, cfg.rope_theta, &self.device)?;
+        // cos/sin per distinct rope of the layers (Gemma 3: local and global bases).
+        let mut ropes: Vec<(super::config::Rope, Tensor, Tensor)> = Vec::new();
+        for l in 0..self.layers.len() {
+            let r = cfg.rope_of(l);
+            if !ropes.iter().any(|(x, _, _)| *x == r) {
+                let (c, s) =
+                    ops::rope_angles_inv(&positions, &r.inv_freq(cfg.head_dim), &self.device)?;
+                ropes.push((r, c, s));
+            }
+        }
         // Key mask over [cached | current] positions.
         let cur_mask = Tensor::from_vec(
             mask.iter().flatten().copied().collect::<Vec<u32>>(),
@@ -466,30 +718,43 @@ impl LlamaModel {
         let key_bias = ((key_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
 
         let (nh, nkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (qw, kvw) = (cfg.q_width(), cfg.kv_width());
+        let eps = cfg.rms_norm_eps;
         for (li, layer) in self.layers.iter().enumerate() {
             x = ctx.cut(x);
             if first_pass && li > 0 {
                 x = layers::deep_prompts(&self.site_deltas, li, x, 0, ctx)?;
             }
-            let xn = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
-            let q = layer
-                .q
-                .forward(&xn, ctx)?
-                .reshape((b, t, nh, dh))?
-                .transpose(1, 2)?;
-            let k = layer
-                .k
-                .forward(&xn, ctx)?
-                .reshape((b, t, nkv, dh))?
-                .transpose(1, 2)?;
-            let v = layer
-                .v
-                .forward(&xn, ctx)?
-                .reshape((b, t, nkv, dh))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = ops::rope(&q, &cos, &sin)?;
-            let k = ops::rope(&k, &cos, &sin)?;
+            let xn = ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let (q, k, v) = match &layer.qkv {
+                Qkv::Split { q, k, v } => {
+                    (q.forward(&xn, ctx)?, k.forward(&xn, ctx)?, v.forward(&xn, ctx)?)
+                }
+                Qkv::Fused(l) => {
+                    let y = l.forward(&xn, ctx)?;
+                    (
+                        y.narrow(2, 0, qw)?,
+                        y.narrow(2, qw, kvw)?,
+                        y.narrow(2, qw + kvw, kvw)?,
+                    )
+                }
+            };
+            let mut q = q.reshape((b, t, nh, dh))?;
+            let mut k = k.reshape((b, t, nkv, dh))?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = ops::rms_norm(&q.contiguous()?, qn, eps)?;
+                k = ops::rms_norm(&k.contiguous()?, kn, eps)?;
+            }
+            let q = q.transpose(1, 2)?;
+            let k = k.transpose(1, 2)?;
+            let v = v.reshape((b, t, nkv, dh))?.transpose(1, 2)?.contiguous()?;
+            let rope = cfg.rope_of(li);
+            let (_, cos, sin) = ropes
+                .iter()
+                .find(|(r, _, _)| *r == rope)
+                .expect("every layer's rope was computed");
+            let q = ops::rope(&q, cos, sin)?;
+            let k = ops::rope(&k, cos, sin)?;
             // Cached keys and values, then this pass's.
             let (k, v) = match cache.as_mut() {
                 Some(c) => {
@@ -505,7 +770,7 @@ impl LlamaModel {
                 }
                 None => (k, v),
             };
-            let attn = layers::attention(
+            let attn = layers::attention_with(
                 &q,
                 k,
                 v,
@@ -515,20 +780,42 @@ impl LlamaModel {
                     kv_heads: nkv,
                     head_dim: dh,
                 },
+                layers::AttnOptions {
+                    scale: cfg.attention_scale(),
+                    window: cfg.window(li),
+                    softcap: cfg.attn_logit_softcapping,
+                },
                 li,
                 &self.site_deltas,
                 true,
                 0.0,
                 ctx,
             )?;
-            let attn = layer.o.forward(&attn, ctx)?;
+            let mut attn = layer.o.forward(&attn, ctx)?;
+            if let Some(n) = &layer.post_attn_norm {
+                attn = ops::rms_norm(&attn, n, eps)?;
+            }
             let attn =
                 layers::sublayer(&self.site_deltas, li, Sublayer::Attention, &xn, attn, ctx)?;
             let x1 = (attn + &x)?;
-            let xn = ops::rms_norm(&x1, &layer.post_norm, cfg.rms_norm_eps)?;
-            let a = ops::swiglu(&layer.gate.forward(&xn, ctx)?, &layer.up.forward(&xn, ctx)?)?;
+            let xn = ops::rms_norm(&x1, &layer.ffn_norm, eps)?;
+            let (gate, up) = match &layer.gate_up {
+                GateUp::Split { gate, up } => (gate.forward(&xn, ctx)?, up.forward(&xn, ctx)?),
+                GateUp::Fused(l) => {
+                    let y = l.forward(&xn, ctx)?;
+                    let i = cfg.intermediate_size;
+                    (y.narrow(2, 0, i)?, y.narrow(2, i, i)?)
+                }
+            };
+            let a = match cfg.activation {
+                Activation::Silu => ops::swiglu(&gate, &up)?,
+                Activation::GeluTanh => (gate.gelu()? * up)?,
+            };
             let a = layers::activation(&self.site_deltas, li, a, ctx)?;
-            let out = layer.down.forward(&a, ctx)?;
+            let mut out = layer.down.forward(&a, ctx)?;
+            if let Some(n) = &layer.post_ffn_norm {
+                out = ops::rms_norm(&out, n, eps)?;
+            }
             let out =
                 layers::sublayer(&self.site_deltas, li, Sublayer::FeedForward, &xn, out, ctx)?;
             x = (out + x1)?;
@@ -537,7 +824,7 @@ impl LlamaModel {
             c.mask = Some(key_mask.detach());
             c.next_pos = next;
         }
-        Ok(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+        Ok(ops::rms_norm(&x, &self.norm, eps)?)
     }
 
     /// Next-token logits of hidden states.
@@ -545,7 +832,11 @@ impl LlamaModel {
     /// # Shapes
     /// `hidden`: [..., hidden] -> [..., vocab]
     pub fn logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden, ctx)?)
+        let logits = self.lm_head.forward(hidden, ctx)?;
+        Ok(match self.config.final_logit_softcapping {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
     }
 
     /// Logits at every position.
@@ -592,14 +883,12 @@ impl LlamaModel {
         let lin = |l: &Linear| l.weight_bytes();
         let mut total = embed + self.norm.elem_count() * 4;
         for l in &self.layers {
-            total += lin(&l.q)
-                + lin(&l.k)
-                + lin(&l.v)
-                + lin(&l.o)
-                + lin(&l.gate)
-                + lin(&l.up)
-                + lin(&l.down);
-            total += (l.input_norm.elem_count() + l.post_norm.elem_count()) * 4;
+            total += l.linears().into_iter().map(lin).sum::<usize>();
+            total += l
+                .norms(self.config.family)
+                .iter()
+                .map(|(_, t)| t.elem_count() * 4)
+                .sum::<usize>();
         }
         if !self.config.tie_word_embeddings {
             total += lin(&self.lm_head);
@@ -625,7 +914,7 @@ fn check_shape(t: &GgufTensor, key: &str, shape: &[usize], path: &Path) -> Resul
     Ok(())
 }
 
-/// Rows of token ids with their masks (1 real, 0 padding), as [`LlamaModel::forward_hidden`]
+/// Rows of token ids with their masks (1 real, 0 padding), as [`Decoder::forward_hidden`]
 /// reads them; rows may be padded on either side.
 #[derive(Debug, Clone, Default)]
 pub struct TokenRows {
@@ -633,7 +922,7 @@ pub struct TokenRows {
     pub mask: Vec<Vec<u32>>,
 }
 
-impl Backbone for LlamaModel {
+impl Backbone for Decoder {
     type Batch = TokenRows;
 
     fn device(&self) -> &Device {
@@ -645,16 +934,22 @@ impl Backbone for LlamaModel {
     }
 
     fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        // Hugging Face stores Gemma's norm weights as `w` for `1 + w`.
+        let fam = self.config.family;
+        let hf_norm = |t: &Tensor| -> Result<Tensor> {
+            Ok(if fam.norm_plus_one() {
+                (t - 1.0)?
+            } else {
+                t.clone()
+            })
+        };
         let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.dense()?)];
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            v.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
-            v.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                l.post_norm.clone(),
-            ));
+            for (name, t) in l.norms(fam) {
+                v.push((format!("model.layers.{i}.{name}"), hf_norm(t)?));
+            }
         }
-        v.push(("model.norm.weight".to_string(), self.norm.clone()));
+        v.push(("model.norm.weight".to_string(), hf_norm(&self.norm)?));
         for lin in self.linears() {
             if lin.path == "lm_head" && self.config.tie_word_embeddings && lin.deltas.is_empty() {
                 continue;
@@ -668,7 +963,7 @@ impl Backbone for LlamaModel {
     }
 }
 
-impl TextBackbone for LlamaModel {
+impl TextBackbone for Decoder {
     fn token_batch(&self, seqs: &[Vec<u32>]) -> Result<TokenRows> {
         let pad = self.config.pad_token_id.unwrap_or(0);
         let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -684,7 +979,7 @@ impl TextBackbone for LlamaModel {
     }
 }
 
-impl CausalLm for LlamaModel {
+impl CausalLm for Decoder {
     fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }
@@ -694,29 +989,19 @@ impl CausalLm for LlamaModel {
     }
 }
 
-impl HasSites for LlamaModel {
+impl HasSites for Decoder {
     fn linears(&self) -> Vec<&Linear> {
-        let mut v = Vec::new();
-        for l in &self.layers {
-            v.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
-        }
+        let mut v: Vec<&Linear> = self.layers.iter().flat_map(|l| l.linears()).collect();
         v.push(&self.lm_head);
         v
     }
 
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut v = Vec::new();
-        for l in &mut self.layers {
-            v.extend([
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ]);
-        }
+        let mut v: Vec<&mut Linear> = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .collect();
         v.push(&mut self.lm_head);
         v
     }
@@ -732,44 +1017,40 @@ impl HasSites for LlamaModel {
             kind: SiteKind::Linear,
             params: x.param_count(),
         };
+        let site = |path: String, kind: SiteKind| SiteInfo {
+            path,
+            kind,
+            params: 0,
+        };
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push(SiteInfo {
-                path: format!("{p}.self_attn.past_key_value"),
-                kind: SiteKind::KeyValue,
-                params: 0,
-            });
-            out.extend([lin(&l.q), lin(&l.k), lin(&l.v), lin(&l.o)]);
-            out.push(SiteInfo {
-                path: format!("{p}.self_attn"),
-                kind: SiteKind::SublayerOutput,
-                params: 0,
-            });
-            out.extend([lin(&l.gate), lin(&l.up)]);
-            out.push(SiteInfo {
-                path: format!("{p}.mlp.act_fn"),
-                kind: SiteKind::Activation,
-                params: 0,
-            });
+            out.push(site(
+                format!("{p}.self_attn.past_key_value"),
+                SiteKind::KeyValue,
+            ));
+            let lins = l.linears();
+            // q, k, v (or qkv) and o, then gate and up (or gate_up), then down.
+            let n_attn = lins.len() - if matches!(l.gate_up, GateUp::Fused(_)) { 2 } else { 3 };
+            out.extend(lins[..n_attn].iter().map(|x| lin(x)));
+            out.push(site(format!("{p}.self_attn"), SiteKind::SublayerOutput));
+            out.extend(lins[n_attn..lins.len() - 1].iter().map(|x| lin(x)));
+            out.push(site(format!("{p}.mlp.act_fn"), SiteKind::Activation));
             out.push(lin(&l.down));
-            out.push(SiteInfo {
-                path: format!("{p}.mlp"),
-                kind: SiteKind::SublayerOutput,
-                params: 0,
-            });
+            out.push(site(format!("{p}.mlp"), SiteKind::SublayerOutput));
         }
         out.push(lin(&self.lm_head));
         out
     }
 
     fn param_count(&self) -> usize {
-        let h = self.config.hidden_size;
-        let norms = (2 * self.layers.len() + 1) * h;
-        let mut n = self.embed.elem_count() + norms;
+        let fam = self.config.family;
+        let mut n = self.embed.elem_count() + self.norm.elem_count();
         for l in &self.layers {
-            n += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+            n += l.linears().iter().map(|x| x.param_count()).sum::<usize>();
+            n += l
+                .norms(fam)
                 .iter()
-                .map(|x| x.param_count())
+                .map(|(_, t)| t.elem_count())
                 .sum::<usize>();
         }
         if !self.config.tie_word_embeddings {

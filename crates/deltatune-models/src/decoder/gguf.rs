@@ -1,5 +1,6 @@
-//! Loading a llama-architecture GGUF file (llama.cpp's converter output) as Hugging Face
-//! tensors: the config from the `llama.*` metadata, every tensor under its Hugging Face key,
+//! Loading a decoder GGUF file (llama.cpp's converter output; every family of
+//! [`super::config::Family`]) as Hugging Face tensors: the config from the `<arch>.*`
+//! metadata, every tensor under its Hugging Face key,
 //! quantized matrices kept quantized, the tokenizer and the chat template.
 //!
 //! Two conventions differ between the formats and are undone here:
@@ -22,7 +23,8 @@ use deltatune_core::error::nearest_names;
 use deltatune_core::quant::ggml_type_name;
 use deltatune_core::{Error, GgufFile, QuantMatrix, Result};
 
-use super::config::LlamaConfig;
+use super::config::{Activation, DecoderConfig, Family, Rope};
+use super::model::tensor_specs;
 use crate::gguf_tokenizer::tokenizer_from_gguf;
 
 /// One weight: dense f32 (norms, and matrices stored as F32/F16/BF16) or quantized.
@@ -50,9 +52,9 @@ impl GgufTensor {
     }
 }
 
-/// A llama GGUF file loaded with Hugging Face names.
-pub struct LlamaGguf {
-    pub config: LlamaConfig,
+/// A decoder GGUF file loaded with Hugging Face names.
+pub struct DecoderGguf {
+    pub config: DecoderConfig,
     /// Hugging Face key -> weight.
     pub tensors: BTreeMap<String, GgufTensor>,
     pub tokenizer: tokenizers::Tokenizer,
@@ -60,9 +62,9 @@ pub struct LlamaGguf {
     pub chat_template: Option<String>,
 }
 
-impl std::fmt::Debug for LlamaGguf {
+impl std::fmt::Debug for DecoderGguf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LlamaGguf")
+        f.debug_struct("DecoderGguf")
             .field("config", &self.config)
             .field("tensors", &self.tensors.len())
             .field("vocab", &self.tokenizer.get_vocab_size(true))
@@ -71,34 +73,54 @@ impl std::fmt::Debug for LlamaGguf {
     }
 }
 
-/// The Hugging Face key of a llama.cpp tensor name (`None` for names llama has no such
-/// parameter for).
+/// The Hugging Face key of a llama.cpp tensor name in a llama-architecture file (`None` for
+/// names llama has no such parameter for). Other families map through
+/// [`super::model::tensor_specs`].
 pub fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
+    let cfg = DecoderConfig {
+        family: Family::Llama,
+        vocab_size: 1,
+        hidden_size: 2,
+        intermediate_size: 1,
+        num_layers: 0,
+        num_heads: 1,
+        num_kv_heads: 1,
+        head_dim: 2,
+        rms_norm_eps: 1e-6,
+        rope: Rope::plain(10_000.0),
+        local_rope: None,
+        sliding_window: None,
+        sliding_layers: Vec::new(),
+        max_position_embeddings: 1,
+        tie_word_embeddings: false,
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
+        pad_token_id: None,
+        qkv_bias: false,
+        o_bias: false,
+        activation: Default::default(),
+        query_pre_attn_scalar: None,
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
     };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
+    let (layer, rest) = match gguf.strip_prefix("blk.") {
+        Some(r) => {
+            let (l, part) = r.split_once('.')?;
+            (Some(l.parse::<usize>().ok()?), format!("blk.0.{part}"))
+        }
+        None => (None, gguf.to_string()),
     };
-    Some(format!("model.layers.{layer}.{hf}"))
+    let cfg = DecoderConfig {
+        num_layers: 1,
+        ..cfg
+    };
+    let spec = tensor_specs(&cfg).into_iter().find(|s| s.gguf == rest)?;
+    Some(match layer {
+        Some(l) => spec
+            .hf
+            .replacen("model.layers.0.", &format!("model.layers.{l}."), 1),
+        None => spec.hf,
+    })
 }
 
 /// The rows of a GGUF q/k matrix in Hugging Face order: `hf[r] = gguf[map[r]]`, for `rows`
@@ -123,94 +145,169 @@ pub fn hf_rows_from_gguf(rows: usize, n_head: usize) -> Result<Vec<usize>> {
         .collect())
 }
 
-/// The [`LlamaConfig`] of a llama GGUF file (from `llama.*` and `tokenizer.ggml.*`).
-pub fn llama_config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
+/// The [`DecoderConfig`] of a GGUF file (from `<arch>.*` and `tokenizer.ggml.*`, as
+/// llama.cpp's converter writes them).
+pub fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
     let path = file.path();
     let bad = |msg: String| Error::MalformedConfig {
         path: path.to_path_buf(),
         msg,
     };
     let arch = file.architecture()?;
-    if arch != "llama" {
+    let Some(family) = Family::from_gguf_arch(arch) else {
         return Err(bad(format!(
-            "general.architecture is `{arch}`; only `llama` GGUF files are supported \
-             (SmolLM/SmolLM2, Llama 2, TinyLlama, ...)"
+            "general.architecture is `{arch}`; deltatune loads the GGUF architectures {} \
+             (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3, Phi-3)",
+            Family::ALL.map(|f| f.name()).join(", ")
         )));
-    }
-    let u = |key: &str| file.metadata_u32(key).map(|v| v as usize);
-    let hidden_size = u("llama.embedding_length")?;
-    let num_heads = u("llama.attention.head_count")?;
-    let num_kv_heads = match file.metadata_u32_opt("llama.attention.head_count_kv")? {
-        Some(n) => n as usize,
-        None => num_heads,
     };
-    let key_length = file.metadata_u32_opt("llama.attention.key_length")?;
-    let value_length = file.metadata_u32_opt("llama.attention.value_length")?;
-    let rope_dims = file.metadata_u32_opt("llama.rope.dimension_count")?;
+    let key = |k: &str| format!("{arch}.{k}");
+    let u = |k: &str| file.metadata_u32(&key(k)).map(|v| v as usize);
+    let u_opt = |k: &str| -> Result<Option<usize>> {
+        Ok(file.metadata_u32_opt(&key(k))?.map(|v| v as usize))
+    };
+    let hidden_size = u("embedding_length")?;
+    let num_heads = u("attention.head_count")?;
+    let num_kv_heads = u_opt("attention.head_count_kv")?.unwrap_or(num_heads);
+    let key_length = u_opt("attention.key_length")?;
+    let value_length = u_opt("attention.value_length")?;
+    let rope_dims = u_opt("rope.dimension_count")?;
     let head_dim = match (key_length, rope_dims) {
-        (Some(k), _) => k as usize,
-        (None, Some(r)) => r as usize,
+        (Some(k), _) => k,
+        (None, Some(r)) => r,
         (None, None) => hidden_size / num_heads.max(1),
     };
     if let Some(r) = rope_dims {
-        if r as usize != head_dim {
+        if r != head_dim {
             return Err(bad(format!(
-                "llama.rope.dimension_count is {r} but the head size is {head_dim}: partial \
+                "{arch}.rope.dimension_count is {r} but the head size is {head_dim}: partial \
                  rotary embeddings are not supported"
             )));
         }
     }
     if let Some(v) = value_length {
-        if v as usize != head_dim {
+        if v != head_dim {
             return Err(bad(format!(
-                "llama.attention.value_length {v} differs from the key length {head_dim}: \
+                "{arch}.attention.value_length {v} differs from the key length {head_dim}: \
                  not supported"
             )));
         }
     }
-    if let Some(kind) = file.metadata_str_opt("llama.rope.scaling.type")? {
-        if kind != "none" {
-            return Err(bad(format!(
-                "llama.rope.scaling.type is `{kind}`: rope scaling is not supported"
-            )));
+    let theta = file
+        .metadata_f64_opt(&key("rope.freq_base"))?
+        .unwrap_or(10_000.0);
+    let scaling = match file.metadata_str_opt(&key("rope.scaling.type"))? {
+        None | Some("none") => None,
+        Some("linear") => {
+            let factor = file.metadata_f64(&key("rope.scaling.factor"))?;
+            Some(super::config::RopeScaling::Linear { factor })
         }
-    }
-    let vocab_size = match file.metadata_u32_opt("llama.vocab_size")? {
-        Some(v) => v as usize,
+        Some(kind) => {
+            return Err(bad(format!(
+                "{arch}.rope.scaling.type is `{kind}`: only linear rope scaling is supported \
+                 from GGUF"
+            )))
+        }
+    };
+    let rope = Rope {
+        theta,
+        scaling: scaling.filter(|s| !matches!(s, super::config::RopeScaling::Linear { factor } if *factor == 1.0)),
+    };
+    let vocab_size = match u_opt("vocab_size")? {
+        Some(v) => v,
         None => file.metadata_str_array("tokenizer.ggml.tokens")?.len(),
     };
+    let num_layers = u("block_count")?;
     let bos_token_id = file.metadata_u32_opt("tokenizer.ggml.bos_token_id")?;
     let mut eos_token_ids = Vec::new();
-    for key in [
+    for k in [
         "tokenizer.ggml.eos_token_id",
         "tokenizer.ggml.eot_token_id",
         "tokenizer.ggml.eom_token_id",
     ] {
-        if let Some(id) = file.metadata_u32_opt(key)? {
+        if let Some(id) = file.metadata_u32_opt(k)? {
             if !eos_token_ids.contains(&id) {
                 eos_token_ids.push(id);
             }
         }
     }
-    let cfg = LlamaConfig {
+    // Gemma's end of turn: llama.cpp stops at it though older files do not list it.
+    if family.norm_plus_one() {
+        if let Ok(tokens) = file.metadata_str_array("tokenizer.ggml.tokens") {
+            if let Some(id) = tokens.iter().position(|t| *t == "<end_of_turn>") {
+                if !eos_token_ids.contains(&(id as u32)) {
+                    eos_token_ids.push(id as u32);
+                }
+            }
+        }
+    }
+    let sliding_window = u_opt("attention.sliding_window")?.filter(|&w| w > 0);
+    // Which layers slide: llama.cpp fixes the pattern per architecture (Gemma 2: every other
+    // layer from the first; Gemma 3: five of every six); Mistral and Phi-3 slide everywhere.
+    let sliding_layers = match (family, sliding_window) {
+        (_, None) => vec![false; num_layers],
+        (Family::Gemma2, Some(_)) => (0..num_layers).map(|l| (l + 1) % 2 != 0).collect(),
+        (Family::Gemma3, Some(_)) => {
+            let p = u_opt("attention.sliding_window_pattern")?.unwrap_or(6).max(1);
+            (0..num_layers).map(|l| (l + 1) % p != 0).collect()
+        }
+        (_, Some(_)) => vec![true; num_layers],
+    };
+    let gemma = family.norm_plus_one();
+    // llama.cpp scales Gemma's queries by 1/sqrt(hidden / heads) for the 27B models (46 and 62
+    // layers) and by 1/sqrt(head_dim) otherwise, as their query_pre_attn_scalar says.
+    let query_pre_attn_scalar = gemma.then(|| {
+        if matches!(num_layers, 46 | 62) {
+            (hidden_size / num_heads) as f64
+        } else {
+            head_dim as f64
+        }
+    });
+    let f_opt = |k: &str| file.metadata_f64_opt(&key(k));
+    let cfg = DecoderConfig {
+        family,
         vocab_size,
         hidden_size,
-        intermediate_size: u("llama.feed_forward_length")?,
-        num_layers: u("llama.block_count")?,
+        intermediate_size: u("feed_forward_length")?,
+        num_layers,
         num_heads,
         num_kv_heads,
         head_dim,
-        rms_norm_eps: file.metadata_f64("llama.attention.layer_norm_rms_epsilon")?,
-        rope_theta: file
-            .metadata_f64_opt("llama.rope.freq_base")?
-            .unwrap_or(10_000.0),
-        max_position_embeddings: file
-            .metadata_u32_opt("llama.context_length")?
-            .map_or(2048, |v| v as usize),
+        rms_norm_eps: file.metadata_f64(&key("attention.layer_norm_rms_epsilon"))?,
+        rope,
+        // Gemma 3's local layers: `rope.freq_base_swa` (newer converters), else llama.cpp's
+        // fixed 10,000.
+        local_rope: match family {
+            Family::Gemma3 => Some(Rope::plain(
+                f_opt("rope.freq_base_swa")?.unwrap_or(10_000.0),
+            )),
+            _ => None,
+        },
+        sliding_window,
+        sliding_layers,
+        max_position_embeddings: u_opt("context_length")?.unwrap_or(2048),
         tie_word_embeddings: !file.has_tensor("output.weight"),
         bos_token_id,
         eos_token_ids,
         pad_token_id: file.metadata_u32_opt("tokenizer.ggml.padding_token_id")?,
+        qkv_bias: file.has_tensor("blk.0.attn_q.bias"),
+        o_bias: file.has_tensor("blk.0.attn_output.bias"),
+        activation: if gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
+        query_pre_attn_scalar,
+        attn_logit_softcapping: if family == Family::Gemma2 {
+            f_opt("attn_logit_softcapping")?.filter(|&c| c > 0.0)
+        } else {
+            None
+        },
+        final_logit_softcapping: if family == Family::Gemma2 {
+            f_opt("final_logit_softcapping")?.filter(|&c| c > 0.0)
+        } else {
+            None
+        },
     };
     cfg.validate(path)?;
     Ok(cfg)
@@ -225,36 +322,28 @@ struct Expected {
     rope_heads: Option<usize>,
 }
 
-fn expected_tensors(cfg: &LlamaConfig) -> Vec<Expected> {
-    let (h, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (qw, kvw) = (cfg.num_heads * cfg.head_dim, cfg.kv_width());
-    let mut list = vec![
-        ("token_embd.weight".to_string(), vec![v, h], None),
-        ("output_norm.weight".to_string(), vec![h], None),
-    ];
-    if !cfg.tie_word_embeddings {
-        list.push(("output.weight".to_string(), vec![v, h], None));
-    }
-    for l in 0..cfg.num_layers {
-        let b = |p: &str| format!("blk.{l}.{p}.weight");
-        list.extend([
-            (b("attn_norm"), vec![h], None),
-            (b("ffn_norm"), vec![h], None),
-            (b("attn_q"), vec![qw, h], Some(cfg.num_heads)),
-            (b("attn_k"), vec![kvw, h], Some(cfg.num_kv_heads)),
-            (b("attn_v"), vec![kvw, h], None),
-            (b("attn_output"), vec![h, qw], None),
-            (b("ffn_gate"), vec![f, h], None),
-            (b("ffn_up"), vec![f, h], None),
-            (b("ffn_down"), vec![h, f], None),
-        ]);
-    }
-    list.into_iter()
-        .map(|(gguf, shape, rope_heads)| Expected {
-            hf: hf_name(&gguf).expect("every expected name maps"),
-            gguf,
-            shape,
-            rope_heads,
+fn expected_tensors(cfg: &DecoderConfig) -> Vec<Expected> {
+    // llama.cpp permutes q/k rows only for the llama architecture (interleaved rope); the
+    // others use rotate-half rope as transformers does (llama.cpp's NEOX rope).
+    let permuted = matches!(cfg.family, Family::Llama | Family::Mistral);
+    tensor_specs(cfg)
+        .into_iter()
+        .map(|s| {
+            let rope_heads = if !permuted || s.shape.len() != 2 {
+                None
+            } else if s.gguf.ends_with(".attn_q.weight") {
+                Some(cfg.num_heads)
+            } else if s.gguf.ends_with(".attn_k.weight") {
+                Some(cfg.num_kv_heads)
+            } else {
+                None
+            };
+            Expected {
+                gguf: s.gguf,
+                hf: s.hf,
+                shape: s.shape,
+                rope_heads,
+            }
         })
         .collect()
 }
@@ -271,7 +360,7 @@ fn load_tensor(file: &GgufFile, e: &Expected) -> Result<GgufTensor> {
             path: path.to_path_buf(),
             expected: e.shape.clone(),
             actual,
-            hint: " (from the llama.* metadata: embedding_length, feed_forward_length, \
+            hint: " (from the <arch>.* metadata: embedding_length, feed_forward_length, \
                    head_count, head_count_kv, vocab size); the file is inconsistent"
                 .into(),
         });
@@ -315,22 +404,23 @@ fn load_tensor(file: &GgufFile, e: &Expected) -> Result<GgufTensor> {
     }
 }
 
-/// Loads a llama-architecture GGUF file: config, Hugging Face-named tensors (quantized
+/// Loads a decoder GGUF file: config, Hugging Face-named tensors (quantized
 /// matrices stay quantized; q/k rows in Hugging Face order), tokenizer and chat template.
-pub fn load_llama_gguf(path: impl AsRef<Path>) -> Result<LlamaGguf> {
+pub fn load_gguf(path: impl AsRef<Path>) -> Result<DecoderGguf> {
     let file = GgufFile::open(path.as_ref())?;
-    load_llama_from(&file)
+    load_gguf_from(&file)
 }
 
-/// [`load_llama_gguf`] for an already opened file.
-pub fn load_llama_from(file: &GgufFile) -> Result<LlamaGguf> {
+/// [`load_gguf`] for an already opened file.
+pub fn load_gguf_from(file: &GgufFile) -> Result<DecoderGguf> {
     let path = file.path();
-    let config = llama_config_from_gguf(file)?;
+    let config = config_from_gguf(file)?;
     if file.has_tensor("rope_freqs.weight") {
         return Err(Error::MalformedConfig {
             path: path.to_path_buf(),
             msg: "the file has `rope_freqs.weight` (Llama 3.1-style rope frequency scaling), \
-                  which deltatune's llama does not implement"
+                  which deltatune does not read from GGUF yet; load the model's Hugging Face \
+                  folder instead (its config.json rope_scaling is supported)"
                 .into(),
         });
     }
@@ -352,8 +442,9 @@ pub fn load_llama_from(file: &GgufFile) -> Result<LlamaGguf> {
         return Err(Error::MalformedConfig {
             path: path.to_path_buf(),
             msg: format!(
-                "llama.block_count is {} but the file has tensors for {layers_in_file} layer(s) \
+                "{}.block_count is {} but the file has tensors for {layers_in_file} layer(s) \
                  (blk.0 .. blk.{}): the header is corrupt or the file is truncated",
+                config.family,
                 config.num_layers,
                 layers_in_file.saturating_sub(1)
             ),
@@ -371,9 +462,10 @@ pub fn load_llama_from(file: &GgufFile) -> Result<LlamaGguf> {
         return Err(Error::Weights {
             path: path.to_path_buf(),
             msg: format!(
-                "{} tensor(s) that a llama model with {} layers has no parameter for: {}{} \
-                 (a different architecture labelled llama, or block_count is wrong)",
+                "{} tensor(s) that a {} model with {} layers has no parameter for: {}{} \
+                 (a different architecture under this name, or block_count is wrong)",
                 unexpected.len(),
+                config.family,
                 config.num_layers,
                 shown.join(", "),
                 if unexpected.len() > shown.len() {
@@ -399,7 +491,7 @@ pub fn load_llama_from(file: &GgufFile) -> Result<LlamaGguf> {
     let chat_template = file
         .metadata_str_opt("tokenizer.chat_template")?
         .map(str::to_string);
-    Ok(LlamaGguf {
+    Ok(DecoderGguf {
         config,
         tensors,
         tokenizer,
