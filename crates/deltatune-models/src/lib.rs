@@ -3,14 +3,14 @@
 
 pub mod backbone;
 pub mod bert;
+pub mod decoder;
 pub mod gguf_tokenizer;
 pub mod layers;
-pub mod decoder;
 pub mod tokenizer;
 pub mod vit;
 
 pub use backbone::{Backbone, CausalLm, SequenceClassifier, TextBackbone};
 pub use bert::{BertClassifier, Inputs, Pooling};
-pub use decoder::{KvCache, DecoderConfig, Decoder, TokenRows};
+pub use decoder::{Decoder, DecoderConfig, KvCache, TokenRows};
 pub use tokenizer::TextTokenizer;
 pub use vit::{VitClassifier, VitConfig};

@@ -10,8 +10,8 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use deltatune_core::{Error, GgufFile, Rng};
-use deltatune_models::gguf_tokenizer::tokenizer_from_gguf;
 use deltatune_models::decoder::gguf::{hf_rows_from_gguf, load_gguf, GgufTensor};
+use deltatune_models::gguf_tokenizer::tokenizer_from_gguf;
 
 const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use deltatune_core::{Ctx, Weights};
 use deltatune_models::decoder::{GenerateConfig, Generator};
-use deltatune_models::{KvCache, Decoder};
+use deltatune_models::{Decoder, KvCache};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")

@@ -16,7 +16,7 @@ use deltatune_methods::lora::multi::attach_multi;
 use deltatune_methods::LoraConfig;
 use deltatune_models::decoder::generate::sample;
 use deltatune_models::decoder::{GenerateConfig, LoadedDecoder, StopReason};
-use deltatune_models::{KvCache, Decoder};
+use deltatune_models::{Decoder, KvCache};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 

@@ -27,7 +27,7 @@ use deltatune_core::{Ctx, Rng};
 use deltatune_methods::lora::multi::attach_multi;
 use deltatune_methods::{load_state_dict, DeltaConfig};
 use deltatune_models::decoder::{GenerateConfig, Generator, LoadedDecoder};
-use deltatune_models::{KvCache, Decoder};
+use deltatune_models::{Decoder, KvCache};
 use deltatune_serve::decoder::{self, GenEvent, GenRequest};
 use deltatune_serve::engine::EngineOptions;
 use deltatune_serve::metrics::Metrics;

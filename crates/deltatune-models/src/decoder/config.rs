@@ -168,7 +168,7 @@ impl Activation {
 }
 
 /// How rotary frequencies are stretched for long contexts.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "rope_type", rename_all = "lowercase")]
 pub enum RopeScaling {
     /// Every frequency divided by `factor` (positions compressed).
@@ -181,10 +181,14 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Each frequency divided by its own factor: llama.cpp's `rope_freqs.weight`, which its
+    /// converter computes from Llama 3's settings (a GGUF file has only the factors). Written
+    /// to config.json as `"rope_type": "factors"`, which only deltatune reads.
+    Factors { factors: Vec<f32> },
 }
 
 /// One set of rotary frequencies: a base and an optional scaling.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rope {
     pub theta: f64,
     #[serde(default)]
@@ -208,11 +212,16 @@ impl Rope {
         let inv: Vec<f32> = (0..half)
             .map(|j| 1.0 / base.powf((2 * j) as f32 / head_dim as f32))
             .collect();
-        match self.scaling {
+        match &self.scaling {
             None => inv,
             Some(RopeScaling::Linear { factor }) => {
-                inv.into_iter().map(|f| f / factor as f32).collect()
+                inv.into_iter().map(|f| f / *factor as f32).collect()
             }
+            Some(RopeScaling::Factors { factors }) => inv
+                .into_iter()
+                .zip(factors.iter().chain(std::iter::repeat(&1.0)))
+                .map(|(f, d)| f / d)
+                .collect(),
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -220,10 +229,10 @@ impl Rope {
                 original_max_position_embeddings,
             }) => {
                 let (factor, low, high, orig) = (
-                    factor as f32,
-                    low_freq_factor as f32,
-                    high_freq_factor as f32,
-                    original_max_position_embeddings as f32,
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                    *original_max_position_embeddings as f32,
                 );
                 let low_wavelen = orig / low;
                 let high_wavelen = orig / high;
@@ -245,8 +254,8 @@ impl Rope {
     }
 
     /// The rope as transformers 5 writes it in `rope_parameters`.
-    fn to_hf_json(self) -> serde_json::Value {
-        let mut v = match self.scaling {
+    fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = match &self.scaling {
             None => serde_json::json!({"rope_type": "default"}),
             Some(s) => serde_json::to_value(s).expect("rope scaling serializes"),
         };
@@ -329,10 +338,10 @@ impl DecoderConfig {
     }
 
     /// The rotary frequencies of layer `l`.
-    pub fn rope_of(&self, l: usize) -> Rope {
-        match self.local_rope {
+    pub fn rope_of(&self, l: usize) -> &Rope {
+        match &self.local_rope {
             Some(local) if self.sliding_layers.get(l).copied().unwrap_or(false) => local,
-            _ => self.rope,
+            _ => &self.rope,
         }
     }
 
@@ -381,7 +390,7 @@ impl DecoderConfig {
                 return bad(format!("{name} must be a positive number"));
             }
         }
-        for rope in std::iter::once(self.rope).chain(self.local_rope) {
+        for rope in std::iter::once(&self.rope).chain(&self.local_rope) {
             if !(rope.theta.is_finite() && rope.theta > 1.0) {
                 return bad(format!("rope theta {} must be above 1", rope.theta));
             }
@@ -455,7 +464,7 @@ impl DecoderConfig {
             v["attn_logit_softcapping"] = serde_json::json!(self.attn_logit_softcapping);
             v["final_logit_softcapping"] = serde_json::json!(self.final_logit_softcapping);
         }
-        v["rope_parameters"] = match self.local_rope {
+        v["rope_parameters"] = match &self.local_rope {
             Some(local) => serde_json::json!({
                 "full_attention": self.rope.to_hf_json(),
                 "sliding_attention": local.to_hf_json(),
@@ -527,11 +536,18 @@ fn one_id(v: &Option<serde_json::Value>) -> Option<u32> {
 
 /// Reads one rope description (transformers 4 `rope_scaling` or 5 `rope_parameters` entry)
 /// over `theta`; unsupported kinds are refused by name.
-pub fn parse_rope(v: Option<&serde_json::Value>, theta: f64, key: &str) -> std::result::Result<Rope, String> {
+pub fn parse_rope(
+    v: Option<&serde_json::Value>,
+    theta: f64,
+    key: &str,
+) -> std::result::Result<Rope, String> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(Rope::plain(theta));
     };
-    let theta = v.get("rope_theta").and_then(|t| t.as_f64()).unwrap_or(theta);
+    let theta = v
+        .get("rope_theta")
+        .and_then(|t| t.as_f64())
+        .unwrap_or(theta);
     let ty = v
         .get("rope_type")
         .or_else(|| v.get("type"))
@@ -547,6 +563,18 @@ pub fn parse_rope(v: Option<&serde_json::Value>, theta: f64, key: &str) -> std::
         "linear" => Some(RopeScaling::Linear {
             factor: num("factor")?,
         }),
+        "factors" => {
+            let Some(list) = v.get("factors").and_then(|f| f.as_array()) else {
+                return Err(format!("{key}: rope type `factors` needs a list `factors`"));
+            };
+            let factors: Option<Vec<f32>> =
+                list.iter().map(|x| x.as_f64().map(|x| x as f32)).collect();
+            let Some(factors) = factors.filter(|f| f.iter().all(|x| x.is_finite() && *x > 0.0))
+            else {
+                return Err(format!("{key}: rope `factors` must be positive numbers"));
+            };
+            Some(RopeScaling::Factors { factors })
+        }
         "llama3" => Some(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
@@ -559,8 +587,8 @@ pub fn parse_rope(v: Option<&serde_json::Value>, theta: f64, key: &str) -> std::
             ))
         }
     };
-    if let Some(RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. }) = scaling {
-        if !(factor.is_finite() && factor > 0.0) {
+    if let Some(RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. }) = &scaling {
+        if !(factor.is_finite() && *factor > 0.0) {
             return Err(format!("{key}: rope factor {factor} must be positive"));
         }
     }
@@ -658,7 +686,11 @@ impl HfDecoderConfig {
             .filter(|v| v.get("full_attention").is_some());
         let (rope, mut local_rope) = match per_type {
             Some(rp) => {
-                let full = parse_rope(rp.get("full_attention"), theta, "rope_parameters.full_attention");
+                let full = parse_rope(
+                    rp.get("full_attention"),
+                    theta,
+                    "rope_parameters.full_attention",
+                );
                 let local = rp
                     .get("sliding_attention")
                     .map(|v| parse_rope(Some(v), theta, "rope_parameters.sliding_attention"))
@@ -746,9 +778,7 @@ impl HfDecoderConfig {
             sliding_window: window,
             sliding_layers,
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: self
-                .tie_word_embeddings
-                .unwrap_or(family.ties_by_default()),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(family.ties_by_default()),
             bos_token_id: one_id(&self.bos_token_id),
             eos_token_ids,
             pad_token_id: one_id(&self.pad_token_id),

@@ -5,7 +5,7 @@
 use deltatune_core::{Ctx, Error, Result, Rng};
 use serde::{Deserialize, Serialize};
 
-use super::model::{KvCache, Decoder};
+use super::model::{Decoder, KvCache};
 
 /// Decoding settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -211,7 +211,9 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
     };
     let rope = Rope {
         theta,
-        scaling: scaling.filter(|s| !matches!(s, super::config::RopeScaling::Linear { factor } if *factor == 1.0)),
+        scaling: scaling.filter(
+            |s| !matches!(s, super::config::RopeScaling::Linear { factor } if *factor == 1.0),
+        ),
     };
     let vocab_size = match u_opt("vocab_size")? {
         Some(v) => v,
@@ -248,7 +250,9 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
         (_, None) => vec![false; num_layers],
         (Family::Gemma2, Some(_)) => (0..num_layers).map(|l| (l + 1) % 2 != 0).collect(),
         (Family::Gemma3, Some(_)) => {
-            let p = u_opt("attention.sliding_window_pattern")?.unwrap_or(6).max(1);
+            let p = u_opt("attention.sliding_window_pattern")?
+                .unwrap_or(6)
+                .max(1);
             (0..num_layers).map(|l| (l + 1) % p != 0).collect()
         }
         (_, Some(_)) => vec![true; num_layers],
@@ -413,16 +417,47 @@ pub fn load_gguf(path: impl AsRef<Path>) -> Result<DecoderGguf> {
 
 /// [`load_gguf`] for an already opened file.
 pub fn load_gguf_from(file: &GgufFile) -> Result<DecoderGguf> {
+    let (config, tensors) = read_weights(file)?;
+    let tokenizer = tokenizer_from_gguf(file)?;
+    let chat_template = file
+        .metadata_str_opt("tokenizer.chat_template")?
+        .map(str::to_string);
+    Ok(DecoderGguf {
+        config,
+        tensors,
+        tokenizer,
+        chat_template,
+    })
+}
+
+/// The config and the Hugging Face-named tensors of a decoder GGUF file (no tokenizer).
+pub fn read_weights(file: &GgufFile) -> Result<(DecoderConfig, BTreeMap<String, GgufTensor>)> {
     let path = file.path();
-    let config = config_from_gguf(file)?;
+    let mut config = config_from_gguf(file)?;
     if file.has_tensor("rope_freqs.weight") {
-        return Err(Error::MalformedConfig {
-            path: path.to_path_buf(),
-            msg: "the file has `rope_freqs.weight` (Llama 3.1-style rope frequency scaling), \
-                  which deltatune does not read from GGUF yet; load the model's Hugging Face \
-                  folder instead (its config.json rope_scaling is supported)"
-                .into(),
-        });
+        // Llama 3.1's frequency scaling as llama.cpp stores it: one divisor per frequency.
+        let t = file.tensor("rope_freqs.weight")?;
+        let factors: Vec<f32> = t
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .map_err(|e| Error::Weights {
+                path: path.to_path_buf(),
+                msg: format!("tensor `rope_freqs.weight`: {e}"),
+            })?;
+        if factors.len() != config.head_dim / 2
+            || factors.iter().any(|f| !(f.is_finite() && *f > 0.0))
+        {
+            return Err(Error::MalformedConfig {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "`rope_freqs.weight` has {} factors; the rope needs {} positive ones \
+                     (head_dim / 2)",
+                    factors.len(),
+                    config.head_dim / 2
+                ),
+            });
+        }
+        config.rope.scaling = Some(super::config::RopeScaling::Factors { factors });
     }
     // The expected-tensor list is sized by block_count: check it against the file first, so a
     // corrupt count is an error rather than an allocation of billions of entries.
@@ -451,7 +486,9 @@ pub fn load_gguf_from(file: &GgufFile) -> Result<DecoderGguf> {
         });
     }
     let expected = expected_tensors(&config);
-    let known: std::collections::HashSet<&str> = expected.iter().map(|e| e.gguf.as_str()).collect();
+    let mut known: std::collections::HashSet<&str> =
+        expected.iter().map(|e| e.gguf.as_str()).collect();
+    known.insert("rope_freqs.weight");
     let unexpected: Vec<&str> = file
         .tensor_names()
         .into_iter()
@@ -487,16 +524,7 @@ pub fn load_gguf_from(file: &GgufFile) -> Result<DecoderGguf> {
         }
         tensors.insert(e.hf.clone(), load_tensor(file, e)?);
     }
-    let tokenizer = tokenizer_from_gguf(file)?;
-    let chat_template = file
-        .metadata_str_opt("tokenizer.chat_template")?
-        .map(str::to_string);
-    Ok(DecoderGguf {
-        config,
-        tensors,
-        tokenizer,
-        chat_template,
-    })
+    Ok((config, tensors))
 }
 
 #[cfg(test)]

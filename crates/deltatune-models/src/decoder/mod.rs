@@ -7,8 +7,8 @@ pub mod gguf;
 pub mod loader;
 pub mod model;
 
-pub use config::{DecoderConfig, HfDecoderConfig};
+pub use config::{Activation, DecoderConfig, Family, HfDecoderConfig, Rope, RopeScaling};
 pub use generate::{GenerateConfig, Generated, Generator, StopReason};
-pub use gguf::{load_gguf, GgufTensor, DecoderGguf};
+pub use gguf::{load_gguf, DecoderGguf, GgufTensor};
 pub use loader::{load_decoder, LoadedDecoder};
-pub use model::{KvCache, Decoder, TokenRows};
+pub use model::{Decoder, KvCache, TokenRows};

@@ -309,9 +309,8 @@ pub fn tensor_specs(cfg: &DecoderConfig) -> Vec<TensorSpec> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (qw, kvw, dh) = (cfg.q_width(), cfg.kv_width(), cfg.head_dim);
     let mut out = Vec::new();
-    let mut add = |hf: String, gguf: String, shape: Vec<usize>| {
-        out.push(TensorSpec { hf, gguf, shape })
-    };
+    let mut add =
+        |hf: String, gguf: String, shape: Vec<usize>| out.push(TensorSpec { hf, gguf, shape });
     add(
         "model.embed_tokens.weight".into(),
         "token_embd.weight".into(),
@@ -353,14 +352,22 @@ pub fn tensor_specs(cfg: &DecoderConfig) -> Vec<TensorSpec> {
                 "post_attention_norm.weight",
                 vec![h],
             );
-            t("pre_feedforward_layernorm.weight", "ffn_norm.weight", vec![h]);
+            t(
+                "pre_feedforward_layernorm.weight",
+                "ffn_norm.weight",
+                vec![h],
+            );
             t(
                 "post_feedforward_layernorm.weight",
                 "post_ffw_norm.weight",
                 vec![h],
             );
         } else {
-            t("post_attention_layernorm.weight", "ffn_norm.weight", vec![h]);
+            t(
+                "post_attention_layernorm.weight",
+                "ffn_norm.weight",
+                vec![h],
+            );
         }
         if fam.fused_projections() {
             t("mlp.gate_up_proj.weight", "ffn_up.weight", vec![2 * i, h]);
@@ -385,9 +392,9 @@ pub fn tensor_specs(cfg: &DecoderConfig) -> Vec<TensorSpec> {
 fn dense_of(t: GgufTensor, key: &str, source: &Path) -> Result<Tensor> {
     match t {
         GgufTensor::Dense(t) => Ok(t),
-        GgufTensor::Quant(q) => q.dequantize().map_err(|e| {
-            Error::Msg(format!("dequantizing `{key}` in {}: {e}", source.display()))
-        }),
+        GgufTensor::Quant(q) => q
+            .dequantize()
+            .map_err(|e| Error::Msg(format!("dequantizing `{key}` in {}: {e}", source.display()))),
     }
 }
 
@@ -422,7 +429,9 @@ impl Decoder {
     /// `model.safetensors.index.json`) or a GGUF file (quantized weights stay quantized).
     pub fn load(path: &Path) -> Result<Self> {
         if path.extension().is_some_and(|e| e == "gguf") {
-            return Self::from_gguf(super::gguf::load_gguf(path)?, path);
+            let file = deltatune_core::GgufFile::open(path)?;
+            let (config, tensors) = super::gguf::read_weights(&file)?;
+            return Self::from_gguf_parts(config, tensors, path);
         }
         let cfg_path = path.join("config.json");
         let config = HfDecoderConfig::read(&cfg_path)?.into_config(&cfg_path)?;
@@ -436,9 +445,17 @@ impl Decoder {
     /// matrices are dequantized to f32 there: the block kernels are CPU code, and the other
     /// devices multiply through candle's own products.
     pub fn from_gguf(g: super::gguf::DecoderGguf, path: &Path) -> Result<Self> {
-        let mut tensors = g.tensors;
+        Self::from_gguf_parts(g.config, g.tensors, path)
+    }
+
+    /// [`Decoder::from_gguf`] from the config and tensors of [`super::gguf::read_weights`].
+    pub fn from_gguf_parts(
+        config: DecoderConfig,
+        mut tensors: std::collections::BTreeMap<String, GgufTensor>,
+        path: &Path,
+    ) -> Result<Self> {
         let device = deltatune_core::device::current();
-        Self::from_tensors(g.config, path, &mut |key, shape| {
+        Self::from_tensors(config, path, &mut |key, shape| {
             let t = tensors.remove(key).ok_or_else(|| Error::MissingTensor {
                 key: key.to_string(),
                 path: path.to_path_buf(),
@@ -473,11 +490,13 @@ impl Decoder {
                 });
             }
             let t = weights.get(key, shape, hint)?;
-            Ok(GgufTensor::Dense(if plus_one && key.ends_with("norm.weight") {
-                (t + 1.0)?
-            } else {
-                t
-            }))
+            Ok(GgufTensor::Dense(
+                if plus_one && key.ends_with("norm.weight") {
+                    (t + 1.0)?
+                } else {
+                    t
+                },
+            ))
         })
     }
 
@@ -699,10 +718,10 @@ impl Decoder {
         let mut ropes: Vec<(super::config::Rope, Tensor, Tensor)> = Vec::new();
         for l in 0..self.layers.len() {
             let r = cfg.rope_of(l);
-            if !ropes.iter().any(|(x, _, _)| *x == r) {
+            if !ropes.iter().any(|(x, _, _)| x == r) {
                 let (c, s) =
                     ops::rope_angles_inv(&positions, &r.inv_freq(cfg.head_dim), &self.device)?;
-                ropes.push((r, c, s));
+                ropes.push((r.clone(), c, s));
             }
         }
         // Key mask over [cached | current] positions.
@@ -727,9 +746,11 @@ impl Decoder {
             }
             let xn = ops::rms_norm(&x, &layer.input_norm, eps)?;
             let (q, k, v) = match &layer.qkv {
-                Qkv::Split { q, k, v } => {
-                    (q.forward(&xn, ctx)?, k.forward(&xn, ctx)?, v.forward(&xn, ctx)?)
-                }
+                Qkv::Split { q, k, v } => (
+                    q.forward(&xn, ctx)?,
+                    k.forward(&xn, ctx)?,
+                    v.forward(&xn, ctx)?,
+                ),
                 Qkv::Fused(l) => {
                     let y = l.forward(&xn, ctx)?;
                     (
@@ -751,7 +772,7 @@ impl Decoder {
             let rope = cfg.rope_of(li);
             let (_, cos, sin) = ropes
                 .iter()
-                .find(|(r, _, _)| *r == rope)
+                .find(|(r, _, _)| r == rope)
                 .expect("every layer's rope was computed");
             let q = ops::rope(&q, cos, sin)?;
             let k = ops::rope(&k, cos, sin)?;
@@ -1030,7 +1051,12 @@ impl HasSites for Decoder {
             ));
             let lins = l.linears();
             // q, k, v (or qkv) and o, then gate and up (or gate_up), then down.
-            let n_attn = lins.len() - if matches!(l.gate_up, GateUp::Fused(_)) { 2 } else { 3 };
+            let n_attn = lins.len()
+                - if matches!(l.gate_up, GateUp::Fused(_)) {
+                    2
+                } else {
+                    3
+                };
             out.extend(lins[..n_attn].iter().map(|x| lin(x)));
             out.push(site(format!("{p}.self_attn"), SiteKind::SublayerOutput));
             out.extend(lins[n_attn..lins.len() - 1].iter().map(|x| lin(x)));

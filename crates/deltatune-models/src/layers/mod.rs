@@ -241,7 +241,19 @@ pub fn attention_with(
     let scale = opts.scale;
     let window = opts.window.filter(|&w| tk > w);
     if window.is_some() || opts.softcap.is_some() {
-        return masked_attention(q, &k, &v, &bias, heads, scale, window, opts.softcap, causal, dropout, ctx);
+        return masked_attention(
+            q,
+            &k,
+            &v,
+            &bias,
+            heads,
+            scale,
+            window,
+            opts.softcap,
+            causal,
+            dropout,
+            ctx,
+        );
     }
     if ctx.no_grad && !ctx.train && !ops::portable::active(q) {
         // Inference batches unrelated sequences, padded: each row's numbers from its own
