@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use deltatune_core::{HasSites, Rng};
 use deltatune_data::generation::{load_generation_jsonl, ChatMessage, GenExample};
-use deltatune_methods::{load_state_dict, Trainable};
+use deltatune_methods::{load_state_dict, DeltaConfig, Trainable};
 use deltatune_models::decoder::{load_decoder, GenerateConfig, Generator, LoadedDecoder};
 use deltatune_train::adapter_folder::config_task_type;
 use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG};
@@ -202,7 +202,14 @@ pub fn task_features(
 
 /// The delta for a decoder: attached for training.
 pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
-    let delta = s.delta();
+    let mut delta = s.delta();
+    if d.model.config.family.fused_projections() && fuse_targets(&mut delta) {
+        eprintln!(
+            "{} fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the delta targets \
+             those",
+            d.model.config.family
+        );
+    }
     let text_ids = match delta.init_text() {
         Some(t) => Some(d.encode(t, false)?),
         None => None,
@@ -212,6 +219,45 @@ pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
     let bf16_layers = deltatune_core::sites::use_bf16_where_faster(&mut d.model, s.train.bf16)?;
     crate::session::report_products(s.train.bf16, bf16_layers);
     Ok(trainables)
+}
+
+/// Renames separate projections in `delta`'s target lists to the fused ones of Phi-3
+/// (`q_proj`/`k_proj`/`v_proj` -> `qkv_proj`, `gate_proj`/`up_proj` -> `gate_up_proj`), as
+/// PEFT's defaults for Phi-3 target them; whether anything changed.
+pub fn fuse_targets(delta: &mut DeltaConfig) -> bool {
+    use deltatune_core::sites::TargetModules;
+    fn fuse(t: &mut TargetModules) -> bool {
+        let TargetModules::Suffixes(list) = t else {
+            return false;
+        };
+        let mut out: Vec<String> = Vec::new();
+        for s in list.iter() {
+            let f = match s.as_str() {
+                "q_proj" | "k_proj" | "v_proj" => "qkv_proj",
+                "gate_proj" | "up_proj" => "gate_up_proj",
+                other => other,
+            };
+            if !out.iter().any(|o| o == f) {
+                out.push(f.to_string());
+            }
+        }
+        let changed = out != *list;
+        *list = out;
+        changed
+    }
+    match delta {
+        DeltaConfig::Lora(c) => fuse(&mut c.target_modules),
+        DeltaConfig::Ia3(c) => {
+            let a = fuse(&mut c.target_modules);
+            let b = c.feedforward_modules.as_mut().is_some_and(fuse);
+            a || b
+        }
+        DeltaConfig::Compose(c) => c
+            .deltas
+            .iter_mut()
+            .fold(false, |acc, d| fuse_targets(d) || acc),
+        _ => false,
+    }
 }
 
 /// `deltatune train --task generate`.
