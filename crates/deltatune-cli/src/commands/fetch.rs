@@ -16,6 +16,7 @@ pub fn fetch(cache: Option<PathBuf>) -> Result<()> {
     println!("model:   {}", f.model_dir.display());
     println!("data:    {}", f.data_dir.display());
     println!("decoder: {}", f.decoder_gguf.display());
+    println!("decoder: {}", f.gemma3_gguf.display());
     println!("g2p:     {}", f.g2p_dir.display());
     println!("vision:  {}", f.vision_dir.display());
     println!("images:  {}", f.fashion_mnist_dir.display());

@@ -32,6 +32,16 @@ pub fn decoder_path(spec: &str, cache: &Path) -> Result<PathBuf> {
             eprintln!("  {m}")
         })?;
     }
+    if spec.eq_ignore_ascii_case(assets::GEMMA3_NAME) && !assets::gemma3_gguf_path(cache).exists() {
+        eprintln!(
+            "{} is not in {} yet: fetching it",
+            assets::GEMMA3_NAME,
+            cache.display()
+        );
+        assets::fetch_gemma3(cache, &assets::FetchOptions::from_env(), &mut |m| {
+            eprintln!("  {m}")
+        })?;
+    }
     Ok(assets::resolve_decoder(spec, cache)?)
 }
 
