@@ -29,6 +29,8 @@ llama.cpp's converter: LLAMA_CPP_DIR=<a llama.cpp source tree> (with convert_hf_
 conversion/ and gguf-py/), or else the script fetches the llama-cpp-python sdist of the installed
 llama_cpp version with `pip download --no-deps --no-binary :all:` into
 $DELTATUNE_LLAMA_CPP_SRC (default /tmp/deltatune-llama-cpp-src) and uses its vendor/llama.cpp.
+(`--no-binary llama-cpp-python`, not `:all:`, which would also build cmake from source for the
+sdist's build backend.)
 """
 
 import io
@@ -519,7 +521,7 @@ def llama_cpp_dir() -> Path:
         if not d.exists():
             cache.mkdir(parents=True, exist_ok=True)
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
                  f"llama-cpp-python=={ver}", "-d", str(cache)],
                 check=True,
             )
