@@ -195,3 +195,38 @@ fn bitfit_is_refused_by_name_on_families_without_biases() {
         assert!(err.contains("no bias"), "{fam}: {err}");
     }
 }
+
+/// PEFT SEQ_CLS LoRA folders on decoders (`...ForSequenceClassification`, head `score`,
+/// pooled at the last real token of right-padded rows) give PEFT's class logits.
+#[test]
+fn peft_seq_cls_lora_on_decoders_gives_peft_logits() {
+    use deltatune_models::decoder::TokenRows;
+    use deltatune_models::DecoderClassifier;
+    for fam in ["qwen2", "llama"] {
+        let d = dir(&format!("{fam}-seqcls-lora"));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+                .unwrap();
+        let cfg = DeltaConfig::from_json(v).unwrap();
+        let mut m = DecoderClassifier::load(&dir(fam), 3, &mut Rng::new(0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tr = cfg.attach_saved(&mut m, &Rng::new(0)).unwrap();
+        assert!(
+            tr.iter().any(|t| t.key.contains("score")),
+            "{fam}: head not trained"
+        );
+        let path = d.join("adapter_model.safetensors");
+        load_state_dict(&tr, &load_map(&path), &path).unwrap_or_else(|e| panic!("{fam}: {e}"));
+        let exp = load_map(&d.join("expected.safetensors"));
+        let batch = TokenRows {
+            ids: rows(&exp["input_ids"]),
+            mask: rows(&exp["attention_mask"]),
+        };
+        let logits = m.forward(&batch, &Ctx::eval()).unwrap();
+        let diff = max_abs(&logits, &exp["logits"]);
+        assert!(
+            diff < 1e-4,
+            "{fam}: class logits differ from PEFT's by {diff}"
+        );
+    }
+}

@@ -11,6 +11,6 @@ pub mod vit;
 
 pub use backbone::{Backbone, CausalLm, SequenceClassifier, TextBackbone};
 pub use bert::{BertClassifier, Inputs, Pooling};
-pub use decoder::{Decoder, DecoderConfig, KvCache, TokenRows};
+pub use decoder::{Decoder, DecoderClassifier, DecoderConfig, KvCache, TokenRows};
 pub use tokenizer::TextTokenizer;
 pub use vit::{VitClassifier, VitConfig};
