@@ -45,6 +45,25 @@ pub fn decoder_path(spec: &str, cache: &Path) -> Result<PathBuf> {
     Ok(assets::resolve_decoder(spec, cache)?)
 }
 
+/// Whether `spec` names a decoder: a `.gguf` file, a folder whose `config.json` has a decoder
+/// family's `model_type`, or a decoder's short name.
+pub fn is_decoder_spec(spec: &str) -> bool {
+    use deltatune_data::assets;
+    let p = Path::new(spec);
+    if spec.eq_ignore_ascii_case(assets::DECODER_NAME) || spec.eq_ignore_ascii_case(assets::GEMMA3_NAME)
+    {
+        return true;
+    }
+    if p.is_file() {
+        return p.extension().is_some_and(|e| e == "gguf");
+    }
+    std::fs::read_to_string(p.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("model_type")?.as_str().map(String::from))
+        .is_some_and(|t| deltatune_models::decoder::Family::from_model_type(&t).is_some())
+}
+
 /// Loads the decoder of `spec`.
 pub fn load(spec: &str, cache: &Path) -> Result<LoadedDecoder> {
     let path = decoder_path(spec, cache)?;

@@ -1,10 +1,10 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use deltatune_core::HasSites;
 use deltatune_data::text::LabelMap;
 use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, RUN_CONFIG};
-use deltatune_train::{train_task_with, ClassificationTask, TrainOptions};
+use deltatune_models::{DecoderClassifier, SequenceClassifier, TextBackbone};
+use deltatune_train::{train_task_with, ClassificationTask, Encoded, TrainOptions};
 use serde_json::json;
 
 use super::resume::RunCheckpoints;
@@ -23,10 +23,13 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     // Fail on an unwritable output or checkpoint folder before spending any time.
     let staging = Staging::create(&s.output, &super::run_output_rules(s))?;
     let ckpt = RunCheckpoints::prepare(s, resume)?;
-    let model_dir = session::model_dir(&s.model, &s.cache)?;
     let splits = session::load_splits(s)?;
     ckpt.check_data(&super::resume::DataPrint::files(&splits.files)?)?;
     let labels = LabelMap::from_train(&splits.train);
+    if super::lm::is_decoder_spec(&s.model) {
+        return classify_on_decoder(s, staging, ckpt, splits, labels);
+    }
+    let model_dir = session::model_dir(&s.model, &s.cache)?;
     let mut loaded = session::load_model(
         &model_dir,
         labels.len(),
@@ -43,6 +46,111 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     };
     let tok_secs = t_tok.elapsed().as_secs_f64();
     let trainables = session::attach(&mut loaded, s)?;
+    let data = Data {
+        splits: &splits,
+        labels: &labels,
+        train: &train,
+        dev: &dev,
+        test: test.as_ref(),
+        tok_secs,
+    };
+    fit_and_save(s, staging, ckpt, &model_dir, &loaded.model, trainables, &s.delta(), data)
+}
+
+/// A classification run's encoded data.
+struct Data<'a> {
+    splits: &'a session::Splits,
+    labels: &'a LabelMap,
+    train: &'a Encoded,
+    dev: &'a Encoded,
+    test: Option<&'a Encoded>,
+    tok_secs: f64,
+}
+
+/// `train --task classify` on a decoder (`--model` a GGUF file, a decoder folder or a decoder's
+/// short name): the decoder with a `score` head on each text's last token, as transformers'
+/// `...ForSequenceClassification`; the head is saved under `modules_to_save: ["score"]`.
+fn classify_on_decoder(
+    s: &Settings,
+    staging: Staging,
+    ckpt: RunCheckpoints,
+    splits: session::Splits,
+    labels: LabelMap,
+) -> Result<()> {
+    let path = super::lm::decoder_path(&s.model, &s.cache)?;
+    let d = super::lm::load(&s.model, &s.cache)?;
+    let mut rng = deltatune_core::Rng::new(s.train.seed).derive("head");
+    let mut model = DecoderClassifier::new(d.model.clone(), labels.len(), &mut rng)?;
+    let t_tok = Instant::now();
+    let max_len = s.data.max_length;
+    let positions = model.decoder.config.max_position_embeddings.min(max_len);
+    let encode = |examples: &[deltatune_data::text::Example], split: &str| -> Result<Encoded> {
+        let mut ids = Vec::with_capacity(examples.len());
+        for e in examples {
+            let mut x = d.encode(&e.text, true)?;
+            if x.is_empty() {
+                anyhow::bail!("{split}: the text \"{}\" has no tokens", e.text);
+            }
+            x.truncate(positions);
+            ids.push(x);
+        }
+        Ok(Encoded {
+            ids,
+            labels: labels.encode(examples, split)?,
+        })
+    };
+    let train = encode(&splits.train, "train")?;
+    let dev = encode(&splits.dev, "dev")?;
+    let test = match &splits.test {
+        Some(t) => Some(encode(t, "test")?),
+        None => None,
+    };
+    let tok_secs = t_tok.elapsed().as_secs_f64();
+    let mut delta = s.delta();
+    // The decoder's head is `score` (transformers' name), not BERT's `classifier`.
+    if delta.modules_to_save() == Some(&["classifier".to_string()][..]) {
+        delta = delta.with_modules_to_save(Some(vec!["score".into()]));
+    }
+    if model.decoder.config.family.fused_projections() {
+        super::lm::fuse_targets(&mut delta);
+    }
+    let rng = deltatune_core::Rng::new(s.train.seed).derive(delta.name());
+    let trainables = delta.attach(&mut model, &rng, None)?;
+    let layers = deltatune_core::sites::use_bf16_where_faster(&mut model, s.train.bf16)?;
+    session::report_products(s.train.bf16, layers);
+    let data = Data {
+        splits: &splits,
+        labels: &labels,
+        train: &train,
+        dev: &dev,
+        test: test.as_ref(),
+        tok_secs,
+    };
+    fit_and_save(s, staging, ckpt, &path, &model, trainables, &delta, data)
+}
+
+/// Trains the attached delta of `model`, evaluates it on dev and test and writes the adapter
+/// folder.
+#[allow(clippy::too_many_arguments)]
+fn fit_and_save<M: SequenceClassifier + TextBackbone>(
+    s: &Settings,
+    staging: Staging,
+    ckpt: RunCheckpoints,
+    model_dir: &std::path::Path,
+    model: &M,
+    trainables: Vec<deltatune_methods::Trainable>,
+    delta: &deltatune_methods::DeltaConfig,
+    data: Data<'_>,
+) -> Result<()> {
+    let Data {
+        splits,
+        labels,
+        train,
+        dev,
+        test,
+        tok_secs,
+    } = data;
+    let model_dir = model_dir.to_path_buf();
     let optimised: Vec<_> = trainables
         .iter()
         .filter(|t| !s.train.freeze.iter().any(|f| t.key.contains(f.as_str())))
@@ -66,7 +174,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         );
     }
     let n_train: usize = optimised.iter().map(|t| t.var.elem_count()).sum();
-    let n_base = loaded.model.param_count();
+    let n_base = model.param_count();
     eprintln!(
         "model {} ({} parameters, frozen); delta {}: {} trainable parameters ({:.3}% of the model)",
         model_dir.display(),
@@ -95,9 +203,9 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
     staging.write_json(RUN_CONFIG, &run)?;
     labels.save(&staging.file(LABELS))?;
     let task = ClassificationTask {
-        model: &loaded.model,
-        train: &train,
-        dev: &dev,
+        model: model,
+        train,
+        dev,
     };
     let report = train_task_with(
         &task,
@@ -110,12 +218,12 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         },
     )?;
     ckpt.copy_metrics(&staging)?;
-    let (dev_m, _) = deltatune_train::evaluate(&loaded.model, &dev, s.train.eval_batch_size)?;
-    let test_m = match &test {
-        Some(t) => Some(deltatune_train::evaluate(&loaded.model, t, s.train.eval_batch_size)?.0),
+    let (dev_m, _) = deltatune_train::evaluate(model, dev, s.train.eval_batch_size)?;
+    let test_m = match test {
+        Some(t) => Some(deltatune_train::evaluate(model, t, s.train.eval_batch_size)?.0),
         None => None,
     };
-    let mut delta = s.delta().for_saving(&run.model_dir.display().to_string());
+    let mut delta = delta.for_saving(&run.model_dir.display().to_string());
     // A learned subspace travels with the adapter, so the folder is complete on its own.
     if let Some(slot) = delta.subspace_mut() {
         if let Some(src) = slot.clone() {
@@ -125,7 +233,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
             *slot = Some(SUBSPACE_FILE.to_string());
         }
     }
-    staging.write_json(ADAPTER_CONFIG, &delta.to_json(&loaded.model))?;
+    staging.write_json(ADAPTER_CONFIG, &delta.to_json(model))?;
     let tensors = delta.export(&trainables)?;
     staging.write(
         ADAPTER_WEIGHTS,
