@@ -33,6 +33,7 @@ import datetime
 import hashlib
 import json
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -217,22 +218,22 @@ def train_spm_pieces(corpus, n_merges):
 
 def spm_fixture(tmp):
     # Llama 2's layout: <unk> (type 2), <s>, </s> (control), 256 byte pieces (type 6), then the
-    # learned pieces by score, then single characters; plus one control and one user-defined
-    # token at the end.
+    # learned pieces and single characters (scores: learned order, characters last; ids
+    # shuffled); plus one control and one user-defined token at the end.
     tokens, scores, types = ["<unk>", "<s>", "</s>"], [0.0, 0.0, 0.0], [2, 3, 3]
     for b in range(256):
         tokens.append(f"<0x{b:02X}>")
         scores.append(0.0)
         types.append(6)
     merged = train_spm_pieces(SPM_CORPUS, 160)
-    for i, p in enumerate(merged):
+    chars = sorted(set("▁" + SPM_CORPUS.replace(" ", "")) - set(merged))
+    pieces = [(p, -float(i)) for i, p in enumerate(merged)]
+    pieces += [(c, -float(len(merged) + i)) for i, c in enumerate(chars)]
+    # Ids in shuffled order, so that merging by id instead of by score gives other ids.
+    random.Random(7).shuffle(pieces)
+    for p, score in pieces:
         tokens.append(p)
-        scores.append(-float(i))
-        types.append(1)
-    chars = sorted(set("▁" + SPM_CORPUS.replace(" ", "")) - set(tokens))
-    for i, c in enumerate(chars):
-        tokens.append(c)
-        scores.append(-float(len(merged) + i))
+        scores.append(score)
         types.append(1)
     for t, ty in [("<|turn|>", 3), ("<sep>", 4)]:
         tokens.append(t)
