@@ -17,7 +17,8 @@ templates it renders, written to tests/fixtures/tokenizers/:
   without regex), as transformers' Qwen2TokenizerFast / Llama 3 / Mistral Nemo load it.
 * `chat_templates.json` with `templates/*.jinja`: renderings by transformers'
   `render_jinja_template` (the code behind `apply_chat_template`) of several conversations with
-  the chat templates of Gemma 3, Qwen2.5, Qwen3, Llama 3 and Llama 3.2, and the messages of the
+  the chat templates of Gemma 3, Gemma 2, Qwen2.5, Qwen3, Llama 3 and Llama 3.2 (and one of block tags on
+  lines of their own), and the messages of the
   errors the templates raise. The template sources are listed in `templates/SOURCES.md`.
 
     /work/venv-ref/bin/python scripts/gen_tokenizer_fixtures.py \
@@ -380,6 +381,9 @@ TEMPLATES = {
     "qwen3": {"file": "qwen3.jinja", "bos_token": None, "eos_token": "<|im_end|>"},
     "llama3": {"file": "llama3.jinja", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
     "llama3.2": {"file": "llama3.2.jinja", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+    "gemma2": {"file": "gemma2.jinja", "bos_token": "<bos>", "eos_token": "<eos>"},
+    # Not a model's: block tags on indented lines of their own (trim_blocks, lstrip_blocks).
+    "blocks": {"file": "blocks.jinja", "bos_token": None, "eos_token": None},
 }
 
 CHATS = {
@@ -436,7 +440,8 @@ def render_all():
                     if with_specials:
                         if spec["bos_token"] is not None:
                             kwargs["bos_token"] = spec["bos_token"]
-                        kwargs["eos_token"] = spec["eos_token"]
+                        if spec["eos_token"] is not None:
+                            kwargs["eos_token"] = spec["eos_token"]
                     else:
                         kwargs["bos_token"] = ""
                         kwargs["eos_token"] = ""
