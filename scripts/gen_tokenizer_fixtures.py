@@ -236,7 +236,7 @@ def spm_fixture(tmp):
         tokens.append(p)
         scores.append(score)
         types.append(1)
-    for t, ty in [("<|turn|>", 3), ("<sep>", 4)]:
+    for t, ty in [("<|turn|>", 3), ("<sep>", 4), ("<|endoftext|>", 3)]:
         tokens.append(t)
         scores.append(0.0)
         types.append(ty)
@@ -258,6 +258,16 @@ def spm_fixture(tmp):
     extra = ["<|turn|>user said<sep> hi<|turn|>", "hello<s>world</s>", "the lazy dog jumps"]
     cases = [{"text": s, "ids": llama_ids(llm, s, False), "ids_bos": llama_ids(llm, s, True)}
              for s in STRINGS + extra]
+    # The same vocabulary named as a Phi-3 model: llama.cpp then strips the whitespace after
+    # special tokens (but not after <unk>, <s>); user-defined ones too.
+    kv["general.name"] = ("str", "Phi-3 Mini Synthetic")
+    path = tmp / "spm-phi3.gguf"
+    write_gguf(path, kv)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    phi3_texts = ["<|turn|>  user said\n<sep>\n\n hi <|turn|>\tend", "<s> x </s>  y", "a <unk> b",
+                  "the <|turn|>\n"]
+    phi3_cases = [{"text": s, "ids": llama_ids(llm, s, False), "ids_bos": llama_ids(llm, s, True)}
+                  for s in phi3_texts]
     dump(OUT / "spm_synthetic.json", {
         "generator": "scripts/gen_tokenizer_fixtures.py",
         "what": "a SentencePiece vocabulary trained on SPM_CORPUS, Llama 2 style; llama.cpp's ids on "
@@ -272,6 +282,8 @@ def spm_fixture(tmp):
         "add_bos_token": True,
         "add_space_prefix": True,
         "cases": cases,
+        "phi3_general_name": "Phi-3 Mini Synthetic",
+        "phi3_cases": phi3_cases,
     })
     print(f"spm_synthetic: {len(tokens)} tokens, {len(cases)} strings")
 

@@ -194,7 +194,7 @@ fn sentencepiece_llama2_style_ids_equal_llama_cpp() {
     let tok = tokenizer_from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     // Every string without a special token decodes back (the space prefix is dropped again);
     // after a special token llama.cpp, and so we, put a space prefix too.
-    let specials = ["<unk>", "<s>", "</s>", "<|turn|>", "<sep>"];
+    let specials = ["<unk>", "<s>", "</s>", "<|turn|>", "<sep>", "<|endoftext|>"];
     check_cases(&tok, &fx["cases"], "spm", |t| {
         !specials.iter().any(|sp| t.contains(sp))
     });
@@ -208,6 +208,36 @@ fn sentencepiece_llama2_style_ids_equal_llama_cpp() {
         "{pieces:?}"
     );
     assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), "hello 日");
+}
+
+#[test]
+fn phi3_special_tokens_strip_the_whitespace_after_them_as_llama_cpp() {
+    let fx = fixture("spm_synthetic.json");
+    let dir = tempfile::tempdir().unwrap();
+    let mut meta = spm_meta(&fx);
+    let name = fx["phi3_general_name"].as_str().unwrap().to_string();
+    meta.push(("general.name", s(&name)));
+    let path = write_gguf(dir.path(), "phi3.gguf", meta);
+    let tok = tokenizer_from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let cases = fx["phi3_cases"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let got = tok.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(got, ids(&c["ids"]), "phi3: ids of {text:?}");
+        let got = tok.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(got, ids(&c["ids_bos"]), "phi3: ids with BOS of {text:?}");
+    }
+    // Under another name the whitespace stays.
+    let plain = tokenizer_from_gguf(
+        &GgufFile::open(write_gguf(dir.path(), "plain.gguf", spm_meta(&fx))).unwrap(),
+    )
+    .unwrap();
+    let text = cases[0]["text"].as_str().unwrap();
+    assert_ne!(
+        plain.encode(text, false).unwrap().get_ids(),
+        ids(&cases[0]["ids"]).as_slice()
+    );
 }
 
 #[test]
