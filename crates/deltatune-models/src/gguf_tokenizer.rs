@@ -402,6 +402,11 @@ fn scores(file: &GgufFile, n_tokens: usize) -> Result<Vec<f32>> {
     Ok(scores)
 }
 
+/// Tokens longer than this are not made by merging (SentencePiece pieces are at most 16
+/// characters by default, 48 bytes in Gemma 3's vocabulary): finding the splits of a token is
+/// quadratic in its length, which a corrupt file could make huge.
+const MAX_MERGED_TOKEN_BYTES: usize = 256;
+
 /// Every way to join two tokens into a third, best first: the joined token's score (higher
 /// first), then its id, then the split point. With these as BPE merges, BPE merges the pair
 /// llama.cpp's SentencePiece tokenizer merges (the adjacent pair forming the best-scored
@@ -411,6 +416,9 @@ fn merges_from_scores(tokens: &[&str], scores: &[f32], vocab: &Vocab) -> Vec<(St
     for (id, &t) in tokens.iter().enumerate() {
         if vocab.get(t) != Some(&(id as u32)) {
             continue; // a repeated string: only its first id is reachable
+        }
+        if t.len() > MAX_MERGED_TOKEN_BYTES {
+            continue;
         }
         for (k, _) in t.char_indices().skip(1) {
             if vocab.contains_key(&t[..k]) && vocab.contains_key(&t[k..]) {
