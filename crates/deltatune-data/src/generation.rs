@@ -51,7 +51,7 @@ pub struct ChatMessage {
 
 /// Renders `messages` with a model's Jinja chat template (`bos_token`/`eos_token` empty, as
 /// the tokenizer adds its own), ending with the assistant's turn when `add_generation_prompt`.
-/// The error is a message for the user.
+/// The error is a message for the user. See [`render_chat_template`].
 pub fn apply_chat_template(
     template: Option<&str>,
     messages: &[ChatMessage],
@@ -65,7 +65,65 @@ pub fn apply_chat_template(
                 .into(),
         );
     };
+    render_chat_template(template, messages, add_generation_prompt, "", "")
+}
+
+/// Renders `messages` with a Jinja chat template as transformers' `apply_chat_template` does
+/// (its renderer: blocks trimmed and left-stripped, `raise_exception(msg)`,
+/// `strftime_now(format)` on today's UTC date, `namespace`, loop controls, `tojson`, and
+/// Python's string and dict methods such as `.strip()`, `.split()`, `.startswith()`,
+/// `.items()`), with `bos_token` and `eos_token` as given. The error is a message for the user
+/// (a template's `raise_exception` message is in it).
+pub fn render_chat_template(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> std::result::Result<String, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    render_chat_template_at(
+        template,
+        messages,
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+        now,
+    )
+}
+
+/// [`render_chat_template`] with `strftime_now` reading `unix_seconds` (UTC) instead of the
+/// clock.
+pub fn render_chat_template_at(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+    unix_seconds: i64,
+) -> std::result::Result<String, String> {
     let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_function(
+        "strftime_now",
+        move |format: String| -> std::result::Result<String, minijinja::Error> {
+            strftime(&format, unix_seconds)
+                .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e))
+        },
+    );
     env.add_template("chat", template)
         .map_err(|e| format!("the model's chat template does not parse: {e}"))?;
     let msgs: Vec<serde_json::Value> = messages
@@ -77,11 +135,98 @@ pub fn apply_chat_template(
             t.render(minijinja::context! {
                 messages => msgs,
                 add_generation_prompt => add_generation_prompt,
-                bos_token => "",
-                eos_token => "",
+                bos_token => bos_token,
+                eos_token => eos_token,
             })
         })
-        .map_err(|e| format!("rendering the chat template: {e}"))
+        .map_err(|e| match e.kind() {
+            minijinja::ErrorKind::InvalidOperation => format!(
+                "the chat template refused these messages: {}",
+                e.detail().unwrap_or("(no message)")
+            ),
+            _ => format!("rendering the chat template: {e}"),
+        })
+}
+
+/// The civil date (year, month 1..=12, day 1..=31) of a day count since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    // Howard Hinnant's days_from_civil inverse, on 400-year eras.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Python's `datetime.strftime` for the directives chat templates use (`%d %b %Y`,
+/// `%Y-%m-%d`, `%B`, `%A`, ...), on the UTC time `unix_seconds`.
+fn strftime(format: &str, unix_seconds: i64) -> std::result::Result<String, String> {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = unix_seconds.div_euclid(86_400);
+    let secs = unix_seconds.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    // 1970-01-01 was a Thursday (index 3 from Monday).
+    let weekday = (days + 3).rem_euclid(7) as usize;
+    let month = MONTHS[m as usize - 1];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let Some(k) = chars.next() else {
+            return Err(format!("strftime_now({format:?}): a lone % at the end"));
+        };
+        match k {
+            'd' => out.push_str(&format!("{d:02}")),
+            'm' => out.push_str(&format!("{m:02}")),
+            'Y' => out.push_str(&format!("{y:04}")),
+            'y' => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            'b' => out.push_str(&month[..3]),
+            'B' => out.push_str(month),
+            'a' => out.push_str(&DAYS[weekday][..3]),
+            'A' => out.push_str(DAYS[weekday]),
+            'H' => out.push_str(&format!("{:02}", secs / 3600)),
+            'M' => out.push_str(&format!("{:02}", secs / 60 % 60)),
+            'S' => out.push_str(&format!("{:02}", secs % 60)),
+            '%' => out.push('%'),
+            other => {
+                return Err(format!(
+                    "strftime_now({format:?}): %{other} is not a directive deltatune renders \
+                     (it knows %d %m %Y %y %b %B %a %A %H %M %S %%)"
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// One generation example. Serializes to the JSON line it was read from
