@@ -825,9 +825,11 @@ async fn generation_inner(
         Shape::Chat => "max_completion_tokens",
     })?;
     let stream = f.flag("stream")?;
+    // Chat prompts too get the tokenizer's BOS (Gemma, Llama 3): the template renders
+    // `bos_token` empty, as `generate --chat` and training encode it.
     let prompt = engine
         .tokenizer
-        .encode(text.as_str(), shape == Shape::Completion)
+        .encode(text.as_str(), true)
         .map_err(|e| ApiError::bad(prompt_field, format!("tokenizing: {e}")))?
         .get_ids()
         .to_vec();

@@ -419,9 +419,8 @@ pub fn load_gguf(path: impl AsRef<Path>) -> Result<DecoderGguf> {
 pub fn load_gguf_from(file: &GgufFile) -> Result<DecoderGguf> {
     let (config, tensors) = read_weights(file)?;
     let tokenizer = tokenizer_from_gguf(file)?;
-    let chat_template = file
-        .metadata_str_opt("tokenizer.chat_template")?
-        .map(str::to_string);
+    // The file's own template, else the family's (Gemma files from some converters have none).
+    let chat_template = crate::gguf_tokenizer::chat_template_from_gguf(file)?;
     Ok(DecoderGguf {
         config,
         tensors,
