@@ -71,6 +71,18 @@ fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool, rows: bool) -> Vec<
             return y;
         }
     }
+    blocks_forward(x, m, w, fast, rows)
+}
+
+/// [`forward`] by dequantizing blocks of rows of `W` and multiplying them (the path of the
+/// block types and CPUs without a fused kernel).
+pub(super) fn blocks_forward(
+    x: &[f32],
+    m: usize,
+    w: &QuantMatrix,
+    fast: bool,
+    rows: bool,
+) -> Vec<f32> {
     let (out_f, in_f) = w.dims2();
     let mut y = vec![0f32; m * out_f];
     if m == 0 || out_f == 0 || in_f == 0 {
