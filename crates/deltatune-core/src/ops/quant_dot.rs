@@ -5,10 +5,10 @@
 //! `q·d` for Q8_0) and multiplied into up to eight rows of `x` at once, so `W` is read once per
 //! call at its stored size (0.56 or 1.06 bytes per weight) and never written out as f32, where
 //! the dequantize-then-multiply path writes and reads back 4 bytes per weight. The other types
-//! dequantize one row of `W` at a time into a buffer that stays in L1 and multiply it into the
-//! rows of `x` the same way. Output rows run in parallel. The sum over a row of `W` runs in the
-//! same order for any number of rows of `x`, so a sequence gets the same numbers alone and in a
-//! batch.
+//! go to [`super::quant_int8::forward_f32`], which widens the codes of the 8-bit kernels'
+//! packed copy to f32 in registers. Output rows run in parallel. The sum over a row of `W` runs
+//! in the same order for any number of rows of `x`, so a sequence gets the same numbers alone
+//! and in a batch.
 
 use rayon::prelude::*;
 
@@ -25,13 +25,14 @@ const PAR_MIN_MACS: usize = 1 << 18;
 /// Whether [`forward`] handles `w`'s block type on this CPU.
 pub(crate) fn supports(w: &QuantMatrix) -> bool {
     use GgmlDType::*;
-    matches!(
-        w.dtype(),
-        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
-    ) && has_f16c_avx512()
+    if in_registers(w.dtype()) {
+        return has_f16c_avx512();
+    }
+    matches!(w.dtype(), Q4_0 | Q5_0 | Q5_1 | Q2K | Q3K | Q4K | Q5K | Q6K)
+        && super::quant_int8::f32_products_supported()
 }
 
-/// The types expanded in registers; the others are dequantized a row at a time.
+/// The types expanded in registers here; the others take the packed copy.
 fn in_registers(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
 }
@@ -51,36 +52,26 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
     if !supports(w) {
         return None;
     }
-    let (out_f, in_f) = w.dims2();
     let (dtype, bytes) = w.raw();
+    if !in_registers(dtype) {
+        return super::quant_int8::forward_f32(x, m, w);
+    }
+    let (out_f, in_f) = w.dims2();
     let row_bytes = bytes.len() / out_f.max(1);
     let mut yt = vec![0f32; out_f * m];
     if m == 0 || out_f == 0 {
         return Some(yt);
     }
-    let fused = in_registers(dtype);
     let run = |(ci, chunk): (usize, &mut [f32])| {
         let o0 = ci * OUT_CHUNK;
-        let mut wrow = vec![0f32; if fused { 0 } else { in_f }];
         for (j, ys) in chunk.chunks_exact_mut(m).enumerate() {
-            let o = o0 + j;
-            let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
-            if !fused {
-                w.dequantize_rows_unchecked(o..o + 1, &mut wrow);
-            }
+            let row = &bytes[(o0 + j) * row_bytes..(o0 + j + 1) * row_bytes];
             for r0 in (0..m).step_by(ROWS) {
                 let n = (m - r0).min(ROWS);
                 let xs = &x[r0 * in_f..(r0 + n) * in_f];
                 // SAFETY: `supports` checked AVX-512F and F16C; the row holds `in_f / 32`
-                // blocks of this type (or `wrow` its `in_f` weights) and `xs` holds `n` rows
-                // of `in_f` values.
-                unsafe {
-                    if fused {
-                        row_dots(dtype, row, xs, in_f, n, &mut ys[r0..r0 + n])
-                    } else {
-                        f32_dots(&wrow, xs, in_f, n, &mut ys[r0..r0 + n])
-                    }
-                };
+                // blocks of this type and `xs` holds `n` rows of `in_f` values.
+                unsafe { row_dots(dtype, row, xs, in_f, n, &mut ys[r0..r0 + n]) };
             }
         }
     };
@@ -174,54 +165,6 @@ unsafe fn row_dots(
             GgmlDType::Q4_1 => dispatch!(q4_1_rows),
             _ => dispatch!(q8_0_rows),
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-unsafe fn f32_dots(wrow: &[f32], xs: &[f32], in_f: usize, n: usize, out: &mut [f32]) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match n {
-            1 => f32_rows::<1>(wrow, xs, in_f, out),
-            2 => f32_rows::<2>(wrow, xs, in_f, out),
-            3 => f32_rows::<3>(wrow, xs, in_f, out),
-            4 => f32_rows::<4>(wrow, xs, in_f, out),
-            5 => f32_rows::<5>(wrow, xs, in_f, out),
-            6 => f32_rows::<6>(wrow, xs, in_f, out),
-            7 => f32_rows::<7>(wrow, xs, in_f, out),
-            _ => f32_rows::<8>(wrow, xs, in_f, out),
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn f32_dots(_: &[f32], _: &[f32], _: usize, _: usize, _: &mut [f32]) {
-    unreachable!("supports() is false off x86-64")
-}
-
-/// Dot products of one dequantized row of `W` with `N` rows of `x`, block by block of 32 as
-/// the kernels that expand blocks in registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn f32_rows<const N: usize>(wrow: &[f32], xs: &[f32], in_f: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let nb = in_f / 32;
-    debug_assert!(wrow.len() >= in_f && xs.len() >= N * in_f);
-    let mut acc = [[_mm512_setzero_ps(); 2]; N];
-    for b in 0..nb {
-        // SAFETY: `wrow` and the rows of `xs` have 32 values at `b * 32`.
-        unsafe {
-            let w0 = _mm512_loadu_ps(wrow.as_ptr().add(b * 32));
-            let w1 = _mm512_loadu_ps(wrow.as_ptr().add(b * 32 + 16));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xp = xs.as_ptr().add(r * in_f + b * 32);
-                a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[0]);
-                a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a[1]);
-            }
-        }
-    }
-    for (o, a) in out.iter_mut().zip(acc) {
-        *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
     }
 }
 

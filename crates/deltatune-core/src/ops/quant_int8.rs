@@ -567,11 +567,7 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
         return Some(y);
     }
     let xq = quantize_rows(x, m, in_f);
-    let group_bytes = in_f / f.per_record() * f.record();
-    // [group][m][LANES]
-    let mut yt = vec![0f32; out_f.div_ceil(LANES) * m * LANES];
-    let run = |(g, chunk): (usize, &mut [f32])| {
-        let recs = &packed[g * group_bytes..(g + 1) * group_bytes];
+    by_groups(packed, f, &mut y, m, out_f, in_f, |recs, chunk| {
         for r0 in (0..m).step_by(ROWS) {
             let n = (m - r0).min(ROWS);
             let out = &mut chunk[r0 * LANES..(r0 + n) * LANES];
@@ -580,6 +576,66 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
             // scales and sums each, and `out` has `n * LANES` values.
             unsafe { group_dots(t, recs, &xq, r0, n, in_f, out) };
         }
+    });
+    Some(y)
+}
+
+/// Whether [`forward_f32`] runs on this CPU (AVX-512 F/BW, F16C).
+pub(crate) fn f32_products_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512f") && has!("avx512bw") && has!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `y = x·Wᵀ` (`x` row-major `[m, in]`) as a row-major `[m, out]` vector with f32
+/// activations, from the same packed records as [`forward`] (the codes widened to f32 in
+/// registers), or `None` when the block type or CPU is not one this kernel knows. Each row of
+/// `x` runs on its own, so its result does not depend on the batch.
+pub(crate) fn forward_f32(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> {
+    if !f32_products_supported() {
+        return None;
+    }
+    let t = type_code(w.dtype())?;
+    let packed = &w.int8_packed()?.0;
+    let f = format(t);
+    let (out_f, in_f) = w.dims2();
+    debug_assert_eq!(x.len(), m * in_f);
+    let mut y = vec![0f32; m * out_f];
+    if m == 0 || out_f == 0 || in_f == 0 {
+        return Some(y);
+    }
+    by_groups(packed, f, &mut y, m, out_f, in_f, |recs, chunk| {
+        for (xr, out) in x.chunks_exact(in_f).zip(chunk.chunks_exact_mut(LANES)) {
+            // SAFETY: `f32_products_supported` checked the CPU features; `recs` holds the
+            // group's records of this type for `in_f` inputs, `xr` `in_f` values and `out`
+            // LANES.
+            unsafe { group_dots_f32(t, recs, xr, in_f, out) };
+        }
+    });
+    Some(y)
+}
+
+/// Runs `kernel(records, out)` for each group of [`LANES`] rows of `W` (`out`: `[m][LANES]`
+/// outputs), in parallel above [`PAR_MIN_MACS`], and puts the groups' outputs in `y`
+/// (`[m, out]`).
+fn by_groups(
+    packed: &[u8],
+    f: Format,
+    y: &mut [f32],
+    m: usize,
+    out_f: usize,
+    in_f: usize,
+    kernel: impl Fn(&[u8], &mut [f32]) + Sync,
+) {
+    let group_bytes = in_f / f.per_record() * f.record();
+    // [group][m][LANES]
+    let mut yt = vec![0f32; out_f.div_ceil(LANES) * m * LANES];
+    let run = |(g, chunk): (usize, &mut [f32])| {
+        kernel(&packed[g * group_bytes..(g + 1) * group_bytes], chunk)
     };
     if out_f * in_f * m < PAR_MIN_MACS {
         yt.chunks_mut(m * LANES).enumerate().for_each(run);
@@ -593,7 +649,30 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
             y[r * out_f + o0..r * out_f + o0 + n].copy_from_slice(&lanes[..n]);
         }
     }
-    Some(y)
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn group_dots_f32(t: u8, recs: &[u8], x: &[f32], in_f: usize, out: &mut [f32]) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match t {
+            Q4_0 => group_kernel_f32::<Q4_0>(recs, x, in_f, out),
+            Q4_1 => group_kernel_f32::<Q4_1>(recs, x, in_f, out),
+            Q5_0 => group_kernel_f32::<Q5_0>(recs, x, in_f, out),
+            Q5_1 => group_kernel_f32::<Q5_1>(recs, x, in_f, out),
+            Q8_0 => group_kernel_f32::<Q8_0>(recs, x, in_f, out),
+            Q2_K => group_kernel_f32::<Q2_K>(recs, x, in_f, out),
+            Q3_K => group_kernel_f32::<Q3_K>(recs, x, in_f, out),
+            Q4_K => group_kernel_f32::<Q4_K>(recs, x, in_f, out),
+            Q5_K => group_kernel_f32::<Q5_K>(recs, x, in_f, out),
+            _ => group_kernel_f32::<Q6_K>(recs, x, in_f, out),
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn group_dots_f32(_: u8, _: &[u8], _: &[f32], _: usize, _: &mut [f32]) {
+    unreachable!("f32_products_supported() is false off x86-64")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -678,6 +757,90 @@ unsafe fn halves(p: *const u8) -> std::arch::x86_64::__m512 {
     unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
 }
 
+/// The eight vectors of unsigned codes of block `b` (of 32 inputs) in a group's records of
+/// type `T` (vector `k`: values `4k..4k + 4` of the 16 rows), and the rows' scales of values
+/// 0..16 and 16..32 and their mins (`m` for the 32-weight types, `dmin·n` for the k-quants).
+///
+/// # Safety
+/// AVX-512 F/BW and F16C must be available; `recs` must hold the group's records up to block
+/// `b`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+#[inline]
+unsafe fn block<const T: u8>(
+    recs: &[u8],
+    b: usize,
+) -> (
+    [std::arch::x86_64::__m512i; 8],
+    [std::arch::x86_64::__m512; 4],
+) {
+    use std::arch::x86_64::*;
+    let f = format(T);
+    let (rec, cb) = (f.record(), f.code_bytes());
+    debug_assert!(recs.len() >= (b * 32 / f.per_record() + 1) * rec);
+    let low = _mm512_set1_epi8(0x0F);
+    let zero = _mm512_setzero_ps();
+    // SAFETY: the record of block `b` lies in `recs` with the layout of `Format`.
+    unsafe {
+        let (p, s) = if f.kquant {
+            (recs.as_ptr().add(b / 8 * rec), b % 8)
+        } else {
+            (recs.as_ptr().add(b * rec), 0)
+        };
+        let wp = p.add(s * cb);
+        let mut w = [_mm512_setzero_si512(); 8];
+        if f.bytes {
+            for (k, v) in w.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(wp.add(k * 64).cast());
+            }
+        } else {
+            for c in 0..4 {
+                let v = _mm512_loadu_si512(wp.add(c * 64).cast());
+                w[2 * c] = _mm512_and_si512(v, low);
+                w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            }
+            for plane in 0..f.planes {
+                let bit = _mm512_set1_epi8(16 << plane);
+                for (k, v) in w.iter_mut().enumerate() {
+                    let mask = wp
+                        .add(256 + 64 * plane + 8 * k)
+                        .cast::<u64>()
+                        .read_unaligned();
+                    *v = _mm512_mask_add_epi8(*v, mask, *v, bit);
+                }
+            }
+        }
+        // Per-row scales of values 0..16 and 16..32, and mins.
+        let d = halves(p.add(f.d_at()));
+        let (mut d_lo, mut d_hi, mut m_lo, mut m_hi) = (d, d, zero, zero);
+        if f.min {
+            m_lo = halves(p.add(f.d_at() + 32));
+            m_hi = m_lo;
+        }
+        if f.kquant {
+            let sa = p.add(f.scales_at());
+            let ma = sa.add(f.subs() * LANES);
+            let (i_lo, i_hi) = if f.split { (2 * s, 2 * s + 1) } else { (s, s) };
+            d_lo = _mm512_mul_ps(d, small_ints(sa.add(i_lo * LANES), f.signed));
+            d_hi = if f.split {
+                _mm512_mul_ps(d, small_ints(sa.add(i_hi * LANES), f.signed))
+            } else {
+                d_lo
+            };
+            if f.min {
+                let dmin = m_lo;
+                m_lo = _mm512_mul_ps(dmin, small_ints(ma.add(i_lo * LANES), false));
+                m_hi = if f.split {
+                    _mm512_mul_ps(dmin, small_ints(ma.add(i_hi * LANES), false))
+                } else {
+                    m_lo
+                };
+            }
+        }
+        (w, [d_lo, d_hi, m_lo, m_hi])
+    }
+}
+
 /// 16 output rows against `N` quantized rows of `x` starting at `r0`, for records of block
 /// type `T` ([`Format`]).
 ///
@@ -695,72 +858,15 @@ unsafe fn group_kernel<const N: usize, const T: u8>(
 ) {
     use std::arch::x86_64::*;
     let f = format(T);
-    let (rec, cb) = (f.record(), f.code_bytes());
     let nb = in_f / 32;
-    debug_assert!(recs.len() >= in_f / f.per_record() * rec && out.len() >= N * LANES);
+    debug_assert!(recs.len() >= in_f / f.per_record() * f.record() && out.len() >= N * LANES);
     debug_assert!(xq.q.len() >= (r0 + N) * in_f && xq.d.len() >= (r0 + N) * nb);
-    let low = _mm512_set1_epi8(0x0F);
-    let zero = _mm512_setzero_ps();
-    let mut acc = [zero; N];
+    let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..nb {
         // SAFETY: the record of block `b` lies in `recs` with the layout of `Format`; row
         // `r0 + r` of `xq` has 32 values at `b * 32` and a scale and sums at `b`.
         unsafe {
-            let (p, s) = if f.kquant {
-                (recs.as_ptr().add(b / 8 * rec), b % 8)
-            } else {
-                (recs.as_ptr().add(b * rec), 0)
-            };
-            let wp = p.add(s * cb);
-            let mut w = [_mm512_setzero_si512(); 8];
-            if f.bytes {
-                for (k, v) in w.iter_mut().enumerate() {
-                    *v = _mm512_loadu_si512(wp.add(k * 64).cast());
-                }
-            } else {
-                for c in 0..4 {
-                    let v = _mm512_loadu_si512(wp.add(c * 64).cast());
-                    w[2 * c] = _mm512_and_si512(v, low);
-                    w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-                }
-                for plane in 0..f.planes {
-                    let bit = _mm512_set1_epi8(16 << plane);
-                    for (k, v) in w.iter_mut().enumerate() {
-                        let mask = wp
-                            .add(256 + 64 * plane + 8 * k)
-                            .cast::<u64>()
-                            .read_unaligned();
-                        *v = _mm512_mask_add_epi8(*v, mask, *v, bit);
-                    }
-                }
-            }
-            // Per-row scales of values 0..16 and 16..32, and mins.
-            let d = halves(p.add(f.d_at()));
-            let (mut d_lo, mut d_hi, mut m_lo, mut m_hi) = (d, d, zero, zero);
-            if f.min {
-                m_lo = halves(p.add(f.d_at() + 32));
-                m_hi = m_lo;
-            }
-            if f.kquant {
-                let sa = p.add(f.scales_at());
-                let ma = sa.add(f.subs() * LANES);
-                let (i_lo, i_hi) = if f.split { (2 * s, 2 * s + 1) } else { (s, s) };
-                d_lo = _mm512_mul_ps(d, small_ints(sa.add(i_lo * LANES), f.signed));
-                d_hi = if f.split {
-                    _mm512_mul_ps(d, small_ints(sa.add(i_hi * LANES), f.signed))
-                } else {
-                    d_lo
-                };
-                if f.min {
-                    let dmin = m_lo;
-                    m_lo = _mm512_mul_ps(dmin, small_ints(ma.add(i_lo * LANES), false));
-                    m_hi = if f.split {
-                        _mm512_mul_ps(dmin, small_ints(ma.add(i_hi * LANES), false))
-                    } else {
-                        m_lo
-                    };
-                }
-            }
+            let (w, [d_lo, d_hi, m_lo, m_hi]) = block::<T>(recs, b);
             for (r, a) in acc.iter_mut().enumerate() {
                 let row = r0 + r;
                 let xp = xq.q.as_ptr().add(row * in_f + b * 32);
@@ -811,6 +917,104 @@ unsafe fn group_kernel<const N: usize, const T: u8>(
     for (r, a) in acc.iter().enumerate() {
         // SAFETY: `out` has LANES values for each of the N rows.
         unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * LANES), *a) };
+    }
+}
+
+/// 16 output rows against one f32 row `x`, for records of block type `T` ([`Format`]).
+///
+/// The codes, less their offset, are widened to f32 four rows at a time: 128-bit lane `i` of
+/// quad `q` holds values `4k..4k + 4` of row `4q + i` and meets the same four values of `x`
+/// broadcast to every lane. Each half block (16 values) is summed, scaled by its rows' scales
+/// and added; the mins times the half's sum of `x` go to a vector of their own, and the four
+/// lanes of each row are added at the end.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+unsafe fn group_kernel_f32<const T: u8>(recs: &[u8], x: &[f32], in_f: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let f = format(T);
+    let nb = in_f / 32;
+    debug_assert!(recs.len() >= in_f / f.per_record() * f.record());
+    debug_assert!(x.len() >= in_f && out.len() >= LANES);
+    let zero = _mm512_setzero_ps();
+    let mut acc = [zero; 4];
+    let mut mins = zero;
+    // Lane l of quad q belongs to row 4q + l / 4.
+    let rows_of = |q: i32| {
+        let b = 4 * q;
+        _mm512_set_epi32(
+            b + 3,
+            b + 3,
+            b + 3,
+            b + 3,
+            b + 2,
+            b + 2,
+            b + 2,
+            b + 2,
+            b + 1,
+            b + 1,
+            b + 1,
+            b + 1,
+            b,
+            b,
+            b,
+            b,
+        )
+    };
+    let idx = [rows_of(0), rows_of(1), rows_of(2), rows_of(3)];
+    // Codes less the offset fit in a signed byte (Q8_0's wrap to q − 128 ∈ −128..127).
+    let off = _mm512_set1_epi8(f.offset as u8 as i8);
+    for b in 0..nb {
+        // SAFETY: the group's records hold block `b`; `x` has 32 values at `b * 32`.
+        unsafe {
+            let (mut w, [d_lo, d_hi, m_lo, m_hi]) = block::<T>(recs, b);
+            if f.offset != 0 {
+                for v in w.iter_mut() {
+                    *v = _mm512_sub_epi8(*v, off);
+                }
+            }
+            for h in 0..2 {
+                let xp = x.as_ptr().add(b * 32 + 16 * h);
+                let (d, m) = if h == 0 { (d_lo, m_lo) } else { (d_hi, m_hi) };
+                if f.min {
+                    let xs = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_loadu_ps(xp)));
+                    mins = if f.kquant {
+                        _mm512_fnmadd_ps(m, xs, mins)
+                    } else {
+                        _mm512_fmadd_ps(m, xs, mins)
+                    };
+                }
+                let xb = [0, 1, 2, 3].map(|k| _mm512_broadcast_f32x4(_mm_loadu_ps(xp.add(4 * k))));
+                let wh = &w[4 * h..4 * h + 4];
+                macro_rules! quad {
+                    ($q:literal) => {{
+                        let mut s = zero;
+                        for k in 0..4 {
+                            let c = _mm512_extracti32x4_epi32::<$q>(wh[k]);
+                            let u = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c));
+                            s = _mm512_fmadd_ps(u, xb[k], s);
+                        }
+                        acc[$q] = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(idx[$q], d), acc[$q]);
+                    }};
+                }
+                quad!(0);
+                quad!(1);
+                quad!(2);
+                quad!(3);
+            }
+        }
+    }
+    let mut lanes = [0f32; 64];
+    let mut m = [0f32; LANES];
+    // SAFETY: `lanes` has 64 values and `m` 16.
+    unsafe {
+        for (q, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * q), *a);
+        }
+        _mm512_storeu_ps(m.as_mut_ptr(), mins);
+    }
+    for (j, o) in out.iter_mut().take(LANES).enumerate() {
+        let l = &lanes[4 * j..4 * j + 4];
+        *o = ((l[0] + l[1]) + (l[2] + l[3])) + m[j];
     }
 }
 

@@ -333,8 +333,8 @@ pub fn quant_linear(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Resul
 /// (generation, serving). [`quant_linear`] picks its kernel by the number of rows (fused dot
 /// products up to 16 rows, dequantize-and-GEMM above), and those kernels round differently;
 /// here the kernel depends only on the weight's type and the CPU: the 8-bit products while
-/// [`super::int8_activations`] is held, else the fused dot products (Q4_1, Q8_0), else the
-/// GEMM on dequantized blocks (or, without AVX-512, dot products). Slower than
+/// [`super::int8_activations`] is held, else the fused dot products (Q4_0..Q8_0,
+/// Q2_K..Q6_K), else the GEMM on dequantized blocks (or, without AVX-512, dot products). Slower than
 /// [`quant_linear`] for many rows with f32 activations (a prompt's prefill); the same speed
 /// otherwise.
 pub fn quant_linear_rows(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Result<Tensor> {
