@@ -478,8 +478,8 @@ mod tests {
 
     /// `quant_linear_rows` gives a row the same bits alone and among up to 40 rows, across the
     /// row counts where `quant_linear` changes kernels (8 and 16), with f32 and 8-bit
-    /// activations, for the types with fused kernels and one without; and stays within f32
-    /// rounding of `quant_linear`.
+    /// activations, for every block type with fused kernels (Q4_0..Q8_0, Q2_K..Q6_K) and one
+    /// without (Q8_1); and stays within f32 rounding of `quant_linear`.
     #[test]
     fn quant_linear_rows_gives_a_row_the_same_bits_in_any_batch() {
         let bits = |t: &Tensor| -> Vec<u32> {
@@ -491,7 +491,9 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect()
         };
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let mut types = crate::ops::quant_int8::tests::TYPES.to_vec();
+        types.push(GgmlDType::Q8_1);
+        for dtype in types {
             let w = QuantMatrix::quantize(&randn(3, &[100, 256]), dtype, "w").unwrap();
             let x = randn(4, &[40, 256]);
             for int8 in [false, true] {
