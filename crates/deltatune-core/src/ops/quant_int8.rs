@@ -1301,6 +1301,96 @@ pub(crate) mod tests {
         }
     }
 
+    /// The products of one decoding step of the real Gemma 3 270M file and of SmolLM2-135M's
+    /// Q4_1 file (every 2-D tensor once, the tied embedding as the head), summed, with 8-bit
+    /// and f32 activations and by dequantizing blocks: `cargo test --release -p deltatune-core
+    /// bench_token_products -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_token_products() {
+        if !int8_products_supported() {
+            return;
+        }
+        let smollm2 = std::env::var_os("DELTATUNE_CACHE").map(|c| {
+            std::path::PathBuf::from(c)
+                .join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+        for path in gemma_file()
+            .into_iter()
+            .chain(smollm2.filter(|p| p.is_file()))
+        {
+            eprintln!("{}:", path.display());
+            token_products(&path);
+        }
+    }
+
+    fn token_products(path: &std::path::Path) {
+        let file = crate::gguf::GgufFile::open(path).unwrap();
+        let time = |f: &dyn Fn() -> Vec<f32>, reps: usize| {
+            f();
+            (0..3)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        std::hint::black_box(f());
+                    }
+                    t.elapsed().as_secs_f64() / reps as f64
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        // (type, shape) -> (count, int8, f32, blocks) seconds at batch 1, int8 at batch 8.
+        let mut rows: Vec<(String, usize, [f64; 4])> = vec![];
+        for name in file.tensor_names() {
+            let info = file.tensor_info(name).unwrap();
+            if info.shape.rank() != 2 {
+                continue;
+            }
+            let q = file.quant_matrix(name).unwrap();
+            let key = format!("{} {:?}", q.dtype_name(), q.dims2());
+            if let Some(r) = rows.iter_mut().find(|r| r.0 == key) {
+                r.1 += 1;
+                continue;
+            }
+            let (out_f, in_f) = q.dims2();
+            let x: Vec<f32> = (0..8 * in_f)
+                .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
+                .collect();
+            let reps = (20_000_000 / (out_f * in_f)).max(1);
+            let x1 = &x[..in_f];
+            let t8 = time(&|| forward(x1, 1, &q).unwrap(), reps);
+            let t32 = time(
+                &|| super::super::quant_dot::forward(x1, 1, &q).unwrap(),
+                reps,
+            );
+            let tb = time(
+                &|| super::super::quant_linear::blocks_forward(x1, 1, &q, true, true),
+                1,
+            );
+            let t8b = time(&|| forward(&x, 8, &q).unwrap(), reps);
+            rows.push((key, 1, [t8, t32, tb, t8b]));
+        }
+        let mut total = [0f64; 4];
+        for (key, n, t) in &rows {
+            eprintln!(
+                "{key} x{n}: int8 {:.1} us, f32 {:.1} us, dequantize blocks {:.1} us, int8 batch 8 {:.1} us",
+                t[0] * 1e6,
+                t[1] * 1e6,
+                t[2] * 1e6,
+                t[3] * 1e6
+            );
+            for i in 0..4 {
+                total[i] += t[i] * *n as f64;
+            }
+        }
+        eprintln!(
+            "per token: int8 {:.2} ms, f32 {:.2} ms, dequantize blocks {:.2} ms; batch 8: int8 {:.2} ms",
+            total[0] * 1e3,
+            total[1] * 1e3,
+            total[2] * 1e3,
+            total[3] * 1e3
+        );
+    }
+
     /// Time the int8 product against the f32-expanding one and the block-dequantizing one on
     /// decoder-sized matrices (SmolLM2's Q4_1, Gemma 3 270M's Q4_K, Q6_K, Q5_0 and Q8_0 head):
     /// `cargo test --release -p deltatune-core bench_int8_product -- --ignored --nocapture`.
