@@ -482,11 +482,11 @@ pub(crate) fn pack(w: &QuantMatrix) -> Option<Arc<Packed>> {
     Some(Arc::new(Packed(bytes)))
 }
 
-/// Rows of `x` quantized per block of 32 to signed bytes.
+/// Rows of `x` quantized per block of 32 (or 256) to signed bytes.
 pub(crate) struct QuantRows {
     /// `[m, in]` signed 8-bit values.
     pub(crate) q: Vec<i8>,
-    /// `[m, in / 32]` block scales `d`.
+    /// `[m, in / 32]` block scales `d` (the same for the 8 blocks of 32 of a block of 256).
     pub(crate) d: Vec<f32>,
     /// `[m, in / 32]` sums of each block's `q`.
     pub(crate) sum: Vec<i32>,
@@ -494,9 +494,12 @@ pub(crate) struct QuantRows {
     pub(crate) lo: Vec<i32>,
 }
 
-/// Quantizes the `m` rows of `x` (`[m, in]`, `in` a multiple of 32): `d = max|x| / 127`,
-/// `q = round(x / d)`.
-pub(crate) fn quantize_rows(x: &[f32], m: usize, in_f: usize) -> QuantRows {
+/// Quantizes the `m` rows of `x` (`[m, in]`, `in` a multiple of `per`) per block of `per`
+/// values: 32 (llama.cpp's Q8_0 and Q8_1, with `d = max|x| / 127`, `q = round(x / d)`), or
+/// 256 for the k-quants (llama.cpp's Q8_K: `q = round(x · 127 / max|x|)`, `d` the inverse of
+/// that factor).
+pub(crate) fn quantize_rows(x: &[f32], m: usize, in_f: usize, per: usize) -> QuantRows {
+    debug_assert!(per == 32 || per == 256);
     debug_assert_eq!(x.len(), m * in_f);
     let nb = in_f / 32;
     let mut q = vec![0i8; m * in_f];
@@ -511,27 +514,42 @@ pub(crate) fn quantize_rows(x: &[f32], m: usize, in_f: usize) -> QuantRows {
                 sum.par_chunks_exact_mut(nb)
                     .zip(lo.par_chunks_exact_mut(nb)),
             )
-            .for_each(|(((x, q), d), (sum, lo))| quantize_blocks(x, q, d, sum, lo));
+            .for_each(|(((x, q), d), (sum, lo))| quantize_blocks(x, q, d, sum, lo, per));
     } else {
         x.chunks_exact(in_f)
             .zip(q.chunks_exact_mut(in_f))
             .zip(d.chunks_exact_mut(nb))
             .zip(sum.chunks_exact_mut(nb).zip(lo.chunks_exact_mut(nb)))
-            .for_each(|(((x, q), d), (sum, lo))| quantize_blocks(x, q, d, sum, lo));
+            .for_each(|(((x, q), d), (sum, lo))| quantize_blocks(x, q, d, sum, lo, per));
     }
     QuantRows { q, d, sum, lo }
 }
 
 /// [`quantize_rows`] for the blocks of one row.
-fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [i32], lo: &mut [i32]) {
-    for ((xb, qb), ((db, sb), lb)) in x
-        .chunks_exact(32)
-        .zip(q.chunks_exact_mut(32))
-        .zip(d.iter_mut().zip(sum.iter_mut()).zip(lo.iter_mut()))
-    {
+fn quantize_blocks(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    sum: &mut [i32],
+    lo: &mut [i32],
+    per: usize,
+) {
+    let subs = per / 32;
+    for ((xb, qb), ((db, sb), lb)) in x.chunks_exact(per).zip(q.chunks_exact_mut(per)).zip(
+        d.chunks_exact_mut(subs)
+            .zip(sum.chunks_exact_mut(subs))
+            .zip(lo.chunks_exact_mut(subs)),
+    ) {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let (scale, inv) = if per == 32 {
+            let scale = amax / 127.0;
+            (scale, if scale > 0.0 { 1.0 / scale } else { 0.0 })
+        } else if amax > 0.0 {
+            let inv = 127.0 / amax;
+            (1.0 / inv, inv)
+        } else {
+            (0.0, 0.0)
+        };
         // Adding and taking off 1.5 * 2^23 rounds to the nearest integer (ties to even) for
         // |v| < 2^22, in plain arithmetic the compiler vectorises (`round_ties_even` is a libm
         // call without SSE4.1).
@@ -539,15 +557,18 @@ fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [i32], lo: 
         for (qv, &v) in qb.iter_mut().zip(xb) {
             *qv = ((v * inv).clamp(-127.0, 127.0) + MAGIC - MAGIC) as i8;
         }
-        let half = |h: &[i8]| h.iter().map(|&v| v as i32).sum::<i32>();
-        *lb = half(&qb[..16]);
-        *sb = *lb + half(&qb[16..]);
         // A NaN anywhere in the block makes `amax` NaN (f32::max ignores it, so check).
-        *db = if xb.iter().any(|v| v.is_nan()) {
+        let scale = if xb.iter().any(|v| v.is_nan()) {
             f32::NAN
         } else {
             scale
         };
+        let half = |h: &[i8]| h.iter().map(|&v| v as i32).sum::<i32>();
+        for (i, qs) in qb.chunks_exact(32).enumerate() {
+            lb[i] = half(&qs[..16]);
+            sb[i] = lb[i] + half(&qs[16..]);
+            db[i] = scale;
+        }
     }
 }
 
@@ -566,7 +587,7 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
     if m == 0 || out_f == 0 || in_f == 0 {
         return Some(y);
     }
-    let xq = quantize_rows(x, m, in_f);
+    let xq = quantize_rows(x, m, in_f, f.per_record());
     by_groups(packed, f, &mut y, m, out_f, in_f, |recs, chunk| {
         for r0 in (0..m).step_by(ROWS) {
             let n = (m - r0).min(ROWS);
@@ -1150,7 +1171,7 @@ pub(crate) mod tests {
             let x: Vec<f32> = (0..m * in_f)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0 * (1.0 + (i / in_f) as f32))
                 .collect();
-            let xq = quantize_rows(&x, m, in_f);
+            let xq = quantize_rows(&x, m, in_f, format(type_code(dtype).unwrap()).per_record());
             let alone: Vec<Vec<f32>> = (0..m)
                 .map(|r| forward(&x[r * in_f..(r + 1) * in_f], 1, &q).unwrap())
                 .collect();
@@ -1235,7 +1256,7 @@ pub(crate) mod tests {
     fn activations_round_to_the_nearest_step_of_their_block() {
         let mut x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.37).collect();
         x[32..64].iter_mut().for_each(|v| *v = 0.0);
-        let r = quantize_rows(&x, 1, 64);
+        let r = quantize_rows(&x, 1, 64, 32);
         assert_eq!(r.d[0], 20.0 * 0.37f32 / 127.0);
         assert_eq!(r.q[63], 0);
         assert_eq!(r.d[1], 0.0);
@@ -1247,7 +1268,34 @@ pub(crate) mod tests {
             assert!((r.q[k] as f32 * r.d[0] - x[k]).abs() <= r.d[0] / 2.0 + 1e-6);
         }
         x[5] = f32::NAN;
-        assert!(quantize_rows(&x, 1, 64).d[0].is_nan());
+        assert!(quantize_rows(&x, 1, 64, 32).d[0].is_nan());
+    }
+
+    /// For the k-quants the activations share a scale per 256 values, as llama.cpp's Q8_K:
+    /// `q = round(x · 127 / max|x|)`, `d` the inverse factor, the same in the 8 blocks of 32,
+    /// whose sums are kept apart.
+    #[test]
+    fn k_quant_activations_share_a_scale_per_256_values() {
+        let mut x: Vec<f32> = (0..512)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.01)
+            .collect();
+        x[300] = -5.0;
+        let r = quantize_rows(&x, 1, 512, 256);
+        let inv0 = 127.0 / 0.48f32;
+        assert!(r.d[..8].iter().all(|&d| d == 1.0 / inv0), "{:?}", &r.d[..8]);
+        assert!(r.d[8..].iter().all(|&d| d == 1.0 / (127.0 / 5.0f32)));
+        assert_eq!(r.q[300], -127);
+        for k in 0..512 {
+            let inv = if k < 256 { inv0 } else { 127.0 / 5.0 };
+            assert_eq!(r.q[k], (x[k] * inv).round_ties_even() as i8, "value {k}");
+        }
+        for b in 0..16 {
+            let qs = &r.q[32 * b..32 * b + 32];
+            assert_eq!(r.sum[b], qs.iter().map(|&v| v as i32).sum::<i32>());
+            assert_eq!(r.lo[b], qs[..16].iter().map(|&v| v as i32).sum::<i32>());
+        }
+        // A block of 32 with small values keeps its block of 256's scale.
+        assert!(r.q[256..288].iter().all(|v| v.abs() < 20));
     }
 
     /// On the real Gemma 3 270M file (Q4_K, Q5_0, Q6_K and Q8_0 tensors): the int8 product of
@@ -1298,7 +1346,8 @@ pub(crate) mod tests {
         let x: Vec<f32> = (0..m * in_f)
             .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
             .collect();
-        let xq = quantize_rows(&x, m, in_f);
+        let per = format(type_code(q.dtype()).unwrap()).per_record();
+        let xq = quantize_rows(&x, m, in_f, per);
         let y = forward(&x, m, q).unwrap();
         let f32_y = super::super::quant_dot::forward(&x, m, q).unwrap();
         for r in 0..m {
