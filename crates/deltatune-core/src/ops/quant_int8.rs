@@ -9,9 +9,10 @@
 //!   512-bit `vpdpbusd` multiplies 4 consecutive weights of each of 16 rows by the same 4
 //!   activations and adds them into one 32-bit lane per row. No horizontal sums; the rows'
 //!   scales load as one vector of 16 values.
-//! * Each row of `x` is quantized per block of 32 to signed 8 bits (`q = round(x / d)`, ties
-//!   to even, `d = max|x| / 127`), with the sums of `q` over the block and over its first 16
-//!   values, for the weights' offsets and mins below.
+//! * Each row of `x` is quantized to signed 8 bits (`q = round(x / d)`, ties to even,
+//!   `d = max|x| / 127`) per block of 32 values, or of 256 for the k-quants (llama.cpp's Q8_0 /
+//!   Q8_1 and Q8_K), with the sums of `q` over each block of 32 and over its first 16 values,
+//!   for the weights' offsets and mins below.
 //!
 //! Every GGUF block type from Q4_0 to Q6_K comes down to unsigned codes `u` with an integer
 //! offset `o` and scales: `w = d·(u − o) (+ m)` for the 32-weight types, `w = d·s·(u − o) −
@@ -24,12 +25,14 @@
 //! bytes (Q8_0, stored with 128 added); the k-quants keep `d`, `dmin` and the small integer
 //! sub-block scales, widened in registers once per block of 32 for all rows of `x`. The
 //! repacked copy takes about as many bytes as the file's blocks (92 MiB more for SmolLM2-135M's
-//! Q4_1 file); only 8-bit products make it.
+//! Q4_1 file); the 8-bit products make it, and [`forward_f32`] reads it too (f32 activations,
+//! the codes widened to f32 in registers) for the types [`super::quant_dot`] does not expand
+//! itself.
 //!
 //! The activations' rounding (relative error up to 1/254 of a block's largest value) is the
-//! price; it is what llama.cpp pays on every CPU product (with 256-value blocks for the
-//! k-quants, where these are 32). Each row of `x` gets the same numbers alone and in a batch:
-//! its quantization and sums do not depend on the other rows.
+//! price (1/254 of a block of 256's largest value for the k-quants); it is what llama.cpp pays
+//! on every CPU product. Each row of `x` gets the same numbers alone and in a batch: its
+//! quantization and sums do not depend on the other rows.
 
 use std::sync::Arc;
 
