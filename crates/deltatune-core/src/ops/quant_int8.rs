@@ -292,7 +292,7 @@ struct Decoded {
 }
 
 /// Takes a file block of type `t` apart ([`Decoded`]); its weights are `d·(u − o) + m` or
-/// `d·s·(u − o) − dmin·n` as in [`format`] (ggml's layouts, as candle's `to_float` reads them).
+/// `d·s·(u − o) − dmin·n` as in [`format()`] (ggml's layouts, as candle's `to_float` reads them).
 fn decode(t: u8, b: &[u8], out: &mut Decoded) {
     let u = &mut out.u;
     out.d = [b[0], b[1]];
