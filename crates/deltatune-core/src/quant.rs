@@ -151,7 +151,8 @@ pub struct QuantMatrix {
     rows: usize,
     cols: usize,
     name: Arc<str>,
-    /// The copy repacked for 8-bit activation products (made on first use by generation).
+    /// The copy repacked for 8-bit activation products (made on first use by generation, or
+    /// by the fused f32 products of the types other than Q4_1 and Q8_0).
     int8: Arc<OnceLock<Option<Arc<crate::ops::quant_int8::Packed>>>>,
 }
 
@@ -273,8 +274,8 @@ impl QuantMatrix {
         (self.blocks.dtype(), self.blocks.bytes())
     }
 
-    /// The blocks repacked for [`crate::ops::quant_int8`] (built once, shared by clones);
-    /// `None` for block types it does not handle.
+    /// The blocks repacked for [`crate::ops::quant_int8`] (built once, shared by clones, about
+    /// as many bytes as the blocks); `None` for block types it does not handle.
     pub(crate) fn int8_packed(&self) -> Option<&crate::ops::quant_int8::Packed> {
         self.int8
             .get_or_init(|| crate::ops::quant_int8::pack(self))

@@ -1,12 +1,14 @@
-//! `y = x·Wᵀ` for a few rows of `x` straight from the quantized blocks of `W` (Q4_1, Q8_0):
-//! the decoding step's products, where `x` has one row per sequence.
+//! `y = x·Wᵀ` for a few rows of `x` straight from the quantized blocks of `W` (Q4_0..Q8_0,
+//! Q2_K..Q6_K): the decoding step's products, where `x` has one row per sequence.
 //!
-//! Each block of 32 weights is expanded in registers (`q·d + m` for Q4_1, `q·d` for Q8_0) and
-//! multiplied into up to eight rows of `x` at once, so `W` is read once per call at its stored
-//! size (0.56 or 1.06 bytes per weight) and never written out as f32, where the dequantize-then-
-//! multiply path writes and reads back 4 bytes per weight. Output rows run in parallel. The sum
-//! over a row of `W` runs in the same order for any number of rows of `x`, so a sequence gets the
-//! same numbers alone and in a batch.
+//! For Q4_1 and Q8_0 each block of 32 weights is expanded in registers (`q·d + m` for Q4_1,
+//! `q·d` for Q8_0) and multiplied into up to eight rows of `x` at once, so `W` is read once per
+//! call at its stored size (0.56 or 1.06 bytes per weight) and never written out as f32, where
+//! the dequantize-then-multiply path writes and reads back 4 bytes per weight. The other types
+//! go to [`super::quant_int8::forward_f32`], which widens the codes of the 8-bit kernels'
+//! packed copy to f32 in registers. Output rows run in parallel. The sum over a row of `W` runs
+//! in the same order for any number of rows of `x`, so a sequence gets the same numbers alone
+//! and in a batch.
 
 use rayon::prelude::*;
 
@@ -22,7 +24,17 @@ const PAR_MIN_MACS: usize = 1 << 18;
 
 /// Whether [`forward`] handles `w`'s block type on this CPU.
 pub(crate) fn supports(w: &QuantMatrix) -> bool {
-    matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) && has_f16c_avx512()
+    use GgmlDType::*;
+    if in_registers(w.dtype()) {
+        return has_f16c_avx512();
+    }
+    matches!(w.dtype(), Q4_0 | Q5_0 | Q5_1 | Q2K | Q3K | Q4K | Q5K | Q6K)
+        && super::quant_int8::f32_products_supported()
+}
+
+/// The types expanded in registers here; the others take the packed copy.
+fn in_registers(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
 }
 
 fn has_f16c_avx512() -> bool {
@@ -40,8 +52,11 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
     if !supports(w) {
         return None;
     }
-    let (out_f, in_f) = w.dims2();
     let (dtype, bytes) = w.raw();
+    if !in_registers(dtype) {
+        return super::quant_int8::forward_f32(x, m, w);
+    }
+    let (out_f, in_f) = w.dims2();
     let row_bytes = bytes.len() / out_f.max(1);
     let mut yt = vec![0f32; out_f * m];
     if m == 0 || out_f == 0 {
@@ -82,7 +97,7 @@ pub(crate) fn forward(x: &[f32], m: usize, w: &QuantMatrix) -> Option<Vec<f32>> 
 /// Dequantizes the blocks `blocks` of `w` into `out` with AVX-512 (Q4_1, Q8_0); `false` (and
 /// `out` untouched) for other block types or CPUs.
 pub(crate) fn dequantize(w: &QuantMatrix, blocks: std::ops::Range<usize>, out: &mut [f32]) -> bool {
-    if !supports(w) {
+    if !supports(w) || !in_registers(w.dtype()) {
         return false;
     }
     let (dtype, bytes) = w.raw();
@@ -295,38 +310,49 @@ mod tests {
         }
     }
 
-    /// The fused product equals the dequantized matrix's product, for 1 to 11 rows of `x`
-    /// (a partial group of 8 included), and a row's result does not depend on its batch.
+    /// The fused product equals the dequantized matrix's product (to f32 rounding: relative
+    /// 1e-4 over 512-term sums) for every block type, and every row gets the same bits alone
+    /// and in any batch of 1 to 40 rows (partial groups of 8 included), with an output size
+    /// that is not a multiple of the parallel chunk.
     #[test]
     fn fused_product_equals_the_dequantized_product() {
         if crate::ops::lacks_cpu_feature(crate::ops::gemm::has_avx512(), "AVX-512") {
             return;
         }
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let w = Tensor::randn(0f32, 1.0, (70, 96), &Device::Cpu).unwrap();
+        let (out_f, in_f, m) = (70, 512, 40);
+        for dtype in crate::ops::quant_int8::tests::TYPES {
+            let w = Tensor::randn(0f32, 1.0, (out_f, in_f), &Device::Cpu).unwrap();
             let q = QuantMatrix::quantize(&w, dtype, "w").unwrap();
             let dense: Vec<Vec<f32>> = q.dequantize().unwrap().to_vec2().unwrap();
-            for m in [1usize, 3, 8, 11] {
-                let x: Vec<f32> = (0..m * 96)
-                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
-                    .collect();
-                let y = forward(&x, m, &q).unwrap();
-                for r in 0..m {
-                    for o in 0..70 {
-                        let want: f32 = (0..96).map(|k| x[r * 96 + k] * dense[o][k]).sum();
-                        let got = y[r * 70 + o];
-                        assert!(
-                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                            "{dtype:?} m {m} [{r}, {o}]: {got} vs {want}"
-                        );
-                    }
+            let x: Vec<f32> = (0..m * in_f)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+                .collect();
+            let alone: Vec<Vec<f32>> = (0..m)
+                .map(|r| forward(&x[r * in_f..(r + 1) * in_f], 1, &q).unwrap())
+                .collect();
+            for (r, y) in alone.iter().enumerate() {
+                for o in 0..out_f {
+                    let want: f64 = (0..in_f)
+                        .map(|k| x[r * in_f + k] as f64 * dense[o][k] as f64)
+                        .sum();
+                    let got = y[o] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{dtype:?} [{r}, {o}]: {got} vs {want}"
+                    );
                 }
-                let alone = forward(&x[..96], 1, &q).unwrap();
-                assert_eq!(
-                    &y[..70],
-                    &alone[..],
-                    "{dtype:?}: row 0 alone and in a batch of {m}"
-                );
+            }
+            for n in 1..=m {
+                let y = forward(&x[..n * in_f], n, &q).unwrap();
+                for (r, want) in alone.iter().enumerate().take(n) {
+                    let got = &y[r * out_f..(r + 1) * out_f];
+                    assert!(
+                        got.iter()
+                            .zip(want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype:?}: row {r} alone and in a batch of {n}"
+                    );
+                }
             }
         }
     }

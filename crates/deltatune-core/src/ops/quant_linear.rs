@@ -71,6 +71,18 @@ fn forward(x: &[f32], m: usize, w: &QuantMatrix, fast: bool, rows: bool) -> Vec<
             return y;
         }
     }
+    blocks_forward(x, m, w, fast, rows)
+}
+
+/// [`forward`] by dequantizing blocks of rows of `W` and multiplying them (the path of the
+/// block types and CPUs without a fused kernel).
+pub(super) fn blocks_forward(
+    x: &[f32],
+    m: usize,
+    w: &QuantMatrix,
+    fast: bool,
+    rows: bool,
+) -> Vec<f32> {
     let (out_f, in_f) = w.dims2();
     let mut y = vec![0f32; m * out_f];
     if m == 0 || out_f == 0 || in_f == 0 {
@@ -321,8 +333,8 @@ pub fn quant_linear(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Resul
 /// (generation, serving). [`quant_linear`] picks its kernel by the number of rows (fused dot
 /// products up to 16 rows, dequantize-and-GEMM above), and those kernels round differently;
 /// here the kernel depends only on the weight's type and the CPU: the 8-bit products while
-/// [`super::int8_activations`] is held, else the fused dot products (Q4_1, Q8_0), else the
-/// GEMM on dequantized blocks (or, without AVX-512, dot products). Slower than
+/// [`super::int8_activations`] is held, else the fused dot products (Q4_0..Q8_0,
+/// Q2_K..Q6_K), else the GEMM on dequantized blocks (or, without AVX-512, dot products). Slower than
 /// [`quant_linear`] for many rows with f32 activations (a prompt's prefill); the same speed
 /// otherwise.
 pub fn quant_linear_rows(x: &Tensor, w: &QuantMatrix, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -466,8 +478,8 @@ mod tests {
 
     /// `quant_linear_rows` gives a row the same bits alone and among up to 40 rows, across the
     /// row counts where `quant_linear` changes kernels (8 and 16), with f32 and 8-bit
-    /// activations, for the types with fused kernels and one without; and stays within f32
-    /// rounding of `quant_linear`.
+    /// activations, for every block type with fused kernels (Q4_0..Q8_0, Q2_K..Q6_K) and one
+    /// without (Q8_1); and stays within f32 rounding of `quant_linear`.
     #[test]
     fn quant_linear_rows_gives_a_row_the_same_bits_in_any_batch() {
         let bits = |t: &Tensor| -> Vec<u32> {
@@ -479,7 +491,9 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect()
         };
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let mut types = crate::ops::quant_int8::tests::TYPES.to_vec();
+        types.push(GgmlDType::Q8_1);
+        for dtype in types {
             let w = QuantMatrix::quantize(&randn(3, &[100, 256]), dtype, "w").unwrap();
             let x = randn(4, &[40, 256]);
             for int8 in [false, true] {
