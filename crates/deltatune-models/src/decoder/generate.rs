@@ -25,7 +25,7 @@ pub struct GenerateConfig {
     /// is cut from the text).
     pub stop: Vec<String>,
     /// Round the activations to 8 bits per block of 32 in the products by a quantized (GGUF
-    /// Q4_1 or Q8_0) base and multiply with integer dot products, as llama.cpp does (default
+    /// every block type) base and multiply with integer dot products, as llama.cpp does (default
     /// true): 2-4x faster products where the CPU has AVX-512 VNNI, at the price of that
     /// rounding. `false`: f32 activations, the numbers evaluation computes.
     pub int8_activations: bool,
