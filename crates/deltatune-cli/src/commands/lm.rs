@@ -50,7 +50,8 @@ pub fn decoder_path(spec: &str, cache: &Path) -> Result<PathBuf> {
 pub fn is_decoder_spec(spec: &str) -> bool {
     use deltatune_data::assets;
     let p = Path::new(spec);
-    if spec.eq_ignore_ascii_case(assets::DECODER_NAME) || spec.eq_ignore_ascii_case(assets::GEMMA3_NAME)
+    if spec.eq_ignore_ascii_case(assets::DECODER_NAME)
+        || spec.eq_ignore_ascii_case(assets::GEMMA3_NAME)
     {
         return true;
     }

@@ -2,8 +2,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use deltatune_data::text::LabelMap;
-use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, RUN_CONFIG};
 use deltatune_models::{DecoderClassifier, SequenceClassifier, TextBackbone};
+use deltatune_train::artifact::{Staging, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS, RUN_CONFIG};
 use deltatune_train::{train_task_with, ClassificationTask, Encoded, TrainOptions};
 use serde_json::json;
 
@@ -54,7 +54,16 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         test: test.as_ref(),
         tok_secs,
     };
-    fit_and_save(s, staging, ckpt, &model_dir, &loaded.model, trainables, &s.delta(), data)
+    fit_and_save(
+        s,
+        staging,
+        ckpt,
+        &model_dir,
+        &loaded.model,
+        trainables,
+        &s.delta(),
+        data,
+    )
 }
 
 /// A classification run's encoded data.
