@@ -72,6 +72,10 @@ fn files_args<'a>(
         "--no-progress",
         "--lora-alpha",
         "8",
+        // bf16 products are chosen by a start-up timing, which a loaded machine (tests in
+        // parallel) can flip between two runs: f32 keeps reruns comparable.
+        "--set",
+        "train.bf16=false",
     ];
     v.extend_from_slice(extra);
     v

@@ -237,3 +237,90 @@ fn bad_decoder_input_is_a_clear_error() {
         "deltatune predict",
     );
 }
+
+/// `train --task classify` on decoders (tiny Qwen2 folder, tiny Phi-3 GGUF with its
+/// SentencePiece tokenizer): a `score` head on the last token is trained and saved as PEFT's
+/// SEQ_CLS `modules_to_save`, Phi-3's LoRA goes on its fused `qkv_proj`.
+#[test]
+fn classify_trains_a_score_head_on_a_decoder_folder_and_gguf() {
+    let tmp = Tmp::new("decoder-classify");
+    let mut csv = String::from("text,label\n");
+    for i in 0..24 {
+        let (text, label) = if i % 2 == 0 {
+            ("a fine warm film", 1)
+        } else {
+            ("a dull cold mess", 0)
+        };
+        csv.push_str(&format!("{text} {i},{label}\n"));
+    }
+    std::fs::write(tmp.0.join("d.csv"), csv).unwrap();
+    let dec = support::fixtures().join("decoders");
+    for (model, targets) in [
+        (dec.join("qwen2"), "q_proj"),
+        (dec.join("phi3/model.gguf"), "qkv_proj"),
+    ] {
+        let model = model.display().to_string();
+        let out = format!("run-{}", targets);
+        let o = run(
+            &[
+                "train",
+                "--model",
+                &model,
+                "--train-file",
+                "d.csv",
+                "--dev-file",
+                "d.csv",
+                "--test-file",
+                "d.csv",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--no-progress",
+                "-o",
+                &out,
+            ],
+            &tmp.0,
+        );
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        assert!(stdout(&o).contains("test accuracy"), "{}", stdout(&o));
+        let dir = tmp.0.join(&out);
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["task_type"], "SEQ_CLS", "{model}");
+        assert_eq!(
+            cfg["modules_to_save"],
+            serde_json::json!(["score"]),
+            "{model}"
+        );
+        assert!(
+            cfg["target_modules"].to_string().contains(targets),
+            "{model}: {}",
+            cfg["target_modules"]
+        );
+        let w = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let keys = candle_core::safetensors::load_buffer(&w, &candle_core::Device::Cpu).unwrap();
+        assert!(
+            keys.contains_key("base_model.model.score.weight"),
+            "{model}: {:?}",
+            keys.keys().collect::<Vec<_>>()
+        );
+    }
+}
+
+/// The generation job on the tiny Gemma 3 GGUF (SentencePiece tokenizer from its metadata,
+/// local/global layers): a short LoRA run trains and scores.
+#[test]
+fn generate_trains_on_a_gemma3_gguf() {
+    let tmp = Tmp::new("decoder-gemma3");
+    write_colour_codes(&tmp.0.join("d.jsonl"), 6);
+    let g = support::fixtures()
+        .join("decoders/gemma3/model.gguf")
+        .display()
+        .to_string();
+    let o = run(&train_args(&g, "run", "lora"), &tmp.0);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("test exact match"), "{}", stdout(&o));
+}

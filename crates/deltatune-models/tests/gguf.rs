@@ -314,21 +314,25 @@ fn synthetic_llama_errors_name_the_problem() {
     assert!(matches!(e, Error::MissingTensor { .. }), "{e:?}");
     assert!(e.to_string().contains("blk.1.attn_k.weight"), "{e}");
     let e = err(Spec {
-        arch: "qwen2",
+        arch: "falcon",
         ..Spec::default()
     });
     assert!(
-        e.to_string().contains("`qwen2`") && e.to_string().contains("general.architecture"),
+        e.to_string().contains("`falcon`") && e.to_string().contains("general.architecture"),
         "{e}"
     );
+    // A supported architecture whose keys are missing: the key is named.
+    let e = err(Spec {
+        arch: "qwen2",
+        ..Spec::default()
+    });
+    assert!(e.to_string().contains("qwen2.embedding_length"), "{e}");
     let e = err(Spec {
         tokenizer_model: "llama",
         ..Spec::default()
     });
-    assert!(
-        e.to_string().contains("tokenizer.ggml.model is `llama`"),
-        "{e}"
-    );
+    // A SentencePiece vocabulary needs its scores: the key is named.
+    assert!(e.to_string().contains("tokenizer.ggml.scores"), "{e}");
 }
 
 #[test]

@@ -525,6 +525,15 @@ pub struct HfDecoderConfig {
     pub final_logit_softcapping: Option<f64>,
 }
 
+/// `f(l)` for each of `n` layers. A count no real model has (a corrupt header) gives no flags:
+/// loading then fails at the first layer the weights lack, not in an allocation.
+pub fn layer_flags(n: usize, f: impl Fn(usize) -> bool) -> Vec<bool> {
+    if n > 65_536 {
+        return Vec::new();
+    }
+    (0..n).map(f).collect()
+}
+
 /// A token id given as a number (or null); lists take their first element.
 fn one_id(v: &Option<serde_json::Value>) -> Option<u32> {
     match v {
@@ -727,7 +736,7 @@ impl HfDecoderConfig {
             _ => true,
         });
         let sliding_layers: Vec<bool> = match (&self.layer_types, window) {
-            (_, None) => vec![false; n],
+            (_, None) => Vec::new(),
             (Some(types), Some(_)) => {
                 let mut v = Vec::with_capacity(types.len());
                 for t in types {
@@ -740,20 +749,20 @@ impl HfDecoderConfig {
                 v
             }
             (None, Some(_)) => match family {
-                Family::Gemma2 => (0..n).map(|l| (l + 1) % 2 != 0).collect(),
+                Family::Gemma2 => layer_flags(n, |l| (l + 1) % 2 != 0),
                 Family::Gemma3 => {
                     let p = self
                         .sliding_window_pattern
                         .or(self.sliding_window_pattern_private)
                         .unwrap_or(6)
                         .max(1);
-                    (0..n).map(|l| (l + 1) % p != 0).collect()
+                    layer_flags(n, |l| (l + 1) % p != 0)
                 }
                 Family::Qwen2 | Family::Qwen3 => {
                     let from = self.max_window_layers.unwrap_or(0);
-                    (0..n).map(|l| l >= from).collect()
+                    layer_flags(n, |l| l >= from)
                 }
-                _ => vec![true; n],
+                _ => layer_flags(n, |_| true),
             },
         };
         let num_heads = self.num_attention_heads;

@@ -23,7 +23,7 @@ use deltatune_core::error::nearest_names;
 use deltatune_core::quant::ggml_type_name;
 use deltatune_core::{Error, GgufFile, QuantMatrix, Result};
 
-use super::config::{Activation, DecoderConfig, Family, Rope};
+use super::config::{layer_flags, Activation, DecoderConfig, Family, Rope};
 use super::model::tensor_specs;
 use crate::gguf_tokenizer::tokenizer_from_gguf;
 
@@ -247,15 +247,15 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
     // Which layers slide: llama.cpp fixes the pattern per architecture (Gemma 2: every other
     // layer from the first; Gemma 3: five of every six); Mistral and Phi-3 slide everywhere.
     let sliding_layers = match (family, sliding_window) {
-        (_, None) => vec![false; num_layers],
-        (Family::Gemma2, Some(_)) => (0..num_layers).map(|l| (l + 1) % 2 != 0).collect(),
+        (_, None) => Vec::new(),
+        (Family::Gemma2, Some(_)) => layer_flags(num_layers, |l| (l + 1) % 2 != 0),
         (Family::Gemma3, Some(_)) => {
             let p = u_opt("attention.sliding_window_pattern")?
                 .unwrap_or(6)
                 .max(1);
-            (0..num_layers).map(|l| (l + 1) % p != 0).collect()
+            layer_flags(num_layers, |l| (l + 1) % p != 0)
         }
-        (_, Some(_)) => vec![true; num_layers],
+        (_, Some(_)) => layer_flags(num_layers, |_| true),
     };
     let gemma = family.norm_plus_one();
     // llama.cpp scales Gemma's queries by 1/sqrt(hidden / heads) for the 27B models (46 and 62
