@@ -233,11 +233,11 @@ pub fn task_features(
 /// The delta for a decoder: attached for training.
 pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
     let mut delta = s.delta();
-    if d.model.config.family.fused_projections() && fuse_targets(&mut delta) {
+    if decoder_targets(&mut delta, d.model.config.family.fused_projections()) {
         eprintln!(
-            "{} fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the delta targets \
-             those",
-            d.model.config.family
+            "{}: the delta targets {}",
+            d.model.config.family,
+            targets_summary(&delta)
         );
     }
     let text_ids = match delta.init_text() {
@@ -251,20 +251,31 @@ pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
     Ok(trainables)
 }
 
-/// Renames separate projections in `delta`'s target lists to the fused ones of Phi-3
-/// (`q_proj`/`k_proj`/`v_proj` -> `qkv_proj`, `gate_proj`/`up_proj` -> `gate_up_proj`), as
-/// PEFT's defaults for Phi-3 target them; whether anything changed.
-pub fn fuse_targets(delta: &mut DeltaConfig) -> bool {
+/// Puts `delta`'s target lists in a decoder's names: BERT's defaults (`query`, `key`,
+/// `value`, `attention.output.dense`, `intermediate.dense`, `output.dense`) become `q_proj`,
+/// `k_proj`, `v_proj`, `o_proj`, `up_proj`, `down_proj`, and with `fused` (Phi-3) `q_proj` /
+/// `k_proj` / `v_proj` become `qkv_proj` and `gate_proj` / `up_proj` become `gate_up_proj`, as
+/// PEFT's defaults for Phi-3 target them. Whether anything changed.
+pub fn decoder_targets(delta: &mut DeltaConfig, fused: bool) -> bool {
     use deltatune_core::sites::TargetModules;
-    fn fuse(t: &mut TargetModules) -> bool {
+    let rename = |t: &mut TargetModules| -> bool {
         let TargetModules::Suffixes(list) = t else {
             return false;
         };
         let mut out: Vec<String> = Vec::new();
         for s in list.iter() {
-            let f = match s.as_str() {
-                "q_proj" | "k_proj" | "v_proj" => "qkv_proj",
-                "gate_proj" | "up_proj" => "gate_up_proj",
+            let d = match s.as_str() {
+                "query" => "q_proj",
+                "key" => "k_proj",
+                "value" => "v_proj",
+                "attention.output.dense" => "o_proj",
+                "intermediate.dense" => "up_proj",
+                "output.dense" => "down_proj",
+                other => other,
+            };
+            let f = match d {
+                "q_proj" | "k_proj" | "v_proj" if fused => "qkv_proj",
+                "gate_proj" | "up_proj" if fused => "gate_up_proj",
                 other => other,
             };
             if !out.iter().any(|o| o == f) {
@@ -274,19 +285,40 @@ pub fn fuse_targets(delta: &mut DeltaConfig) -> bool {
         let changed = out != *list;
         *list = out;
         changed
-    }
+    };
     match delta {
-        DeltaConfig::Lora(c) => fuse(&mut c.target_modules),
+        DeltaConfig::Lora(c) => rename(&mut c.target_modules),
         DeltaConfig::Ia3(c) => {
-            let a = fuse(&mut c.target_modules);
-            let b = c.feedforward_modules.as_mut().is_some_and(fuse);
+            let a = rename(&mut c.target_modules);
+            let b = c.feedforward_modules.as_mut().is_some_and(rename);
             a || b
         }
         DeltaConfig::Compose(c) => c
             .deltas
             .iter_mut()
-            .fold(false, |acc, d| fuse_targets(d) || acc),
+            .fold(false, |acc, d| decoder_targets(d, fused) || acc),
         _ => false,
+    }
+}
+
+/// The target modules of `delta` (and its members), for a message.
+pub fn targets_summary(delta: &DeltaConfig) -> String {
+    use deltatune_core::sites::TargetModules;
+    let show = |t: &TargetModules| match t {
+        TargetModules::Suffixes(l) => l.join(", "),
+        TargetModules::Regex(r) => r.clone(),
+    };
+    match delta {
+        DeltaConfig::Lora(c) => show(&c.target_modules),
+        DeltaConfig::Ia3(c) => show(&c.target_modules),
+        DeltaConfig::Compose(c) => c
+            .deltas
+            .iter()
+            .map(targets_summary)
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => String::new(),
     }
 }
 

@@ -120,8 +120,12 @@ fn classify_on_decoder(
     if delta.modules_to_save() == Some(&["classifier".to_string()][..]) {
         delta = delta.with_modules_to_save(Some(vec!["score".into()]));
     }
-    if model.decoder.config.family.fused_projections() {
-        super::lm::fuse_targets(&mut delta);
+    if super::lm::decoder_targets(&mut delta, model.decoder.config.family.fused_projections()) {
+        eprintln!(
+            "{}: the delta targets {}",
+            model.decoder.config.family,
+            super::lm::targets_summary(&delta)
+        );
     }
     let rng = deltatune_core::Rng::new(s.train.seed).derive(delta.name());
     let trainables = delta.attach(&mut model, &rng, None)?;
