@@ -1320,7 +1320,7 @@ pub fn resolve_decoder(spec: &str, cache: &Path) -> Result<PathBuf> {
         let missing: Vec<&str> = DECODER_FOLDER_FILES
             .iter()
             .copied()
-            .filter(|f| !path.join(f).is_file() && !(sharded && *f == "model.safetensors"))
+            .filter(|f| !(path.join(f).is_file() || sharded && *f == "model.safetensors"))
             .collect();
         if !missing.is_empty() {
             return Err(err(format!(

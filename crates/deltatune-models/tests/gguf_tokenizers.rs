@@ -52,6 +52,9 @@ fn strs(v: &Json) -> Vec<String> {
 fn first_file(what: &str, candidates: Vec<PathBuf>) -> Option<PathBuf> {
     let found = candidates.iter().find(|p| p.is_file()).cloned();
     if found.is_none() {
+        if std::env::var("DELTATUNE_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+            panic!("{what} not found (looked at {candidates:?}): run `deltatune fetch`");
+        }
         eprintln!("skipping: {what} not found (looked at {candidates:?})");
     }
     found
@@ -69,7 +72,6 @@ fn gemma3_file() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("DELTATUNE_GEMMA3_GGUF").filter(|v| !v.is_empty()) {
         c.push(PathBuf::from(p));
     }
-    c.push(PathBuf::from("/work/models/gemma-3-270m-q4_k_m.gguf"));
     if let Some(d) = cache_dir() {
         c.push(d.join("models/gemma-3-270m/gemma-3-270m-q4_k_m.gguf"));
     }

@@ -293,10 +293,14 @@ pub fn decoder_targets(delta: &mut DeltaConfig, fused: bool) -> bool {
             let b = c.feedforward_modules.as_mut().is_some_and(rename);
             a || b
         }
-        DeltaConfig::Compose(c) => c
-            .deltas
-            .iter_mut()
-            .fold(false, |acc, d| decoder_targets(d, fused) || acc),
+        DeltaConfig::Compose(c) => {
+            // Every member is renamed (no short-circuit).
+            let mut changed = false;
+            for d in c.deltas.iter_mut() {
+                changed |= decoder_targets(d, fused);
+            }
+            changed
+        }
         _ => false,
     }
 }

@@ -215,11 +215,7 @@ fn fit_and_save<M: SequenceClassifier + TextBackbone>(
     };
     staging.write_json(RUN_CONFIG, &run)?;
     labels.save(&staging.file(LABELS))?;
-    let task = ClassificationTask {
-        model: model,
-        train,
-        dev,
-    };
+    let task = ClassificationTask { model, train, dev };
     let report = train_task_with(
         &task,
         &optimised,

@@ -1062,12 +1062,13 @@ pub(crate) mod tests {
         GgmlDType::Q6K,
     ];
 
-    /// The real Gemma 3 270M Q4_K_M file: `$DELTATUNE_GEMMA_GGUF`, else where `deltatune fetch`
-    /// puts it under `$DELTATUNE_CACHE`, else /work/models; `None` (with a note) when absent.
+    /// The real Gemma 3 270M Q4_K_M file: `$DELTATUNE_GEMMA3_GGUF`, else where `deltatune fetch`
+    /// puts it under `$DELTATUNE_CACHE`; `None` (with a note) when absent, a panic when
+    /// `DELTATUNE_REQUIRE_ASSETS=1`.
     pub(crate) fn gemma_file() -> Option<std::path::PathBuf> {
         let name = "gemma-3-270m-q4_k_m.gguf";
         let mut candidates = vec![];
-        if let Some(p) = std::env::var_os("DELTATUNE_GEMMA_GGUF") {
+        if let Some(p) = std::env::var_os("DELTATUNE_GEMMA3_GGUF") {
             candidates.push(std::path::PathBuf::from(p));
         }
         if let Some(c) = std::env::var_os("DELTATUNE_CACHE") {
@@ -1075,11 +1076,13 @@ pub(crate) mod tests {
             candidates.push(c.join("gemma-3-270m").join(name));
             candidates.push(c.join(name));
         }
-        candidates.push(std::path::Path::new("/work/models").join(name));
         let found = candidates.into_iter().find(|p| p.is_file());
         if found.is_none() {
+            if std::env::var("DELTATUNE_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+                panic!("{name} is missing: run `deltatune fetch`");
+            }
             eprintln!(
-                "NOTE: skipping the real-file check: {name} not found (set DELTATUNE_GEMMA_GGUF)"
+                "NOTE: skipping the real-file check: {name} not found (set DELTATUNE_GEMMA3_GGUF)"
             );
         }
         found

@@ -61,8 +61,10 @@ impl Embedding {
     }
 }
 
-/// q, k and v as three projections or one (`qkv_proj`, Phi-3).
+/// q, k and v as three projections or one (`qkv_proj`, Phi-3). One per layer: the size
+/// difference between the variants does not matter.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 enum Qkv {
     Split { q: Linear, k: Linear, v: Linear },
     Fused(Linear),
@@ -70,6 +72,7 @@ enum Qkv {
 
 /// The feed-forward's gate and up projections, or one `gate_up_proj` (Phi-3; gate first).
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 enum GateUp {
     Split { gate: Linear, up: Linear },
     Fused(Linear),
