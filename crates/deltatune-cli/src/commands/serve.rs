@@ -17,7 +17,7 @@ use deltatune_serve::{decoder, encoder, folder, AdapterFolder};
 /// `deltatune serve` flags.
 #[derive(Debug, Args, Clone)]
 pub struct ServeArgs {
-    /// The base: a decoder (.gguf file, Llama folder, SmolLM2-135M-Instruct) or an encoder
+    /// The base: a decoder (.gguf file, decoder folder, SmolLM2-135M-Instruct, gemma-3-270m) or an encoder
     /// classifier's folder (all-MiniLM-L6-v2, a BERT folder). Default: the first adapter's base,
     /// else SmolLM2-135M-Instruct.
     #[arg(long)]
@@ -66,7 +66,7 @@ pub struct ServeArgs {
 
 /// Whether `path` holds a decoder (a GGUF file, or a folder whose config is a causal LM's).
 fn is_decoder(spec: &str, cache: &Path) -> bool {
-    if spec.ends_with(".gguf") || spec.eq_ignore_ascii_case(deltatune_data::assets::DECODER_NAME) {
+    if spec.ends_with(".gguf") || super::lm::is_decoder_spec(spec) {
         return true;
     }
     let dir = deltatune_data::assets::resolve_model_dir(spec, cache)
@@ -75,7 +75,9 @@ fn is_decoder(spec: &str, cache: &Path) -> bool {
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
     cfg.is_some_and(|c| {
-        c["model_type"] == "llama"
+        c["model_type"]
+            .as_str()
+            .is_some_and(|t| deltatune_models::decoder::Family::from_model_type(t).is_some())
             || c["architectures"].as_array().is_some_and(|a| {
                 a.iter()
                     .any(|x| x.as_str().is_some_and(|x| x.ends_with("ForCausalLM")))
