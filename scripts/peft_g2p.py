@@ -6,8 +6,8 @@ Reads the JSON-lines splits that `deltatune train` writes into its output folder
 "completion": " {phonemes}", ...}) so that both sides train and test on the same examples.
 
 Training, as deltatune does it:
-- prompt and completion tokenised separately: tok(prompt).input_ids (no BOS is added for this
-  model) + tok(completion, add_special_tokens=False).input_ids + [eos]; labels -100 on the prompt
+- prompt and completion tokenised separately: tok(prompt).input_ids (with the tokenizer's BOS
+  where it adds one: Gemma, not SmolLM2) + tok(completion, add_special_tokens=False).input_ids + [eos]; labels -100 on the prompt
   tokens and on padding, so the loss is the mean over all completion tokens (and eos) of the batch;
 - right padding with the pad id to the longest sequence of the batch, attention mask 0 there;
 - batches drawn from torch.randperm with a torch.Generator seeded with --seed (a new permutation
@@ -16,7 +16,7 @@ Training, as deltatune does it:
   --max-grad-norm, linear warm-up over ceil(warmup_ratio * total steps) then linear decay to 0.
 
 Evaluation: greedy generation (do_sample=False) of at most --max-new-tokens, left-padded batches
-of --eval-batch-size, pad and eos id 2; the new tokens are decoded with skip_special_tokens=True,
+of --eval-batch-size, pad and eos ids the tokenizer's (2 and 2 for SmolLM2); the new tokens are decoded with skip_special_tokens=True,
 cut at the first "\\n" and stripped. Exact match: generated.split() == completion.split().
 Phoneme error rate (PER): sum of edit distances over whitespace-separated units / sum of
 reference lengths. By default a row stops generating once its new text holds a "\\n" (which does
@@ -79,6 +79,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, StoppingCriteria,
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from refrun import Progress, rss_peak_mib  # noqa: E402
 
+# SmolLM2's ids; main() sets them from the model's tokenizer (Gemma: eos 1, pad 0).
 EOS_ID = 2
 PAD_ID = 2
 
@@ -185,7 +186,11 @@ def main():
     test_rows = load_jsonl(args.test)
 
     t0 = time.perf_counter()
+    global EOS_ID, PAD_ID
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    if tok.eos_token_id is not None:
+        EOS_ID = tok.eos_token_id
+    PAD_ID = tok.pad_token_id if tok.pad_token_id is not None else EOS_ID
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     load_seconds = time.perf_counter() - t0
     print(f"loaded {args.gguf} in {load_seconds:.1f}s", file=sys.stderr)

@@ -202,3 +202,59 @@ fn each_familys_named_tensors_are_its_checkpoint() {
         }
     }
 }
+
+/// What the decoder cannot run is refused by name from `config.json`, before any weight.
+#[test]
+fn unsupported_configs_are_refused_by_name() {
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir("llama").join("config.json")).unwrap())
+            .unwrap();
+    let cases: [(&str, serde_json::Value, &str); 7] = [
+        (
+            "model_type",
+            serde_json::json!("falcon"),
+            "model_type `falcon`",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+            "rope type `yarn` is not supported",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}),
+            "needs a number `low_freq_factor`",
+        ),
+        (
+            "partial_rotary_factor",
+            serde_json::json!(0.75),
+            "partial rotary",
+        ),
+        ("mlp_bias", serde_json::json!(true), "mlp_bias"),
+        ("hidden_act", serde_json::json!("relu"), "hidden_act `relu`"),
+        (
+            "layer_types",
+            serde_json::json!(["full_attention"]),
+            "layer_types lists 1",
+        ),
+    ];
+    for (key, value, want) in cases {
+        let mut cfg = base.clone();
+        cfg[key] = value;
+        if key == "layer_types" {
+            cfg["sliding_window"] = serde_json::json!(4);
+        }
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("config.json");
+        std::fs::write(&p, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let err = deltatune_models::decoder::HfDecoderConfig::read(&p)
+            .unwrap()
+            .into_config(&p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(want) && err.contains("config.json"),
+            "{key}: {err}"
+        );
+    }
+}
