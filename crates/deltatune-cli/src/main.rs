@@ -214,7 +214,7 @@ enum Command {
         /// An adapter folder (deltatune's or PEFT's save_pretrained output).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// The base decoder: a .gguf file, a Llama folder or SmolLM2-135M-Instruct (default: the
+        /// The base decoder: a .gguf file, a decoder folder, SmolLM2-135M-Instruct or gemma-3-270m (default: the
         /// adapter's base, else SmolLM2-135M-Instruct).
         #[arg(long)]
         model: Option<String>,
@@ -447,7 +447,7 @@ pub struct RunArgs {
     #[arg(long)]
     task: Option<String>,
     /// Model folder, HF hub id in the local HF cache, or all-MiniLM-L6-v2; for `--task
-    /// generate` a .gguf file, a Llama folder, or SmolLM2-135M-Instruct.
+    /// generate` a .gguf file, a decoder folder, SmolLM2-135M-Instruct or gemma-3-270m.
     #[arg(long)]
     model: Option<String>,
     #[arg(long)]

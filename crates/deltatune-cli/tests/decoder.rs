@@ -311,7 +311,7 @@ fn classify_trains_a_score_head_on_a_decoder_folder_and_gguf() {
 }
 
 /// The generation job on the tiny Gemma 3 GGUF (SentencePiece tokenizer from its metadata,
-/// local/global layers): a short LoRA run trains and scores.
+/// local/global layers): a short LoRA run trains and scores, and merges into a Gemma 3 folder.
 #[test]
 fn generate_trains_on_a_gemma3_gguf() {
     let tmp = Tmp::new("decoder-gemma3");
@@ -323,4 +323,14 @@ fn generate_trains_on_a_gemma3_gguf() {
     let o = run(&train_args(&g, "run", "lora"), &tmp.0);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("test exact match"), "{}", stdout(&o));
+    // Merged into a Gemma 3 folder (norms back in transformers' `w` form), which reloads with
+    // the adapter's logits (merge checks them itself) and says it is gemma3_text.
+    let o = run(&["merge", "--adapter", "run", "-o", "merged"], &tmp.0);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.0.join("merged/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["model_type"], "gemma3_text");
+    assert_eq!(cfg["architectures"][0], "Gemma3ForCausalLM");
 }

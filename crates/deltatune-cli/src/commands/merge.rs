@@ -195,7 +195,7 @@ fn merge_image(adapter: &Path, out: &Path, name: &str, rules: &OutputRules) -> R
     Ok(())
 }
 
-/// Folds a decoder adapter into its (dequantized) base and writes a Hugging Face Llama folder
+/// Folds a decoder adapter into its (dequantized) base and writes a Hugging Face folder of its family
 /// (`config.json`, `model.safetensors` in f32, `tokenizer.json`), then reloads it and checks its
 /// logits against the adapter's.
 fn merge_decoder(adapter: &Path, out: &Path, name: &str, rules: &OutputRules) -> Result<()> {
