@@ -262,7 +262,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
     // layers) and by 1/sqrt(head_dim) otherwise, as their query_pre_attn_scalar says.
     let query_pre_attn_scalar = gemma.then(|| {
         if matches!(num_layers, 46 | 62) {
-            (hidden_size / num_heads) as f64
+            (hidden_size / num_heads.max(1)) as f64
         } else {
             head_dim as f64
         }
