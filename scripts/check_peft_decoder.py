@@ -118,7 +118,9 @@ def deltatune_side(adapter_dir, prompt, model_arg, workdir):
     dump = Path(workdir) / "logits.safetensors"
     if dump.exists():
         dump.unlink()
-    cmd = [args.binary, "generate", "--adapter", str(adapter_dir),
+    # f32 activations: PEFT's numbers (the default 8-bit activations round as llama.cpp does,
+    # which parts from PEFT's greedy text at near ties).
+    cmd = [args.binary, "generate", "--adapter", str(adapter_dir), "--int8-activations", "false",
            "--max-new-tokens", str(args.max_new_tokens), "--dump-logits", str(dump)]
     if model_arg:
         cmd += ["--model", model_arg]
