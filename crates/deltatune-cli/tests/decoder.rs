@@ -327,10 +327,9 @@ fn generate_trains_on_a_gemma3_gguf() {
     // the adapter's logits (merge checks them itself) and says it is gemma3_text.
     let o = run(&["merge", "--adapter", "run", "-o", "merged"], &tmp.0);
     assert!(o.status.success(), "{}", stderr(&o));
-    let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.0.join("merged/config.json")).unwrap(),
-    )
-    .unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.0.join("merged/config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["model_type"], "gemma3_text");
     assert_eq!(cfg["architectures"][0], "Gemma3ForCausalLM");
 }
