@@ -1063,7 +1063,7 @@ pub(crate) mod tests {
     ];
 
     /// The real Gemma 3 270M Q4_K_M file: `$DELTATUNE_GEMMA3_GGUF`, else where `deltatune fetch`
-    /// puts it under `$DELTATUNE_CACHE`; `None` (with a note) when absent, a panic when
+    /// puts it in deltatune's cache; `None` (with a note) when absent, a panic when
     /// `DELTATUNE_REQUIRE_ASSETS=1`.
     pub(crate) fn gemma_file() -> Option<std::path::PathBuf> {
         let name = "gemma-3-270m-q4_k_m.gguf";
@@ -1071,10 +1071,17 @@ pub(crate) mod tests {
         if let Some(p) = std::env::var_os("DELTATUNE_GEMMA3_GGUF") {
             candidates.push(std::path::PathBuf::from(p));
         }
-        if let Some(c) = std::env::var_os("DELTATUNE_CACHE") {
-            let c = std::path::PathBuf::from(c).join("models");
-            candidates.push(c.join("gemma-3-270m").join(name));
-            candidates.push(c.join(name));
+        // deltatune's cache: $DELTATUNE_CACHE, else ~/.cache/deltatune (where `deltatune fetch`
+        // puts it).
+        let cache = std::env::var_os("DELTATUNE_CACHE")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|h| std::path::PathBuf::from(h).join(".cache/deltatune"))
+            });
+        if let Some(c) = cache {
+            candidates.push(c.join("models").join("gemma-3-270m").join(name));
         }
         let found = candidates.into_iter().find(|p| p.is_file());
         if found.is_none() {
