@@ -58,7 +58,12 @@ pub fn is_decoder_spec(spec: &str) -> bool {
     if p.is_file() {
         return p.extension().is_some_and(|e| e == "gguf");
     }
-    std::fs::read_to_string(p.join("config.json"))
+    is_decoder_folder(p)
+}
+
+/// Whether `dir/config.json` names a decoder family's `model_type`.
+pub fn is_decoder_folder(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("model_type")?.as_str().map(String::from))

@@ -71,17 +71,17 @@ fn is_decoder(spec: &str, cache: &Path) -> bool {
     }
     let dir = deltatune_data::assets::resolve_model_dir(spec, cache)
         .unwrap_or_else(|_| PathBuf::from(spec));
+    if super::lm::is_decoder_folder(&dir) {
+        return true;
+    }
     let cfg: Option<serde_json::Value> = std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
     cfg.is_some_and(|c| {
-        c["model_type"]
-            .as_str()
-            .is_some_and(|t| deltatune_models::decoder::Family::from_model_type(t).is_some())
-            || c["architectures"].as_array().is_some_and(|a| {
-                a.iter()
-                    .any(|x| x.as_str().is_some_and(|x| x.ends_with("ForCausalLM")))
-            })
+        c["architectures"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x.as_str().is_some_and(|x| x.ends_with("ForCausalLM")))
+        })
     })
 }
 

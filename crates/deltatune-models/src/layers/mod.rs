@@ -224,11 +224,7 @@ pub fn attention_with(
     dropout: f64,
     ctx: &Ctx,
 ) -> Result<Tensor> {
-    let Heads {
-        heads: nh,
-        kv_heads: nkv,
-        head_dim: dh,
-    } = heads;
+    let (nkv, dh) = (heads.kv_heads, heads.head_dim);
     let (b, _, tq, _) = q.dims4()?;
     let (k, v, bias) = with_prefixes(k, v, key_bias.clone(), layer, deltas, ctx, 2, |p, n| {
         p.reshape((n, nkv, dh))?
@@ -237,7 +233,6 @@ pub fn attention_with(
             .broadcast_as((b, nkv, n, dh))
     })?;
     let tk = k.dim(2)?;
-    let group = nh / nkv;
     let scale = opts.scale;
     let window = opts.window.filter(|&w| tk > w);
     if window.is_some() || opts.softcap.is_some() {
@@ -267,16 +262,37 @@ pub fn attention_with(
             causal.then(|| tk - tq),
         )?);
     }
-    let qg = q.contiguous()?.reshape((b, nkv, group * tq, dh))?;
-    let scores = qg.matmul(&k.contiguous()?.t()?)?.reshape((b, nh, tq, tk))?;
+    let scores = grouped_scores(q, &k, heads)?;
     let probs = if causal {
         ops::causal_attention_softmax(&scores, &bias, scale, tk - tq)?
     } else {
         ops::attention_softmax(&scores, &bias, scale)?
     };
     let probs = ctx.dropout(&probs, dropout)?;
+    weighted_values(&probs, &v, heads)
+}
+
+/// `q·kᵀ` per head without repeating keys: the query heads sharing a key/value head are
+/// stacked along the query axis.
+///
+/// # Shapes
+/// `q`: [B, H, Tq, D], `k`: [B, KVH, Tk, D] -> [B, H, Tq, Tk]
+fn grouped_scores(q: &Tensor, k: &Tensor, heads: Heads) -> Result<Tensor> {
+    let (b, nh, tq, dh) = q.dims4()?;
+    let (nkv, tk) = (heads.kv_heads, k.dim(2)?);
+    let qg = q.contiguous()?.reshape((b, nkv, (nh / nkv) * tq, dh))?;
+    Ok(qg.matmul(&k.contiguous()?.t()?)?.reshape((b, nh, tq, tk))?)
+}
+
+/// The probabilities times the values, heads concatenated per token.
+///
+/// # Shapes
+/// `probs`: [B, H, Tq, Tk], `v`: [B, KVH, Tk, D] -> [B, Tq, H * D]
+fn weighted_values(probs: &Tensor, v: &Tensor, heads: Heads) -> Result<Tensor> {
+    let (b, nh, tq, tk) = probs.dims4()?;
+    let (nkv, dh) = (heads.kv_heads, heads.head_dim);
     Ok(probs
-        .reshape((b, nkv, group * tq, tk))?
+        .reshape((b, nkv, (nh / nkv) * tq, tk))?
         .matmul(&v.contiguous()?)?
         .reshape((b, nh, tq, dh))?
         .transpose(1, 2)?
@@ -300,16 +316,9 @@ fn masked_attention(
     dropout: f64,
     ctx: &Ctx,
 ) -> Result<Tensor> {
-    let Heads {
-        heads: nh,
-        kv_heads: nkv,
-        head_dim: dh,
-    } = heads;
     let (b, _, tq, _) = q.dims4()?;
     let tk = k.dim(2)?;
-    let group = nh / nkv;
-    let qg = q.contiguous()?.reshape((b, nkv, group * tq, dh))?;
-    let mut scores = (qg.matmul(&k.contiguous()?.t()?)?.reshape((b, nh, tq, tk))? * scale)?;
+    let mut scores = (grouped_scores(q, k, heads)? * scale)?;
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
@@ -329,12 +338,7 @@ fn masked_attention(
     let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     let probs = ops::softmax_last_dim(&scores)?;
     let probs = ctx.dropout(&probs, dropout)?;
-    Ok(probs
-        .reshape((b, nkv, group * tq, tk))?
-        .matmul(&v.contiguous()?)?
-        .reshape((b, nh, tq, dh))?
-        .transpose(1, 2)?
-        .reshape((b, tq, nh * dh))?)
+    weighted_values(&probs, v, heads)
 }
 
 /// [`attention`] on token-major projections, as one op with its own backward
