@@ -274,6 +274,11 @@ enum Command {
         /// docs/methods-image.md.
         #[arg(long, value_enum, default_value_t = ExperimentTask::Classify)]
         task: ExperimentTask,
+        /// The model, where the task has an experiment on another model than its default:
+        /// `--task generate --model gemma-3-270m` (Gemma 3 270M on G2P into
+        /// docs/methods-gemma3.md).
+        #[arg(long)]
+        model: Option<String>,
         /// Folder for the runs' adapter folders.
         #[arg(long)]
         runs: Option<PathBuf>,
@@ -918,11 +923,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             epochs,
             table,
             task,
+            model,
             runs,
             overwrite,
         } => {
             let ExperimentKind::Methods = which;
-            commands::experiment::experiment(task.name()).and_then(|exp| {
+            commands::experiment::experiment(task.name(), model.as_deref()).and_then(|exp| {
                 let (r, t) = exp.default_paths();
                 commands::experiment::methods(
                     exp,

@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use deltatune_core::Rng;
 use deltatune_data::text::{load_examples, Example, LabelMap};
 use deltatune_methods::Trainable;
-use deltatune_models::{BertClassifier, Pooling, TextTokenizer};
+use deltatune_models::decoder::LoadedDecoder;
+use deltatune_models::{BertClassifier, DecoderClassifier, Pooling, TextTokenizer};
 use deltatune_train::adapter_folder::config_task_type;
 use deltatune_train::artifact::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG};
 use deltatune_train::Encoded;
@@ -285,7 +286,7 @@ fn peft_run_config(
         model: spec.clone(),
         ..Settings::default()
     };
-    let model_dir = model_dir(&spec, &settings.cache).with_context(|| {
+    let model_dir = base_path(&spec, &settings.cache).with_context(|| {
         format!(
             "finding the base model `{spec}` of the PEFT adapter in {} (from its \
              base_model_name_or_path; pass another with --model DIR)",
@@ -303,9 +304,10 @@ fn peft_run_config(
     })
 }
 
-/// Loads `dir` (written by `train`, or by PEFT's `save_pretrained` for sequence
-/// classification) on its base model, or on `base` when given.
-pub fn load_adapter_on(dir: &Path, base: Option<&str>) -> Result<AdapterRun> {
+/// Reads the classifier adapter folder `dir` (written by `train`, or by PEFT's
+/// `save_pretrained` for sequence classification) and what its run was, with the base `base`
+/// when given.
+fn read_classifier_folder(dir: &Path, base: Option<&str>) -> Result<(AdapterFolder, RunConfig)> {
     if dir.exists() && !dir.is_dir() {
         bail!(
             "--adapter {} is a file; pass the adapter folder `deltatune train --output` wrote \
@@ -346,10 +348,45 @@ pub fn load_adapter_on(dir: &Path, base: Option<&str>) -> Result<AdapterRun> {
         let mut run: RunConfig =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         if let Some(b) = base {
-            run.model_dir = model_dir(b, &run.settings.cache)?;
+            run.model_dir = base_path(b, &run.settings.cache)?;
         }
         run
     };
+    Ok((folder, run))
+}
+
+/// The model file or folder of `spec`: a decoder's (GGUF file, decoder folder, short name) or
+/// an encoder's.
+fn base_path(spec: &str, cache: &Path) -> Result<PathBuf> {
+    if crate::commands::lm::is_decoder_spec(spec) {
+        crate::commands::lm::decoder_path(spec, cache)
+    } else {
+        model_dir(spec, cache)
+    }
+}
+
+/// Whether the classifier of `run` sits on a decoder.
+fn on_decoder(run: &RunConfig) -> bool {
+    crate::commands::lm::is_decoder_spec(&run.model_dir.to_string_lossy())
+}
+
+/// Loads `dir` (written by `train`, or by PEFT's `save_pretrained` for sequence
+/// classification) on its encoder base, or on `base` when given.
+pub fn load_adapter_on(dir: &Path, base: Option<&str>) -> Result<AdapterRun> {
+    let (folder, run) = read_classifier_folder(dir, base)?;
+    if on_decoder(&run) {
+        bail!(
+            "{} is a classifier on the decoder {}: this command runs encoder classifiers only \
+             (`deltatune predict` and `deltatune eval` run both)",
+            dir.display(),
+            run.model_dir.display()
+        );
+    }
+    encoder_run(dir, folder, run)
+}
+
+/// The encoder classifier of `folder` on `run`'s base.
+fn encoder_run(dir: &Path, folder: AdapterFolder, run: RunConfig) -> Result<AdapterRun> {
     let labels = LabelMap::from_labels(folder.labels.clone())?;
     let mut loaded = load_model(
         &run.model_dir,
@@ -365,4 +402,114 @@ pub fn load_adapter_on(dir: &Path, base: Option<&str>) -> Result<AdapterRun> {
         labels,
         run,
     })
+}
+
+/// A classifier adapter on a decoder, loaded: the decoder with its `score` head and delta, and
+/// the decoder's tokenizer.
+pub struct DecoderClassifierRun {
+    pub model: DecoderClassifier,
+    pub decoder: LoadedDecoder,
+    pub labels: LabelMap,
+    pub run: RunConfig,
+}
+
+/// A text classifier loaded from its adapter folder: on an encoder (BERT) or on a decoder.
+pub enum Classifier {
+    Encoder(Box<AdapterRun>),
+    Decoder(Box<DecoderClassifierRun>),
+}
+
+/// Loads the classifier adapter in `dir` (ours or PEFT's SEQ_CLS folder) on its base, or on
+/// `base` when given: an encoder or a decoder, as the base is.
+pub fn load_classifier(dir: &Path, base: Option<&str>) -> Result<Classifier> {
+    let (folder, run) = read_classifier_folder(dir, base)?;
+    if !on_decoder(&run) {
+        return Ok(Classifier::Encoder(Box::new(encoder_run(
+            dir, folder, run,
+        )?)));
+    }
+    let labels = LabelMap::from_labels(folder.labels.clone())?;
+    let spec = run.model_dir.to_string_lossy().to_string();
+    let decoder = crate::commands::lm::load(&spec, &run.settings.cache)?;
+    let mut model = DecoderClassifier::new(decoder.model.clone(), labels.len(), &mut Rng::new(0))?;
+    let trainables = folder.delta.attach_saved(&mut model, &Rng::new(0))?;
+    deltatune_methods::load_state_dict(&trainables, &folder.tensors, &dir.join(ADAPTER_WEIGHTS))
+        .with_context(|| {
+            format!(
+                "the adapter in {} does not fit the decoder {}",
+                dir.display(),
+                run.model_dir.display()
+            )
+        })?;
+    Ok(Classifier::Decoder(Box::new(DecoderClassifierRun {
+        model,
+        decoder,
+        labels,
+        run,
+    })))
+}
+
+impl Classifier {
+    /// The class names.
+    pub fn labels(&self) -> &LabelMap {
+        match self {
+            Self::Encoder(r) => &r.labels,
+            Self::Decoder(r) => &r.labels,
+        }
+    }
+
+    /// What the run was.
+    pub fn run(&self) -> &RunConfig {
+        match self {
+            Self::Encoder(r) => &r.run,
+            Self::Decoder(r) => &r.run,
+        }
+    }
+
+    /// Class probabilities of `texts`, one row each.
+    pub fn predict(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Encoder(r) => {
+                let ids = r.loaded.tokenizer.encode_batch(texts)?;
+                Ok(deltatune_train::predict_proba(
+                    &r.loaded.model,
+                    &ids,
+                    batch_size,
+                )?)
+            }
+            Self::Decoder(r) => {
+                let ids = crate::commands::lm::classifier_ids(
+                    &r.decoder,
+                    r.run.settings.data.max_length,
+                    texts,
+                    "input",
+                )?;
+                Ok(deltatune_train::predict_proba(&r.model, &ids, batch_size)?)
+            }
+        }
+    }
+
+    /// Accuracy and macro-F1 on `examples`.
+    pub fn evaluate(
+        &self,
+        examples: &[Example],
+        batch_size: usize,
+    ) -> Result<deltatune_train::ClassificationMetrics> {
+        Ok(match self {
+            Self::Encoder(r) => {
+                let enc = encode(&r.loaded, examples, &r.labels, "eval")?;
+                deltatune_train::evaluate(&r.loaded.model, &enc, batch_size)?.0
+            }
+            Self::Decoder(r) => {
+                let enc = crate::commands::lm::encode_for_classifier(
+                    &r.decoder,
+                    r.run.settings.data.max_length,
+                    examples,
+                    &r.labels,
+                    "eval",
+                )?;
+                deltatune_train::evaluate(&r.model, &enc, batch_size)?.0
+            }
+        })
+    }
 }

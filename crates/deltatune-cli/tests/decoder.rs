@@ -307,7 +307,71 @@ fn classify_trains_a_score_head_on_a_decoder_folder_and_gguf() {
             "{model}: {:?}",
             keys.keys().collect::<Vec<_>>()
         );
+        // The saved classifier reloads: `eval` on the run's test file scores what training
+        // scored, and `predict` gives each text a distribution over the run's labels.
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
+                .unwrap();
+        let acc = results["test"]["accuracy"].as_f64().unwrap();
+        let o = run(&["eval", "--adapter", &out], &tmp.0);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        assert!(
+            stdout(&o).contains(&format!("24 examples, accuracy {acc:.4}")),
+            "{model}: {} (training scored {acc})",
+            stdout(&o)
+        );
+        let o = run(
+            &[
+                "predict",
+                "--adapter",
+                &out,
+                "--json",
+                "a fine warm film 0",
+                "a dull cold mess 1",
+            ],
+            &tmp.0,
+        );
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        let lines: Vec<serde_json::Value> = stdout(&o)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{model}");
+        for l in &lines {
+            let p: Vec<f64> = serde_json::from_value(l["probabilities"].clone()).unwrap();
+            assert_eq!(p.len(), 2, "{model}");
+            assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{model}: {p:?}");
+            assert!(["0", "1"].contains(&l["label"].as_str().unwrap()), "{l}");
+        }
+        // Merging a decoder's classifier is refused by name (only encoder classifiers merge).
+        let o = run(&["merge", "--adapter", &out, "-o", "merged"], &tmp.0);
+        assert!(!o.status.success(), "{model}");
+        assert!(
+            stderr(&o).contains("classifier on the decoder"),
+            "{}",
+            stderr(&o)
+        );
     }
+    // PEFT's SEQ_CLS folder on the Qwen2 folder (its class logits are checked against PEFT's in
+    // the methods crate) predicts from the command line: three classes named by the base.
+    let peft = dec.join("qwen2-seqcls-lora").display().to_string();
+    let qwen = dec.join("qwen2").display().to_string();
+    let o = run(
+        &[
+            "predict",
+            "--adapter",
+            &peft,
+            "--model",
+            &qwen,
+            "--json",
+            "hello there",
+        ],
+        &tmp.0,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let l: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(l["probabilities"].as_array().unwrap().len(), 3, "{l}");
+    assert!(l["label"].as_str().unwrap().starts_with("LABEL_"), "{l}");
 }
 
 /// The generation job on the tiny Gemma 3 GGUF (SentencePiece tokenizer from its metadata,

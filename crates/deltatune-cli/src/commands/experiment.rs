@@ -77,6 +77,20 @@ const DECODER_DATA: &[&str] = &[
     "data.test_limit=1000",
 ];
 
+/// The decoder data settings on Gemma 3 270M.
+const GEMMA3_DATA: &[&str] = &[
+    "--model",
+    "gemma-3-270m",
+    "--task",
+    "generate",
+    "--set",
+    "data.train_limit=2000",
+    "--set",
+    "data.dev_limit=500",
+    "--set",
+    "data.test_limit=1000",
+];
+
 /// The image rows (`--task image`): DINOv2 ViT-S/14 on Fashion-MNIST with the image task's
 /// defaults (112 x 112, 8,000 / 1,000 / 2,000 images, one epoch, batch 32): the two references
 /// every vision paper reports (linear probe, full fine-tuning) and the delta methods. Learning
@@ -148,7 +162,11 @@ enum Scores {
 pub struct Experiment {
     /// The `--task` that selects it.
     pub task: &'static str,
+    /// The `--model` that selects it (`None`: the task's default model).
+    pub model: Option<&'static str>,
     presets: &'static [Preset],
+    /// The preset rows this experiment runs (empty: all of `presets`).
+    rows: &'static [&'static str],
     data: &'static [&'static str],
     default_epochs: usize,
     runs: &'static str,
@@ -161,7 +179,9 @@ pub struct Experiment {
 pub const EXPERIMENTS: &[Experiment] = &[
     Experiment {
         task: "classify",
+        model: None,
         presets: PRESETS,
+        rows: &[],
         data: &[],
         default_epochs: 3,
         runs: "runs/experiment-methods",
@@ -175,7 +195,9 @@ pub const EXPERIMENTS: &[Experiment] = &[
     },
     Experiment {
         task: "generate",
+        model: None,
         presets: DECODER_PRESETS,
+        rows: &[],
         data: DECODER_DATA,
         default_epochs: 1,
         runs: "runs/experiment-methods-decoder",
@@ -189,8 +211,28 @@ pub const EXPERIMENTS: &[Experiment] = &[
                    one run per row).",
     },
     Experiment {
+        task: "generate",
+        model: Some("gemma-3-270m"),
+        presets: DECODER_PRESETS,
+        rows: &["lora", "ia3", "prefix", "prompt", "adapter"],
+        data: GEMMA3_DATA,
+        default_epochs: 1,
+        runs: "runs/experiment-methods-gemma3",
+        table: "docs/methods-gemma3.md",
+        scores: Scores::Generation,
+        footnote: "Gemma 3 270M (GGUF Q4_K_M, the base kept quantized) on G2P from the CMU \
+                   dictionary, with the SmolLM2 rows' presets (docs/methods-decoder.md): a \
+                   seeded subset of 2,000 training words, 500 dev and 1,000 test words, one \
+                   epoch, batch 16, seed 42, linear decay with 6% warm-up, 2 threads; exact \
+                   match and phoneme error rate (PER) of greedy generations; written by \
+                   `deltatune experiment methods --task generate --model gemma-3-270m` (rows \
+                   are updated in place, one run per row).",
+    },
+    Experiment {
         task: "image",
+        model: None,
         presets: IMAGE_PRESETS,
+        rows: &[],
         data: &["--task", "image"],
         default_epochs: 1,
         runs: "runs/experiment-methods-image",
@@ -206,17 +248,22 @@ pub const EXPERIMENTS: &[Experiment] = &[
     },
 ];
 
-/// The experiment of `task`, or an error listing the tasks.
-pub fn experiment(task: &str) -> Result<&'static Experiment> {
+/// The experiment of `task` on `model` (`None`: the task's default model), or an error listing
+/// the experiments.
+pub fn experiment(task: &str, model: Option<&str>) -> Result<&'static Experiment> {
     EXPERIMENTS
         .iter()
-        .find(|e| e.task == task)
+        .find(|e| e.task == task && e.model == model)
         .with_context(|| {
             format!(
-                "unknown task `{task}` (available: {})",
+                "no experiment for --task {task}{} (available: {})",
+                model.map(|m| format!(" --model {m}")).unwrap_or_default(),
                 EXPERIMENTS
                     .iter()
-                    .map(|e| e.task)
+                    .map(|e| match e.model {
+                        Some(m) => format!("--task {} --model {m}", e.task),
+                        None => format!("--task {}", e.task),
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             )
@@ -227,6 +274,13 @@ impl Experiment {
     /// Default runs folder and table.
     pub fn default_paths(&self) -> (PathBuf, PathBuf) {
         (PathBuf::from(self.runs), PathBuf::from(self.table))
+    }
+
+    /// The presets this experiment runs, in table order.
+    fn presets(&self) -> impl Iterator<Item = &'static Preset> + '_ {
+        self.presets
+            .iter()
+            .filter(|p| self.rows.is_empty() || self.rows.contains(&p.name))
     }
 }
 
@@ -488,7 +542,7 @@ pub fn methods(
     table: &Path,
     overwrite: bool,
 ) -> Result<()> {
-    let presets = exp.presets;
+    let presets: Vec<&Preset> = exp.presets().collect();
     for m in only {
         if !presets.iter().any(|p| p.name == m) {
             bail!(
@@ -677,7 +731,7 @@ mod tests {
     #[test]
     fn every_preset_resolves_to_valid_settings() {
         for exp in EXPERIMENTS {
-            for preset in exp.presets {
+            for preset in exp.presets() {
                 let mut argv = vec!["deltatune", "train"];
                 argv.extend(preset.args.iter().map(|a| match *a {
                     "{subspace}" | "{random_subspace}" => "unused.safetensors",

@@ -86,6 +86,43 @@ pub fn load(spec: &str, cache: &Path) -> Result<LoadedDecoder> {
     Ok(d)
 }
 
+/// Tokenises `examples` for a classifier on the decoder `d` (with the tokenizer's special
+/// tokens, cut to `max_length` and the decoder's positions) and maps their labels.
+pub fn encode_for_classifier(
+    d: &LoadedDecoder,
+    max_length: usize,
+    examples: &[deltatune_data::text::Example],
+    labels: &deltatune_data::text::LabelMap,
+    split: &str,
+) -> Result<deltatune_train::Encoded> {
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    Ok(deltatune_train::Encoded {
+        ids: classifier_ids(d, max_length, &texts, split)?,
+        labels: labels.encode(examples, split)?,
+    })
+}
+
+/// Token ids of `texts` for a classifier on the decoder `d` (see [`encode_for_classifier`]).
+pub fn classifier_ids(
+    d: &LoadedDecoder,
+    max_length: usize,
+    texts: &[&str],
+    split: &str,
+) -> Result<Vec<Vec<u32>>> {
+    let positions = d.model.config.max_position_embeddings.min(max_length);
+    texts
+        .iter()
+        .map(|t| {
+            let mut x = d.encode(t, true)?;
+            if x.is_empty() {
+                bail!("{split}: the text \"{t}\" has no tokens");
+            }
+            x.truncate(positions);
+            Ok(x)
+        })
+        .collect()
+}
+
 /// Renders `messages` with the model's chat template, ending with the assistant's turn.
 pub fn apply_chat_template(
     template: Option<&str>,

@@ -32,16 +32,15 @@ pub fn predict(
     if all.is_empty() {
         bail!("no texts to predict: give them as arguments or with --file (one per line)");
     }
-    let run = session::load_adapter_on(adapter, model)?;
+    let clf = session::load_classifier(adapter, model)?;
     let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
-    let ids = run.loaded.tokenizer.encode_batch(&refs)?;
-    let probs = deltatune_train::predict_proba(&run.loaded.model, &ids, 64)?;
+    let probs = clf.predict(&refs, 64)?;
     for (text, p) in all.iter().zip(probs) {
         let (best, prob) =
             p.iter()
                 .enumerate()
                 .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-        let label = run.labels.label(best as u32).unwrap_or("?");
+        let label = clf.labels().label(best as u32).unwrap_or("?");
         if json {
             println!(
                 "{}",
@@ -56,20 +55,19 @@ pub fn predict(
 
 /// `deltatune eval`.
 pub fn eval(adapter: &Path, data: Option<&Path>, batch_size: usize) -> Result<()> {
-    let run = session::load_adapter(adapter)?;
+    let clf = session::load_classifier(adapter, None)?;
     let path = match data {
         Some(p) => p.to_path_buf(),
-        None => run
-            .run
+        None => clf
+            .run()
             .data_files
             .get("test")
             .cloned()
             .context("the run had no test file: give one with --data")?,
     };
-    let d = &run.run.settings.data;
+    let d = &clf.run().settings.data;
     let examples = load_examples(&path, &d.text_column, &d.label_column)?;
-    let enc = session::encode(&run.loaded, &examples, &run.labels, "eval")?;
-    let (m, _) = deltatune_train::evaluate(&run.loaded.model, &enc, batch_size)?;
+    let m = clf.evaluate(&examples, batch_size)?;
     println!(
         "{}: {} examples, accuracy {:.4}, macro-F1 {:.4}",
         path.display(),

@@ -91,22 +91,8 @@ fn classify_on_decoder(
     let mut rng = deltatune_core::Rng::new(s.train.seed).derive("head");
     let mut model = DecoderClassifier::new(d.model.clone(), labels.len(), &mut rng)?;
     let t_tok = Instant::now();
-    let max_len = s.data.max_length;
-    let positions = model.decoder.config.max_position_embeddings.min(max_len);
-    let encode = |examples: &[deltatune_data::text::Example], split: &str| -> Result<Encoded> {
-        let mut ids = Vec::with_capacity(examples.len());
-        for e in examples {
-            let mut x = d.encode(&e.text, true)?;
-            if x.is_empty() {
-                anyhow::bail!("{split}: the text \"{}\" has no tokens", e.text);
-            }
-            x.truncate(positions);
-            ids.push(x);
-        }
-        Ok(Encoded {
-            ids,
-            labels: labels.encode(examples, split)?,
-        })
+    let encode = |examples: &[deltatune_data::text::Example], split: &str| {
+        super::lm::encode_for_classifier(&d, s.data.max_length, examples, &labels, split)
     };
     let train = encode(&splits.train, "train")?;
     let dev = encode(&splits.dev, "dev")?;
