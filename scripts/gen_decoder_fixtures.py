@@ -7,6 +7,14 @@ its GGUF written by llama.cpp's own converter, PEFT LoRA adapters, and PEFT SEQ_
 Families: llama, llama-linear, mistral, qwen2, qwen3, gemma2, gemma3, phi3 (default: all), then
 the `<family>-lora` adapters and `qwen2-seqcls-lora` / `llama-seqcls-lora`.
 
+    .venv-ref/bin/python scripts/gen_decoder_fixtures.py --ours [family ...]
+
+writes `<family>-ours/` for the seven LoRA families instead: a LoRA adapter that deltatune trained
+(`target/release/deltatune train --task generate --model tests/fixtures/decoders/<family>/model.gguf
+--set lora.target_modules="all-linear"`, two epochs on a 32-line spelling set) loaded by PEFT
+(`PeftModel.from_pretrained` on transformers' model of the family folder; every tensor of the
+file is checked to be PEFT's parameter) and PEFT's logits on the base fixture's inputs.
+
 Conventions of scripts/gen_llama_fixtures.py: everything seeded, model.eval(),
 attn_implementation="eager", float32, and every `expected.safetensors` has one metadata key
 `fixture_info` (JSON: generator, versions, the family's quirks and their values, notes).
@@ -975,10 +983,90 @@ LORA_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3
 SEQCLS_FAMILIES = ["qwen2", "llama"]
 
 
+# --------------------------------------------------------------------------------------
+# deltatune's LoRA adapters, loaded by PEFT (--ours)
+# --------------------------------------------------------------------------------------
+def spelling_jsonl(path: Path):
+    words = ["abbey", "chilmark", "table", "river", "stone", "apple", "green", "music"]
+    with open(path, "w") as f:
+        for i in range(32):
+            w = words[i % len(words)]
+            f.write(json.dumps({"prompt": f"say {w}:", "completion": " " + " ".join(w.upper())}) + "\n")
+
+
+def gen_ours(name: str, inputs, binary: Path, work: Path):
+    base_dir = OUT / name
+    d = OUT / f"{name}-ours"
+    fresh_dir(d)
+    data = work / "spelling.jsonl"
+    spelling_jsonl(data)
+    run_dir = work / f"{name}-run"
+    cmd = [str(binary), "train", "--task", "generate", "--model", rel(base_dir / "model.gguf"),
+           "--train-file", str(data), "--dev-file", str(data), "--epochs", "2", "--batch-size", "8",
+           "--lr", "2e-2", "--set", 'lora.target_modules="all-linear"', "--no-progress",
+           "-o", str(run_dir)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr}")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(run_dir / f, d / f)
+        note(d / f)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    ours = {}
+    with safe_open(str(d / "adapter_model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            ours[k] = f.get_tensor(k)
+    pm = PeftModel.from_pretrained(load_causal(base_dir), str(d))
+    pm.eval()
+    # Every tensor deltatune wrote is one of PEFT's parameters, with the same values (PEFT only
+    # warns about keys it does not use).
+    params = dict(pm.named_parameters())
+    for k, t in ours.items():
+        pk = k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        assert pk in params, f"{name}: {k} is not a PEFT parameter"
+        assert torch.equal(params[pk].detach(), t), f"{name}: {k} differs after PEFT loaded it"
+    n_lora = sum(1 for k in params if ".lora_B.default." in k)
+    assert n_lora * 2 == len(ours), f"{name}: PEFT made {n_lora} LoRA pairs, deltatune wrote {len(ours)} tensors"
+    with torch.no_grad():
+        logits = pm(**inputs).logits.float()
+    with pm.disable_adapter(), torch.no_grad():
+        base_logits = pm(**inputs).logits.float()
+    d_base = maxdiff(logits, base_logits)
+    assert d_base > 1e-3, f"{name}: the trained adapter changes the logits by only {d_base}"
+    save_tensors(
+        {**inputs, "logits": logits},
+        d / "expected.safetensors",
+        {
+            "family": name,
+            "base": rel(base_dir),
+            "adapter": "written by deltatune: " + " ".join(cmd[1:]).replace(str(work) + "/", ""),
+            "deltatune_target_modules": cfg.get("target_modules"),
+            "peft": "PeftModel.from_pretrained(transformers model of the family folder, this folder); "
+            f"{n_lora} LoRA pairs, every tensor of adapter_model.safetensors equal to PEFT's parameter",
+            "inputs": "same as the base fixture's expected.safetensors",
+            "logits": "PEFT's, float32, eager",
+            "max_abs_diff_vs_base": d_base,
+        },
+    )
+    print(f"  {name}-ours: {n_lora} LoRA pairs, |lora-base| {d_base:.3f}")
+
+
 def main():
     torch.set_grad_enabled(True)
     print("versions:", json.dumps(VERSIONS))
-    wanted = sys.argv[1:] or list(FAMILIES)
+    args = sys.argv[1:]
+    if args[:1] == ["--ours"]:
+        import tempfile
+
+        binary = ROOT / "target" / "release" / "deltatune"
+        wanted = args[1:] or list(LORA_FAMILIES)
+        inputs = tiny_inputs()
+        with tempfile.TemporaryDirectory() as work:
+            for name in wanted:
+                print(f"[{name}-ours]")
+                gen_ours(name, inputs, binary, Path(work))
+        return
+    wanted = args or list(FAMILIES)
     for w in wanted:
         if w not in FAMILIES:
             raise SystemExit(f"unknown family {w!r}; known: {', '.join(FAMILIES)}")

@@ -397,3 +397,26 @@ fn generate_trains_on_a_gemma3_gguf() {
     assert_eq!(cfg["model_type"], "gemma3_text");
     assert_eq!(cfg["architectures"][0], "Gemma3ForCausalLM");
 }
+
+/// The generation job on the tiny Phi-3 GGUF with the default targets (`q_proj`, `v_proj`):
+/// the LoRA goes on the fused `qkv_proj`, and the adapter folder says so (PEFT looks up the
+/// config's names in transformers' Phi-3, which has no `q_proj`).
+#[test]
+fn generate_on_phi3_saves_the_fused_targets_it_trained() {
+    let tmp = Tmp::new("decoder-phi3");
+    write_colour_codes(&tmp.0.join("d.jsonl"), 6);
+    let g = support::fixtures()
+        .join("decoders/phi3/model.gguf")
+        .display()
+        .to_string();
+    let o = run(&train_args(&g, "run", "lora"), &tmp.0);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.0.join("run/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["target_modules"], serde_json::json!(["qkv_proj"]));
+    let w = std::fs::read(tmp.0.join("run/adapter_model.safetensors")).unwrap();
+    let keys = candle_core::safetensors::load_buffer(&w, &candle_core::Device::Cpu).unwrap();
+    assert!(keys.keys().all(|k| k.contains(".qkv_proj.")), "{keys:?}");
+}

@@ -24,6 +24,65 @@ fn rows(t: &Tensor) -> Vec<Vec<u32>> {
     t.to_dtype(DType::U32).unwrap().to_vec2().unwrap()
 }
 
+/// The fixture batch's logits at real positions (row 1 is right-padded), flattened.
+fn real_positions(t: &Tensor, mask: &[Vec<u32>]) -> Tensor {
+    let n1 = mask[1].iter().sum::<u32>() as usize;
+    Tensor::cat(
+        &[
+            t.narrow(0, 0, 1).unwrap().flatten_all().unwrap(),
+            t.narrow(0, 1, 1)
+                .unwrap()
+                .narrow(1, 0, n1)
+                .unwrap()
+                .flatten_all()
+                .unwrap(),
+        ],
+        0,
+    )
+    .unwrap()
+}
+
+/// LoRA adapters deltatune trained and wrote (`<family>-ours`, every linear layer, Phi-3's
+/// fused projections included), loaded by PEFT on transformers' model: our logits, from the
+/// folder and from the GGUF file, are PEFT's (scripts/gen_decoder_fixtures.py --ours checked
+/// that every tensor of the file became PEFT's parameter). The GGUF file is compared where it
+/// carries the family's whole configuration (llama.cpp's files drop Mistral's window and Gemma's
+/// soft-caps / query scalar: their base fixtures hold `logits_gguf`).
+#[test]
+fn peft_loads_our_lora_on_every_family_and_gives_our_logits() {
+    for fam in FAMILIES {
+        let d = dir(&format!("{fam}-ours"));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+                .unwrap();
+        let cfg = DeltaConfig::from_json(v).unwrap();
+        let exp = load_map(&d.join("expected.safetensors"));
+        let (ids, mask) = (rows(&exp["input_ids"]), rows(&exp["attention_mask"]));
+        let gguf_differs =
+            load_map(&dir(fam).join("expected.safetensors")).contains_key("logits_gguf");
+        let mut bases = vec![dir(fam)];
+        if !gguf_differs {
+            bases.push(dir(fam).join("model.gguf"));
+        }
+        for base in bases {
+            let mut m = Decoder::load(&base).unwrap();
+            let tr = cfg.attach_saved(&mut m, &Rng::new(0)).unwrap();
+            let path = d.join("adapter_model.safetensors");
+            load_state_dict(&tr, &load_map(&path), &path).unwrap_or_else(|e| panic!("{fam}: {e}"));
+            let logits = m.forward(&ids, &mask, None, &Ctx::eval()).unwrap();
+            let diff = max_abs(
+                &real_positions(&logits, &mask),
+                &real_positions(&exp["logits"], &mask),
+            );
+            assert!(
+                diff < 1e-4,
+                "{fam} ({}): logits differ from PEFT's by {diff}",
+                base.display()
+            );
+        }
+    }
+}
+
 #[test]
 fn peft_lora_on_every_family_gives_peft_logits_merged_and_not() {
     for fam in FAMILIES {
@@ -39,23 +98,7 @@ fn peft_lora_on_every_family_gives_peft_logits_merged_and_not() {
         let exp = load_map(&d.join("expected.safetensors"));
         let (ids, mask) = (rows(&exp["input_ids"]), rows(&exp["attention_mask"]));
         let logits = m.forward(&ids, &mask, None, &Ctx::eval()).unwrap();
-        // Row 1 is right-padded: compare its real positions only.
-        let n1 = mask[1].iter().sum::<u32>() as usize;
-        let real = |t: &Tensor| {
-            Tensor::cat(
-                &[
-                    t.narrow(0, 0, 1).unwrap().flatten_all().unwrap(),
-                    t.narrow(0, 1, 1)
-                        .unwrap()
-                        .narrow(1, 0, n1)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap(),
-                ],
-                0,
-            )
-            .unwrap()
-        };
+        let real = |t: &Tensor| real_positions(t, &mask);
         let d1 = max_abs(&real(&logits), &real(&exp["logits"]));
         assert!(d1 < 1e-4, "{fam}: logits differ from PEFT's by {d1}");
         for l in m.linears_mut() {

@@ -242,7 +242,7 @@ pub fn bench_decoder(s: &Settings, steps: usize, reference: &[PathBuf]) -> Resul
         if !base.starts_with("quantized") {
             d.model.dequantize_base()?;
         }
-        let trainables = super::lm::attach(&mut d, s)?;
+        let (trainables, _) = super::lm::attach(&mut d, s)?;
         deltatune_core::sites::use_bf16(&mut d.model, bf16)?;
         let (vars, mut opt) = optimiser(&trainables)?;
         let task = CausalLmTask {

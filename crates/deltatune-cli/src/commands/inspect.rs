@@ -33,7 +33,7 @@ pub fn inspect(s: &Settings) -> Result<()> {
     if s.task == "generate" {
         let mut d = super::lm::load(&s.model, &s.cache)?;
         let sites = d.model.sites();
-        let trainables = super::lm::attach(&mut d, s)?;
+        let (trainables, _) = super::lm::attach(&mut d, s)?;
         return report(
             s,
             &d.source.display().to_string(),

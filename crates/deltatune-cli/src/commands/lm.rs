@@ -272,8 +272,9 @@ pub fn task_features(
     Ok((features, files))
 }
 
-/// The delta for a decoder: attached for training.
-pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
+/// The delta for a decoder: attached for training. Returns the trainable tensors and the
+/// delta as attached (its targets in the decoder's names: what the adapter folder must say).
+pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<(Vec<Trainable>, DeltaConfig)> {
     let mut delta = s.delta();
     if decoder_targets(&mut delta, d.model.config.family.fused_projections()) {
         eprintln!(
@@ -290,7 +291,7 @@ pub fn attach(d: &mut LoadedDecoder, s: &Settings) -> Result<Vec<Trainable>> {
     let trainables = delta.attach(&mut d.model, &rng, text_ids.as_deref())?;
     let bf16_layers = deltatune_core::sites::use_bf16_where_faster(&mut d.model, s.train.bf16)?;
     crate::session::report_products(s.train.bf16, bf16_layers);
-    Ok(trainables)
+    Ok((trainables, delta))
 }
 
 /// Puts `delta`'s target lists in a decoder's names: BERT's defaults (`query`, `key`,
@@ -415,7 +416,7 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         None => None,
     };
     let tok_secs = t_tok.elapsed().as_secs_f64();
-    let trainables = attach(&mut d, s)?;
+    let (trainables, attached) = attach(&mut d, s)?;
     let optimised: Vec<Trainable> = trainables
         .iter()
         .filter(|t| !s.train.freeze.iter().any(|f| t.key.contains(f.as_str())))
@@ -511,7 +512,8 @@ pub fn train(s: &Settings, resume: bool) -> Result<()> {
         "error_rate": best.and_then(|e| e.dev_error_rate),
         "examples": dev.len(),
     });
-    let mut delta = s.delta().for_saving(&model_source.display().to_string());
+    // The attached delta: Phi-3's `q_proj`/`v_proj` saved as the `qkv_proj` they went on.
+    let mut delta = attached.for_saving(&model_source.display().to_string());
     if let Some(slot) = delta.subspace_mut() {
         if let Some(src) = slot.clone() {
             let bytes =
