@@ -374,18 +374,24 @@ fn classify_trains_a_score_head_on_a_decoder_folder_and_gguf() {
     assert!(l["label"].as_str().unwrap().starts_with("LABEL_"), "{l}");
 }
 
+/// A short LoRA generation run (into `run`) on the tiny GGUF of `family`, in a fresh folder.
+fn lora_on_tiny_gguf(family: &str) -> (Tmp, Output) {
+    let tmp = Tmp::new(&format!("decoder-{family}"));
+    write_colour_codes(&tmp.0.join("d.jsonl"), 6);
+    let g = support::fixtures()
+        .join(format!("decoders/{family}/model.gguf"))
+        .display()
+        .to_string();
+    let o = run(&train_args(&g, "run", "lora"), &tmp.0);
+    assert!(o.status.success(), "{family}: {}", stderr(&o));
+    (tmp, o)
+}
+
 /// The generation job on the tiny Gemma 3 GGUF (SentencePiece tokenizer from its metadata,
 /// local/global layers): a short LoRA run trains and scores, and merges into a Gemma 3 folder.
 #[test]
 fn generate_trains_on_a_gemma3_gguf() {
-    let tmp = Tmp::new("decoder-gemma3");
-    write_colour_codes(&tmp.0.join("d.jsonl"), 6);
-    let g = support::fixtures()
-        .join("decoders/gemma3/model.gguf")
-        .display()
-        .to_string();
-    let o = run(&train_args(&g, "run", "lora"), &tmp.0);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (tmp, o) = lora_on_tiny_gguf("gemma3");
     assert!(stdout(&o).contains("test exact match"), "{}", stdout(&o));
     // Merged into a Gemma 3 folder (norms back in transformers' `w` form), which reloads with
     // the adapter's logits (merge checks them itself) and says it is gemma3_text.
@@ -403,14 +409,7 @@ fn generate_trains_on_a_gemma3_gguf() {
 /// config's names in transformers' Phi-3, which has no `q_proj`).
 #[test]
 fn generate_on_phi3_saves_the_fused_targets_it_trained() {
-    let tmp = Tmp::new("decoder-phi3");
-    write_colour_codes(&tmp.0.join("d.jsonl"), 6);
-    let g = support::fixtures()
-        .join("decoders/phi3/model.gguf")
-        .display()
-        .to_string();
-    let o = run(&train_args(&g, "run", "lora"), &tmp.0);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (tmp, _) = lora_on_tiny_gguf("phi3");
     let cfg: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(tmp.0.join("run/adapter_config.json")).unwrap(),
     )

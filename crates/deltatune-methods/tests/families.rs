@@ -24,6 +24,18 @@ fn rows(t: &Tensor) -> Vec<Vec<u32>> {
     t.to_dtype(DType::U32).unwrap().to_vec2().unwrap()
 }
 
+/// Attaches the adapter folder `d` (config and weights) to `m`.
+fn attach_folder(m: &mut Decoder, d: &std::path::Path) {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let cfg = DeltaConfig::from_json(v).unwrap();
+    let tr = cfg.attach_saved(m, &Rng::new(0)).unwrap();
+    let path = d.join("adapter_model.safetensors");
+    load_state_dict(&tr, &load_map(&path), &path)
+        .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+}
+
 /// The fixture batch's logits at real positions (row 1 is right-padded), flattened.
 fn real_positions(t: &Tensor, mask: &[Vec<u32>]) -> Tensor {
     let n1 = mask[1].iter().sum::<u32>() as usize;
@@ -52,10 +64,6 @@ fn real_positions(t: &Tensor, mask: &[Vec<u32>]) -> Tensor {
 fn peft_loads_our_lora_on_every_family_and_gives_our_logits() {
     for fam in FAMILIES {
         let d = dir(&format!("{fam}-ours"));
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
-                .unwrap();
-        let cfg = DeltaConfig::from_json(v).unwrap();
         let exp = load_map(&d.join("expected.safetensors"));
         let (ids, mask) = (rows(&exp["input_ids"]), rows(&exp["attention_mask"]));
         let gguf_differs =
@@ -66,9 +74,7 @@ fn peft_loads_our_lora_on_every_family_and_gives_our_logits() {
         }
         for base in bases {
             let mut m = Decoder::load(&base).unwrap();
-            let tr = cfg.attach_saved(&mut m, &Rng::new(0)).unwrap();
-            let path = d.join("adapter_model.safetensors");
-            load_state_dict(&tr, &load_map(&path), &path).unwrap_or_else(|e| panic!("{fam}: {e}"));
+            attach_folder(&mut m, &d);
             let logits = m.forward(&ids, &mask, None, &Ctx::eval()).unwrap();
             let diff = max_abs(
                 &real_positions(&logits, &mask),
@@ -87,14 +93,8 @@ fn peft_loads_our_lora_on_every_family_and_gives_our_logits() {
 fn peft_lora_on_every_family_gives_peft_logits_merged_and_not() {
     for fam in FAMILIES {
         let d = dir(&format!("{fam}-lora"));
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
-                .unwrap();
-        let cfg = DeltaConfig::from_json(v).unwrap();
         let mut m = Decoder::load(&dir(fam)).unwrap();
-        let tr = cfg.attach_saved(&mut m, &Rng::new(0)).unwrap();
-        let path = d.join("adapter_model.safetensors");
-        load_state_dict(&tr, &load_map(&path), &path).unwrap_or_else(|e| panic!("{fam}: {e}"));
+        attach_folder(&mut m, &d);
         let exp = load_map(&d.join("expected.safetensors"));
         let (ids, mask) = (rows(&exp["input_ids"]), rows(&exp["attention_mask"]));
         let logits = m.forward(&ids, &mask, None, &Ctx::eval()).unwrap();

@@ -77,20 +77,6 @@ const DECODER_DATA: &[&str] = &[
     "data.test_limit=1000",
 ];
 
-/// The decoder data settings on Gemma 3 270M.
-const GEMMA3_DATA: &[&str] = &[
-    "--model",
-    "gemma-3-270m",
-    "--task",
-    "generate",
-    "--set",
-    "data.train_limit=2000",
-    "--set",
-    "data.dev_limit=500",
-    "--set",
-    "data.test_limit=1000",
-];
-
 /// The image rows (`--task image`): DINOv2 ViT-S/14 on Fashion-MNIST with the image task's
 /// defaults (112 x 112, 8,000 / 1,000 / 2,000 images, one epoch, batch 32): the two references
 /// every vision paper reports (linear probe, full fine-tuning) and the delta methods. Learning
@@ -215,7 +201,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         model: Some("gemma-3-270m"),
         presets: DECODER_PRESETS,
         rows: &["lora", "ia3", "prefix", "prompt", "adapter"],
-        data: GEMMA3_DATA,
+        data: DECODER_DATA,
         default_epochs: 1,
         runs: "runs/experiment-methods-gemma3",
         table: "docs/methods-gemma3.md",
@@ -607,7 +593,8 @@ pub fn methods(
             .args(overwrite.then_some("--overwrite"))
             .arg("--no-progress")
             .args(&args)
-            .args(exp.data);
+            .args(exp.data)
+            .args(exp.model.iter().flat_map(|m| ["--model", m]));
         if let Some(e) = epochs {
             cmd.arg("--epochs").arg(e.to_string());
         }
@@ -741,6 +728,7 @@ mod tests {
                     a => a,
                 }));
                 argv.extend(exp.data);
+                argv.extend(exp.model.iter().flat_map(|m| ["--model", m]));
                 let cli = crate::Cli::try_parse_from(&argv)
                     .unwrap_or_else(|e| panic!("{}/{}: {e}", exp.task, preset.name));
                 let crate::Command::Train(a) = cli.command else {
