@@ -113,13 +113,12 @@ fn gemma3_270m_greedy_tokens_equal_llama_cpp_and_transformers() {
         same_hf, 5,
         "f32 activations: transformers' tokens on {same_hf} of 5 prompts"
     );
-    // 8-bit activations round as llama.cpp's products do, but llama.cpp also keeps its KV
-    // cache in f16, reads GELU from an f16 table and stores activation scales as f16: this
-    // 270M model meets near ties (llama.cpp and transformers already part at the 5th token of
-    // "Once upon a time"), so the sequences agree fully on 2 prompts ("The capital of France
-    // is" and the code prompt) and on their first 4 tokens everywhere.
+    // 8-bit activations round as llama.cpp's products do (f16 block scales, Q8_K per 256
+    // values) and GELU reads llama.cpp's f16 table; llama.cpp still keeps its KV cache in f16
+    // and its attention weights too. On "Once upon a time", where llama.cpp and transformers
+    // part at the 5th token, the two ways of rounding part there as well (a 0.02 margin).
     assert!(
-        same_lcpp >= 2,
+        same_lcpp >= 4,
         "8-bit activations: llama.cpp's tokens on {same_lcpp} of 5 prompts"
     );
 }

@@ -101,3 +101,71 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     }
     x.apply_op1(GeluErf)
 }
+
+/// llama.cpp's GELU (tanh form) as its CPU backend computes it: `x` rounded to f16, the value
+/// looked up in a table of f16 results of `0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²)))`,
+/// 0 below -10 and `x` above 10. For inference with 8-bit activations ([`crate::Ctx::int8`]),
+/// where generation follows llama.cpp's numbers; no backward.
+pub fn gelu_tanh_f16_table(x: &Tensor) -> Result<Tensor> {
+    use std::sync::OnceLock;
+    static TABLE: OnceLock<Vec<f32>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| {
+                let f = half::f16::from_bits(b).to_f32();
+                let g = 0.5 * f * (1.0 + (0.797_884_6_f32 * f * (1.0 + 0.044_715 * f * f)).tanh());
+                half::f16::from_f32(g).to_f32()
+            })
+            .collect()
+    });
+    let shape = x.shape().clone();
+    let v: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    let y: Vec<f32> = v
+        .iter()
+        .map(|&x| {
+            if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x
+            } else {
+                table[half::f16::from_f32(x).to_bits() as usize]
+            }
+        })
+        .collect();
+    Tensor::from_vec(y, shape, x.device())
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The table GELU is the tanh GELU of the f16-rounded input, rounded to f16; 0 at and below
+    /// -10, the identity at and above 10; and within f16 rounding of the f32 GELU.
+    #[test]
+    fn f16_table_gelu_is_llama_cpps() {
+        let xs: Vec<f32> = vec![
+            -12.0, -10.0, -9.99, -3.3, -0.5, -1e-3, 0.0, 1e-3, 0.7, 2.5, 9.9, 10.0, 17.0,
+        ];
+        let x = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
+        let y: Vec<f32> = gelu_tanh_f16_table(&x).unwrap().to_vec1().unwrap();
+        let exact: Vec<f32> = x.gelu().unwrap().to_vec1().unwrap();
+        let h = |v: f32| half::f16::from_f32(v).to_f32();
+        for ((&x, &y), &e) in xs.iter().zip(&y).zip(&exact) {
+            if x <= -10.0 {
+                assert_eq!(y, 0.0);
+            } else if x >= 10.0 {
+                assert_eq!(y, x);
+            } else {
+                let xh = h(x);
+                let g =
+                    0.5 * xh * (1.0 + (0.797_884_6_f32 * xh * (1.0 + 0.044_715 * xh * xh)).tanh());
+                assert_eq!(y, h(g), "x = {x}");
+                assert!(
+                    (y - e).abs() <= 2e-3 * (1.0 + e.abs()),
+                    "x = {x}: {y} vs {e}"
+                );
+            }
+        }
+    }
+}

@@ -54,7 +54,7 @@ pub use bf16::{
 };
 pub use decoder::{rms_norm, rope, rope_angles, rope_angles_inv, swiglu};
 pub use dropout::{dropout_bits_op, dropout_project};
-pub use gelu::gelu_erf;
+pub use gelu::{gelu_erf, gelu_tanh_f16_table};
 pub use linear::frozen_linear;
 pub use loss::cross_entropy;
 pub use lowrank::lora_up_add;

@@ -495,10 +495,14 @@ pub(crate) struct QuantRows {
     pub(crate) sum: Vec<i32>,
     /// `[m, in / 32]` sums of the first 16 `q` of each block (for 16-weight sub-blocks).
     pub(crate) lo: Vec<i32>,
+    /// `[m, in / 32]` for blocks of 32: `d·Σq` rounded to f16 from the unrounded `d`, as
+    /// llama.cpp's Q8_1 keeps it for the products with Q4_1 / Q5_1 (their min term).
+    pub(crate) s: Vec<f32>,
 }
 
 /// Quantizes the `m` rows of `x` (`[m, in]`, `in` a multiple of `per`) per block of `per`
-/// values: 32 (llama.cpp's Q8_0 and Q8_1, with `d = max|x| / 127`, `q = round(x / d)`), or
+/// values: 32 (llama.cpp's Q8_0 and Q8_1, with `d = max|x| / 127`, `q = round(x / d)`, `d` then
+/// kept as f16 and Q8_1's `s = d·Σq` too), or
 /// 256 for the k-quants (llama.cpp's Q8_K: `q = round(x · 127 / max|x|)`, `d` the inverse of
 /// that factor).
 pub(crate) fn quantize_rows(x: &[f32], m: usize, in_f: usize, per: usize) -> QuantRows {
@@ -509,23 +513,24 @@ pub(crate) fn quantize_rows(x: &[f32], m: usize, in_f: usize, per: usize) -> Qua
     let mut d = vec![0f32; m * nb];
     let mut sum = vec![0i32; m * nb];
     let mut lo = vec![0i32; m * nb];
+    let mut s = vec![0f32; m * nb];
     if m * in_f >= 1 << 16 {
         x.par_chunks_exact(in_f)
             .zip(q.par_chunks_exact_mut(in_f))
-            .zip(d.par_chunks_exact_mut(nb))
+            .zip(d.par_chunks_exact_mut(nb).zip(s.par_chunks_exact_mut(nb)))
             .zip(
                 sum.par_chunks_exact_mut(nb)
                     .zip(lo.par_chunks_exact_mut(nb)),
             )
-            .for_each(|(((x, q), d), (sum, lo))| quantize_blocks(x, q, d, sum, lo, per));
+            .for_each(|(((x, q), (d, s)), (sum, lo))| quantize_blocks(x, q, d, s, sum, lo, per));
     } else {
         x.chunks_exact(in_f)
             .zip(q.chunks_exact_mut(in_f))
-            .zip(d.chunks_exact_mut(nb))
+            .zip(d.chunks_exact_mut(nb).zip(s.chunks_exact_mut(nb)))
             .zip(sum.chunks_exact_mut(nb).zip(lo.chunks_exact_mut(nb)))
-            .for_each(|(((x, q), d), (sum, lo))| quantize_blocks(x, q, d, sum, lo, per));
+            .for_each(|(((x, q), (d, s)), (sum, lo))| quantize_blocks(x, q, d, s, sum, lo, per));
     }
-    QuantRows { q, d, sum, lo }
+    QuantRows { q, d, sum, lo, s }
 }
 
 /// [`quantize_rows`] for the blocks of one row.
@@ -533,13 +538,15 @@ fn quantize_blocks(
     x: &[f32],
     q: &mut [i8],
     d: &mut [f32],
+    s: &mut [f32],
     sum: &mut [i32],
     lo: &mut [i32],
     per: usize,
 ) {
     let subs = per / 32;
-    for ((xb, qb), ((db, sb), lb)) in x.chunks_exact(per).zip(q.chunks_exact_mut(per)).zip(
+    for ((xb, qb), (((db, ssb), sb), lb)) in x.chunks_exact(per).zip(q.chunks_exact_mut(per)).zip(
         d.chunks_exact_mut(subs)
+            .zip(s.chunks_exact_mut(subs))
             .zip(sum.chunks_exact_mut(subs))
             .zip(lo.chunks_exact_mut(subs)),
     ) {
@@ -567,10 +574,19 @@ fn quantize_blocks(
             scale
         };
         let half = |h: &[i8]| h.iter().map(|&v| v as i32).sum::<i32>();
+        let f16 = |v: f32| half::f16::from_f32(v).to_f32();
         for (i, qs) in qb.chunks_exact(32).enumerate() {
             lb[i] = half(&qs[..16]);
             sb[i] = lb[i] + half(&qs[16..]);
-            db[i] = scale;
+            if per == 32 {
+                // The codes come from the f32 scale, but llama.cpp's Q8_0 / Q8_1 blocks keep
+                // the scale (and Q8_1 the scaled sum) as f16, and its products use those.
+                db[i] = f16(scale);
+                ssb[i] = f16(scale * sb[i] as f32);
+            } else {
+                db[i] = scale;
+                ssb[i] = scale * sb[i] as f32;
+            }
         }
     }
 }
@@ -926,7 +942,11 @@ unsafe fn group_kernel<const N: usize, const T: u8>(
                         si = _mm512_sub_epi32(si, _mm512_set1_epi32(f.offset * sum));
                     }
                     if f.min {
-                        let ms = _mm512_set1_ps(dx * sum as f32);
+                        let ms = _mm512_set1_ps(if f.kquant {
+                            dx * sum as f32
+                        } else {
+                            *xq.s.get_unchecked(row * nb + b)
+                        });
                         *a = if f.kquant {
                             _mm512_fnmadd_ps(m_lo, ms, *a)
                         } else {
@@ -1184,7 +1204,27 @@ pub(crate) mod tests {
             let x: Vec<f32> = (0..m * in_f)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0 * (1.0 + (i / in_f) as f32))
                 .collect();
-            let xq = quantize_rows(&x, m, in_f, format(type_code(dtype).unwrap()).per_record());
+            let (t, f) = (type_code(dtype).unwrap(), format(type_code(dtype).unwrap()));
+            let xq = quantize_rows(&x, m, in_f, f.per_record());
+            // Q4_1 / Q5_1: the block mins `m`, whose term takes llama.cpp's f16 `d·Σq` (`s`).
+            let mins: Vec<f32> = if f.min && !f.kquant {
+                let (_, src) = q.raw();
+                let mut dec = Decoded {
+                    u: [0; 256],
+                    d: [0; 2],
+                    m: [0; 2],
+                    sc: [0; 16],
+                    mn: [0; 16],
+                };
+                src.chunks_exact(f.src)
+                    .map(|blk| {
+                        decode(t, blk, &mut dec);
+                        half::f16::from_le_bytes(dec.m).to_f32()
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let alone: Vec<Vec<f32>> = (0..m)
                 .map(|r| forward(&x[r * in_f..(r + 1) * in_f], 1, &q).unwrap())
                 .collect();
@@ -1199,6 +1239,12 @@ pub(crate) mod tests {
                         want += wk * xq.q[r * in_f + k] as f64 * d;
                         exact += wk * x[r * in_f + k] as f64;
                         bound += wk.abs() * d / 2.0;
+                    }
+                    for (b, &mb) in mins.iter().skip(o * in_f / 32).take(in_f / 32).enumerate() {
+                        let i = r * (in_f / 32) + b;
+                        let dsum = xq.d[i] as f64 * xq.sum[i] as f64;
+                        want += mb as f64 * (xq.s[i] as f64 - dsum);
+                        bound += (mb as f64 * (xq.s[i] as f64 - dsum)).abs();
                     }
                     let got = y[o] as f64;
                     assert!(
@@ -1270,7 +1316,13 @@ pub(crate) mod tests {
         let mut x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.37).collect();
         x[32..64].iter_mut().for_each(|v| *v = 0.0);
         let r = quantize_rows(&x, 1, 64, 32);
-        assert_eq!(r.d[0], 20.0 * 0.37f32 / 127.0);
+        // The codes from the f32 step; the scale kept as f16, as llama.cpp's Q8_0 / Q8_1 do,
+        // and Q8_1's scaled sum `s` rounded to f16 from the f32 step.
+        let step = 20.0 * 0.37f32 / 127.0;
+        let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+        assert_eq!(r.d[0], f16(step));
+        assert_ne!(r.d[0], step);
+        assert_eq!(r.s[0], f16(step * r.sum[0] as f32));
         assert_eq!(r.q[63], 0);
         assert_eq!(r.d[1], 0.0);
         assert_eq!(r.sum[0], r.q[..32].iter().map(|&v| v as i32).sum::<i32>());
@@ -1278,7 +1330,7 @@ pub(crate) mod tests {
         assert_ne!(r.lo[0], r.sum[0]);
         assert!(r.q[..32].contains(&-127));
         for k in 0..32 {
-            assert!((r.q[k] as f32 * r.d[0] - x[k]).abs() <= r.d[0] / 2.0 + 1e-6);
+            assert!((r.q[k] as f32 * step - x[k]).abs() <= step / 2.0 + 1e-6);
         }
         x[5] = f32::NAN;
         assert!(quantize_rows(&x, 1, 64, 32).d[0].is_nan());

@@ -833,6 +833,11 @@ impl Decoder {
             };
             let a = match cfg.activation {
                 Activation::Silu => ops::swiglu(&gate, &up)?,
+                // With 8-bit activations generation follows llama.cpp, which reads GELU from
+                // an f16 table.
+                Activation::GeluTanh if ctx.int8 && !gate.device().is_cuda() => {
+                    (ops::gelu_tanh_f16_table(&gate)? * up)?
+                }
                 Activation::GeluTanh => (gate.gelu()? * up)?,
             };
             let a = layers::activation(&self.site_deltas, li, a, ctx)?;
