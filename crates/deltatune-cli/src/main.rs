@@ -674,6 +674,9 @@ fn train(a: &RunArgs) -> anyhow::Result<()> {
             eprintln!("{}", commands::resume::resume_hint(&s.output));
             std::process::exit(130);
         }
+        // A message that already says how to resume (the refusal to start over an interrupted
+        // run) is not told it twice.
+        Err(e) if format!("{e:#}").contains("deltatune train --resume") => Err(e),
         Err(e) => match commands::resume::after_failure(&s.output) {
             Some(kept) => Err(anyhow::anyhow!("{e:#}; {kept}")),
             None => Err(e),

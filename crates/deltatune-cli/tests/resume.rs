@@ -260,6 +260,12 @@ fn resume_refuses_changed_settings_by_name_and_lets_epochs_change() {
         "{}",
         text(&o)
     );
+    assert_eq!(
+        text(&o).matches("--resume cut").count(),
+        1,
+        "the way to resume said once: {}",
+        text(&o)
+    );
 
     // Epochs may change: one more epoch than the run was started with.
     let mut more = resume_args("cut");
