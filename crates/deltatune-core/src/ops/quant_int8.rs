@@ -1233,10 +1233,13 @@ pub(crate) mod tests {
                     let mut want = 0f64;
                     let mut exact = 0f64;
                     let mut bound = 0f64;
+                    // Σ|terms|: the scale of the f32 rounding in a sum that may cancel.
+                    let mut mag = 0f64;
                     for k in 0..in_f {
                         let d = xq.d[r * (in_f / 32) + k / 32] as f64;
                         let wk = dense[o][k] as f64;
                         want += wk * xq.q[r * in_f + k] as f64 * d;
+                        mag += (wk * xq.q[r * in_f + k] as f64 * d).abs();
                         exact += wk * x[r * in_f + k] as f64;
                         bound += wk.abs() * d / 2.0;
                     }
@@ -1248,8 +1251,8 @@ pub(crate) mod tests {
                     }
                     let got = y[o] as f64;
                     assert!(
-                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "{dtype:?} [{r}, {o}]: {got} vs {want}"
+                        (got - want).abs() < 1e-5 * (1.0 + mag),
+                        "{dtype:?} [{r}, {o}]: {got} vs {want} (sum of |terms| {mag})"
                     );
                     assert!(
                         (got - exact).abs() <= bound + 1e-4,
