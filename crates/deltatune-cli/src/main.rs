@@ -1,8 +1,8 @@
 //! `deltatune`: delta tuning of pretrained transformers from the command line.
 
 mod commands;
-mod session;
-mod settings;
+use deltatune::session;
+use deltatune::settings;
 
 /// mimalloc instead of glibc's malloc: see [`keep_freed_memory`].
 #[global_allocator]

@@ -20,10 +20,8 @@ mod mutate;
 mod safetensors_mut;
 mod targets;
 
-// The CLI's settings resolver, compiled here as it is (it is a module of the binary crate).
-#[path = "../../deltatune-cli/src/settings.rs"]
-#[allow(dead_code)]
-mod settings;
+// The CLI's settings resolver, from the library.
+use deltatune::settings;
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;

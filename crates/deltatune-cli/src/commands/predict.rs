@@ -32,22 +32,19 @@ pub fn predict(
     if all.is_empty() {
         bail!("no texts to predict: give them as arguments or with --file (one per line)");
     }
-    let clf = session::load_classifier(adapter, model)?;
+    let clf = match model {
+        Some(m) => deltatune::Adapter::load_on(adapter, m)?,
+        None => deltatune::Adapter::load(adapter)?,
+    };
     let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
-    let probs = clf.predict(&refs, 64)?;
-    for (text, p) in all.iter().zip(probs) {
-        let (best, prob) =
-            p.iter()
-                .enumerate()
-                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-        let label = clf.labels().label(best as u32).unwrap_or("?");
+    for (text, p) in all.iter().zip(clf.predict(&refs)?) {
         if json {
             println!(
                 "{}",
-                serde_json::json!({"text": text, "label": label, "probability": prob, "probabilities": p})
+                serde_json::json!({"text": text, "label": p.label, "probability": p.probability, "probabilities": p.probabilities})
             );
         } else {
-            println!("{label}\t{prob:.4}\t{text}");
+            println!("{}\t{:.4}\t{text}", p.label, p.probability);
         }
     }
     Ok(())

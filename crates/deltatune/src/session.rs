@@ -358,8 +358,8 @@ fn read_classifier_folder(dir: &Path, base: Option<&str>) -> Result<(AdapterFold
 /// The model file or folder of `spec`: a decoder's (GGUF file, decoder folder, short name) or
 /// an encoder's.
 fn base_path(spec: &str, cache: &Path) -> Result<PathBuf> {
-    if crate::commands::lm::is_decoder_spec(spec) {
-        crate::commands::lm::decoder_path(spec, cache)
+    if crate::decoder::is_decoder_spec(spec) {
+        crate::decoder::decoder_path(spec, cache)
     } else {
         model_dir(spec, cache)
     }
@@ -367,7 +367,7 @@ fn base_path(spec: &str, cache: &Path) -> Result<PathBuf> {
 
 /// Whether the classifier of `run` sits on a decoder.
 fn on_decoder(run: &RunConfig) -> bool {
-    crate::commands::lm::is_decoder_spec(&run.model_dir.to_string_lossy())
+    crate::decoder::is_decoder_spec(&run.model_dir.to_string_lossy())
 }
 
 /// Loads `dir` (written by `train`, or by PEFT's `save_pretrained` for sequence
@@ -430,7 +430,7 @@ pub fn load_classifier(dir: &Path, base: Option<&str>) -> Result<Classifier> {
     }
     let labels = LabelMap::from_labels(folder.labels.clone())?;
     let spec = run.model_dir.to_string_lossy().to_string();
-    let decoder = crate::commands::lm::load(&spec, &run.settings.cache)?;
+    let decoder = crate::decoder::load(&spec, &run.settings.cache)?;
     let mut model = DecoderClassifier::new(decoder.model.clone(), labels.len(), &mut Rng::new(0))?;
     let trainables = folder.delta.attach_saved(&mut model, &Rng::new(0))?;
     deltatune_methods::load_state_dict(&trainables, &folder.tensors, &dir.join(ADAPTER_WEIGHTS))
@@ -478,7 +478,7 @@ impl Classifier {
                 )?)
             }
             Self::Decoder(r) => {
-                let ids = crate::commands::lm::classifier_ids(
+                let ids = crate::decoder::classifier_ids(
                     &r.decoder,
                     r.run.settings.data.max_length,
                     texts,
@@ -501,7 +501,7 @@ impl Classifier {
                 deltatune_train::evaluate(&r.loaded.model, &enc, batch_size)?.0
             }
             Self::Decoder(r) => {
-                let enc = crate::commands::lm::encode_for_classifier(
+                let enc = crate::decoder::encode_for_classifier(
                     &r.decoder,
                     r.run.settings.data.max_length,
                     examples,
